@@ -1,0 +1,65 @@
+"""The command line: output formats, and one-line errors with a non-zero exit."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from distbelief.cli import main
+
+
+def test_models_json(capsys):
+    assert main(["models", "resnet20", "resnet50", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["resnet20", "resnet50"]
+    assert rows[0] | {"description": ""} == {
+        "name": "resnet20", "family": "cifar", "depth": 20, "residual": True,
+        "params": 269_722, "macs": 40_551_040, "input_size": 32, "description": ""}
+
+
+def test_models_table(capsys):
+    assert main(["models", "--family", "cifar"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "family", "depth", "shortcuts", "params", "MACs", "input"]
+    assert len(lines) == 1 + 11
+    assert lines[1].split() == ["resnet20", "cifar", "20", "yes", "269,722", "40.55M", "32x32"]
+
+
+def test_models_options_reach_the_model(capsys):
+    main(["models", "resnet50", "--variant", "v1.5", "--shortcut", "C", "--json"])
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["macs"] > 4.09e9 and row["params"] > 25_557_032
+
+
+def exit_code(argv):
+    """main's exit code, whether it returns one or argparse exits."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["models", "resnet21"], "unknown model 'resnet21'; choose one of: resnet20,"),
+    (["models", "resnet20", "--shortcut", "D"], "choose one of: 'A', 'B', 'C'"),
+    (["models", "resnet50", "--variant", "v2"], "choose one of: 'paper', 'v1.5'"),
+    (["models", "resnet20", "--input-size", "0"], "input size must be a positive"),
+    (["models", "--family", "mnist"], "invalid choice: 'mnist'"),
+    (["nosuchcommand"], "invalid choice: 'nosuchcommand'"),
+    ([], "the following arguments are required: COMMAND"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert "Traceback" not in err
+
+
+def test_installed_command_reports_bad_input_without_traceback():
+    """The real entry point, in a fresh interpreter, as a user would run it."""
+    proc = subprocess.run([sys.executable, "-m", "distbelief", "models", "resnet20", "--shortcut", "Z"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr == "distbelief: error: invalid shortcut option 'Z'; choose one of: 'A', 'B', 'C'\n"
