@@ -57,3 +57,11 @@ def test_summary_rows_have_the_documented_keys():
         row = summarize(name)
         assert {"name", "family", "depth", "residual", "params", "macs", "input_size"} <= row.keys()
         assert row["input_size"] == (32 if row["family"] == "cifar" else 224)
+
+
+def test_count_macs_leaves_a_training_model_untouched():
+    model = create_model("resnet20")
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    count_macs(model, 32)
+    assert model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())

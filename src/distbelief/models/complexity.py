@@ -21,12 +21,18 @@ def count_macs(model: nn.Module, input_size: int, in_chans: int = 3) -> int:
     Counted by torch's FlopCounterMode, which traces the convolutions and matrix products that
     actually run (2 FLOPs per multiply-add). BN, ReLU, pooling and shortcut additions are not
     counted, as in the paper's figures. Works on models built on the meta device, so no memory
-    or compute is spent on real weights.
+    or compute is spent on real weights. The model runs in eval mode, so its BN statistics are
+    left untouched, and comes back in the mode it was in.
     """
     device = next(model.parameters()).device
     x = torch.zeros(1, in_chans, input_size, input_size, device=device)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
     return counter.get_total_flops() // 2
 
 
@@ -42,7 +48,6 @@ def summarize(name: str, input_size: int | None = None, **kwargs) -> dict:
         raise ConfigError(f"input size must be a positive number of pixels, got {size}")
     with torch.device("meta"):
         model = create_model(name, **kwargs)
-    model.eval()
     return {
         "name": name,
         "family": info.family,

@@ -28,6 +28,7 @@ class ModelInfo:
 
     @property
     def residual(self) -> bool:
+        # Plain twins are registered as plainN, every other model has shortcuts.
         return not self.name.startswith("plain")
 
     @property
