@@ -76,7 +76,10 @@ def make_shortcut(option: str, in_planes: int, out_planes: int, stride: int) -> 
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs (Fig. 2 left). With `residual=False` it is the plain net's block: no shortcut."""
+    """Two 3x3 convs (Fig. 2 left). With `residual=False` it is the plain net's block: no shortcut.
+
+    `variant` only matters to bottlenecks; it is accepted here so that all blocks build alike.
+    """
 
     expansion = 1
 
@@ -95,7 +98,9 @@ class BasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         if self.residual:
-            # In place, as torchvision: one activation-sized allocation less per block.
+            # In place, as torchvision: one activation-sized allocation less per block. So a
+            # forward hook on the last BN that keeps its output (layer responses, Fig. 7) must
+            # clone it or reduce it at once: the sum is written into that very tensor.
             out += x if self.downsample is None else self.downsample(x)
         return self.relu(out)
 
