@@ -12,7 +12,6 @@ from distbelief.models import (BasicBlock, Bottleneck, create_model, list_models
 from distbelief.models.resnet import PadShortcut
 
 ALL = list_models()
-CIFAR_RESNETS = [n for n in list_models("cifar") if n.startswith("resnet")]
 
 
 def small_input(name, batch=2, in_chans=3):
@@ -49,8 +48,8 @@ def test_forward_backward(name):
 def test_depth_counts_weighted_layers(name):
     """The name's depth is the number of convs and fc layers on the main path (not projections)."""
     model = create_model(name)
-    projections = {id(m[0]) for b in blocks(model) if isinstance(b.downsample, nn.Sequential)
-                   for m in [b.downsample]}
+    projections = {id(b.downsample[0]) for b in blocks(model)
+                   if isinstance(b.downsample, nn.Sequential)}
     weighted = [m for m in model.modules()
                 if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in projections]
     assert len(weighted) == model_info(name).depth
