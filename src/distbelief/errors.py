@@ -22,3 +22,11 @@ def check_choice(what: str, value, choices) -> None:
     if value not in choices:
         listed = ", ".join(repr(c) for c in choices)
         raise ConfigError(f"invalid {what} {value!r}; choose one of: {listed}")
+
+
+class DataError(DistbeliefError):
+    """A dataset folder or file that is missing, malformed or unreachable; names the path."""
+
+
+class CheckpointError(DistbeliefError):
+    """A checkpoint that is missing, corrupt, truncated or written for another model."""

@@ -1,0 +1,168 @@
+"""ImageNet-style folders (`train/<class>/*.jpg`, `val/<class>/*.jpg`) with the paper's
+augmentation (Sec. 3.4) and test views (center crop, 10-crop, multi-scale).
+
+Decoding, resizing and cropping happen per image in DataLoader workers (images differ in size);
+lighting noise and mean subtraction happen per batch on the training device. Each training
+sample carries its own seed, so augmentation does not depend on worker count or timing.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import functional as TF
+
+from distbelief.data.augment import colour_pca
+from distbelief.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def scan_folder(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, class index) for every image under `root/<class>/`, classes sorted by name."""
+    if not root.is_dir():
+        raise DataError(f"{root} does not exist; an ImageNet-style folder needs train/ and val/, "
+                        f"each with one sub-folder per class")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"{root} has no class sub-folders")
+    samples = [(str(p), i) for i, c in enumerate(classes) for p in sorted((root / c).rglob("*"))
+               if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not samples:
+        raise DataError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return samples, classes
+
+
+def load_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+def center_view(img, size: int, crop: int) -> torch.Tensor:
+    """Shorter side resized to `size`, centre `crop` x `crop`, as uint8 3 x crop x crop."""
+    return TF.pil_to_tensor(TF.center_crop(TF.resize(img, size), crop))
+
+
+class TrainImages(Dataset):
+    """Scale augmentation: shorter side uniform in [scale_min, scale_max], a random crop and a
+    random flip. Indexed by (sample index, sample seed) pairs from `EpochBatches`."""
+
+    def __init__(self, samples, crop: int, scale_min: int, scale_max: int, flip: bool,
+                 augment: bool, test_size: int):
+        self.samples, self.crop, self.flip, self.augment = samples, crop, flip, augment
+        self.scale_min, self.scale_max, self.test_size = scale_min, scale_max, test_size
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        index, seed = key
+        path, label = self.samples[index]
+        img = load_image(path)
+        if not self.augment:
+            return center_view(img, self.test_size, self.crop), label
+        g = torch.Generator().manual_seed(seed)
+        img = TF.resize(img, int(torch.randint(self.scale_min, self.scale_max + 1, (), generator=g)))
+        w, h = img.size
+        top = int(torch.randint(0, h - self.crop + 1, (), generator=g))
+        left = int(torch.randint(0, w - self.crop + 1, (), generator=g))
+        img = TF.crop(img, top, left, self.crop, self.crop)
+        if self.flip and torch.rand((), generator=g) < 0.5:
+            img = TF.hflip(img)
+        return TF.pil_to_tensor(img), label
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of (index, seed) from a seeded permutation per epoch, starting at iteration
+    `start`; endless. Batch i of the whole run is a pure function of (seed, i)."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, start: int):
+        self.size, self.batch_size, self.seed, self.start = size, batch_size, seed, start
+        self.per_epoch = size // batch_size
+
+    def __iter__(self):
+        iteration = self.start
+        while True:
+            epoch, k = divmod(iteration, self.per_epoch)
+            perm = torch.randperm(self.size,
+                                  generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            for j in range(k, self.per_epoch):
+                lo = j * self.batch_size
+                yield [(int(perm[p]), (self.seed * 1000003 + epoch) * 10000019 + p)
+                       for p in range(lo, lo + self.batch_size)]
+            iteration = (epoch + 1) * self.per_epoch
+
+
+class EvalViews(Dataset):
+    """Test views of one image: `center` (3 x c x c), `tencrop` (10 x 3 x c x c: corners,
+    centre and their mirrors) or `multiscale` (a list: each scale's full image and its mirror,
+    for the fully-convolutional test of Sec. 3.4)."""
+
+    def __init__(self, samples, mode: str, crop: int, test_size: int, scales=()):
+        self.samples, self.mode, self.crop, self.test_size, self.scales = (
+            samples, mode, crop, test_size, tuple(scales))
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        img = load_image(path)
+        if self.mode == "center":
+            return center_view(img, self.test_size, self.crop), label
+        if self.mode == "tencrop":
+            crops = TF.ten_crop(TF.resize(img, self.test_size), self.crop)
+            return torch.stack([TF.pil_to_tensor(c) for c in crops]), label
+        views = []
+        for s in self.scales:
+            view = TF.pil_to_tensor(TF.resize(img, s))
+            views += [view, view.flip(-1)]
+        return views, label
+
+
+def _collate_views(items):
+    (views, label), = items
+    return [v[None] for v in views], torch.tensor([label])
+
+
+def image_stats(samples, count: int, crop: int, test_size: int, seed: int = 0) -> dict:
+    """Mean image (3 x crop x crop, in [0, 1]) and colour PCA from `count` training images
+    drawn by a seeded permutation, each seen through its centre view."""
+    perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
+    views = torch.stack([center_view(load_image(samples[int(i)][0]), test_size, crop)
+                         for i in perm[:count]]).float() / 255
+    eigval, eigvec = colour_pca(views.permute(0, 2, 3, 1).reshape(-1, 3))
+    return {"mean": views.mean(0), "eigval": eigval, "eigvec": eigvec}
+
+
+def check_split_classes(train_classes, val_classes, root: Path):
+    if train_classes != val_classes:
+        raise DataError(f"{root}: train/ and val/ have different class folders "
+                        f"({len(train_classes)} vs {len(val_classes)})")
+
+
+def train_loader(dataset: TrainImages, batch_size: int, seed: int, start: int,
+                 workers: int, pin: bool) -> DataLoader:
+    sampler = EpochBatches(len(dataset), batch_size, seed, start)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin,
+                      persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+def test_loader(dataset: EvalViews, batch_size: int, workers: int, pin: bool) -> DataLoader:
+    if dataset.mode == "multiscale":  # full images differ in size: one image per batch
+        return DataLoader(dataset, batch_size=1, num_workers=workers, pin_memory=pin,
+                          collate_fn=_collate_views)
+    per_batch = max(1, batch_size // 10) if dataset.mode == "tencrop" else batch_size
+    return DataLoader(dataset, batch_size=per_batch, num_workers=workers, pin_memory=pin)
+
+
+def epochs_to_iterations(epochs: float, size: int, batch_size: int) -> int:
+    return max(1, math.ceil(epochs * size / batch_size))

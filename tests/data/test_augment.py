@@ -1,0 +1,68 @@
+"""Batch augmentation on the device and the training stream's determinism."""
+
+import torch
+
+from distbelief.data import build_data
+from distbelief.data.augment import (colour_pca, pca_lighting, random_crop, random_flip,
+                                     step_generator)
+from distbelief.engine.config import TrainConfig
+
+
+def test_random_crop_takes_windows_of_the_zero_padded_image():
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5) + 1
+    out = random_crop(x, 2, step_generator(torch.device("cpu"), 0, 7))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    assert out.shape == x.shape
+    for b in range(2):
+        windows = [padded[b, :, i:i + 5, j:j + 5] for i in range(5) for j in range(5)]
+        assert any(torch.equal(out[b], w) for w in windows)
+
+
+def test_crop_offsets_cover_the_whole_range():
+    x = torch.zeros(4000, 1, 3, 3)
+    x[:, :, 1, 1] = 1  # a marked centre pixel shows where each crop came from
+    out = random_crop(x, 1, step_generator(torch.device("cpu"), 0, 0))
+    positions = {tuple(p.tolist()) for p in out[:, 0].flatten(1).argmax(1, keepdim=True)}
+    assert len(positions) == 9
+
+
+def test_flip_mirrors_about_half():
+    x = torch.arange(4.0).view(1, 1, 1, 4).expand(1000, 1, 1, 4)
+    out = random_flip(x, step_generator(torch.device("cpu"), 1, 2))
+    flipped = (out[:, 0, 0, 0] == 3).float().mean()
+    assert 0.4 < flipped < 0.6
+    assert torch.equal(out[out[:, 0, 0, 0] == 3][0, 0, 0], torch.tensor([3.0, 2, 1, 0]))
+
+
+def test_lighting_adds_one_colour_shift_per_image():
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(5000, 3, generator=g) @ torch.tensor([[1.0, 0.5, 0.2], [0, 1, 0.3], [0, 0, 1]])
+    eigval, eigvec = colour_pca(pixels)
+    assert eigval[0] >= eigval[1] >= eigval[2] > 0
+    assert torch.allclose(eigvec.T @ eigvec, torch.eye(3), atol=1e-5)
+    x = torch.zeros(4, 3, 2, 2)
+    out = pca_lighting(x, 0.1, eigval, eigvec, step_generator(torch.device("cpu"), 0, 0))
+    assert torch.equal(out[:, :, :1, :1].expand_as(out), out)  # constant over each image
+    assert out.abs().sum() > 0
+
+
+def test_stream_batch_is_a_function_of_seed_and_iteration():
+    config = TrainConfig(data="synthetic", synthetic_size=64, synthetic_shape=(3, 8, 8),
+                         batch_size=16, pad=2)
+    stream = build_data(config, torch.device("cpu")).train
+    it = stream.batches(0)
+    sequence = [next(it) for _ in range(10)]
+    x6, y6 = next(build_data(config, torch.device("cpu")).train.batches(6))
+    assert torch.equal(x6, sequence[6][0]) and torch.equal(y6, sequence[6][1])
+    other = build_data(config.replace(seed=1), torch.device("cpu")).train
+    assert not torch.equal(next(other.batches(6))[0], x6)
+
+
+def test_each_epoch_visits_every_image_once():
+    config = TrainConfig(data="synthetic", synthetic_size=64, synthetic_shape=(1, 4, 4),
+                         synthetic_classes=64, batch_size=16, augment=False)
+    data = build_data(config, torch.device("cpu"))
+    # Distinct images: identify each by its mean-subtracted pixels.
+    stream = data.train.batches(4)  # the second epoch
+    seen = torch.cat([next(stream)[0].flatten(1) for _ in range(4)])
+    assert len(torch.unique(seen, dim=0)) == 64
