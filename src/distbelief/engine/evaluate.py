@@ -1,0 +1,62 @@
+"""Evaluation: loss and top-1 / top-5 error over single or multiple test views."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+
+def topk_wrong(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Number of rows whose label is not among the `k` highest scores (a 0-d tensor)."""
+    k = min(k, scores.shape[1])
+    hit = (scores.topk(k, dim=1).indices == labels[:, None]).any(1)
+    return (~hit).sum()
+
+
+def _forward(model, x, channels_last: bool, bf16: bool) -> torch.Tensor:
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return model(x).float()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable, *, channels_last: bool = False,
+             bf16: bool = False) -> dict:
+    """Mean cross-entropy, top-1 and top-5 error (fractions) and the image count.
+
+    A batch's x is B x C x H x W (one view), B x V x C x H x W (V views of each image) or a list
+    of views of one image in different sizes. Several views are combined by averaging their
+    softmax (Sec. 3.4), and the loss is the negative log of that average. The model is put in
+    eval mode and restored to its previous mode afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    loss = wrong1 = wrong5 = 0.0
+    count = 0
+    try:
+        for x, y in batches:
+            if isinstance(x, list) or x.dim() == 5:
+                if isinstance(x, list):
+                    probs = torch.stack([_forward(model, v, channels_last, bf16).softmax(1)
+                                         for v in x]).mean(0)
+                else:
+                    b, v = x.shape[:2]
+                    out = _forward(model, x.flatten(0, 1), channels_last, bf16)
+                    probs = out.softmax(1).view(b, v, -1).mean(1)
+                scores = probs
+                batch_loss = F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum")
+            else:
+                scores = _forward(model, x, channels_last, bf16)
+                batch_loss = F.cross_entropy(scores, y, reduction="sum")
+            loss += float(batch_loss)
+            wrong1 += float(topk_wrong(scores, y, 1))
+            wrong5 += float(topk_wrong(scores, y, 5))
+            count += len(y)
+    finally:
+        model.train(was_training)
+    count = max(count, 1)
+    return {"loss": loss / count, "error": wrong1 / count, "top5_error": wrong5 / count,
+            "images": count}

@@ -1,0 +1,100 @@
+"""The run directory: config.yaml, metrics.jsonl, checkpoints/, summary.json.
+
+    RUN_DIR/config.yaml          resolved config, git revision, versions, device
+    RUN_DIR/metrics.jsonl        one JSON object per logged step ("train") and evaluation ("eval")
+    RUN_DIR/checkpoints/last.pt  the latest checkpoint (atomically replaced)
+    RUN_DIR/summary.json         written once training ends
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from distbelief import __version__
+from distbelief.engine.checkpoint import atomic_write_text
+from distbelief.engine.config import TrainConfig
+from distbelief.errors import ConfigError
+
+
+def git_revision() -> str | None:
+    """The commit of the distbelief source tree that is running, with '-dirty' if it has
+    uncommitted changes; None when it is not a git checkout (an installed wheel)."""
+    src = Path(__file__).resolve().parents[1]
+    try:
+        top = subprocess.run(["git", "-C", str(src), "rev-parse", "--show-toplevel"],
+                             capture_output=True, text=True, timeout=10)
+        if top.returncode or not (Path(top.stdout.strip()) / "src" / "distbelief").is_dir():
+            return None
+        rev = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return f"{rev}-dirty" if dirty else rev or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.config_file = self.path / "config.yaml"
+        self.metrics_file = self.path / "metrics.jsonl"
+        self.summary_file = self.path / "summary.json"
+        self.checkpoint = self.path / "checkpoints" / "last.pt"
+
+    def holds_run(self) -> bool:
+        return self.config_file.exists() or self.checkpoint.exists()
+
+    def create(self, config: TrainConfig, device: str) -> None:
+        """Start a new run; refuses a folder that already holds one (never overwrites)."""
+        if self.holds_run():
+            raise ConfigError(f"{self.path} already holds a run; pass --resume to continue it "
+                              f"or choose another --out")
+        self.path.mkdir(parents=True, exist_ok=True)
+        record = {"distbelief_version": __version__, "git_revision": git_revision(),
+                  "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                  "device": device, "config": config.to_dict()}
+        atomic_write_text(self.config_file, yaml.safe_dump(record, sort_keys=False))
+        self.metrics_file.touch()
+
+    def read_config(self) -> TrainConfig:
+        if not self.config_file.is_file():
+            raise ConfigError(f"{self.path} holds no run to resume (no config.yaml)")
+        try:
+            record = yaml.safe_load(self.config_file.read_text())
+            return TrainConfig.from_dict(record["config"])
+        except (yaml.YAMLError, KeyError, TypeError) as e:
+            raise ConfigError(f"{self.config_file} is malformed ({type(e).__name__})") from None
+
+    def log(self, record: dict) -> None:
+        """Append one JSON line and flush it: a crash loses at most the line being written."""
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_metrics(self, iteration: int) -> None:
+        """Drop records after `iteration` (their steps will be redone by a resumed run)."""
+        kept = [line for line in read_jsonl(self.metrics_file)
+                if line.get("iteration", 0) <= iteration]
+        atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_text(self.summary_file, json.dumps(summary, indent=2) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a metrics file; a torn last line (a crash mid-write) is skipped."""
+    records = []
+    if not path.exists():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
