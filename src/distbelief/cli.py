@@ -8,13 +8,18 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import signal
 import sys
 
 from distbelief import __version__
-from distbelief.errors import DistbeliefError
+from distbelief.errors import ConfigError, DistbeliefError
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+# Fields with their own options (recipe and model pick the base config; out and resume the run).
+_OWN_OPTIONS = ("recipe", "model")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,6 +66,131 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One --option per TrainConfig field, help from the field; only given ones are set."""
+    from distbelief.engine.config import TrainConfig, field_types
+
+    group = parser.add_argument_group("config overrides (default: the recipe's value)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _OWN_OPTIONS:
+            continue
+        base, _ = field_types()[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        if base is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=f.metadata["help"])
+        else:
+            metavar = {int: "N", float: "X", tuple: "N,N,..."}.get(base, "VALUE")
+            group.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar,
+                               help=f.metadata["help"])
+
+
+def _config_from_args(args: argparse.Namespace):
+    from distbelief.engine.config import coerce, field_types
+    from distbelief.engine.rundir import RunDir
+    from distbelief.recipes import get_recipe
+
+    overrides = {name: coerce(name, getattr(args, name)) for name in field_types()
+                 if name not in _OWN_OPTIONS and hasattr(args, name)}
+    if "epochs" in overrides and "iterations" in overrides:
+        raise ConfigError("give --iterations or --epochs, not both")
+    if "iterations" in overrides:
+        overrides["epochs"] = None
+    if args.model is not None:
+        overrides["model"] = args.model
+    if args.resume:
+        if args.out is None:
+            raise ConfigError("--resume needs --out RUN_DIR, the run to continue")
+        base = RunDir(args.out).read_config()
+    else:
+        base = get_recipe(args.recipe, args.model)
+    return base.replace(**overrides)
+
+
+def _default_out(config) -> str:
+    import datetime
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"runs/{config.recipe}-{config.model}-{stamp}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from distbelief.engine import Trainer, TrainingInterrupted
+
+    config = _config_from_args(args)
+    out = args.out or _default_out(config)
+    trainer = Trainer(config, out, resume=args.resume, progress=not args.quiet)
+    config = trainer.config
+
+    def stop(signum, frame):
+        # First Ctrl-C: finish the step, checkpoint, exit. A second one aborts at once.
+        trainer.request_stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\ndistbelief: stopping after this step (Ctrl-C again to abort)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        summary = trainer.fit()
+    except TrainingInterrupted as e:
+        print(f"distbelief: {e} --out {out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print(f"{config.model} on {config.data}: test accuracy {summary['test_accuracy']:.2%} "
+          f"(top-1 error {summary['test_error']:.2%}, top-5 {summary['test_top5_error']:.2%}) "
+          f"after {summary['iterations']} iterations in {summary['wall_s']:.1f} s, "
+          f"{summary['images_per_s']:,.0f} images/s; run: {out}")
+    return 0
+
+
+def _parse_scales(text: str) -> tuple[int, ...]:
+    try:
+        scales = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"--scales takes comma-separated sizes in px, got {text!r}") from None
+    if not scales or min(scales) <= 0:
+        raise ConfigError(f"--scales takes positive sizes in px, got {text!r}")
+    return scales
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from distbelief.engine import evaluate, load_for_eval
+
+    if args.ten_crop and args.scales:
+        raise ConfigError("choose --ten-crop or --scales, not both")
+    scales = _parse_scales(args.scales) if args.scales else ()
+    overrides = {k: v for k, v in (("data", args.data), ("data_dir", args.data_dir),
+                                   ("eval_batch_size", args.batch_size), ("device", args.device),
+                                   ("num_workers", args.num_workers)) if v is not None}
+    if args.data is not None and args.data_dir is None and args.data in ("digits", "synthetic"):
+        overrides["data_dir"] = None
+    model, data, config = load_for_eval(args.checkpoint, overrides)
+    if args.split not in data.splits:
+        raise ConfigError(f"this data has no {args.split!r} split "
+                          f"(choose from {', '.join(data.splits)})")
+    views = "tencrop" if args.ten_crop else "multiscale" if scales else "center"
+    result = evaluate(model, data.splits[args.split].batches(views, scales),
+                      channels_last=config.channels_last, bf16=config.bf16)
+    result.update(model=config.model, data=config.data, split=args.split, views=views,
+                  scales=list(scales), accuracy=1 - result["error"])
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        how = {"center": "single view", "tencrop": "10-crop",
+               "multiscale": "scales " + ",".join(map(str, scales))}[views]
+        print(f"{config.model} on {config.data} {args.split} ({result['images']} images, {how}): "
+              f"accuracy {result['accuracy']:.2%}, top-1 error {result['error']:.2%}, "
+              f"top-5 error {result['top5_error']:.2%}, loss {result['loss']:.4f}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from distbelief.plot import plot_runs
+
+    print(plot_runs(args.run_dirs, args.output, title=args.title))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="distbelief", description=(
         "Deep residual networks (He et al., 2015) trained DistBelief-style (Dean et al., 2012)."))
@@ -79,6 +209,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="square input side for the MAC count (default: 32 CIFAR, 224 ImageNet)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train", help="train a model with a recipe, overriding any field",
+                       description="Train a model on one device. A run directory (--out) "
+                                   "receives config.yaml, metrics.jsonl, checkpoints/last.pt and "
+                                   "summary.json; the last line printed is the summary.")
+    p.add_argument("--recipe", default="digits",
+                   help="digits (default), cifar10-paper or imagenet-paper")
+    p.add_argument("--model", help="registered model name (default: the recipe's)")
+    p.add_argument("--out", metavar="RUN_DIR",
+                   help="run directory (default: runs/RECIPE-MODEL-TIMESTAMP); must not hold "
+                        "a run unless --resume")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint (single view, 10-crop or multi-scale)",
+                       description="Evaluate a checkpoint on the test split of its data or "
+                                   "of --data / --data-dir.")
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="a checkpoint .pt file")
+    p.add_argument("--data", help="dataset (default: the checkpoint's)")
+    p.add_argument("--data-dir", metavar="DIR", help="dataset folder (default: the checkpoint's)")
+    p.add_argument("--split", default="test", help="test (default) or val")
+    p.add_argument("--ten-crop", action="store_true",
+                   help="imagenet: average 10 crops (corners, centre and mirrors)")
+    p.add_argument("--scales", metavar="PX,PX,...",
+                   help="imagenet: fully-convolutional test averaged over these shorter sides "
+                        "and their mirrors, e.g. 224,256,384,480,640")
+    p.add_argument("--batch-size", type=int, metavar="N", help="images per batch")
+    p.add_argument("--num-workers", type=int, metavar="N", help="imagenet decoding workers")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plot", help="training and test error curves of runs (Fig. 6 style)",
+                       description="Plot training (dashed) and test (bold) error against "
+                                   "iterations for one or more run directories.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("-o", "--output", default="errors.png", metavar="FILE",
+                   help="output .png, .pdf or .svg (default: errors.png)")
+    p.add_argument("--title")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 
@@ -91,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("distbelief: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `distbelief models | head`: the reader left; that is not an error of ours.
         sys.stderr.close()
