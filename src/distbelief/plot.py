@@ -35,6 +35,10 @@ def plot_runs(run_dirs, output: str | os.PathLike, title: str | None = None) -> 
     import matplotlib.pyplot as plt
 
     curves = [run_curves(d) for d in run_dirs]
+    labels = [c["label"] for c in curves]
+    for curve, run_dir in zip(curves, run_dirs):
+        if labels.count(curve["label"]) > 1:  # same model twice: tell the runs apart
+            curve["label"] = f"{curve['label']} ({Path(run_dir).name})"
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for i, curve in enumerate(curves):
         colour = f"C{i}"

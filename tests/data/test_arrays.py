@@ -53,8 +53,9 @@ def test_cifar_folder_round_trip(tmp_path):
     (lambda r: (r / "test_batch").write_bytes(b"not a pickle"), "is not a CIFAR-10 python batch"),
     (lambda r: write_cifar_batch(r / "data_batch_1", np.zeros((2, 3072), np.uint8), [0, 10]),
      "labels range over 0..10"),
-    (lambda r: (r / "data_batch_2").write_bytes(pickle.dumps(
-        {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]})), "expected (2, 3072) uint8"),
+    (lambda r: (r / "data_batch_2").write_bytes(pickle.dumps(  # protocol 2, as the official files
+        {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, protocol=2)),
+     "expected (2, 3072) uint8"),
 ])
 def test_cifar_folder_damage_is_named(tmp_path, damage, message):
     root = make_cifar_folder(tmp_path / "c")

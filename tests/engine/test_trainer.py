@@ -97,6 +97,13 @@ def test_resume_extends_a_finished_run(tmp_path):
     assert summary["iterations"] == 15
 
 
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
+    Trainer(digits_config(), tmp_path)  # then a crash before any checkpoint: no last.pt
+    assert not (tmp_path / "checkpoints").exists()
+    summary = Trainer(digits_config(iterations=5), tmp_path, resume=True).fit()
+    assert summary["iterations"] == 5
+
+
 def test_resume_with_another_model_is_refused(tmp_path):
     Trainer(digits_config(iterations=5), tmp_path).fit()
     with pytest.raises(CheckpointError, match="holds a resnet20, not a resnet32"):

@@ -84,7 +84,8 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 class Trainer:
     """Trains `config` into `run_dir` (None: no files, for tests and benchmarks).
 
-    `fit()` returns the summary dict (also written to summary.json). `request_stop()` (from a
+    `fit()` returns the summary dict (also written to summary.json). With `progress`, a
+    progress bar (on a terminal) and one stderr line per evaluation. `request_stop()` (from a
     signal handler) makes the loop write a checkpoint after the current step and raise
     `TrainingInterrupted`.
 
@@ -98,14 +99,17 @@ class Trainer:
                  resume: bool = False, progress: bool = False):
         self.run = RunDir(run_dir) if run_dir is not None else None
         checkpoint = None
+        restart = False  # a run that stopped before its first checkpoint starts over
         if resume:
             if self.run is None:
                 raise ConfigError("--resume needs --out RUN_DIR")
+            restart = self.run.config_file.is_file() and not self.run.checkpoint.exists()
+        if resume and not restart:
             checkpoint = load_checkpoint(self.run.checkpoint)
             saved = checkpoint["config"]["model"]
             if saved != config.model:
                 raise CheckpointError(f"{self.run.checkpoint} holds a {saved}, not a {config.model}")
-        elif self.run is not None and self.run.holds_run():
+        elif not resume and self.run is not None and self.run.holds_run():
             raise ConfigError(f"{self.run.path} already holds a run; pass --resume to continue "
                               f"it or choose another --out")
 
@@ -128,9 +132,13 @@ class Trainer:
         self.wall_s = 0.0  # time spent in the training loop, over all resumes
         self.train_s = 0.0  # of which in training steps (no evaluation or checkpointing)
         self.last_train: dict = {}
+        self._last_eval: dict | None = None
         self._stop = False
         if checkpoint:
             self._restore(checkpoint)
+        elif restart:
+            self.run.truncate_metrics(0)
+            self.run.log({"kind": "resume", "iteration": 0})
         elif self.run is not None:
             self.run.create(config, str(self.device))
 
@@ -156,7 +164,10 @@ class Trainer:
         self._stop = True
 
     def checkpoint_state(self) -> dict:
+        epoch, batch = divmod(self.iteration, self.data.train.batches_per_epoch)
         return {"config": self.config.to_dict(), "iteration": self.iteration,
+                # Batch i is a function of (seed, i); the position is recorded for readers.
+                "data_position": {"epoch": epoch, "batch_in_epoch": batch},
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "rng": _rng_state(self.device),
                 "data_stats": self.data.stats, "num_classes": self.data.num_classes,
@@ -177,31 +188,48 @@ class Trainer:
             self.run.log(record)
 
     def _evaluate_all(self) -> dict:
+        """Evaluate every split (val, test), log the records and keep them as `_last_eval`."""
+        from tqdm import tqdm
+
         results = {}
         for split in self.data.splits:
-            r = self.evaluate(split)
+            r = {"kind": "eval", "split": split, "iteration": self.iteration,
+                 "wall_s": round(self.wall_s, 3), **self.evaluate(split)}
             results[split] = r
-            self._log({"kind": "eval", "split": split, "iteration": self.iteration,
-                       "wall_s": round(self.wall_s, 3), **r})
+            self._log(r)
+        if self.progress:
+            tqdm.write(f"iteration {self.iteration}/{self.config.iterations}: train error "
+                       f"{self.last_train.get('error', float('nan')):.2%}, "
+                       f"test error {results['test']['error']:.2%}", file=sys.stderr)
+        self._last_eval = results
         return results
 
     def fit(self) -> dict:
-        """Train from the current iteration to `config.iterations`; return the summary."""
+        """Train from the current iteration to `config.iterations`, evaluate, return the
+        summary."""
+        self.train_until(self.config.iterations)
+        results = self._last_eval
+        if results is None or results["test"]["iteration"] != self.iteration:
+            results = self._evaluate_all()
+        return self._summarize(results)
+
+    def train_until(self, until: int) -> None:
+        """Run training steps up to iteration `until`, logging, evaluating every `eval_every`
+        and checkpointing every `checkpoint_every` iterations and at `until`."""
         from tqdm import tqdm
 
         c, model, opt = self.config, self.model, self.optimizer
         model.train()
         per_epoch = self.data.train.batches_per_epoch
-        bar = tqdm(total=c.iterations, initial=self.iteration, unit="it", file=sys.stderr,
+        bar = tqdm(total=until, initial=self.iteration, unit="it", file=sys.stderr,
                    disable=not (self.progress and sys.stderr.isatty()), dynamic_ncols=True,
                    leave=False)
         batches = self.data.train.batches(self.iteration)
         zero = torch.zeros((), device=self.device)
         loss_sum, wrong_sum, seen = zero.clone(), zero.clone(), 0
         window_start, window_train_s = time.perf_counter(), 0.0
-        results = None
         try:
-            while self.iteration < c.iterations:
+            while self.iteration < until:
                 step_start = time.perf_counter()
                 x, y = next(batches)
                 if c.channels_last:
@@ -229,7 +257,7 @@ class Trainer:
                 self.train_s += step_s
 
                 it = self.iteration
-                done = it == c.iterations
+                done = it == until
                 if it % c.log_every == 0 or done or self._stop:
                     train_loss = float(loss_sum) / seen  # the one sync of the window
                     if not math.isfinite(train_loss):
@@ -247,12 +275,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{train_loss:.3f}", err=f"{self.last_train['error']:.3f}",
                                     img_s=f"{self.last_train['images_per_s']:.0f}", refresh=False)
                     loss_sum, wrong_sum, seen, window_train_s = zero.clone(), zero.clone(), 0, 0.0
-                if (c.eval_every and it % c.eval_every == 0) or done:
-                    results = self._evaluate_all()
-                    test = results["test"]
-                    bar.write(f"iteration {it}/{c.iterations}: train error "
-                              f"{self.last_train['error']:.2%}, test error {test['error']:.2%}",
-                              file=sys.stderr)
+                if c.eval_every and it % c.eval_every == 0:
+                    self._evaluate_all()
                     self.wall_s += time.perf_counter() - window_start
                     window_start = time.perf_counter()
                 if (c.checkpoint_every and it % c.checkpoint_every == 0) or done or self._stop:
@@ -268,9 +292,6 @@ class Trainer:
                         f"stopped at iteration {it}; checkpoint saved, continue with --resume")
         finally:
             bar.close()
-        if results is None:  # nothing left to train: a resume of a finished run
-            results = self._evaluate_all()
-        return self._summarize(results)
 
     def _summarize(self, results: dict) -> dict:
         c, test = self.config, results["test"]

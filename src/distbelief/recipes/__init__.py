@@ -22,7 +22,7 @@ def digits(model: str | None = None) -> TrainConfig:
         recipe="digits", model=model or "resnet20", data="digits",
         batch_size=64, iterations=1200, lr=0.1, momentum=0.9, weight_decay=5e-4,
         milestones=(800, 1000), pad=1, flip=False,
-        channels_last=True, log_every=25, eval_every=300, checkpoint_every=600,
+        channels_last=True, log_every=25, eval_every=100, checkpoint_every=600,
         eval_batch_size=512)
 
 
