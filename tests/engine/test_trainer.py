@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from distbelief.engine import Diverged, Trainer, TrainingInterrupted, evaluate, load_checkpoint
 from distbelief.engine.config import TrainConfig
@@ -28,7 +29,6 @@ def test_resnet20_learns_digits():
 def test_run_directory_contents(tmp_path):
     run = tmp_path / "run"
     summary = Trainer(digits_config(val_split=200), run).fit()
-    import yaml
     record = yaml.safe_load((run / "config.yaml").read_text())
     assert record["config"]["model"] == "resnet20" and "git_revision" in record
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -95,6 +95,8 @@ def test_resume_extends_a_finished_run(tmp_path):
     Trainer(digits_config(iterations=10), tmp_path).fit()
     summary = Trainer(digits_config(iterations=15), tmp_path, resume=True).fit()
     assert summary["iterations"] == 15
+    record = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert record["config"]["iterations"] == 15 and "resumed" in record
 
 
 def test_resume_before_the_first_checkpoint_starts_over(tmp_path):

@@ -63,6 +63,15 @@ class RunDir:
         atomic_write_text(self.config_file, yaml.safe_dump(record, sort_keys=False))
         self.metrics_file.touch()
 
+    def update_config(self, config: TrainConfig) -> None:
+        """Record the config a resumed run continues with (e.g. more iterations)."""
+        record = yaml.safe_load(self.config_file.read_text())
+        if record.get("config") != config.to_dict():
+            record["config"] = config.to_dict()
+            record["resumed"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+            record["git_revision"] = git_revision()
+            atomic_write_text(self.config_file, yaml.safe_dump(record, sort_keys=False))
+
     def read_config(self) -> TrainConfig:
         if not self.config_file.is_file():
             raise ConfigError(f"{self.path} holds no run to resume (no config.yaml)")

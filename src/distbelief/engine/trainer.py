@@ -139,6 +139,8 @@ class Trainer:
         elif restart:
             self.run.truncate_metrics(0)
             self.run.log({"kind": "resume", "iteration": 0})
+        if resume:
+            self.run.update_config(config)
         elif self.run is not None:
             self.run.create(config, str(self.device))
 
