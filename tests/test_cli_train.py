@@ -128,3 +128,29 @@ def test_ctrl_c_checkpoints_and_resume_finishes(tmp_path):
                           capture_output=True, text=True, timeout=120, env=os.environ)
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "summary.json").read_text())["iterations"] == stopped + 3
+
+
+def test_imagenet_folder_train_then_ten_crop_and_multiscale_eval(tmp_path, capsys):
+    """The imagenet-paper recipe at toy sizes: train, then all three test views."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for c in ("a", "b"):
+            (tmp_path / "inet" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(
+                    tmp_path / "inet" / split / c / f"{i}.jpg")
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "imagenet-paper", "--model", "resnet18", "--data-dir",
+                 str(tmp_path / "inet"), "--crop-size", "32", "--scale-min", "36",
+                 "--scale-max", "44", "--test-size", "36", "--batch-size", "4",
+                 "--iterations", "3", "--num-workers", "0", "--out", str(out), "--quiet"]) == 0
+    ckpt = str(out / "checkpoints" / "last.pt")
+    for extra, views in (([], "center"), (["--ten-crop"], "tencrop"),
+                         (["--scales", "32,40"], "multiscale")):
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", ckpt, "--json", *extra]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["views"] == views and result["images"] == 4

@@ -80,7 +80,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=f.metadata["help"])
         else:
-            metavar = {int: "N", float: "X", tuple: "N,N,..."}.get(base, "VALUE")
+            metavar = {int: "N", float: "X", tuple: "N,N,..."}.get(base, f.name.upper())
             group.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar,
                                help=f.metadata["help"])
 
@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "a run unless --resume")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar or evaluation lines: only the summary line")
     _add_config_options(p)
     p.set_defaults(func=cmd_train)
 

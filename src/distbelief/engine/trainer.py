@@ -274,8 +274,10 @@ class Trainer:
                         "images_per_s": round(seen / max(window_train_s, 1e-9), 1),
                         "wall_s": round(self.wall_s, 3)}
                     self._log(self.last_train)
-                    bar.set_postfix(loss=f"{train_loss:.3f}", err=f"{self.last_train['error']:.3f}",
-                                    img_s=f"{self.last_train['images_per_s']:.0f}", refresh=False)
+                    bar.set_postfix({"loss": f"{train_loss:.3f}",
+                                     "error": f"{self.last_train['error']:.2%}",
+                                     "img/s": f"{self.last_train['images_per_s']:.0f}"},
+                                    refresh=False)
                     loss_sum, wrong_sum, seen, window_train_s = zero.clone(), zero.clone(), 0, 0.0
                 if c.eval_every and it % c.eval_every == 0:
                     self._evaluate_all()
