@@ -8,7 +8,6 @@ sample carries its own seed, so augmentation does not depend on worker count or 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -162,7 +161,3 @@ def test_loader(dataset: EvalViews, batch_size: int, workers: int, pin: bool) ->
                           collate_fn=_collate_views)
     per_batch = max(1, batch_size // 10) if dataset.mode == "tencrop" else batch_size
     return DataLoader(dataset, batch_size=per_batch, num_workers=workers, pin_memory=pin)
-
-
-def epochs_to_iterations(epochs: float, size: int, batch_size: int) -> int:
-    return max(1, math.ceil(epochs * size / batch_size))

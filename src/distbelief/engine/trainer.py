@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from distbelief.data import DataBundle, build_data
-from distbelief.data.imagenet import epochs_to_iterations
 from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.engine.config import TrainConfig
 from distbelief.engine.evaluate import evaluate
@@ -119,8 +118,9 @@ class Trainer:
         self.data = build_data(config, self.device,
                                stats=checkpoint["data_stats"] if checkpoint else None)
         if config.epochs is not None:
-            config = config.replace(iterations=epochs_to_iterations(
-                config.epochs, self.data.train_size, config.batch_size))
+            # An epoch is a pass over the training split: ceil(epochs * images / batch) steps.
+            config = config.replace(iterations=max(1, math.ceil(
+                config.epochs * self.data.train_size / config.batch_size)))
         self.config = config
         self.model = build_model(config, self.data).to(self.device)
         if config.channels_last:
@@ -229,10 +229,15 @@ class Trainer:
         batches = self.data.train.batches(self.iteration)
         zero = torch.zeros((), device=self.device)
         loss_sum, wrong_sum, seen = zero.clone(), zero.clone(), 0
-        window_start, window_train_s = time.perf_counter(), 0.0
+        clock = time.perf_counter
+        loop_start, wall_before = clock(), self.wall_s
+        window_start, paused = clock(), 0.0  # paused: evaluation and checkpoint time
+
+        def elapsed() -> float:
+            return wall_before + clock() - loop_start
+
         try:
             while self.iteration < until:
-                step_start = time.perf_counter()
                 x, y = next(batches)
                 if c.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -254,47 +259,47 @@ class Trainer:
                     self.schedule.observe(self.iteration, float(wrong) / len(y))
                 self.iteration += 1
                 bar.update(1)
-                step_s = time.perf_counter() - step_start
-                window_train_s += step_s
-                self.train_s += step_s
 
                 it = self.iteration
                 done = it == until
-                if it % c.log_every == 0 or done or self._stop:
-                    train_loss = float(loss_sum) / seen  # the one sync of the window
-                    if not math.isfinite(train_loss):
-                        raise Diverged(f"training loss became {train_loss} at iteration {it}; "
+                checkpoint_now = (c.checkpoint_every and it % c.checkpoint_every == 0) or done \
+                    or self._stop
+                if it % c.log_every == 0 or checkpoint_now:
+                    train_loss = float(loss_sum) / seen  # waits for the device: the window's one sync
+                    if not (math.isfinite(train_loss) and (not checkpoint_now or self._params_finite())):
+                        # Never log on, nor replace a good checkpoint with, a diverged model.
+                        raise Diverged(f"training diverged (loss {train_loss}) by iteration {it}; "
                                        f"lower --lr (the last checkpoint is kept)")
-                    now = time.perf_counter()
-                    self.wall_s += now - window_start
-                    window_start = now
+                    now = clock()
+                    window_s = max(now - window_start - paused, 1e-9)
+                    self.train_s += window_s
+                    self.wall_s = elapsed()
                     self.last_train = {
                         "kind": "train", "iteration": it, "epoch": round(it / per_epoch, 4),
                         "loss": train_loss, "error": float(wrong_sum) / seen, "lr": lr,
-                        "images_per_s": round(seen / max(window_train_s, 1e-9), 1),
-                        "wall_s": round(self.wall_s, 3)}
+                        "images_per_s": round(seen / window_s, 1), "wall_s": round(self.wall_s, 3)}
                     self._log(self.last_train)
                     bar.set_postfix({"loss": f"{train_loss:.3f}",
                                      "error": f"{self.last_train['error']:.2%}",
                                      "img/s": f"{self.last_train['images_per_s']:.0f}"},
                                     refresh=False)
-                    loss_sum, wrong_sum, seen, window_train_s = zero.clone(), zero.clone(), 0, 0.0
+                    loss_sum, wrong_sum, seen = zero.clone(), zero.clone(), 0
+                    window_start, paused = now, 0.0
                 if c.eval_every and it % c.eval_every == 0:
+                    pause_start = clock()
+                    self.wall_s = elapsed()
                     self._evaluate_all()
-                    self.wall_s += time.perf_counter() - window_start
-                    window_start = time.perf_counter()
-                if (c.checkpoint_every and it % c.checkpoint_every == 0) or done or self._stop:
-                    if not (bool(torch.isfinite(loss_sum)) and self._params_finite()):
-                        # Never replace a good checkpoint with a diverged model.
-                        raise Diverged(f"training loss became non-finite before iteration {it}; "
-                                       f"lower --lr (the last checkpoint is kept)")
-                    self.wall_s += time.perf_counter() - window_start
+                    paused += clock() - pause_start
+                if checkpoint_now:
+                    pause_start = clock()
+                    self.wall_s = elapsed()
                     self.save()
-                    window_start = time.perf_counter()
+                    paused += clock() - pause_start
                 if self._stop and not done:
                     raise TrainingInterrupted(
                         f"stopped at iteration {it}; checkpoint saved, continue with --resume")
         finally:
+            self.wall_s = elapsed()
             bar.close()
 
     def _summarize(self, results: dict) -> dict:
