@@ -262,8 +262,9 @@ class Trainer:
 
                 it = self.iteration
                 done = it == until
+                stop = self._stop  # read once: a signal may set it at any moment
                 checkpoint_now = (c.checkpoint_every and it % c.checkpoint_every == 0) or done \
-                    or self._stop
+                    or stop
                 if it % c.log_every == 0 or checkpoint_now:
                     train_loss = float(loss_sum) / seen  # waits for the device: the window's one sync
                     if not (math.isfinite(train_loss) and (not checkpoint_now or self._params_finite())):
@@ -295,7 +296,7 @@ class Trainer:
                     self.wall_s = elapsed()
                     self.save()
                     paused += clock() - pause_start
-                if self._stop and not done:
+                if stop and not done:
                     raise TrainingInterrupted(
                         f"stopped at iteration {it}; checkpoint saved, continue with --resume")
         finally:
