@@ -55,6 +55,22 @@ def test_eval_matches_the_training_summary(run_dir, capsys):
     assert result["images"] == 360
 
 
+def test_eval_of_a_gpu_checkpoint_runs_on_this_machine(run_dir, tmp_path, capsys):
+    import torch
+
+    from distbelief.engine import load_checkpoint, save_checkpoint
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    state["config"]["device"] = "cuda"
+    save_checkpoint(tmp_path / "gpu.pt", {k: v for k, v in state.items()
+                                          if k not in ("format", "version")})
+    assert main(["eval", "--checkpoint", str(tmp_path / "gpu.pt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 360
+    if not torch.cuda.is_available():
+        assert exit_code(["eval", "--checkpoint", str(tmp_path / "gpu.pt"), "--device",
+                          "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
 def test_plot_writes_a_png(run_dir, tmp_path, capsys):
     out = tmp_path / "fig.png"
     assert main(["plot", str(run_dir), str(run_dir), "-o", str(out), "--title", "t"]) == 0

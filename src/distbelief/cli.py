@@ -160,8 +160,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("choose --ten-crop or --scales, not both")
     scales = _parse_scales(args.scales) if args.scales else ()
     overrides = {k: v for k, v in (("data", args.data), ("data_dir", args.data_dir),
-                                   ("eval_batch_size", args.batch_size), ("device", args.device),
+                                   ("eval_batch_size", args.batch_size),
                                    ("num_workers", args.num_workers)) if v is not None}
+    # A checkpoint trained on a GPU evaluates anywhere: the device is this machine's choice.
+    overrides["device"] = args.device or "auto"
     if args.data is not None and args.data_dir is None and args.data in ("digits", "synthetic"):
         overrides["data_dir"] = None
     model, data, config = load_for_eval(args.checkpoint, overrides)
@@ -241,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and their mirrors, e.g. 224,256,384,480,640")
     p.add_argument("--batch-size", type=int, metavar="N", help="images per batch")
     p.add_argument("--num-workers", type=int, metavar="N", help="imagenet decoding workers")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                   help="where to evaluate (default: auto, whatever the training used)")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=cmd_eval)
 
