@@ -18,7 +18,8 @@ import torch
 from distbelief.data import imagenet as inet
 from distbelief.data.arrays import (ImageArrays, download_cifar10, load_cifar10, load_digits,
                                     make_synthetic, split_off, write_cifar_batch)
-from distbelief.data.augment import pca_lighting, random_crop, random_flip, step_generator
+from distbelief.data.augment import (epoch_permutation, pca_lighting, random_crop, random_flip,
+                                     step_generator)
 from distbelief.errors import ConfigError, DataError
 
 __all__ = ["DataBundle", "build_data", "ImageArrays", "load_digits", "load_cifar10",
@@ -38,7 +39,6 @@ class DataBundle:
     name: str
     num_classes: int
     in_chans: int
-    image_size: int
     train_size: int
     stats: dict[str, torch.Tensor]
     train: "TrainStream"
@@ -86,8 +86,8 @@ class ArrayTrainStream(TrainStream):
     def batch(self, iteration: int) -> Batch:
         epoch, k = divmod(iteration, self.batches_per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(len(self.labels), generator=g).to(self.device)
+            perm = epoch_permutation(len(self.labels), self.seed, epoch)
+            self._epoch, self._perm = epoch, perm.to(self.device)
         index = self._perm[k * self.batch_size:(k + 1) * self.batch_size]
         x = _normalize(self.images[index], self.mean)
         if self.augment:
@@ -199,8 +199,7 @@ def build_data(config, device: torch.device, stats: dict | None = None) -> DataB
     stream = ArrayTrainStream(train, stats["mean"], c.batch_size, c.seed, device, c.augment,
                               c.pad, c.flip)
     return DataBundle(
-        name=c.data, num_classes=classes, in_chans=train.images.shape[1],
-        image_size=train.images.shape[-1], train_size=len(train), stats=stats, train=stream,
+        name=c.data, num_classes=classes, in_chans=train.images.shape[1], train_size=len(train), stats=stats, train=stream,
         splits={k: ArrayEvalSource(v, stats["mean"], c.eval_batch_size, device)
                 for k, v in splits.items()})
 
@@ -224,6 +223,6 @@ def _build_folder(c, device, stats) -> DataBundle:
     dataset = inet.TrainImages(train, c.crop_size, c.scale_min, c.scale_max, c.flip, c.augment,
                                c.test_size)
     return DataBundle(
-        name="imagenet", num_classes=len(classes), in_chans=3, image_size=c.crop_size,
+        name="imagenet", num_classes=len(classes), in_chans=3,
         train_size=len(train), stats=stats, train=FolderTrainStream(dataset, stats, c, device),
         splits={"test": FolderEvalSource(val, stats, c, device)})

@@ -18,6 +18,11 @@ def step_generator(device: torch.device, seed: int, iteration: int, stream: int 
     return torch.Generator(device=device).manual_seed(mixed)
 
 
+def epoch_permutation(size: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the training split in `epoch`: a seeded permutation of range(size)."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
 def random_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
     """Zero-pad by `pad` px on each side, then take a random H x W crop per image.
 

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 
-from distbelief.data.augment import colour_pca
+from distbelief.data.augment import colour_pca, epoch_permutation
 from distbelief.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".tif", ".tiff", ".webp")
@@ -91,8 +91,7 @@ class EpochBatches(torch.utils.data.Sampler):
         iteration = self.start
         while True:
             epoch, k = divmod(iteration, self.per_epoch)
-            perm = torch.randperm(self.size,
-                                  generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            perm = epoch_permutation(self.size, self.seed, epoch)
             for j in range(k, self.per_epoch):
                 lo = j * self.batch_size
                 yield [(int(perm[p]), (self.seed * 1000003 + epoch) * 10000019 + p)

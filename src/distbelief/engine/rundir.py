@@ -51,11 +51,15 @@ class RunDir:
     def holds_run(self) -> bool:
         return self.config_file.exists() or self.checkpoint.exists()
 
-    def create(self, config: TrainConfig, device: str) -> None:
-        """Start a new run; refuses a folder that already holds one (never overwrites)."""
+    def refuse_if_occupied(self) -> None:
+        """Raise `ConfigError` if the folder already holds a run: runs are never overwritten."""
         if self.holds_run():
             raise ConfigError(f"{self.path} already holds a run; pass --resume to continue it "
                               f"or choose another --out")
+
+    def create(self, config: TrainConfig, device: str) -> None:
+        """Start a new run; refuses a folder that already holds one (never overwrites)."""
+        self.refuse_if_occupied()
         self.path.mkdir(parents=True, exist_ok=True)
         record = {"distbelief_version": __version__, "git_revision": git_revision(),
                   "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -108,9 +108,8 @@ class Trainer:
             saved = checkpoint["config"]["model"]
             if saved != config.model:
                 raise CheckpointError(f"{self.run.checkpoint} holds a {saved}, not a {config.model}")
-        elif not resume and self.run is not None and self.run.holds_run():
-            raise ConfigError(f"{self.run.path} already holds a run; pass --resume to continue "
-                              f"it or choose another --out")
+        elif not resume and self.run is not None:
+            self.run.refuse_if_occupied()  # before loading data: fail fast
 
         self.device = resolve_device(config.device)
         set_determinism(config.deterministic, self.device)
