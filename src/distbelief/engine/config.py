@@ -18,6 +18,8 @@ from distbelief.errors import ConfigError, check_choice
 DATASETS = ("digits", "cifar10", "imagenet", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
 WARMUP_MODES = ("constant", "linear")
+OPTIMIZERS = ("sgd", "adagrad")
+MODES = ("single", "downpour")
 
 
 def _opt(help: str, **kwargs):
@@ -58,8 +60,12 @@ class TrainConfig:
     synthetic_shape: tuple[int, ...] = _opt("synthetic: image shape C,H,W", default=(3, 32, 32))
     synthetic_classes: int = _opt("synthetic: number of classes", default=10)
     # Optimization
-    batch_size: int = _opt("images per iteration", default=128)
-    iterations: int = _opt("optimizer steps to train for", default=64000)
+    optimizer: str = _opt("update rule: sgd (with --momentum) or adagrad (per-parameter lr = "
+                          "--lr / sqrt(sum of squared gradients); momentum unused)", default="sgd")
+    batch_size: int = _opt("images per iteration (per replica and step with --mode downpour)",
+                           default=128)
+    iterations: int = _opt("optimizer steps to train for (downpour: minibatch gradients over all "
+                           "replicas together)", default=64000)
     epochs: float | None = _opt("train for this many passes over the training split instead of "
                                 "--iterations", default=None)
     lr: float = _opt("base learning rate", default=0.1)
@@ -91,18 +97,48 @@ class TrainConfig:
     checkpoint_every: int = _opt("iterations between checkpoints (0: only at the end)",
                                  default=2000)
     eval_batch_size: int = _opt("images per evaluation batch", default=500)
+    # Distributed training (DistBelief)
+    mode: str = _opt("single (one process) or downpour (asynchronous replicas and a sharded "
+                     "parameter server on Ray)", default="single")
+    replicas: int = _opt("downpour: model replicas, each with its own slice of the training data",
+                         default=1)
+    ps_shards: int = _opt("downpour: parameter-server shards, each owning a slice of the "
+                          "parameters", default=1)
+    n_fetch: int = _opt("downpour: a replica fetches fresh parameters every N of its steps",
+                        default=1)
+    n_push: int = _opt("downpour: a replica pushes its accumulated gradient every N of its steps",
+                       default=1)
+    overlap: bool = _opt("downpour: fetch and push in the background while computing (off: "
+                         "every fetch and push waits, as in the parity tests)", default=True)
+    max_in_flight: int = _opt("downpour: pushes a replica may have outstanding before it waits",
+                              default=2)
+    warmstart_steps: int = _opt("downpour: steps trained by one replica before the others start",
+                                default=0)
+    eval_interval_s: float = _opt("downpour: also evaluate the server's parameters every this "
+                                  "many seconds of wall time (0: only every --eval-every)",
+                                  default=0.0)
+    snapshot_every_s: float = _opt("downpour: seconds between a shard's snapshots to the run "
+                                   "directory", default=5.0)
+    max_restarts: int = _opt("downpour: restarts allowed per replica and per shard after a "
+                             "failure", default=3)
+    replica_cpus: int | None = _opt("downpour: CPU threads per replica (default: the cluster's "
+                                    "CPUs divided among the replicas)", default=None)
 
     def __post_init__(self):
         check_choice("dataset", self.data, DATASETS)
         check_choice("device", self.device, DEVICES)
         check_choice("warmup mode", self.warmup_mode, WARMUP_MODES)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("mode", self.mode, MODES)
         if self.shortcut is not None:
             check_choice("shortcut option", self.shortcut, ("A", "B", "C"))
         positive = ("batch_size", "iterations", "eval_batch_size", "log_every", "crop_size",
                     "scale_min", "scale_max", "test_size", "synthetic_size", "synthetic_classes",
-                    "stats_samples")
+                    "stats_samples", "replicas", "ps_shards", "n_fetch", "n_push",
+                    "max_in_flight")
         non_negative = ("val_split", "pad", "momentum", "weight_decay", "warmup_iterations",
-                        "eval_every", "checkpoint_every", "lighting", "num_workers", "lr_decay")
+                        "eval_every", "checkpoint_every", "lighting", "num_workers", "lr_decay",
+                        "warmstart_steps", "eval_interval_s", "max_restarts")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
@@ -127,6 +163,13 @@ class TrainConfig:
             raise ConfigError(f"--crop-size {self.crop_size} exceeds --scale-min or --test-size")
         if len(self.synthetic_shape) != 3 or min(self.synthetic_shape) <= 0:
             raise ConfigError("--synthetic-shape must be three positive sizes C,H,W")
+        if not (self.snapshot_every_s > 0 and math.isfinite(self.snapshot_every_s)):
+            raise ConfigError(f"--snapshot-every-s must be positive, got {self.snapshot_every_s}")
+        if self.replica_cpus is not None and self.replica_cpus < 1:
+            raise ConfigError(f"--replica-cpus must be positive, got {self.replica_cpus}")
+        if self.warmstart_steps >= self.iterations:
+            raise ConfigError(f"--warmstart-steps {self.warmstart_steps} must be below "
+                              f"--iterations {self.iterations}")
         if self.data in ("cifar10", "imagenet") and not self.data_dir:
             raise ConfigError(f"dataset {self.data} needs --data-dir")
 

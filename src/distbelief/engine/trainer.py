@@ -28,6 +28,7 @@ from distbelief.engine.rundir import RunDir
 from distbelief.engine.schedule import LRSchedule
 from distbelief.errors import CheckpointError, ConfigError, DistbeliefError
 from distbelief.models import create_model
+from distbelief.optim import ADAGRAD_EPS
 
 
 class TrainingInterrupted(DistbeliefError):
@@ -62,7 +63,12 @@ def build_model(config: TrainConfig, data: DataBundle) -> torch.nn.Module:
                         **options)
 
 
-def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.SGD:
+def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD or Adagrad as configured; the same rules the parameter-server shards apply
+    (distbelief.optim), so single-process and Downpour runs are comparable."""
+    if config.optimizer == "adagrad":
+        return torch.optim.Adagrad(model.parameters(), lr=config.lr, eps=ADAGRAD_EPS,
+                                   weight_decay=config.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                            weight_decay=config.weight_decay, nesterov=config.nesterov)
 
