@@ -170,9 +170,24 @@ class FolderEvalSource(EvalSource):
             _reraise_worker_error(e)
 
 
-def build_data(config, device: torch.device, stats: dict | None = None) -> DataBundle:
+def data_part(size: int, part: tuple[int, int] | None) -> torch.Tensor | None:
+    """Indices of training images of replica r of n (`part` = (r, n)): every n-th image starting
+    at r, so the parts are disjoint, differ in size by at most one, and part (0, 1) is the whole
+    split in its order. None for no part."""
+    if part is None:
+        return None
+    r, n = part
+    if size < n:
+        raise ConfigError(f"{n} replicas need at least {n} training images, there are {size}")
+    return torch.arange(r, size, n)
+
+
+def build_data(config, device: torch.device, stats: dict | None = None,
+               part: tuple[int, int] | None = None) -> DataBundle:
     """Load `config.data` and wrap it for `device`. `stats` from a checkpoint replaces the
-    statistics that would otherwise be computed from the training split.
+    statistics that would otherwise be computed from the training split. `part` = (r, n)
+    restricts the training stream to replica r's slice of n (`data_part`); the statistics stay
+    those of the whole split and the stream's seed becomes seed + r.
 
     Raises:
         DataError: the data folder is missing or malformed.
@@ -180,7 +195,7 @@ def build_data(config, device: torch.device, stats: dict | None = None) -> DataB
     """
     c = config
     if c.data == "imagenet":
-        return _build_folder(c, device, stats)
+        return _build_folder(c, device, stats, part)
     if c.data == "digits":
         train, test, classes = load_digits()
     elif c.data == "cifar10":
@@ -196,10 +211,14 @@ def build_data(config, device: torch.device, stats: dict | None = None) -> DataB
     if stats is None:
         stats = {"mean": train.images.float().mean(0) / 255}
     _check_shape(stats["mean"], train.images.shape[1:])
-    stream = ArrayTrainStream(train, stats["mean"], c.batch_size, c.seed, device, c.augment,
-                              c.pad, c.flip)
+    index = data_part(len(train), part)
+    if index is not None:
+        train = train.subset(index)
+    stream = ArrayTrainStream(train, stats["mean"], c.batch_size, c.seed + (part or (0,))[0],
+                              device, c.augment, c.pad, c.flip)
     return DataBundle(
-        name=c.data, num_classes=classes, in_chans=train.images.shape[1], train_size=len(train), stats=stats, train=stream,
+        name=c.data, num_classes=classes, in_chans=train.images.shape[1],
+        train_size=len(train), stats=stats, train=stream,
         splits={k: ArrayEvalSource(v, stats["mean"], c.eval_batch_size, device)
                 for k, v in splits.items()})
 
@@ -210,7 +229,7 @@ def _check_shape(mean: torch.Tensor, shape) -> None:
                         f"is {tuple(mean.shape)}: different data than the model was trained on")
 
 
-def _build_folder(c, device, stats) -> DataBundle:
+def _build_folder(c, device, stats, part) -> DataBundle:
     if c.val_split:
         raise ConfigError("--val-split applies to in-memory datasets; imagenet has val/")
     root = Path(c.data_dir)
@@ -220,6 +239,10 @@ def _build_folder(c, device, stats) -> DataBundle:
     if stats is None:
         stats = inet.image_stats(train, c.stats_samples, c.crop_size, c.test_size)
     _check_shape(stats["mean"], (3, c.crop_size, c.crop_size))
+    index = data_part(len(train), part)
+    if index is not None:
+        train = [train[i] for i in index.tolist()]
+        c = c.replace(seed=c.seed + part[0])
     dataset = inet.TrainImages(train, c.crop_size, c.scale_min, c.scale_max, c.flip, c.augment,
                                c.test_size)
     return DataBundle(

@@ -12,10 +12,23 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import functional as TF
 
 from distbelief.data.augment import colour_pca, epoch_permutation
 from distbelief.errors import DataError
+
+
+class _LazyFunctional:
+    """torchvision.transforms.functional, imported on first use: torchvision's import takes
+    ~1.4 s (it pulls in torch._dynamo), paid otherwise by every process that touches
+    distbelief.data, Ray actors included, even without image folders."""
+
+    def __getattr__(self, name):
+        from torchvision.transforms import functional
+
+        return getattr(functional, name)
+
+
+TF = _LazyFunctional()
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".tif", ".tiff", ".webp")
 
