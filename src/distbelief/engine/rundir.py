@@ -47,6 +47,10 @@ class RunDir:
         self.metrics_file = self.path / "metrics.jsonl"
         self.summary_file = self.path / "summary.json"
         self.checkpoint = self.path / "checkpoints" / "last.pt"
+        self.downpour_state = self.path / "checkpoints" / "downpour.pt"
+
+    def shard_snapshot(self, index: int) -> Path:
+        return self.path / "checkpoints" / f"shard-{index}.pt"
 
     def holds_run(self) -> bool:
         return self.config_file.exists() or self.checkpoint.exists()

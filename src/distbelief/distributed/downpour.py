@@ -1,0 +1,206 @@
+"""Downpour SGD's model replica (Dean et al., 2012, Sec. 4.1). Plain Python: no Ray here.
+
+A replica trains its own model copy on its own slice of the training data. Every `n_fetch` of
+its steps it asks the parameter server for fresh parameters; every `n_push` steps it sends the
+gradient accumulated since the last push. In the paper fetching, pushing and computing are
+three weakly synchronized threads; here the replica issues fetches and pushes as asynchronous
+requests (Ray calls, in `distributed.actors`) and keeps computing:
+
+- a fetch issued at step t is installed at the first step boundary after it arrives; until then
+  the replica computes with the parameters it has;
+- a push is sent and forgotten, unless `max_in_flight` pushes are still outstanding: then the
+  replica waits for the oldest. That is the only time it waits for the server.
+
+With `overlap` off every fetch and push completes before the replica goes on; one such replica
+with n_fetch = n_push = 1 is plain sequential SGD (tests/distributed/test_parity.py).
+
+The replica talks to the server through a client with two methods, `fetch()` and
+`push(vector, base_versions, steps, errors)`, each returning a `Pending` (`done()`,
+`result()`); the client slices full vectors into shard slices. `LocalClient` calls in-process
+shards directly (tests); `actors.RayClient` calls shard actors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+
+from distbelief.data import build_data
+from distbelief.distributed.shard import FlatModel, ParameterShard, model_vector
+from distbelief.engine.trainer import build_model, resolve_device, set_determinism
+
+
+class Done:
+    """A `Pending` whose result is already there (in-process calls)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def done(self) -> bool:
+        return True
+
+    def result(self):
+        return self.value
+
+
+class LocalClient:
+    """The server client over in-process `ParameterShard`s: each call completes at once."""
+
+    def __init__(self, shards: list[ParameterShard]):
+        self.shards = shards
+
+    def fetch(self) -> Done:
+        pulled = [s.pull() for s in self.shards]
+        return Done((torch.cat([w for w, _ in pulled]), [v for _, v in pulled]))
+
+    def push(self, vector: torch.Tensor, base_versions: list[int], steps: int,
+             errors: tuple[float, ...]) -> Done:
+        return Done([s.push(vector[s.lo:s.hi], v, steps, errors)
+                     for s, v in zip(self.shards, base_versions)])
+
+
+class DownpourReplica:
+    """Replica `index` of `config.replicas`, computing on `device` (default: config.device).
+
+    `run(start, steps)` trains its steps start .. start+steps-1 (batch i of its data slice is a
+    pure function of (seed, index, i), so a restarted replica resumes at any step) and returns
+    that chunk's metrics. Pushes may still be in flight when it returns; `drain()` waits for
+    them.
+    """
+
+    def __init__(self, index: int, config, client, stats: dict | None = None,
+                 device: torch.device | None = None):
+        self.index, self.config, self.client = index, config, client
+        self.device = device or resolve_device(config.device)
+        set_determinism(config.deterministic, self.device)
+        self.data = build_data(config, self.device, stats=stats,
+                               part=(index, config.replicas))
+        self.model = build_model(config, self.data).to(self.device)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model.train()
+        self.flat = FlatModel(self.model)
+        self.n_buffers = self.flat.n_buffers
+        self.versions: list[int] | None = None  # shard versions of the parameters in use
+        self.buffer_base: torch.Tensor | None = None  # buffers when last fetched or pushed
+        self.pending_fetch = None
+        self.in_flight: deque = deque()
+        self.accum: torch.Tensor | None = None  # gradient accumulated since the last push
+        self.accum_versions: list[int] | None = None  # versions of its oldest gradient
+        self.accum_errors: list[float] = []
+        self._stream, self._position = None, None
+
+    # --- parameters in and gradients out -----------------------------------------------------
+
+    def _install(self, fetched) -> None:
+        vector, versions = fetched
+        n_params = vector.numel() - self.n_buffers
+        server_buffers = vector[n_params:].clone()
+        if self.buffer_base is not None and self.n_buffers:
+            # Keep the statistics changes not yet pushed on top of the server's statistics.
+            unpushed = self.flat.buffer_vector() - self.buffer_base
+            vector = torch.cat([vector[:n_params], server_buffers + unpushed])
+        self.flat.load(vector)
+        self.buffer_base = server_buffers
+        self.versions = list(versions)
+
+    def _push(self, metrics: dict) -> None:
+        buffers_now = self.flat.buffer_vector()
+        vector = torch.cat([self.accum.cpu(), buffers_now - self.buffer_base])
+        self.buffer_base = buffers_now
+        pending = self.client.push(vector, self.accum_versions, len(self.accum_errors),
+                                   tuple(self.accum_errors))
+        metrics["pushes"] += 1
+        self.accum, self.accum_versions, self.accum_errors = None, None, []
+        self.in_flight.append(pending)
+        wait_start = time.perf_counter()
+        limit = self.config.max_in_flight if self.config.overlap else 0
+        while self.in_flight and (self.in_flight[0].done() or len(self.in_flight) > limit):
+            self._count_reply(self.in_flight.popleft().result(), metrics)
+        metrics["push_wait_s"] += time.perf_counter() - wait_start
+
+    @staticmethod
+    def _count_reply(replies: list[dict], metrics: dict) -> None:
+        metrics["rejected"] += sum(not r["accepted"] for r in replies)
+
+    def drain(self) -> dict:
+        """Wait for every outstanding push; returns {"rejected": pushes the server refused}."""
+        metrics = {"rejected": 0}
+        while self.in_flight:
+            self._count_reply(self.in_flight.popleft().result(), metrics)
+        return metrics
+
+    def _fetch(self, step: int, metrics: dict) -> None:
+        c = self.config
+        if self.pending_fetch is not None and self.pending_fetch.done():
+            self._install(self.pending_fetch.result())
+            self.pending_fetch = None
+        if self.versions is None or step % c.n_fetch == 0:
+            if self.pending_fetch is None:
+                self.pending_fetch = self.client.fetch()
+                metrics["fetches"] += 1
+            if self.versions is None or not c.overlap:
+                # Nothing to compute with yet (or no overlap): wait for the parameters.
+                wait_start = time.perf_counter()
+                self._install(self.pending_fetch.result())
+                self.pending_fetch = None
+                metrics["fetch_wait_s"] += time.perf_counter() - wait_start
+
+    # --- training ----------------------------------------------------------------------
+
+    def _batches(self, start: int):
+        if self._position != start:  # streams are sequential; restart one on a jump
+            self._stream = self.data.train.batches(start)
+        self._position = start
+        return self._stream
+
+    def run(self, start: int, steps: int) -> dict:
+        """Train steps start .. start+steps-1; returns the chunk's metrics: steps, images,
+        loss_sum and wrong (sums over images), seconds, compute_s, fetch_wait_s, push_wait_s,
+        fetches, pushes, rejected (pushes refused by a shard)."""
+        c, model = self.config, self.model
+        metrics = {"replica": self.index, "start": start, "steps": steps, "images": 0,
+                   "loss_sum": 0.0, "wrong": 0, "compute_s": 0.0, "fetch_wait_s": 0.0,
+                   "push_wait_s": 0.0, "fetches": 0, "pushes": 0, "rejected": 0}
+        begin = time.perf_counter()
+        batches = self._batches(start)
+        for step in range(start, start + steps):
+            self._fetch(step, metrics)
+            compute_start = time.perf_counter()
+            x, y = next(batches)
+            if c.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            gradient = self.flat.gradient()
+            wrong = int((logits.argmax(1) != y).sum())  # syncs the device: the push needs it
+            if self.accum is None:
+                self.accum, self.accum_versions = gradient, list(self.versions)
+            else:
+                self.accum += gradient
+            self.accum_errors.append(wrong / len(y))
+            metrics["loss_sum"] += float(loss.detach()) * len(y)
+            metrics["wrong"] += wrong
+            metrics["images"] += len(y)
+            metrics["compute_s"] += time.perf_counter() - compute_start
+            if (step + 1) % c.n_push == 0:
+                self._push(metrics)
+        self._position = start + steps
+        metrics["seconds"] = time.perf_counter() - begin
+        if not math.isfinite(metrics["loss_sum"]):
+            metrics["diverged"] = True
+        return metrics
+
+
+def initial_vector(config, data) -> tuple[torch.Tensor, int]:
+    """The model's initial [parameters; buffers] vector for `config.seed`, as the
+    single-process trainer initializes it (torch.manual_seed(seed), then the model)."""
+    torch.manual_seed(config.seed)
+    return model_vector(build_model(config, data))

@@ -1,0 +1,217 @@
+"""A parameter-server shard and the flat vector it is a slice of. Plain Python: no Ray here.
+
+The server's state is one flat float32 vector, the model's parameters followed by its
+BatchNorm running statistics:
+
+    [ p_0 | p_1 | ... | p_last | running_mean_0 | running_var_0 | num_batches_tracked_0 | ... ]
+      <------ n_params: trained by gradients -----><------- buffers: moving averages ------->
+
+`shard_bounds` cuts it into K contiguous slices balanced by size; shard k owns w[lo:hi).
+
+BatchNorm statistics. A replica's running statistics are an exponential moving average of the
+batch statistics it sees. The server keeps one such average over the batches of all replicas:
+a push carries, for buffer elements, the change the replica's forward passes made to its
+running statistics since its last push, and the shard adds it. With one replica this is exactly
+the single-process trainer's running average; with several, every replica's batches move the
+server's average as they arrive (asynchronously, as gradients do). So the model evaluated from
+the server has statistics computed on recent parameters and on all replicas' data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter
+
+import torch
+
+from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
+from distbelief.engine.schedule import LRSchedule
+from distbelief.errors import CheckpointError
+from distbelief.optim import adagrad_update, sgd_update
+
+STALENESS_CAP = 64  # staleness histogram: larger values are counted under 64
+
+
+class FlatModel:
+    """A model seen as the server's flat vector: [parameters; buffers] in `parameters()` then
+    `buffers()` order, each tensor in its logical (N, C, H, W) order whatever its memory format.
+    The tensor lists are taken once: walking the module tree per step costs more than the
+    copies."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.params = list(model.parameters())
+        self.buffers = list(model.buffers())
+        self.n_params = sum(p.numel() for p in self.params)
+        self.n_buffers = sum(b.numel() for b in self.buffers)
+        self.sizes = [t.numel() for t in self.params + self.buffers]
+
+    @torch.no_grad()
+    def vector(self) -> torch.Tensor:
+        """Flat float32 CPU copy of [parameters; buffers]."""
+        return torch.cat([t.reshape(-1).float().cpu() for t in self.params + self.buffers])
+
+    @torch.no_grad()
+    def load(self, vector: torch.Tensor) -> None:
+        """Copy a flat [parameters; buffers] vector in (any device and memory format)."""
+        if vector.numel() != self.n_params + self.n_buffers:
+            raise ValueError(f"vector of {vector.numel()} elements for a model of "
+                             f"{self.n_params + self.n_buffers}")
+        tensors = self.params + self.buffers
+        pieces = vector.to(tensors[0].device).split(self.sizes)
+        # copy_ casts (num_batches_tracked is int64) and writes any memory format.
+        torch._foreach_copy_(tensors, [v.view(t.shape) for v, t in zip(pieces, tensors)])
+
+    @torch.no_grad()
+    def gradient(self) -> torch.Tensor:
+        """Flat float32 gradient of the parameters (zeros where one got none), on the model's
+        device."""
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in self.params]).float()
+
+    @torch.no_grad()
+    def buffer_vector(self) -> torch.Tensor:
+        """Flat float32 CPU copy of the buffers (BatchNorm statistics)."""
+        if not self.buffers:
+            return torch.zeros(0)
+        return torch.cat([b.reshape(-1).float() for b in self.buffers]).cpu()
+
+
+def model_vector(model: torch.nn.Module) -> tuple[torch.Tensor, int]:
+    """(flat float32 CPU copy of [parameters; buffers], number of parameter elements)."""
+    flat = FlatModel(model)
+    return flat.vector(), flat.n_params
+
+
+def load_model_vector(model: torch.nn.Module, vector: torch.Tensor) -> None:
+    FlatModel(model).load(vector)
+
+
+class ParameterShard:
+    """Owns w[lo:hi) of the server vector and applies every push on arrival.
+
+    Gradient elements (those below `n_params`) are updated by the configured rule: SGD with
+    momentum, weight decay and the recipe's lr schedule, or Adagrad (per-parameter step
+    gamma / sqrt(sum of squared gradients)). Buffer elements get pushed deltas added.
+
+    `version` counts applied pushes; a push states the version its gradient was computed
+    from, so `version - base_version` is its staleness. `steps` counts the minibatch gradients
+    applied (a push accumulated over n_push steps adds n_push) and drives the lr schedule, whose
+    milestones are therefore in minibatches over all replicas.
+
+    A push holding NaN or Inf is rejected and counted, never applied. `snapshot()` writes the
+    whole state atomically to `snapshot_path` (a crash leaves the previous snapshot);
+    `maybe_snapshot()` does so when `config.snapshot_every_s` has passed.
+    """
+
+    def __init__(self, index: int, lo: int, hi: int, n_params: int, values: torch.Tensor,
+                 config, snapshot_path: str | os.PathLike | None = None, clock=time.monotonic):
+        if values.shape != (hi - lo,):
+            raise ValueError(f"shard {index} owns [{lo}, {hi}) but got {tuple(values.shape)} values")
+        self.index, self.lo, self.hi = index, lo, hi
+        self.split = max(0, min(hi, n_params) - lo)  # w[:split] are parameters, the rest buffers
+        self.w = values.detach().float().clone()
+        self.config = config
+        self.rule = config.optimizer
+        self.schedule = LRSchedule(config)
+        self.opt_state: torch.Tensor | None = (
+            torch.zeros(self.split) if self.rule == "adagrad" else None)
+        self.version = 0
+        self.steps = 0
+        self.rejected = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.staleness: Counter[int] = Counter()
+        self.snapshot_path = snapshot_path
+        self.clock = clock
+        self.last_snapshot = clock()
+        self.snapshot_version = 0
+
+    # --- the two operations replicas use ---------------------------------------------------
+
+    def pull(self) -> tuple[torch.Tensor, int]:
+        """(a copy of this shard's values, the version they are at)."""
+        self.bytes_out += self.w.numel() * 4
+        return self.w.clone(), self.version
+
+    def push(self, update: torch.Tensor, base_version: int, steps: int = 1,
+             errors: tuple[float, ...] = ()) -> dict:
+        """Apply `update` (gradient for parameter elements, delta for buffer elements),
+        accumulated over `steps` minibatches computed from parameters at `base_version`.
+        `errors` are those minibatches' training errors (for the error-triggered warmup).
+        Returns {"accepted", "version", "steps"}."""
+        self.bytes_in += update.numel() * 4
+        if update.shape != self.w.shape:
+            raise ValueError(f"shard {self.index} expects {self.w.numel()} values, "
+                             f"got {tuple(update.shape)}")
+        if not bool(torch.isfinite(update).all()):
+            self.rejected += 1
+            return {"accepted": False, "version": self.version, "steps": self.steps}
+        self.staleness[min(max(self.version - base_version, 0), STALENESS_CAP)] += 1
+        lr = self.schedule.lr_at(self.steps)
+        w, g = self.w[:self.split], update[:self.split]
+        c = self.config
+        if self.rule == "adagrad":
+            adagrad_update(w, g, self.opt_state, lr, c.weight_decay)
+        else:
+            self.opt_state = sgd_update(w, g, self.opt_state, lr, c.momentum, c.weight_decay,
+                                        c.nesterov)
+        self.w[self.split:].add_(update[self.split:])
+        for j, error in enumerate(errors):
+            self.schedule.observe(self.steps + j, error)
+        self.version += 1
+        self.steps += steps
+        self.maybe_snapshot()
+        return {"accepted": True, "version": self.version, "steps": self.steps}
+
+    # --- snapshots -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"index": self.index, "lo": self.lo, "hi": self.hi, "rule": self.rule,
+                "w": self.w, "opt_state": self.opt_state, "version": self.version,
+                "steps": self.steps, "schedule": self.schedule.state_dict(),
+                "rejected": self.rejected, "staleness": dict(self.staleness)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a snapshot of this same slice; raises CheckpointError on a mismatch."""
+        mine = (self.index, self.lo, self.hi, self.rule)
+        theirs = (state["index"], state["lo"], state["hi"], state["rule"])
+        if mine != theirs:
+            raise CheckpointError(f"shard snapshot holds (index, lo, hi, rule) {theirs}, this "
+                                  f"shard is {mine}: the run used another model, shard count "
+                                  f"or optimizer")
+        self.w = state["w"].float().clone()
+        self.opt_state = state["opt_state"]
+        self.version, self.steps = state["version"], state["steps"]
+        self.schedule.load_state_dict(state["schedule"])
+        self.rejected = state["rejected"]
+        self.staleness = Counter({int(k): v for k, v in state["staleness"].items()})
+        self.snapshot_version = self.version
+
+    def snapshot(self) -> int:
+        """Write the state to `snapshot_path` now; returns the version written."""
+        if self.snapshot_path is not None:
+            save_checkpoint(self.snapshot_path, {"shard": self.state_dict()})
+        self.last_snapshot = self.clock()
+        self.snapshot_version = self.version
+        return self.version
+
+    def maybe_snapshot(self) -> None:
+        if self.clock() - self.last_snapshot >= self.config.snapshot_every_s:
+            self.snapshot()
+
+    def restore(self) -> int:
+        """Load `snapshot_path`; returns the version restored."""
+        self.load_state_dict(load_checkpoint(self.snapshot_path)["shard"])
+        self.last_snapshot = self.clock()
+        return self.version
+
+    def stats(self) -> dict:
+        return {"shard": self.index, "version": self.version, "steps": self.steps,
+                "elements": self.w.numel(), "rejected": self.rejected,
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+                "staleness": dict(sorted(self.staleness.items())),
+                "lr": self.schedule.lr_at(self.steps), "snapshot_version": self.snapshot_version,
+                "finite": bool(math.isfinite(float(self.w.sum())))}

@@ -1,0 +1,120 @@
+"""ParameterShard without Ray: update rules, buffers, staleness, NaN rejection, snapshots."""
+
+import pytest
+import torch
+
+from distbelief.distributed.shard import (ParameterShard, load_model_vector, model_vector)
+from distbelief.engine.checkpoint import load_checkpoint
+from distbelief.engine.config import TrainConfig
+from distbelief.errors import CheckpointError
+from distbelief.optim import sgd_update
+
+
+def config(**kw):
+    return TrainConfig(**{"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "milestones": (3,),
+                          "iterations": 100, **kw})
+
+
+def shard(n_params=6, lo=0, hi=8, snapshot_path=None, clock=None, **kw):
+    values = torch.arange(lo, hi, dtype=torch.float32)
+    extra = {"clock": clock} if clock else {}
+    return ParameterShard(0, lo, hi, n_params, values, config(**kw), snapshot_path, **extra)
+
+
+def test_parameters_follow_the_rule_and_buffers_add_the_delta():
+    s = shard()
+    update = torch.ones(8)
+    s.push(update, base_version=0)
+    expected = torch.arange(8, dtype=torch.float32)
+    sgd_update(expected[:6], torch.ones(6), None, 0.1, 0.9, 0.0, False)
+    expected[6:] += 1
+    assert torch.equal(s.w, expected)
+    assert (s.version, s.steps) == (1, 1)
+
+
+def test_a_slice_of_buffers_only_is_never_decayed():
+    s = ParameterShard(1, 6, 8, 6, torch.zeros(2), config(weight_decay=0.5))
+    assert s.split == 0
+    s.push(torch.tensor([0.25, -0.5]), 0)
+    assert torch.equal(s.w, torch.tensor([0.25, -0.5]))
+
+
+def test_lr_schedule_counts_minibatches_not_pushes():
+    s = shard()
+    s.push(torch.zeros(8), 0, steps=2)
+    assert s.schedule.lr_at(s.steps) == pytest.approx(0.1)
+    s.push(torch.zeros(8), 1, steps=2)  # steps 2 and 3: the milestone at 3 has passed
+    assert s.steps == 4 and s.stats()["lr"] == pytest.approx(0.01)
+
+
+def test_staleness_is_versions_behind_at_arrival():
+    s = shard()
+    for _ in range(3):
+        s.push(torch.zeros(8), base_version=0)
+    s.push(torch.zeros(8), base_version=3)
+    assert s.stats()["staleness"] == {0: 2, 1: 1, 2: 1}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_push_is_rejected_and_counted(bad):
+    s = shard()
+    before = s.w.clone()
+    update = torch.ones(8)
+    update[7] = bad
+    reply = s.push(update, 0)
+    assert reply == {"accepted": False, "version": 0, "steps": 0}
+    assert torch.equal(s.w, before) and s.rejected == 1 and s.opt_state is None
+    assert s.push(torch.ones(8), 0)["accepted"]
+
+
+def test_wrong_size_push_raises():
+    with pytest.raises(ValueError):
+        shard().push(torch.ones(7), 0)
+
+
+def test_snapshot_round_trip_continues_identically(tmp_path):
+    path = tmp_path / "shard-0.pt"
+    a = shard(snapshot_path=path, optimizer="adagrad")
+    for i in range(3):
+        a.push(torch.full((8,), float(i + 1)), i, errors=(0.5,))
+    assert a.snapshot() == 3
+    b = shard(snapshot_path=path, optimizer="adagrad")
+    assert b.restore() == 3
+    for s in (a, b):
+        s.push(torch.full((8,), 0.5), 1)
+    assert torch.equal(a.w, b.w) and torch.equal(a.opt_state, b.opt_state)
+    assert a.stats()["staleness"] == b.stats()["staleness"]
+    assert load_checkpoint(path)["shard"]["version"] == 3  # the file is a checkpoint
+
+
+def test_snapshot_of_another_slice_or_rule_is_refused(tmp_path):
+    path = tmp_path / "s.pt"
+    shard(snapshot_path=path).snapshot()
+    other = ParameterShard(0, 0, 8, 6, torch.zeros(8), config(optimizer="adagrad"),
+                           snapshot_path=path)
+    with pytest.raises(CheckpointError, match="another model, shard count or optimizer"):
+        other.restore()
+
+
+def test_snapshots_follow_the_clock(tmp_path):
+    now = [0.0]
+    path = tmp_path / "s.pt"
+    s = shard(snapshot_path=path, snapshot_every_s=5.0, clock=lambda: now[0])
+    s.push(torch.ones(8), 0)
+    assert not path.exists()
+    now[0] = 5.0
+    s.push(torch.ones(8), 1)
+    assert load_checkpoint(path)["shard"]["version"] == 2 and s.snapshot_version == 2
+
+
+def test_model_vector_round_trip_with_channels_last():
+    from distbelief.models import create_model
+
+    model = create_model("resnet20", num_classes=10, in_chans=1)
+    vector, n_params = model_vector(model)
+    assert n_params == sum(p.numel() for p in model.parameters())
+    other = create_model("resnet20", num_classes=10, in_chans=1).to(
+        memory_format=torch.channels_last)
+    load_model_vector(other, vector)
+    for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), k
