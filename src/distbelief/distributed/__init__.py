@@ -1,0 +1,19 @@
+"""DistBelief's distributed training schemes on Ray (Dean et al., 2012).
+
+    shard.py     ParameterShard: a slice of the server vector and its update rule (no Ray)
+    downpour.py  DownpourReplica: a model replica's fetch / compute / push loop (no Ray)
+    actors.py    the Ray actors wrapping them, the replicas' Ray client, starting Ray
+    driver.py    DownpourTrainer: runs a Downpour job on a Ray cluster (local by default)
+"""
+
+from distbelief.distributed.shard import ParameterShard
+
+__all__ = ["ParameterShard", "DownpourTrainer"]
+
+
+def __getattr__(name):
+    # The driver imports Ray lazily; keep `import distbelief.distributed` free of it.
+    if name == "DownpourTrainer":
+        from distbelief.distributed.driver import DownpourTrainer
+        return DownpourTrainer
+    raise AttributeError(name)

@@ -1,0 +1,165 @@
+"""The Ray layer: parameter shards and replicas as actors, the replicas' client, starting Ray.
+
+Actors are thin: each method forwards to the plain class (`ParameterShard`, `DownpourReplica`),
+which is where the logic lives and is tested without Ray. Vectors cross process boundaries as
+numpy arrays, which Ray moves through its shared-memory object store without pickling their
+bytes (a torch tensor would be pickled).
+
+Failures are Ray's business, not ours: shards are created with `max_restarts` and unlimited
+task retries, so a killed shard is restarted by Ray, reloads its latest snapshot in its
+constructor, and the replicas' pending pulls and pushes are retried against it. Replicas are
+created with `max_restarts` and no task retries: the driver sees the failed chunk, counts it and
+hands the restarted replica its next chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from distbelief.distributed.downpour import DownpourReplica
+from distbelief.distributed.shard import ParameterShard
+
+# Arrays that arrive through the object store are read-only views of shared memory; shards and
+# replicas only read them, so torch's warning about non-writable arrays does not apply.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+def start_ray(address: str | None = None, dashboard: bool = False) -> bool:
+    """Make sure this process is connected to Ray; returns True when it connected here (the
+    caller then calls `ray.shutdown()`), False when Ray was already initialized (tests share
+    one local cluster per module).
+
+    Without `address` a local Ray starts bound to the loopback interface, sized to this
+    machine, without the dashboard unless `dashboard`. With `address` ("host:port" or "auto")
+    it joins that cluster. Token authentication stays as Ray configures it.
+    """
+    if ray.is_initialized():
+        return False
+    # Ray announces at every start that token authentication is on; it stays on, quietly.
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **quiet)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=dashboard,
+                 _node_ip_address="127.0.0.1", **quiet)
+    return True
+
+
+class Pending:
+    """Ray calls in flight whose results are combined by `combine` once all have arrived."""
+
+    def __init__(self, refs: list, combine):
+        self.refs, self.combine, self._done = refs, combine, False
+
+    def done(self) -> bool:
+        if not self._done:
+            ready, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
+            self._done = len(ready) == len(self.refs)
+        return self._done
+
+    def result(self):
+        return self.combine(ray.get(self.refs))
+
+
+def _join_pulls(pulled: list) -> tuple[torch.Tensor, list[int]]:
+    return torch.from_numpy(np.concatenate([w for w, _ in pulled])), [v for _, v in pulled]
+
+
+class RayClient:
+    """The replicas' server client over shard actors: one call per shard, all in flight at once.
+    Calls from one replica to one shard run in the order they were sent (Ray's per-caller actor
+    ordering), so a replica's fetch never overtakes its own earlier push."""
+
+    def __init__(self, shards: list, bounds: list[tuple[int, int]]):
+        self.shards, self.bounds = shards, bounds
+
+    def fetch(self) -> Pending:
+        return Pending([s.pull.remote() for s in self.shards], _join_pulls)
+
+    def push(self, vector: torch.Tensor, base_versions: list[int], steps: int,
+             errors: tuple[float, ...]) -> Pending:
+        array = vector.numpy()
+        return Pending([s.push.remote(array[lo:hi], v, steps, errors)
+                        for s, (lo, hi), v in zip(self.shards, self.bounds, base_versions)],
+                       list)
+
+
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+@ray.remote(num_cpus=0)
+class ShardActor:
+    """A `ParameterShard` in its own process. The driver calls `start(values)` (a new run: the
+    shard writes its first snapshot at once) or `start(None)` (resume: it loads its snapshot).
+    After a failure Ray re-runs the constructor, which reloads the latest snapshot, so a
+    restarted shard never needs the driver."""
+
+    def __init__(self, index: int, lo: int, hi: int, n_params: int, config, snapshot_path: str):
+        self.args = (index, lo, hi, n_params)
+        self.config, self.snapshot_path = config, snapshot_path
+        self.incarnation = uuid.uuid4().hex  # new on every (re)start: the driver counts restarts
+        with warnings.catch_warnings():  # Ray's own property trips its deprecation warning
+            warnings.simplefilter("ignore")
+            self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
+        self.shard, self.restored_version = None, None
+        if self.reconstructed:
+            self.start(None)
+
+    def start(self, values: np.ndarray | None) -> int:
+        """Begin at `values`, or at the snapshot when None; returns the version."""
+        index, lo, hi, n_params = self.args
+        initial = torch.zeros(hi - lo) if values is None else torch.from_numpy(values)
+        self.shard = ParameterShard(index, lo, hi, n_params, initial, self.config,
+                                    self.snapshot_path)
+        if values is None:
+            self.restored_version = self.shard.restore()
+        else:
+            self.shard.snapshot()
+        return self.shard.version
+
+    def pull(self) -> tuple[np.ndarray, int]:
+        w, version = self.shard.pull()
+        return w.numpy(), version
+
+    def push(self, update: np.ndarray, base_version: int, steps: int, errors) -> dict:
+        return self.shard.push(torch.from_numpy(update), base_version, steps, tuple(errors))
+
+    def snapshot(self) -> int:
+        return self.shard.snapshot()
+
+    def status(self) -> dict:
+        return {**self.shard.stats(), "incarnation": self.incarnation,
+                "reconstructed": self.reconstructed, "restored_version": self.restored_version,
+                "node": _node_id()}
+
+
+@ray.remote
+class ReplicaActor:
+    """A `DownpourReplica` in its own process, using `threads` CPU threads."""
+
+    def __init__(self, index: int, config, shard_names: list[str], bounds: list, stats: dict,
+                 threads: int, device: str):
+        torch.set_num_threads(threads)
+        shards = [ray.get_actor(name) for name in shard_names]
+        self.replica = DownpourReplica(index, config, RayClient(shards, bounds), stats=stats,
+                                       device=torch.device(device))
+
+    def run(self, start: int, steps: int) -> dict:
+        return self.replica.run(start, steps)
+
+    def drain(self) -> dict:
+        return self.replica.drain()
+
+    def info(self) -> dict:
+        return {"replica": self.replica.index, "node": _node_id(),
+                "device": str(self.replica.device), "threads": torch.get_num_threads()}

@@ -1,0 +1,128 @@
+"""Downpour SGD on a real local Ray: parity, convergence, faults, resume, metrics."""
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+from distbelief.distributed import DownpourTrainer
+from distbelief.engine import Diverged, Trainer, TrainingInterrupted, load_checkpoint
+from distbelief.engine.rundir import read_jsonl
+from distbelief.recipes import get_recipe
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def parity_config(**kw):
+    settings = dict(recipe="test", mode="downpour", replicas=1, ps_shards=2, overlap=False,
+                    iterations=25, batch_size=32, milestones=(12,), lr=0.05, device="cpu",
+                    deterministic=True, channels_last=False, log_every=5, eval_every=0,
+                    checkpoint_every=0)
+    return get_recipe("digits").replace(**{**settings, **kw})
+
+
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.05), ("adagrad", 0.02)])
+def test_one_replica_through_ray_equals_the_trainer(tmp_path, optimizer, lr):
+    config = parity_config(optimizer=optimizer, lr=lr)
+    summary = DownpourTrainer(config, tmp_path / "run").fit()
+    assert summary["iterations"] == 25 and summary["shard_updates"] == [25, 25]
+    assert summary["staleness"] == {0: 50}  # one replica, no overlap: never stale
+    trainer = Trainer(config.replace(mode="single"))
+    trainer.train_until(25)
+    server = load_checkpoint(tmp_path / "run/checkpoints/last.pt")["model"]
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(server[name], value, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def kill_when(trainer, steps, pick):
+    """Kill the actor pick(trainer) (Ray may restart it) once `steps` steps are done."""
+    import ray
+
+    def run():
+        while trainer.steps < steps:
+            time.sleep(0.05)
+        ray.kill(pick(trainer), no_restart=False)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_two_replicas_two_shards_learn_digits(tmp_path):
+    run = tmp_path / "run"
+    summary = DownpourTrainer(get_recipe("digits-downpour"), run).fit()
+    assert summary["test_accuracy"] >= 0.95, summary
+    assert summary["iterations"] == 1200 and summary["replicas"] == 2
+    assert all(x > 0 for x in summary["replica_images_per_s"])
+    assert sum(summary["staleness"].values()) == sum(summary["shard_updates"])
+    assert summary["replica_failures"] == summary["shard_failures"] == 0
+    records = read_jsonl(run / "metrics.jsonl")
+    cluster = [r for r in records if r["kind"] == "cluster"][0]
+    assert len(cluster["replicas"]) == 2 and len(cluster["shards"]) == 2
+    train = [r for r in records if r["kind"] == "train"]
+    assert all("updates_per_s" in s and "bytes_per_s" in s for s in train[-1]["shards"])
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert evals and all(r["wall_s"] > 0 and r["examples"] == r["iteration"] * 64 for r in evals)
+    assert json.loads((run / "summary.json").read_text())["mode"] == "downpour"
+
+
+def test_a_killed_replica_is_restarted_and_training_completes(tmp_path):
+    run = tmp_path / "run"
+    trainer = DownpourTrainer(get_recipe("digits-downpour"), run)
+    kill_when(trainer, 300, lambda t: t.replicas[1])
+    summary = trainer.fit()
+    assert summary["replica_failures"] >= 1 and summary["replica_restarts"] >= 1
+    assert summary["iterations"] == 1200 and summary["test_accuracy"] >= 0.95, summary
+    failures = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "failure"]
+    assert failures[0]["actor"] == "replica 1" and failures[0]["restarted"]
+
+
+def test_a_killed_shard_restarts_from_its_snapshot(tmp_path):
+    run = tmp_path / "run"
+    config = get_recipe("digits-downpour").replace(snapshot_every_s=0.5)
+    trainer = DownpourTrainer(config, run)
+    kill_when(trainer, 400, lambda t: t.shards[0])
+    summary = trainer.fit()
+    assert summary["shard_failures"] == 1 and summary["shard_updates_lost"] >= 0
+    assert summary["iterations"] == 1200 and summary["test_accuracy"] >= 0.95, summary
+    failure = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "failure"][0]
+    assert failure["actor"] == "shard 0" and failure["restored_version"] > 0
+
+
+def test_stop_then_resume_completes_the_run(tmp_path):
+    run = tmp_path / "run"
+    config = get_recipe("digits-downpour").replace(iterations=300, milestones=(200,),
+                                                   eval_every=100, checkpoint_every=100)
+    trainer = DownpourTrainer(config, run)
+
+    def stop():
+        while trainer.steps < 120:
+            time.sleep(0.05)
+        trainer.request_stop()
+
+    threading.Thread(target=stop, daemon=True).start()
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit()
+    stopped_at = load_checkpoint(run / "checkpoints/downpour.pt")["steps"]
+    assert 120 <= stopped_at < 300
+    assert all((run / f"checkpoints/shard-{k}.pt").is_file() for k in range(2))
+    summary = DownpourTrainer(config, run, resume=True).fit()
+    assert summary["iterations"] == 300
+    records = read_jsonl(run / "metrics.jsonl")
+    assert {"kind": "resume", "iteration": stopped_at} in records
+    assert max(r["iteration"] for r in records if r["kind"] == "train") == 300
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    # 40 sane warmup steps (two checkpoints), then an lr that blows up at once.
+    config = get_recipe("digits-downpour").replace(
+        iterations=200, lr=1e6, warmup_iterations=40, warmup_lr=0.05, milestones=(190,),
+        checkpoint_every=20, eval_every=0)
+    with pytest.raises(Diverged, match="lower --lr"):
+        DownpourTrainer(config, run).fit()
+    checkpoint = load_checkpoint(run / "checkpoints/last.pt")
+    assert checkpoint["iteration"] >= 20
+    assert all(torch.isfinite(v.float()).all() for v in checkpoint["model"].values())
