@@ -20,6 +20,8 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 # Fields with their own options (recipe and model pick the base config; out and resume the run).
 _OWN_OPTIONS = ("recipe", "model")
+# Second spellings of config options: the paper's name for the server's update rule.
+_ALIASES = {"optimizer": ["--ps-optimizer"]}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,13 +77,13 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         if f.name in _OWN_OPTIONS:
             continue
         base, _ = field_types()[f.name]
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-")] + _ALIASES.get(f.name, [])
         if base is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction,
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=f.metadata["help"])
         else:
             metavar = {int: "N", float: "X", tuple: "N,N,..."}.get(base, f.name.upper())
-            group.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar,
+            group.add_argument(*flags, default=argparse.SUPPRESS, metavar=metavar,
                                help=f.metadata["help"])
 
 
@@ -119,7 +121,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args)
     out = args.out or _default_out(config)
-    trainer = Trainer(config, out, resume=args.resume, progress=not args.quiet)
+    if config.mode == "downpour":
+        from distbelief.distributed import DownpourTrainer
+
+        trainer = DownpourTrainer(config, out, resume=args.resume, progress=not args.quiet,
+                                  address=args.address, dashboard=args.dashboard)
+    elif args.address or args.dashboard:
+        raise ConfigError("--address and --dashboard apply to --mode downpour")
+    else:
+        trainer = Trainer(config, out, resume=args.resume, progress=not args.quiet)
     config = trainer.config
 
     def stop(signum, frame):
@@ -136,7 +146,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGINT, previous)
-    print(f"{config.model} on {config.data}: test accuracy {summary['test_accuracy']:.2%} "
+    how = (f"Downpour, {config.replicas} replicas, {config.ps_shards} shards, "
+           if config.mode == "downpour" else "")
+    print(f"{config.model} on {config.data} ({how}{config.optimizer}): "
+          f"test accuracy {summary['test_accuracy']:.2%} "
           f"(top-1 error {summary['test_error']:.2%}, top-5 {summary['test_top5_error']:.2%}) "
           f"after {summary['iterations']} iterations in {summary['wall_s']:.1f} s, "
           f"{summary['images_per_s']:,.0f} images/s; run: {out}")
@@ -213,11 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train", help="train a model with a recipe, overriding any field",
-                       description="Train a model on one device. A run directory (--out) "
+                       description="Train a model on one device, or with --mode downpour "
+                                   "on Ray: asynchronous replicas (--replicas) and a sharded "
+                                   "parameter server (--ps-shards). A run directory (--out) "
                                    "receives config.yaml, metrics.jsonl, checkpoints/last.pt and "
                                    "summary.json; the last line printed is the summary.")
     p.add_argument("--recipe", default="digits",
-                   help="digits (default), cifar10-paper or imagenet-paper")
+                   help="digits (default), digits-downpour, cifar10-paper or imagenet-paper")
     p.add_argument("--model", help="registered model name (default: the recipe's)")
     p.add_argument("--out", metavar="RUN_DIR",
                    help="run directory (default: runs/RECIPE-MODEL-TIMESTAMP); must not hold "
@@ -226,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar or evaluation lines: only the summary line")
+    p.add_argument("--address", metavar="RAY_ADDRESS",
+                   help="--mode downpour: join this Ray cluster (host:port or 'auto'; default: "
+                        "start a local Ray on the loopback interface and stop it at the end)")
+    p.add_argument("--dashboard", action="store_true",
+                   help="--mode downpour: start the local Ray with its dashboard (needs "
+                        "'pip install ray[default]')")
     _add_config_options(p)
     p.set_defaults(func=cmd_train)
 
