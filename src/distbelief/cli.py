@@ -146,9 +146,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGINT, previous)
-    how = (f"Downpour, {config.replicas} replicas, {config.ps_shards} shards, "
-           if config.mode == "downpour" else "")
-    print(f"{config.model} on {config.data} ({how}{config.optimizer}): "
+    how = [f"Downpour, {config.replicas} replicas, {config.ps_shards} shards"] \
+        if config.mode == "downpour" else []
+    how += [config.optimizer] if config.optimizer != "sgd" else []
+    print(f"{config.model} on {config.data}{' (' + ', '.join(how) + ')' if how else ''}: "
           f"test accuracy {summary['test_accuracy']:.2%} "
           f"(top-1 error {summary['test_error']:.2%}, top-5 {summary['test_top5_error']:.2%}) "
           f"after {summary['iterations']} iterations in {summary['wall_s']:.1f} s, "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import uuid
 import warnings
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 
 from distbelief.distributed.downpour import DownpourReplica
 from distbelief.distributed.shard import ParameterShard
+from distbelief.errors import DistbeliefError
 
 # Arrays that arrive through the object store are read-only views of shared memory; shards and
 # replicas only read them, so torch's warning about non-writable arrays does not apply.
@@ -47,11 +49,28 @@ def start_ray(address: str | None = None, dashboard: bool = False) -> bool:
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address:
-        ray.init(address=address, **quiet)
+        check_reachable(address)
+        try:
+            ray.init(address=address, **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise DistbeliefError(f"cannot join the Ray cluster at {address} "
+                                  f"({str(e).strip().splitlines()[0][:160]})") from None
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=dashboard,
                  _node_ip_address="127.0.0.1", **quiet)
     return True
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a host:port nobody listens on (ray.init would retry for a minute)."""
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or address.startswith("ray://") or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise DistbeliefError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}); "
+                              f"start it with 'ray start --head' or drop --address") from None
 
 
 class Pending:

@@ -120,6 +120,10 @@ class DownpourTrainer:
         elif resume and self.run.config_file.is_file():
             self.run.truncate_metrics(0)  # stopped before its first checkpoint: start over
             self.run.log({"kind": "resume", "iteration": 0})
+        if address:
+            from distbelief.distributed.actors import check_reachable
+
+            check_reachable(address)  # before the run directory is written
         if resume:
             self.run.update_config(config)
         elif self.run is not None:
@@ -145,6 +149,7 @@ class DownpourTrainer:
 
     def _start_actors(self, snapshot_dir: Path) -> None:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from distbelief.distributed.actors import ReplicaActor, ShardActor
 
@@ -155,10 +160,15 @@ class DownpourTrainer:
         # pin them in the object store, which Ray warns makes restarts fragile.
         run_id = uuid.uuid4().hex[:12]
         self.shard_names = [f"distbelief-{run_id}-shard-{k}" for k in range(c.ps_shards)]
+        # Shards need no CPU reservation, so Ray's SPREAD would pack them on one node; place
+        # them round-robin over the nodes instead (soft: a restart may move to another node).
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         self.shards = [
-            ShardActor.options(name=name, max_restarts=c.max_restarts, max_task_retries=-1,
-                               **spread).remote(k, lo, hi, self.n_params, c,
-                                                self.snapshot_paths[k])
+            ShardActor.options(
+                name=name, max_restarts=c.max_restarts, max_task_retries=-1,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[k % len(nodes)],
+                                                                   soft=True),
+            ).remote(k, lo, hi, self.n_params, c, self.snapshot_paths[k])
             for k, ((lo, hi), name) in enumerate(zip(self.bounds, self.shard_names))]
         # Replicas start (a few seconds each) while the shards load; work waits for both.
         self.shards_started = [

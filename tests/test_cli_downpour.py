@@ -1,0 +1,103 @@
+"""`distbelief train --mode downpour` as a user runs it: its own local Ray, started and stopped
+by the command; Ctrl-C to the whole process group; one-line errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from distbelief.cli import main
+
+pytest.importorskip("ray")
+
+QUICK = ["--recipe", "digits-downpour", "--iterations", "150", "--milestones", "100",
+         "--eval-every", "0", "--log-every", "25"]
+
+
+def ray_processes() -> set[int]:
+    """PIDs of Ray's daemons and workers on this machine."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(key in cmd for key in ("gcs_server", "raylet", "ray::", "default_worker.py",
+                                      "log_monitor.py", "plasma_store")):
+            pids.add(int(entry))
+    return pids
+
+
+def wait_for_no_new_ray(before: set[int], timeout_s: float = 20.0) -> set[int]:
+    deadline = time.time() + timeout_s
+    while (left := ray_processes() - before) and time.time() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def test_downpour_command_trains_evaluates_and_leaves_no_ray_behind(tmp_path, capsys):
+    before = ray_processes()
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "distbelief", "train", *QUICK, "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("resnet20 on digits (Downpour, 2 replicas, 2 shards): test accuracy")
+    assert "Traceback" not in done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 150 and summary["mode"] == "downpour"
+    assert not wait_for_no_new_ray(before), "Ray processes outlived the command"
+    # The server's model is an ordinary checkpoint for `distbelief eval`.
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "checkpoints/last.pt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["error"] == pytest.approx(summary["test_error"])
+
+
+def test_ctrl_c_checkpoints_stops_ray_and_resume_finishes(tmp_path):
+    before = ray_processes()
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "distbelief", "train", "--recipe", "digits-downpour", "--quiet",
+           "--out", str(out), "--log-every", "10", "--eval-every", "0"]
+    # Ctrl-C in a terminal signals the whole foreground process group: do the same.
+    proc = subprocess.Popen([*cmd, "--iterations", "100000"], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 180
+    while not (metrics.is_file() and '"kind": "train"' in metrics.read_text()):
+        assert proc.poll() is None and time.time() < deadline, "training never started"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "continue with --resume" in err and "Traceback" not in err
+    assert not wait_for_no_new_ray(before), "Ray processes outlived Ctrl-C"
+    from distbelief.engine import load_checkpoint
+
+    stopped = load_checkpoint(out / "checkpoints/downpour.pt")["steps"]
+    done = subprocess.run([*cmd, "--resume", "--iterations", str(stopped + 20)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "summary.json").read_text())["iterations"] == stopped + 20
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--mode", "downpour", "--replicas", "0"], "--replicas must be positive"),
+    (["--address", "127.0.0.1:6379"], "--address and --dashboard apply to --mode downpour"),
+    (["--mode", "downpour", "--address", "127.0.0.1:1"], "cannot reach the Ray cluster"),
+    (["--mode", "downpour", "--ps-optimizer", "rmsprop"], "optimizer"),
+    (["--mode", "downpour", "--warmstart-steps", "5000", "--iterations", "100"],
+     "--warmstart-steps 5000 must be below"),
+    (["--mode", "downpour", "--replicas", "40"], "40 replicas with batches of 64"),
+])
+def test_bad_downpour_input_is_one_line(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--quiet", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
