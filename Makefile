@@ -13,9 +13,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[test]'
 	touch $@
 
-# The main job on the embedded default: a ResNet-20 on the 8x8 digits, about half a minute.
+# The main job on the embedded default: Downpour SGD (2 replicas, 2 parameter-server shards on a
+# local Ray) training a ResNet-20 on the 8x8 digits, about a minute.
 run: $(STAMP)
-	$(BIN)/distbelief train --recipe digits
+	$(BIN)/distbelief train --recipe digits-downpour
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -23,6 +24,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_models.py
 	$(BIN)/python benchmarks/bench_trainer.py
+	$(BIN)/python benchmarks/bench_ps.py
+	$(BIN)/python benchmarks/bench_downpour.py --amortize
 
 clean:
 	rm -rf $(VENV) .pytest_cache src/*.egg-info

@@ -126,3 +126,18 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     checkpoint = load_checkpoint(run / "checkpoints/last.pt")
     assert checkpoint["iteration"] >= 20
     assert all(torch.isfinite(v.float()).all() for v in checkpoint["model"].values())
+
+
+def test_warmstart_trains_one_replica_first_and_evaluates_on_the_clock(tmp_path):
+    run = tmp_path / "run"
+    config = get_recipe("digits-downpour").replace(
+        iterations=160, warmstart_steps=60, milestones=(150,), eval_every=0,
+        eval_interval_s=0.5, optimizer="adagrad", lr=0.05)
+    summary = DownpourTrainer(config, run).fit()
+    records = read_jsonl(run / "metrics.jsonl")
+    release = [r for r in records if r["kind"] == "release"]
+    assert release == [{"kind": "release", "iteration": 60, "positions": [60, 0]}]
+    assert summary["iterations"] == 160 and summary["optimizer"] == "adagrad"
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert len(evals) >= 2 and evals[0]["iteration"] < 160  # by wall clock, mid-run
+    assert summary["replica_time_s"]["compute_s"] > 0

@@ -118,3 +118,8 @@ def test_model_vector_round_trip_with_channels_last():
     load_model_vector(other, vector)
     for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_a_finite_push_whose_sum_overflows_is_accepted():
+    s = ParameterShard(1, 6, 8, 6, torch.zeros(2), config())
+    assert s.push(torch.tensor([3e38, 3e38]), 0)["accepted"]  # sum is inf, elements are not

@@ -90,7 +90,11 @@ class Pending:
 
 
 def _join_pulls(pulled: list) -> tuple[torch.Tensor, list[int]]:
-    return torch.from_numpy(np.concatenate([w for w, _ in pulled])), [v for _, v in pulled]
+    """The full vector from the shards' slices. With one shard it is the (read-only) array in
+    the object store itself; callers copy out of it and never write to it."""
+    arrays = [w for w, _ in pulled]
+    joined = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    return torch.from_numpy(joined), [v for _, v in pulled]
 
 
 class RayClient:
@@ -147,7 +151,7 @@ class ShardActor:
         return self.shard.version
 
     def pull(self) -> tuple[np.ndarray, int]:
-        w, version = self.shard.pull()
+        w, version = self.shard.pull(copy=False)
         return w.numpy(), version
 
     def push(self, update: np.ndarray, base_version: int, steps: int, errors) -> dict:

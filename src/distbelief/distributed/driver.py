@@ -44,7 +44,8 @@ from distbelief.optim import shard_bounds
 
 CHUNK_STEPS = 10  # replica steps per work request
 QUEUED_CHUNKS = 2  # chunks queued per replica, so it keeps training while the driver is busy
-POLL_S = 0.5  # longest wait for a result before the driver checks its clocks
+POLL_S = 0.5
+TIME_PARTS = ("compute_s", "fetch_wait_s", "push_wait_s")  # longest wait for a result before the driver checks its clocks
 
 
 class DownpourTrainer:
@@ -104,6 +105,7 @@ class DownpourTrainer:
         self.counters = Counter()  # failures, restarts, lost steps and updates
         self.replica_images = [0] * n
         self.replica_seconds = [0.0] * n
+        self.time_split = Counter()  # replicas' seconds in compute, fetch and push waits
         self.last_train: dict = {}
         self._last_eval: dict | None = None
         self._stop = False
@@ -114,6 +116,7 @@ class DownpourTrainer:
             self.counters.update(state["counters"])
             self.replica_images = list(state["replica_images"])
             self.replica_seconds = list(state["replica_seconds"])
+            self.time_split.update(state["time_split"])
             self.resumed_shards = True
             self.run.truncate_metrics(self.steps)
             self.run.log({"kind": "resume", "iteration": self.steps})
@@ -160,14 +163,16 @@ class DownpourTrainer:
         # pin them in the object store, which Ray warns makes restarts fragile.
         run_id = uuid.uuid4().hex[:12]
         self.shard_names = [f"distbelief-{run_id}-shard-{k}" for k in range(c.ps_shards)]
-        # Shards need no CPU reservation, so Ray's SPREAD would pack them on one node; place
-        # them round-robin over the nodes instead (soft: a restart may move to another node).
+        # Shards reserve no CPU, so Ray's SPREAD would pack them onto one node (and soft node
+        # affinity spills, measured with Ray 2.60); pin them round-robin over the nodes. A shard
+        # restarts on its node; if the node itself is lost the run stops and --resume continues
+        # from the snapshots.
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         self.shards = [
             ShardActor.options(
                 name=name, max_restarts=c.max_restarts, max_task_retries=-1,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[k % len(nodes)],
-                                                                   soft=True),
+                                                                   soft=False),
             ).remote(k, lo, hi, self.n_params, c, self.snapshot_paths[k])
             for k, ((lo, hi), name) in enumerate(zip(self.bounds, self.shard_names))]
         # Replicas start (a few seconds each) while the shards load; work waits for both.
@@ -273,12 +278,14 @@ class DownpourTrainer:
         handed = self.steps  # steps handed out or completed, all replicas
         alive = [True] * n
         window = Counter()
+        window_replicas = [(0, 0.0)] * n  # (images, seconds) per replica in this window
         window_start = clock()
         next_log = (self.steps // c.log_every + 1) * c.log_every
         next_eval = (self.steps // c.eval_every + 1) * c.eval_every if c.eval_every else math.inf
         next_ckpt = (self.steps // c.checkpoint_every + 1) * c.checkpoint_every \
             if c.checkpoint_every else math.inf
         last_eval_time = clock()
+        released = not c.warmstart_steps or self.steps >= c.warmstart_steps
 
         def hand_out():
             nonlocal handed
@@ -334,8 +341,9 @@ class DownpourTrainer:
                             raise e.cause from None
                         if isinstance(e.cause, RayActorError):  # a shard it needed is gone
                             raise DistbeliefError(
-                                f"a parameter-server shard failed more than --max-restarts "
-                                f"{c.max_restarts} times") from None
+                                f"a parameter-server shard is gone (it failed more than "
+                                f"--max-restarts {c.max_restarts} times or its node was lost); "
+                                f"--resume continues from the snapshots") from None
                         raise
                     except RayActorError as e:
                         handed -= steps
@@ -350,12 +358,20 @@ class DownpourTrainer:
                     self.steps += steps
                     self.replica_images[r] += m["images"]
                     self.replica_seconds[r] += m["seconds"]
+                    self.time_split.update({k: m[k] for k in TIME_PARTS})
+                    images, seconds = window_replicas[r]
+                    window_replicas[r] = (images + m["images"], seconds + m["seconds"])
                     window.update({k: v for k, v in m.items()
                                    if k not in ("replica", "start", "diverged")})
                 self.wall_s = wall_before + clock() - loop_start
+                if not released and self.steps >= c.warmstart_steps:
+                    released = True  # warmstart over: the other replicas get work from now
+                    self._log({"kind": "release", "iteration": self.steps,
+                               "positions": list(self.positions)})
                 if self.steps >= next_log or (not pending and window["steps"]):
-                    self._log_train(window, clock() - window_start)
+                    self._log_train(window, clock() - window_start, window_replicas)
                     window, window_start = Counter(), clock()
+                    window_replicas = [(0, 0.0)] * n
                     next_log = (self.steps // c.log_every + 1) * c.log_every
                 hand_out()
                 if self.steps >= next_eval or (
@@ -385,7 +401,7 @@ class DownpourTrainer:
         if self.progress:
             print(f"distbelief: {message}", file=sys.stderr)
 
-    def _log_train(self, window: Counter, seconds: float) -> None:
+    def _log_train(self, window: Counter, seconds: float, replicas: list) -> None:
         c = self.config
         statuses = self._poll_shards()
         now = time.perf_counter()
@@ -411,6 +427,7 @@ class DownpourTrainer:
             "fetch_wait_s": round(window["fetch_wait_s"], 3),
             "push_wait_s": round(window["push_wait_s"], 3),
             "rejected": window["rejected"], "shards": shards,
+            "replica_images_per_s": [round(i / s, 1) if s else 0.0 for i, s in replicas],
             "staleness_mean": _mean_staleness(statuses)}
         self._log(self.last_train)
 
@@ -452,7 +469,7 @@ class DownpourTrainer:
             "config": c.to_dict(), "positions": self.positions, "steps": self.steps,
             "wall_s": self.wall_s, "last_train": self.last_train, "counters": dict(self.counters),
             "replica_images": self.replica_images, "replica_seconds": self.replica_seconds,
-            "data_stats": self.data.stats})
+            "time_split": dict(self.time_split), "data_stats": self.data.stats})
 
     def _summarize(self, results: dict) -> dict:
         c, test = self.config, results["test"]
@@ -487,6 +504,12 @@ class DownpourTrainer:
                                   for st in statuses],
             "staleness": dict(sorted(staleness.items())),
             "staleness_mean": _mean_staleness(statuses),
+            # Where the replicas' time went: computing, blocked on a fetch or on the in-flight
+            # push bound, and the rest (sending, installing parameters, flattening gradients).
+            "replica_time_s": {
+                **{k: round(self.time_split[k], 3) for k in TIME_PARTS},
+                "other_s": round(sum(self.replica_seconds)
+                                 - sum(self.time_split[k] for k in TIME_PARTS), 3)},
         }
         if "val" in results:
             summary["val_error"] = results["val"]["error"]

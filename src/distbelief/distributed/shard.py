@@ -89,6 +89,12 @@ def load_model_vector(model: torch.nn.Module, vector: torch.Tensor) -> None:
     FlatModel(model).load(vector)
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite. A finite sum proves it (NaN and Inf propagate) in one
+    fast pass; only a sum that overflowed or is NaN needs the exact elementwise check."""
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+
+
 class ParameterShard:
     """Owns w[lo:hi) of the server vector and applies every push on arrival.
 
@@ -131,10 +137,12 @@ class ParameterShard:
 
     # --- the two operations replicas use ---------------------------------------------------
 
-    def pull(self) -> tuple[torch.Tensor, int]:
-        """(a copy of this shard's values, the version they are at)."""
+    def pull(self, copy: bool = True) -> tuple[torch.Tensor, int]:
+        """(this shard's values, the version they are at). With `copy` False, the live tensor:
+        read it before the next push (an actor's return value is serialized at once, which is
+        the copy)."""
         self.bytes_out += self.w.numel() * 4
-        return self.w.clone(), self.version
+        return (self.w.clone() if copy else self.w), self.version
 
     def push(self, update: torch.Tensor, base_version: int, steps: int = 1,
              errors: tuple[float, ...] = ()) -> dict:
@@ -146,7 +154,7 @@ class ParameterShard:
         if update.shape != self.w.shape:
             raise ValueError(f"shard {self.index} expects {self.w.numel()} values, "
                              f"got {tuple(update.shape)}")
-        if not bool(torch.isfinite(update).all()):
+        if not _all_finite(update):
             self.rejected += 1
             return {"accepted": False, "version": self.version, "steps": self.steps}
         self.staleness[min(max(self.version - base_version, 0), STALENESS_CAP)] += 1

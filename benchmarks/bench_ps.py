@@ -1,0 +1,114 @@
+"""Parameter-server push + pull throughput, and where a round trip's time goes.
+
+A client in this process (the replicas' `RayClient`) pushes a gradient to K shard actors and
+pulls the parameters back, all shards at once, as a replica does every step with
+n_fetch = n_push = 1. The shards apply SGD with momentum to each push. The baseline is a plain
+in-process memory copy of the same bytes (`torch.Tensor.copy_`), measured in the same run:
+
+    ratio = (time to copy 2 x vector bytes in memory) / (time of one push + pull round trip)
+
+1.0 would be a parameter server as fast as memcpy. Then, for the vector size given by
+--small (default: ResNet-20 on 8x8 digits, 272,474 floats), the round trip is split into its
+parts: an empty actor call, putting the array into Ray's object store, the shard's update, a
+pull and a push.
+
+    python benchmarks/bench_ps.py [--floats 25000000] [--shards 1,2,4] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import ray
+import torch
+
+from distbelief.distributed.actors import RayClient, ShardActor, start_ray
+from distbelief.distributed.shard import ParameterShard
+from distbelief.engine.config import TrainConfig
+from distbelief.optim import shard_bounds
+
+
+def timed(fn, rounds: int) -> float:
+    """Median seconds of `fn()` over `rounds` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def start_shards(values: torch.Tensor, count: int, config, folder: str):
+    bounds = shard_bounds(values.numel(), count)
+    shards = [ShardActor.remote(k, lo, hi, values.numel(), config, f"{folder}/shard-{k}.pt")
+              for k, (lo, hi) in enumerate(bounds)]
+    ray.get([s.start.remote(values[lo:hi].numpy()) for s, (lo, hi) in zip(shards, bounds)])
+    return shards, bounds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--floats", type=int, default=25_000_000)
+    parser.add_argument("--shards", default="1,2,4")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--small", type=int, default=272_474)
+    args = parser.parse_args()
+    import tempfile
+
+    start_ray()
+    # Snapshots off for the measurement: a 100 MB snapshot would land inside some rounds.
+    config = TrainConfig(lr=0.01, momentum=0.9, weight_decay=0.0, snapshot_every_s=1e9)
+    print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, ray {ray.__version__}")
+    with tempfile.TemporaryDirectory() as folder:
+        values, gradient = torch.randn(args.floats), torch.randn(args.floats) * 1e-3
+        copy_target = torch.empty(args.floats)
+        memcpy = timed(lambda: copy_target.copy_(values), args.rounds) * 2
+        mb = args.floats * 4 / 2**20
+        print(f"vector: {args.floats:,} floats ({mb:.0f} MiB); in-process memcpy of push + pull "
+              f"bytes: {memcpy * 1e3:.1f} ms ({2 * mb / 1024 / memcpy:.2f} GiB/s)")
+        print(f"{'shards':>6} {'push+pull ms':>13} {'GiB/s':>7} {'ratio vs memcpy':>16}")
+        for count in (int(k) for k in args.shards.split(",")):
+            shards, bounds = start_shards(values, count, config, folder)
+            client = RayClient(shards, bounds)
+
+            def round_trip():
+                client.push(gradient, [0] * count, 1, ()).result()
+                client.fetch().result()
+
+            seconds = timed(round_trip, args.rounds)
+            print(f"{count:>6} {seconds * 1e3:>13.1f} {2 * mb / 1024 / seconds:>7.2f} "
+                  f"{memcpy / seconds:>16.3f}")
+            for s in shards:
+                ray.kill(s)
+
+        # Where the time goes, for a replica-sized vector on one shard.
+        n = args.small
+        small, small_grad = torch.randn(n), torch.randn(n) * 1e-3
+        shards, bounds = start_shards(small, 1, config, folder)
+        client, shard = RayClient(shards, bounds), shards[0]
+        local = ParameterShard(0, 0, n, n, small, config)
+        rounds = max(args.rounds, 50)
+        parts = {
+            "empty actor call (status)": timed(lambda: ray.get(shard.status.remote()), rounds),
+            "ray.put of the vector": timed(lambda: ray.put(small_grad.numpy()), rounds),
+            "shard update in-process": timed(lambda: local.push(small_grad, local.version), rounds),
+            "memcpy of the vector": timed(lambda: small.clone(), rounds),
+            "pull round trip": timed(lambda: client.fetch().result(), rounds),
+            "push round trip": timed(lambda: client.push(small_grad, [0], 1, ()).result(), rounds),
+        }
+        print(f"\nround trip of {n:,} floats ({n * 4 / 2**20:.2f} MiB), 1 shard, median of "
+              f"{rounds}:")
+        for name, seconds in parts.items():
+            print(f"  {name:<28} {seconds * 1e3:8.3f} ms")
+        ray.kill(shard)
+
+
+if __name__ == "__main__":
+    main()
