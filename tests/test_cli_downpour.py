@@ -58,6 +58,12 @@ def test_downpour_command_trains_evaluates_and_leaves_no_ray_behind(tmp_path, ca
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(out / "checkpoints/last.pt"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["error"] == pytest.approx(summary["test_error"])
+    # Error against images processed, beside a single-process run (DistBelief Fig. 4 view).
+    from distbelief.plot import run_curves
+
+    curve = run_curves(out, "examples")
+    assert curve["label"] == "resnet20 (Downpour x2, sgd)" and curve["test"][0][-1] == 150 * 64
+    assert main(["plot", str(out), "--x", "examples", "-o", str(tmp_path / "f.png")]) == 0
 
 
 def test_ctrl_c_checkpoints_stops_ray_and_resume_finishes(tmp_path):

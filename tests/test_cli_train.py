@@ -77,6 +77,18 @@ def test_plot_writes_a_png(run_dir, tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_against_wall_time_and_images(run_dir, tmp_path):
+    from distbelief.engine.rundir import RunDir
+    from distbelief.plot import run_curves
+
+    batch = RunDir(run_dir).read_config().batch_size
+    iterations = run_curves(run_dir)["train"][0]
+    assert run_curves(run_dir, "examples")["train"][0] == tuple(i * batch for i in iterations)
+    wall = run_curves(run_dir, "wall")["test"][0]
+    assert list(wall) == sorted(wall) and wall[0] > 0
+    assert main(["plot", str(run_dir), "--x", "wall", "-o", str(tmp_path / "f.svg")]) == 0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--lr", "-0.1"], "--lr must be a positive number, got -0.1"),
     (["train", "--batch-size", "0"], "--batch-size must be positive, got 0"),

@@ -203,7 +203,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from distbelief.plot import plot_runs
 
-    print(plot_runs(args.run_dirs, args.output, title=args.title))
+    print(plot_runs(args.run_dirs, args.output, title=args.title, x=args.x))
     return 0
 
 
@@ -272,11 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="training and test error curves of runs (Fig. 6 style)",
                        description="Plot training (dashed) and test (bold) error against "
-                                   "iterations for one or more run directories.")
+                                   "iterations, wall time or images for one or more run "
+                                   "directories.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("-o", "--output", default="errors.png", metavar="FILE",
                    help="output .png, .pdf or .svg (default: errors.png)")
     p.add_argument("--title")
+    p.add_argument("--x", default="iterations", choices=("iterations", "wall", "examples"),
+                   help="x axis: iterations (Fig. 6), wall-clock seconds or images processed "
+                        "(DistBelief Fig. 4, to compare single-process and Downpour runs)")
     p.set_defaults(func=cmd_plot)
     return parser
 

@@ -1,5 +1,7 @@
 """Error curves of several runs on one figure, in the style of the paper's Fig. 6:
-training error dashed, test error bold, one colour per run, error in % against iterations."""
+training error dashed, test error bold, one colour per run, error in % against iterations, or
+against wall-clock time or images processed (the view of the DistBelief paper's Fig. 4, to
+compare single-process and Downpour runs)."""
 
 from __future__ import annotations
 
@@ -8,33 +10,53 @@ from pathlib import Path
 
 from distbelief.engine.checkpoint import atomic_write
 from distbelief.engine.rundir import RunDir, read_jsonl
-from distbelief.errors import ConfigError
+from distbelief.errors import ConfigError, check_choice
 
 
-def run_curves(run_dir: str | os.PathLike) -> dict:
-    """{'label', 'train': (iterations, errors), 'test': (iterations, errors)} of one run."""
+X_AXES = {"iterations": "iterations", "wall": "wall-clock time (s)",
+          "examples": "training images processed"}
+
+
+def run_curves(run_dir: str | os.PathLike, x: str = "iterations") -> dict:
+    """{'label', 'train': (xs, errors), 'test': (xs, errors)} of one run; `x` is
+    'iterations', 'wall' (seconds) or 'examples' (images processed)."""
+    check_choice("x axis", x, tuple(X_AXES))
     run = RunDir(run_dir)
     if not run.metrics_file.is_file():
         raise ConfigError(f"{run.path} is not a run directory (no metrics.jsonl)")
+    config = run.read_config() if run.config_file.exists() else None
     records = read_jsonl(run.metrics_file)
-    train = [(r["iteration"], r["error"]) for r in records if r.get("kind") == "train"]
-    test = [(r["iteration"], r["error"]) for r in records
+
+    def position(r: dict):
+        if x == "wall":
+            return r["wall_s"]
+        if x == "examples":
+            return r.get("examples", r["iteration"] * (config.batch_size if config else 0))
+        return r["iteration"]
+
+    train = [(position(r), r["error"]) for r in records if r.get("kind") == "train"]
+    test = [(position(r), r["error"]) for r in records
             if r.get("kind") == "eval" and r.get("split") == "test"]
     if not train and not test:
         raise ConfigError(f"{run.metrics_file} holds no training or test records yet")
-    label = run.read_config().model if run.config_file.exists() else run.path.name
+    label = run.path.name
+    if config is not None:
+        label = config.model + (f" (Downpour x{config.replicas}, {config.optimizer})"
+                                if config.mode == "downpour" else "")
     return {"label": label, "train": tuple(zip(*train)) or ((), ()),
             "test": tuple(zip(*test)) or ((), ())}
 
 
-def plot_runs(run_dirs, output: str | os.PathLike, title: str | None = None) -> Path:
-    """Draw the runs' error curves into `output` (PNG, PDF or SVG by suffix); returns it."""
+def plot_runs(run_dirs, output: str | os.PathLike, title: str | None = None,
+              x: str = "iterations") -> Path:
+    """Draw the runs' error curves into `output` (PNG, PDF or SVG by suffix) against `x`
+    (see `run_curves`); returns it."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: works without a display
     import matplotlib.pyplot as plt
 
-    curves = [run_curves(d) for d in run_dirs]
+    curves = [run_curves(d, x) for d in run_dirs]
     labels = [c["label"] for c in curves]
     for curve, run_dir in zip(curves, run_dirs):
         if labels.count(curve["label"]) > 1:  # same model twice: tell the runs apart
@@ -46,7 +68,7 @@ def plot_runs(run_dirs, output: str | os.PathLike, title: str | None = None) -> 
                 linewidth=1)
         ax.plot(curve["test"][0], [100 * e for e in curve["test"][1]], "-", color=colour,
                 linewidth=2.2, label=curve["label"])
-    ax.set_xlabel("iterations")
+    ax.set_xlabel(X_AXES[x])
     ax.set_ylabel("error (%)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
