@@ -107,3 +107,21 @@ def test_bad_downpour_input_is_one_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_resume_refuses_another_shape_or_mode(tmp_path, capsys):
+    from distbelief.engine.checkpoint import save_checkpoint
+    from distbelief.engine.rundir import RunDir
+    from distbelief.recipes import get_recipe
+
+    config = get_recipe("digits-downpour")
+    run = RunDir(tmp_path / "run")
+    run.create(config, "cpu")
+    save_checkpoint(run.downpour_state, {"config": config.to_dict()})
+    save_checkpoint(run.checkpoint, {"config": config.to_dict(), "mode": "downpour"})
+    before = {p.name: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
+    for argv, message in ((["--replicas", "3"], "was trained with --replicas 2, not 3"),
+                          (["--mode", "single"], "holds a Downpour run")):
+        assert main(["train", "--out", str(run.path), "--resume", "--quiet", *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert before == {p.name: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}

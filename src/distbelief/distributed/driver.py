@@ -76,6 +76,9 @@ class DownpourTrainer:
             if self.run.downpour_state.exists():
                 state = load_checkpoint(self.run.downpour_state)
                 self._check_resumable(state, config)
+            elif self.run.checkpoint.exists():
+                raise CheckpointError(f"{self.run.path} holds a single-process run; resume it "
+                                      f"without --mode downpour")
         elif self.run is not None:
             self.run.refuse_if_occupied()
 

@@ -111,6 +111,9 @@ class Trainer:
             restart = self.run.config_file.is_file() and not self.run.checkpoint.exists()
         if resume and not restart:
             checkpoint = load_checkpoint(self.run.checkpoint)
+            if checkpoint.get("mode") == "downpour":
+                raise CheckpointError(f"{self.run.path} holds a Downpour run; resume it with "
+                                      f"--mode downpour")
             saved = checkpoint["config"]["model"]
             if saved != config.model:
                 raise CheckpointError(f"{self.run.checkpoint} holds a {saved}, not a {config.model}")
