@@ -39,8 +39,10 @@ def start_ray(address: str | None = None, dashboard: bool = False) -> bool:
     caller then calls `ray.shutdown()`), False when Ray was already initialized (tests share
     one local cluster per module).
 
-    Without `address` a local Ray starts bound to the loopback interface, sized to this
-    machine, without the dashboard unless `dashboard`. With `address` ("host:port" or "auto")
+    Without `address` a local Ray starts on the loopback address (its processes reach each
+    other at 127.0.0.1; Ray 2.60 offers no way to stop its gRPC servers also listening on other
+    interfaces, which its token authentication guards), sized to this machine, without the
+    dashboard unless `dashboard`. With `address` ("host:port" or "auto")
     it joins that cluster. Token authentication stays as Ray configures it.
     """
     if ray.is_initialized():
