@@ -19,7 +19,6 @@ import os
 import socket
 import uuid
 import warnings
-from pathlib import Path
 
 import numpy as np
 import ray

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from distbelief.data import build_data
-from distbelief.distributed.downpour import initial_vector
+from distbelief.distributed.downpour import WorkQueue, initial_vector
 from distbelief.distributed.shard import load_model_vector
 from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.engine.config import TrainConfig
@@ -42,7 +42,7 @@ from distbelief.engine.trainer import Diverged, TrainingInterrupted, build_model
 from distbelief.errors import CheckpointError, ConfigError, DistbeliefError
 from distbelief.optim import shard_bounds
 
-CHUNK_STEPS = 10  # replica steps per work request
+CHUNK_STEPS = 10  # replica steps per work request (WorkQueue)
 QUEUED_CHUNKS = 2  # chunks queued per replica, so it keeps training while the driver is busy
 POLL_S = 0.5
 TIME_PARTS = ("compute_s", "fetch_wait_s", "push_wait_s")  # longest wait for a result before the driver checks its clocks
@@ -275,59 +275,22 @@ class DownpourTrainer:
                                                  "elements": s["elements"]}
                                                 for s in self._poll_shards()]})
         loop_start, wall_before = clock(), self.wall_s
-        self.wall_s = wall_before
-        pending: dict = {}  # ref -> (replica, start, steps)
-        assigned = list(self.positions)  # next step to hand out, per replica
-        handed = self.steps  # steps handed out or completed, all replicas
-        alive = [True] * n
-        window = Counter()
-        window_replicas = [(0, 0.0)] * n  # (images, seconds) per replica in this window
-        window_start = clock()
+        work = WorkQueue(self.positions, c.iterations, c.warmstart_steps, CHUNK_STEPS,
+                         QUEUED_CHUNKS)
+        pending: dict = {}  # ObjectRef of a replica's run -> its chunk
+        window, window_replicas, window_start = Counter(), [(0, 0.0)] * n, clock()
         next_log = (self.steps // c.log_every + 1) * c.log_every
         next_eval = (self.steps // c.eval_every + 1) * c.eval_every if c.eval_every else math.inf
         next_ckpt = (self.steps // c.checkpoint_every + 1) * c.checkpoint_every \
             if c.checkpoint_every else math.inf
         last_eval_time = clock()
-        released = not c.warmstart_steps or self.steps >= c.warmstart_steps
+        released = work.completed >= c.warmstart_steps
 
-        def hand_out():
-            nonlocal handed
-            for r in range(n):
-                queued = sum(1 for v in pending.values() if v[0] == r)
-                while alive[r] and queued < QUEUED_CHUNKS and not self._stop:
-                    warm = self.steps < c.warmstart_steps
-                    limit = c.warmstart_steps if warm else c.iterations
-                    if (warm and r != 0) or handed >= limit:
-                        break
-                    steps = min(CHUNK_STEPS, limit - handed)
-                    pending[self.replicas[r].run.remote(assigned[r], steps)] = (r, assigned[r], steps)
-                    assigned[r] += steps
-                    handed += steps
-                    queued += 1
-
-        def fail(r: int, error: Exception) -> None:
-            nonlocal handed
-            # The replica's queued chunks die with it; hand their steps out again.
-            for ref, (rr, _, steps) in list(pending.items()):
-                if rr == r:
-                    del pending[ref]
-                    handed -= steps
-            assigned[r] = self.positions[r]
-            self.counters["replica_failures"] += 1
-            restart = self.counters[f"replica_{r}_restarts"] < c.max_restarts
-            if restart:
-                self.counters[f"replica_{r}_restarts"] += 1
-                self.counters["replica_restarts"] += 1
-            else:
-                alive[r] = False
-            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-            self._log({"kind": "failure", "actor": f"replica {r}", "iteration": self.steps,
-                       "wall_s": round(self.wall_s, 3), "restarted": restart, "error": reason})
-            self._say(f"replica {r} failed ({type(error).__name__}); "
-                      + ("restarting it" if restart else "giving up on it"))
-            if not any(alive):
-                raise DistbeliefError(f"every replica failed more than --max-restarts "
-                                      f"{c.max_restarts} times; last error: {reason}")
+        def hand_out() -> None:
+            if not self._stop:
+                for chunk in work.take():
+                    r, start, steps = chunk
+                    pending[self.replicas[r].run.remote(start, steps)] = chunk
 
         try:
             hand_out()
@@ -336,7 +299,8 @@ class DownpourTrainer:
                 for ref in ready:
                     if ref not in pending:
                         continue  # dropped with a failed replica
-                    r, start, steps = pending.pop(ref)
+                    chunk = pending.pop(ref)
+                    r = chunk[0]
                     try:
                         m = ray.get(ref)
                     except RayTaskError as e:
@@ -349,16 +313,16 @@ class DownpourTrainer:
                                 f"--resume continues from the snapshots") from None
                         raise
                     except RayActorError as e:
-                        handed -= steps
-                        self.counters["replica_steps_lost"] += steps
-                        fail(r, e)
+                        self._replica_failed(r, chunk, e, work)
+                        for dropped_ref in [k for k, v in pending.items() if v[0] == r]:
+                            del pending[dropped_ref]
                         continue
                     if m.get("diverged"):
                         raise Diverged(f"training diverged (loss {m['loss_sum']}) on replica {r} "
                                        f"after {self.steps} steps; lower --lr (the last checkpoint "
                                        f"is kept)")
-                    self.positions[r] = start + steps
-                    self.steps += steps
+                    work.finished(chunk)
+                    self.positions, self.steps = list(work.positions), work.completed
                     self.replica_images[r] += m["images"]
                     self.replica_seconds[r] += m["seconds"]
                     self.time_split.update({k: m[k] for k in TIME_PARTS})
@@ -373,8 +337,7 @@ class DownpourTrainer:
                                "positions": list(self.positions)})
                 if self.steps >= next_log or (not pending and window["steps"]):
                     self._log_train(window, clock() - window_start, window_replicas)
-                    window, window_start = Counter(), clock()
-                    window_replicas = [(0, 0.0)] * n
+                    window, window_replicas, window_start = Counter(), [(0, 0.0)] * n, clock()
                     next_log = (self.steps // c.log_every + 1) * c.log_every
                 hand_out()
                 if self.steps >= next_eval or (
@@ -386,13 +349,37 @@ class DownpourTrainer:
                 if self.steps >= next_ckpt:
                     self.save()
                     next_ckpt = (self.steps // c.checkpoint_every + 1) * c.checkpoint_every
-            ray.get([r.drain.remote() for r, ok in zip(self.replicas, alive) if ok])
+            ray.get([r.drain.remote() for r, ok in zip(self.replicas, work.alive) if ok])
         finally:
             self.wall_s = wall_before + clock() - loop_start
         self.save()
         if self._stop and self.steps < c.iterations:
             raise TrainingInterrupted(f"stopped at iteration {self.steps}; checkpoint saved, "
                                       f"continue with --resume")
+
+    def _replica_failed(self, r: int, chunk: tuple, error: Exception, work: WorkQueue) -> None:
+        """Count replica r's failure; Ray restarts it (up to --max-restarts) and it continues
+        from its last completed step, or it gets no more work.
+
+        Raises:
+            DistbeliefError: no replica is left."""
+        c = self.config
+        restart = self.counters[f"replica_{r}_restarts"] < c.max_restarts
+        work.failed(r, give_up=not restart)
+        self.counters["replica_failures"] += 1
+        self.counters["replica_steps_lost"] += chunk[2]
+        if restart:
+            self.counters[f"replica_{r}_restarts"] += 1
+            self.counters["replica_restarts"] += 1
+        text = str(error).strip()
+        reason = text.splitlines()[0][:200] if text else type(error).__name__
+        self._log({"kind": "failure", "actor": f"replica {r}", "iteration": self.steps,
+                   "wall_s": round(self.wall_s, 3), "restarted": restart, "error": reason})
+        self._say(f"replica {r} failed ({type(error).__name__}); "
+                  + ("restarting it" if restart else "giving up on it"))
+        if not any(work.alive):
+            raise DistbeliefError(f"every replica failed more than --max-restarts "
+                                  f"{c.max_restarts} times; last error: {reason}")
 
     # --- records -------------------------------------------------------------------------
 
