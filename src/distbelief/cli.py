@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no progress bar or evaluation lines: only the summary line")
     p.add_argument("--address", metavar="RAY_ADDRESS",
                    help="--mode downpour: join this Ray cluster (host:port or 'auto'; default: "
-                        "start a local Ray on the loopback interface and stop it at the end)")
+                        "start a local Ray on 127.0.0.1 and stop it at the end)")
     p.add_argument("--dashboard", action="store_true",
                    help="--mode downpour: start the local Ray with its dashboard (needs "
                         "'pip install ray[default]')")

@@ -3,10 +3,11 @@ server's parameters, records metrics, checkpoints and recovers from failures.
 
 The driver never holds the training state: parameters live on the shards and only pass through
 the driver when it evaluates or checkpoints. It hands each replica chunks of `CHUNK_STEPS` of
-its own steps; a replica that finishes one gets the next, until the steps of all replicas
-together reach `iterations`. So fast replicas do more, a dead replica only stops its own work,
-and the driver can evaluate, log and checkpoint while replicas keep training (each replica has
-up to two chunks queued, so it never idles while the driver is busy).
+its own steps (the decisions are `downpour.WorkQueue`'s); a replica that finishes one gets the
+next, until the steps of all replicas together reach `iterations`. So fast replicas do more, a
+dead replica only stops its own work, and the driver can evaluate, log and checkpoint while
+replicas keep training (each replica has up to two chunks queued, so it never idles while the
+driver is busy).
 
 Run directory (on top of the single-process layout, see `engine/rundir.py`):
 
