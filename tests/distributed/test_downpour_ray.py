@@ -141,3 +141,11 @@ def test_warmstart_trains_one_replica_first_and_evaluates_on_the_clock(tmp_path)
     evals = [r for r in records if r["kind"] == "eval"]
     assert len(evals) >= 2 and evals[0]["iteration"] < 160  # by wall clock, mid-run
     assert summary["replica_time_s"]["compute_s"] > 0
+
+
+def test_more_replicas_than_cpus_share_them(tmp_path):
+    config = get_recipe("digits-downpour").replace(replicas=3, iterations=60, milestones=(50,),
+                                                   eval_every=0)
+    summary = DownpourTrainer(config).fit()
+    assert summary["iterations"] == 60 and len(summary["replica_images_per_s"]) == 3
+    assert all(x > 0 for x in summary["replica_images_per_s"])

@@ -46,6 +46,7 @@ from distbelief.optim import shard_bounds
 CHUNK_STEPS = 10  # replica steps per work request (WorkQueue)
 QUEUED_CHUNKS = 2  # chunks queued per replica, so it keeps training while the driver is busy
 POLL_S = 0.5
+START_TIMEOUT_S = 300  # replicas that cannot be placed (resources) fail the run after this
 TIME_PARTS = ("compute_s", "fetch_wait_s", "push_wait_s")  # longest wait for a result before the driver checks its clocks
 
 
@@ -83,7 +84,9 @@ class DownpourTrainer:
         elif self.run is not None:
             self.run.refuse_if_occupied()
 
-        self.device = resolve_device(config.device)
+        # The driver only evaluates: on this machine's GPU if it has one, else its CPU (the
+        # replicas' device is decided by what the Ray cluster offers).
+        self.device = resolve_device("auto" if config.device != "cpu" else "cpu")
         torch.manual_seed(config.seed)
         self.data = build_data(config, self.device, stats=state["data_stats"] if state else None)
         if config.epochs is not None:
@@ -191,7 +194,8 @@ class DownpourTrainer:
             raise ConfigError("--device cuda but the Ray cluster has no GPUs")
         gpu_share = min(1.0, gpus / c.replicas) if use_gpu else 0
         self.replicas = [
-            ReplicaActor.options(num_cpus=min(threads, cpus), num_gpus=gpu_share,
+            # More replicas than CPUs share them (fractional reservations), never wait forever.
+            ReplicaActor.options(num_cpus=min(threads, cpus / c.replicas), num_gpus=gpu_share,
                                  max_restarts=c.max_restarts, max_task_retries=0,
                                  **spread).remote(
                 r, c, self.shard_names, self.bounds, self.data.stats, threads,
@@ -270,7 +274,14 @@ class DownpourTrainer:
         c, n = self.config, self.config.replicas
         clock = time.perf_counter
         ray.get(self.shards_started)
-        info = ray.get([r.info.remote() for r in self.replicas])  # waits for them to start
+        info_refs = [r.info.remote() for r in self.replicas]
+        started, _ = ray.wait(info_refs, num_returns=len(info_refs), timeout=START_TIMEOUT_S)
+        if len(started) < len(info_refs):
+            raise DistbeliefError(
+                f"only {len(started)} of {c.replicas} replicas started within "
+                f"{START_TIMEOUT_S} s; the cluster has {ray.cluster_resources().get('CPU', 0):g} "
+                f"CPUs and {ray.cluster_resources().get('GPU', 0):g} GPUs (see --replica-cpus)")
+        info = ray.get(info_refs)
         self._log({"kind": "cluster", "iteration": self.steps,
                    "replicas": info, "shards": [{"shard": s["shard"], "node": s["node"],
                                                  "elements": s["elements"]}
