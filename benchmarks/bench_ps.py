@@ -73,7 +73,8 @@ def main() -> None:
         mb = args.floats * 4 / 2**20
         print(f"vector: {args.floats:,} floats ({mb:.0f} MiB); in-process memcpy of push + pull "
               f"bytes: {memcpy * 1e3:.1f} ms ({2 * mb / 1024 / memcpy:.2f} GiB/s)")
-        print(f"{'shards':>6} {'push+pull ms':>13} {'GiB/s':>7} {'ratio vs memcpy':>16}")
+        print(f"{'shards':>6} {'push+pull ms':>13} {'GiB/s':>7} {'ratio vs memcpy':>16} "
+              f"{'as one call ms':>15} {'ratio':>6}")
         for count in (int(k) for k in args.shards.split(",")):
             shards, bounds = start_shards(values, count, config, folder)
             client = RayClient(shards, bounds)
@@ -83,8 +84,11 @@ def main() -> None:
                 client.fetch().result()
 
             seconds = timed(round_trip, args.rounds)
+            # What a replica does when a push precedes a fetch: one call that returns the values.
+            combined = timed(lambda: client.push(gradient, [0] * count, 1, (), pull=True).result(),
+                             args.rounds)
             print(f"{count:>6} {seconds * 1e3:>13.1f} {2 * mb / 1024 / seconds:>7.2f} "
-                  f"{memcpy / seconds:>16.3f}")
+                  f"{memcpy / seconds:>16.3f} {combined * 1e3:>15.1f} {memcpy / combined:>6.3f}")
             for s in shards:
                 ray.kill(s)
 
@@ -102,6 +106,8 @@ def main() -> None:
             "memcpy of the vector": timed(lambda: small.clone(), rounds),
             "pull round trip": timed(lambda: client.fetch().result(), rounds),
             "push round trip": timed(lambda: client.push(small_grad, [0], 1, ()).result(), rounds),
+            "push + pull as one call": timed(
+                lambda: client.push(small_grad, [0], 1, (), pull=True).result(), rounds),
         }
         print(f"\nround trip of {n:,} floats ({n * 4 / 2**20:.2f} MiB), 1 shard, median of "
               f"{rounds}:")

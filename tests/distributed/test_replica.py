@@ -50,8 +50,13 @@ def test_n_push_accumulates_and_n_fetch_spaces_fetches():
     config = digits_config(n_push=4, n_fetch=3)
     data = build_data(config, torch.device("cpu"))
     servers, _ = make_shards(config, data, 2)
-    metrics = DownpourReplica(0, config, LocalClient(servers), stats=data.stats).run(0, 12)
-    assert metrics["pushes"] == 3 and metrics["fetches"] == 4
+    client = SlowClient(servers, delay=0)
+    metrics = DownpourReplica(0, config, client, stats=data.stats).run(0, 12)
+    assert metrics["pushes"] == 3 and metrics["fetches"] == 5  # the last one is for step 12
+    # Fetches at steps 0, 3, 6, 9; pushes after steps 3, 7, 11 (the one after step 11 would
+    # precede a fetch at step 12, so it pulls too).
+    assert [e for e in client.log if e != "wait"] == [
+        "fetch", "fetch", "push", "fetch", "push", "fetch", "push+pull"]
     assert [(s.version, s.steps) for s in servers] == [(3, 12), (3, 12)]
     # Pushes 2 and 3 used parameters fetched at steps 3 and 6 and 9: one version behind each.
     assert servers[0].stats()["staleness"] == {0: 1, 1: 2}
@@ -70,6 +75,7 @@ class Delayed:
     def result(self):
         if self.delay >= 0:
             self.log.append("wait")
+            self.delay = -1  # it has arrived now
         return self.value.result()
 
 
@@ -82,9 +88,9 @@ class SlowClient(LocalClient):
         self.log.append("fetch")
         return Delayed(super().fetch(), self.delay, self.log)
 
-    def push(self, *args):
-        self.log.append("push")
-        return Delayed(super().push(*args), self.delay, self.log)
+    def push(self, *args, pull=False):
+        self.log.append("push+pull" if pull else "push")
+        return Delayed(super().push(*args, pull=pull), self.delay, self.log)
 
 
 def test_overlap_keeps_computing_while_the_server_is_slow():
@@ -109,7 +115,8 @@ def test_without_overlap_every_call_completes_before_the_next_step():
     servers, _ = make_shards(config, data, 1)
     client = SlowClient(servers, delay=3)
     DownpourReplica(0, config, client, stats=data.stats).run(0, 3)
-    assert client.log == ["fetch", "wait", "push", "wait"] * 3
+    # A push followed by a fetch goes as one call that returns the parameters.
+    assert client.log == ["fetch", "wait"] + ["push+pull", "wait"] * 3
 
 
 def test_unpushed_statistics_survive_a_fetch():

@@ -79,6 +79,7 @@ class Pending:
 
     def __init__(self, refs: list, combine):
         self.refs, self.combine, self._done = refs, combine, False
+        self._result, self._have_result = None, False
 
     def done(self) -> bool:
         if not self._done:
@@ -87,7 +88,9 @@ class Pending:
         return self._done
 
     def result(self):
-        return self.combine(ray.get(self.refs))
+        if not self._have_result:  # kept: a push that also pulled is read twice
+            self._result, self._have_result = self.combine(ray.get(self.refs)), True
+        return self._result
 
 
 def _join_pulls(pulled: list) -> tuple[torch.Tensor, list[int]]:
@@ -110,11 +113,15 @@ class RayClient:
         return Pending([s.pull.remote() for s in self.shards], _join_pulls)
 
     def push(self, vector: torch.Tensor, base_versions: list[int], steps: int,
-             errors: tuple[float, ...]) -> Pending:
+             errors: tuple[float, ...], pull: bool = False) -> Pending:
         array = vector.numpy()
-        return Pending([s.push.remote(array[lo:hi], v, steps, errors)
-                        for s, (lo, hi), v in zip(self.shards, self.bounds, base_versions)],
-                       list)
+        method = "push_pull" if pull else "push"
+        refs = [getattr(s, method).remote(array[lo:hi], v, steps, errors)
+                for s, (lo, hi), v in zip(self.shards, self.bounds, base_versions)]
+        if not pull:
+            return Pending(refs, list)
+        return Pending(refs, lambda out: ([reply for reply, _ in out],
+                                          _join_pulls([pulled for _, pulled in out])))
 
 
 def _node_id() -> str:
@@ -157,6 +164,10 @@ class ShardActor:
 
     def push(self, update: np.ndarray, base_version: int, steps: int, errors) -> dict:
         return self.shard.push(torch.from_numpy(update), base_version, steps, tuple(errors))
+
+    def push_pull(self, update: np.ndarray, base_version: int, steps: int, errors):
+        """`push`, then `pull`: (reply, (values, version))."""
+        return self.push(update, base_version, steps, errors), self.pull()
 
     def snapshot(self) -> int:
         return self.shard.snapshot()

@@ -15,9 +15,12 @@ With `overlap` off every fetch and push completes before the replica goes on; on
 with n_fetch = n_push = 1 is plain sequential SGD (tests/distributed/test_parity.py).
 
 The replica talks to the server through a client with two methods, `fetch()` and
-`push(vector, base_versions, steps, errors)`, each returning a `Pending` (`done()`,
-`result()`); the client slices full vectors into shard slices. `LocalClient` calls in-process
-shards directly (tests); `actors.RayClient` calls shard actors.
+`push(vector, base_versions, steps, errors, pull=False)`, each returning a `Pending` (`done()`,
+`result()`); the client slices full vectors into shard slices. When a push is followed by a
+fetch at the next step, the two travel as one call per shard (`pull=True`: the shard applies
+the push and returns its values), which saves a round trip without changing what the replica
+sees. `LocalClient` calls in-process shards directly (tests); `actors.RayClient` calls shard
+actors.
 """
 
 from __future__ import annotations
@@ -54,13 +57,30 @@ class LocalClient:
         self.shards = shards
 
     def fetch(self) -> Done:
+        return Done(self._pull())
+
+    def _pull(self) -> tuple[torch.Tensor, list[int]]:
         pulled = [s.pull() for s in self.shards]
-        return Done((torch.cat([w for w, _ in pulled]), [v for _, v in pulled]))
+        return torch.cat([w for w, _ in pulled]), [v for _, v in pulled]
 
     def push(self, vector: torch.Tensor, base_versions: list[int], steps: int,
-             errors: tuple[float, ...]) -> Done:
-        return Done([s.push(vector[s.lo:s.hi], v, steps, errors)
-                     for s, v in zip(self.shards, base_versions)])
+             errors: tuple[float, ...], pull: bool = False) -> Done:
+        replies = [s.push(vector[s.lo:s.hi], v, steps, errors)
+                   for s, v in zip(self.shards, base_versions)]
+        return Done((replies, self._pull()) if pull else replies)
+
+
+class Part:
+    """Element `i` of another pending call's result (a push that also pulled)."""
+
+    def __init__(self, pending, i: int):
+        self.pending, self.i = pending, i
+
+    def done(self) -> bool:
+        return self.pending.done()
+
+    def result(self):
+        return self.pending.result()[self.i]
 
 
 class DownpourReplica:
@@ -88,6 +108,7 @@ class DownpourReplica:
         self.versions: list[int] | None = None  # shard versions of the parameters in use
         self.buffer_base: torch.Tensor | None = None  # buffers when last fetched or pushed
         self.pending_fetch = None
+        self.fetched_for: int | None = None  # the step the last fetch was issued for
         self.in_flight: deque = deque()
         self.accum: torch.Tensor | None = None  # gradient accumulated since the last push
         self.accum_versions: list[int] | None = None  # versions of its oldest gradient
@@ -108,14 +129,20 @@ class DownpourReplica:
         self.buffer_base = server_buffers
         self.versions = list(versions)
 
-    def _push(self, metrics: dict) -> None:
+    def _push(self, step: int, metrics: dict) -> None:
         buffers_now = self.flat.buffer_vector()
         vector = torch.cat([self.accum.cpu(), buffers_now - self.buffer_base])
         self.buffer_base = buffers_now
+        # The next step fetches: let this push bring the parameters back (one call, not two).
+        pull = self.pending_fetch is None and (step + 1) % self.config.n_fetch == 0
         pending = self.client.push(vector, self.accum_versions, len(self.accum_errors),
-                                   tuple(self.accum_errors))
+                                   tuple(self.accum_errors), pull=pull)
         metrics["pushes"] += 1
         self.accum, self.accum_versions, self.accum_errors = None, None, []
+        if pull:
+            self.pending_fetch, self.fetched_for = Part(pending, 1), step + 1
+            metrics["fetches"] += 1
+            pending = Part(pending, 0)
         self.in_flight.append(pending)
         wait_start = time.perf_counter()
         limit = self.config.max_in_flight if self.config.overlap else 0
@@ -136,19 +163,21 @@ class DownpourReplica:
 
     def _fetch(self, step: int, metrics: dict) -> None:
         c = self.config
-        if self.pending_fetch is not None and self.pending_fetch.done():
+        due = self.versions is None or step % c.n_fetch == 0
+        if due and self.pending_fetch is None and self.fetched_for != step:
+            self.pending_fetch, self.fetched_for = self.client.fetch(), step
+            metrics["fetches"] += 1
+        if self.pending_fetch is None:
+            return
+        if self.versions is None or not c.overlap:
+            # Nothing to compute with yet (or no overlap): wait for the parameters.
+            wait_start = time.perf_counter()
             self._install(self.pending_fetch.result())
             self.pending_fetch = None
-        if self.versions is None or step % c.n_fetch == 0:
-            if self.pending_fetch is None:
-                self.pending_fetch = self.client.fetch()
-                metrics["fetches"] += 1
-            if self.versions is None or not c.overlap:
-                # Nothing to compute with yet (or no overlap): wait for the parameters.
-                wait_start = time.perf_counter()
-                self._install(self.pending_fetch.result())
-                self.pending_fetch = None
-                metrics["fetch_wait_s"] += time.perf_counter() - wait_start
+            metrics["fetch_wait_s"] += time.perf_counter() - wait_start
+        elif self.pending_fetch.done():  # overlap: install whatever has arrived
+            self._install(self.pending_fetch.result())
+            self.pending_fetch = None
 
     # --- training ----------------------------------------------------------------------
 
@@ -191,7 +220,7 @@ class DownpourReplica:
             metrics["images"] += len(y)
             metrics["compute_s"] += time.perf_counter() - compute_start
             if (step + 1) % c.n_push == 0:
-                self._push(metrics)
+                self._push(step, metrics)
         self._position = start + steps
         metrics["seconds"] = time.perf_counter() - begin
         if not math.isfinite(metrics["loss_sum"]):
