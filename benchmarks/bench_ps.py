@@ -10,7 +10,8 @@ in-process memory copy of the same bytes (`torch.Tensor.copy_`), measured in the
 1.0 would be a parameter server as fast as memcpy. Then, for the vector size given by
 --small (default: ResNet-20 on 8x8 digits, 272,474 floats), the round trip is split into its
 parts: an empty actor call, putting the array into Ray's object store, the shard's update, a
-pull and a push.
+pull, a push, and a push that returns the parameters in the same call (what a replica sends
+when it fetches at the next step; also timed for the large vector).
 
     python benchmarks/bench_ps.py [--floats 25000000] [--shards 1,2,4] [--rounds 5]
 """
