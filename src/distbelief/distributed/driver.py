@@ -83,6 +83,10 @@ class DownpourTrainer:
                                       f"without --mode downpour")
         elif self.run is not None:
             self.run.refuse_if_occupied()
+        if address:
+            from distbelief.distributed.actors import check_reachable
+
+            check_reachable(address)  # fail fast, before the run directory is touched
 
         # The driver only evaluates: on this machine's GPU if it has one, else its CPU (the
         # replicas' device is decided by what the Ray cluster offers).
@@ -130,10 +134,6 @@ class DownpourTrainer:
         elif resume and self.run.config_file.is_file():
             self.run.truncate_metrics(0)  # stopped before its first checkpoint: start over
             self.run.log({"kind": "resume", "iteration": 0})
-        if address:
-            from distbelief.distributed.actors import check_reachable
-
-            check_reachable(address)  # before the run directory is written
         if resume:
             self.run.update_config(config)
         elif self.run is not None:
