@@ -99,9 +99,7 @@ class DownpourReplica:
         set_determinism(config.deterministic, self.device)
         self.data = build_data(config, self.device, stats=stats,
                                part=(index, config.replicas))
-        self.model = build_model(config, self.data).to(self.device)
-        if config.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = build_model(config, self.data, self.device)
         self.model.train()
         self.flat = FlatModel(self.model)
         self.n_buffers = self.flat.n_buffers

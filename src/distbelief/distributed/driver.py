@@ -93,9 +93,7 @@ class DownpourTrainer:
         self.device = resolve_device("auto" if config.device != "cpu" else "cpu")
         torch.manual_seed(config.seed)
         self.data = build_data(config, self.device, stats=state["data_stats"] if state else None)
-        if config.epochs is not None:
-            config = config.replace(iterations=max(1, math.ceil(
-                config.epochs * self.data.train_size / config.batch_size)))
+        config = config.resolve_epochs(self.data.train_size)
         if config.replicas > self.data.train_size // config.batch_size:
             raise ConfigError(f"{config.replicas} replicas with batches of {config.batch_size} "
                               f"need more than the {self.data.train_size} training images")
@@ -105,9 +103,7 @@ class DownpourTrainer:
             raise ConfigError(f"--ps-shards {config.ps_shards} exceeds the model's "
                               f"{self.initial.numel()} values")
         self.bounds = shard_bounds(self.initial.numel(), config.ps_shards)
-        self.model = build_model(config, self.data).to(self.device)  # for evaluation
-        if config.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = build_model(config, self.data, self.device)  # for evaluation
 
         n = config.replicas
         self.positions = [0] * n  # each replica's completed steps = its data position
@@ -430,7 +426,7 @@ class DownpourTrainer:
             "push_wait_s": round(window["push_wait_s"], 3),
             "rejected": window["rejected"], "shards": shards,
             "replica_images_per_s": [round(i / s, 1) if s else 0.0 for i, s in replicas],
-            "staleness_mean": _mean_staleness(statuses)}
+            "staleness_mean": _mean_staleness(_staleness(statuses))}
         self._log(self.last_train)
 
     def _evaluate_all(self) -> dict:
@@ -476,9 +472,7 @@ class DownpourTrainer:
     def _summarize(self, results: dict) -> dict:
         c, test = self.config, results["test"]
         statuses = self._poll_shards()
-        staleness = Counter()
-        for st in statuses:
-            staleness.update({int(k): v for k, v in st["staleness"].items()})
+        staleness = _staleness(statuses)
         examples = self.steps * c.batch_size
         summary = {
             "recipe": c.recipe, "model": c.model, "data": c.data, "device": str(self.device),
@@ -505,7 +499,7 @@ class DownpourTrainer:
             "shard_bytes_per_s": [round((st["bytes_in"] + st["bytes_out"]) / max(self.wall_s, 1e-9), 1)
                                   for st in statuses],
             "staleness": dict(sorted(staleness.items())),
-            "staleness_mean": _mean_staleness(statuses),
+            "staleness_mean": _mean_staleness(staleness),
             # Where the replicas' time went: computing, blocked on a fetch or on the in-flight
             # push bound, and the rest (sending, installing parameters, flattening gradients).
             "replica_time_s": {
@@ -520,9 +514,14 @@ class DownpourTrainer:
         return summary
 
 
-def _mean_staleness(statuses: list[dict]) -> float:
+def _staleness(statuses: list[dict]) -> Counter:
+    """All shards' staleness histograms added up: versions behind -> pushes."""
     total = Counter()
     for st in statuses:
         total.update({int(k): v for k, v in st["staleness"].items()})
-    count = sum(total.values())
-    return round(sum(k * v for k, v in total.items()) / count, 3) if count else 0.0
+    return total
+
+
+def _mean_staleness(histogram: Counter) -> float:
+    count = sum(histogram.values())
+    return round(sum(k * v for k, v in histogram.items()) / count, 3) if count else 0.0

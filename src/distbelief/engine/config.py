@@ -177,6 +177,14 @@ class TrainConfig:
     def warmup_start_lr(self) -> float:
         return self.warmup_lr if self.warmup_lr is not None else self.lr / 10
 
+    def resolve_epochs(self, train_size: int) -> "TrainConfig":
+        """With `epochs` set, the config whose `iterations` are that many passes over a training
+        split of `train_size` images: ceil(epochs * images / batch) steps. Otherwise itself."""
+        if self.epochs is None:
+            return self
+        return self.replace(iterations=max(1, math.ceil(
+            self.epochs * train_size / self.batch_size)))
+
     def replace(self, **changes) -> "TrainConfig":
         """A copy with `changes` applied and validated; unknown names are a `ConfigError`."""
         unknown = sorted(set(changes) - set(field_types()))

@@ -57,10 +57,22 @@ def set_determinism(deterministic: bool, device: torch.device) -> None:
     torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
 
 
-def build_model(config: TrainConfig, data: DataBundle) -> torch.nn.Module:
+def build_model(config: TrainConfig, data: DataBundle,
+                device: torch.device | None = None) -> torch.nn.Module:
+    """`config.model` for `data`'s classes and channels; with `device`, moved there and in the
+    configured memory format (channels-last or not)."""
     options = {"shortcut": config.shortcut} if config.shortcut else {}
-    return create_model(config.model, num_classes=data.num_classes, in_chans=data.in_chans,
-                        **options)
+    model = create_model(config.model, num_classes=data.num_classes, in_chans=data.in_chans,
+                         **options)
+    if device is None:
+        return model
+    return place_model(model, config, device)
+
+
+def place_model(model: torch.nn.Module, config: TrainConfig,
+                device: torch.device) -> torch.nn.Module:
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if config.channels_last else model
 
 
 def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -125,14 +137,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.data = build_data(config, self.device,
                                stats=checkpoint["data_stats"] if checkpoint else None)
-        if config.epochs is not None:
-            # An epoch is a pass over the training split: ceil(epochs * images / batch) steps.
-            config = config.replace(iterations=max(1, math.ceil(
-                config.epochs * self.data.train_size / config.batch_size)))
-        self.config = config
-        self.model = build_model(config, self.data).to(self.device)
-        if config.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.config = config = config.resolve_epochs(self.data.train_size)
+        self.model = build_model(config, self.data, self.device)
         self.optimizer = build_optimizer(config, self.model)
         self.schedule = LRSchedule(config)
         self.progress = progress
@@ -351,10 +357,7 @@ def load_for_eval(checkpoint: str | os.PathLike, overrides: dict | None = None):
     except RuntimeError as e:
         raise CheckpointError(f"{checkpoint} does not fit {config.model} "
                               f"({str(e).splitlines()[0][:160]})") from None
-    model = model.to(device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model, data, config
+    return place_model(model, config, device), data, config
 
 
 __all__ = ["Trainer", "TrainingInterrupted", "Diverged", "load_for_eval", "resolve_device",
