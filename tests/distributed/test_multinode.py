@@ -1,6 +1,8 @@
 """Downpour across nodes: a Ray test cluster with a head and two more nodes on this machine
 (`ray.cluster_utils.Cluster`), joined with --address as on a real cluster."""
 
+import math
+
 import pytest
 
 from distbelief.distributed import DownpourTrainer
@@ -29,7 +31,10 @@ def test_shards_and_replicas_spread_across_nodes(cluster, tmp_path):
     config = get_recipe("digits-downpour").replace(iterations=200, milestones=(150,),
                                                    eval_every=100, ps_shards=3)
     summary = DownpourTrainer(config, run, address=cluster.address).fit()
-    assert summary["iterations"] == 200 and summary["test_accuracy"] > 0.15  # chance: 0.1
+    # Learning is the convergence tests' job: on three 1-CPU nodes 200 steps reach anywhere
+    # from 14% to 56% test accuracy. Here: it completes, and every shard took every push.
+    assert summary["iterations"] == 200 and math.isfinite(summary["test_loss"])
+    assert summary["shard_updates"] == [200] * 3 and summary["rejected_pushes"] == 0
     placed = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "cluster"][0]
     replica_nodes = {r["node"] for r in placed["replicas"]}
     shard_nodes = {s["node"] for s in placed["shards"]}
