@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List registered models with parameters and multiply-adds "
                                    "(MACs) of one forward pass at the family's native input size.")
     p.add_argument("names", nargs="*", metavar="NAME", help="models to show (default: all)")
-    p.add_argument("--family", choices=("cifar", "imagenet"), help="only this family")
+    p.add_argument("--family", choices=("cifar", "imagenet", "dense"), help="only this family")
     p.add_argument("--shortcut", help="shortcut option A, B or C (default: the family's)")
     p.add_argument("--variant", help="bottleneck stride placement: paper or v1.5 (default paper)")
     p.add_argument("--input-size", type=int, metavar="PX",

@@ -56,7 +56,7 @@ def test_summary_rows_have_the_documented_keys():
     for name in list_models():
         row = summarize(name)
         assert {"name", "family", "depth", "residual", "params", "macs", "input_size"} <= row.keys()
-        assert row["input_size"] == (32 if row["family"] == "cifar" else 224)
+        assert row["input_size"] == {"cifar": 32, "imagenet": 224, "dense": 32}[row["family"]]
 
 
 def test_count_macs_leaves_a_training_model_untouched():

@@ -16,7 +16,7 @@ ALL = list_models()
 
 def small_input(name, batch=2, in_chans=3):
     # ImageNet models at 64 px keep the test fast; layer4 is then 2x2, enough for training BN.
-    size = 32 if model_info(name).family == "cifar" else 64
+    size = 64 if model_info(name).family == "imagenet" else 32
     return torch.randn(batch, in_chans, size, size)
 
 
@@ -66,6 +66,16 @@ def test_plain_twins_have_no_shortcuts(name):
     if model_info(name).family == "cifar":
         # Option A adds no parameters, so the twins are the same size (Sec. 4.2).
         assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in resnet.parameters())
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if model_info(n).family == "dense"])
+def test_dense_models_have_no_batchnorm_and_take_the_input_size(name):
+    model = create_model(name, num_classes=4, in_chans=1, input_size=(8, 6))
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert not model_info(name).residual and model_info(name).sized
+    assert model(torch.randn(3, 1, 8, 6)).shape == (3, 4)
+    with pytest.raises(RuntimeError):  # built for 8x6: another size is a shape error
+        model(torch.randn(3, 1, 8, 8))
 
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet18", "resnet50"])

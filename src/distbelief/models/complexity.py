@@ -46,6 +46,8 @@ def summarize(name: str, input_size: int | None = None, **kwargs) -> dict:
     size = info.input_size if input_size is None else input_size
     if size < 1:
         raise ConfigError(f"input size must be a positive number of pixels, got {size}")
+    if info.sized:
+        kwargs = {**kwargs, "input_size": size}
     with torch.device("meta"):
         model = create_model(name, **kwargs)
     return {

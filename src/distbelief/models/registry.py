@@ -9,8 +9,9 @@ from torch import nn
 
 from distbelief.errors import ConfigError
 
-# Native input side in pixels per family: CIFAR images are 32x32, ImageNet crops 224x224.
-NATIVE_INPUT_SIZE = {"cifar": 32, "imagenet": 224}
+# Native input side in pixels per family: CIFAR images are 32x32, ImageNet crops 224x224. Dense
+# models (no convolutions, no BatchNorm) are built for the data's image size; 32 in tables.
+NATIVE_INPUT_SIZE = {"cifar": 32, "imagenet": 224, "dense": 32}
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,7 @@ class ModelInfo:
     """What the registry knows of a model without building it."""
 
     name: str
-    family: str  # "cifar" or "imagenet"
+    family: str  # "cifar", "imagenet" or "dense"
     depth: int  # weighted layers, as in the model's name
     builder: Callable[..., nn.Module]
 
@@ -28,8 +29,13 @@ class ModelInfo:
 
     @property
     def residual(self) -> bool:
-        # Plain twins are registered as plainN, every other model has shortcuts.
-        return not self.name.startswith("plain")
+        # Plain twins are registered as plainN; ResNets have shortcuts, dense models none.
+        return self.family != "dense" and not self.name.startswith("plain")
+
+    @property
+    def sized(self) -> bool:
+        """Whether the builder takes `input_size` (dense models flatten the image)."""
+        return self.family == "dense"
 
     @property
     def description(self) -> str:

@@ -1,0 +1,33 @@
+"""Models without BatchNorm for smooth objectives: softmax regression and a small MLP.
+
+Sandblaster L-BFGS (Dean et al., 2012) optimizes one deterministic batch objective per
+iteration; these models make that objective a smooth function of the parameters alone (no
+batch statistics), so L-BFGS can be checked against a reference optimizer. Both flatten the
+image, so they are built for one input size (`input_size`, a side or (height, width)).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from distbelief.models.registry import register_model
+
+
+def _features(in_chans: int, input_size) -> int:
+    h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    if min(in_chans, h, w) < 1:
+        raise ValueError(f"input of {in_chans} x {h} x {w} has no pixels")
+    return in_chans * h * w
+
+
+@register_model("dense", depth=1)
+def softmax(num_classes: int = 10, in_chans: int = 3, input_size=32) -> nn.Module:
+    """Softmax regression: one linear layer on the flattened image (a convex objective)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(_features(in_chans, input_size), num_classes))
+
+
+@register_model("dense", depth=2)
+def mlp(num_classes: int = 10, in_chans: int = 3, input_size=32, hidden: int = 256) -> nn.Module:
+    """Multilayer perceptron: flattened image, one tanh hidden layer of `hidden` units."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(_features(in_chans, input_size), hidden),
+                         nn.Tanh(), nn.Linear(hidden, num_classes))
