@@ -121,13 +121,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args)
     out = args.out or _default_out(config)
-    if config.mode == "downpour":
-        from distbelief.distributed import DownpourTrainer
+    if config.mode in ("downpour", "sandblaster"):
+        from distbelief.distributed import DownpourTrainer, SandblasterTrainer
 
-        trainer = DownpourTrainer(config, out, resume=args.resume, progress=not args.quiet,
-                                  address=args.address, dashboard=args.dashboard)
+        kind = DownpourTrainer if config.mode == "downpour" else SandblasterTrainer
+        trainer = kind(config, out, resume=args.resume, progress=not args.quiet,
+                       address=args.address, dashboard=args.dashboard)
     elif args.address or args.dashboard:
-        raise ConfigError("--address and --dashboard apply to --mode downpour")
+        raise ConfigError("--address and --dashboard apply to --mode downpour and sandblaster")
     else:
         trainer = Trainer(config, out, resume=args.resume, progress=not args.quiet)
     config = trainer.config
@@ -146,9 +147,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGINT, previous)
-    how = [f"Downpour, {config.replicas} replicas, {config.ps_shards} shards"] \
-        if config.mode == "downpour" else []
-    how += [config.optimizer] if config.optimizer != "sgd" else []
+    how = []
+    if config.mode == "sandblaster":
+        how = [f"Sandblaster L-BFGS, {config.replicas} replicas, {config.ps_shards} shards, "
+               f"{config.portions} portions"]
+        if summary["converged"]:
+            how.append(f"converged: {summary['converged']}")
+    elif config.mode == "downpour":
+        how = [f"Downpour, {config.replicas} replicas, {config.ps_shards} shards"]
+    how += [config.optimizer] if config.optimizer != "sgd" and config.mode != "sandblaster" else []
     print(f"{config.model} on {config.data}{' (' + ', '.join(how) + ')' if how else ''}: "
           f"test accuracy {summary['test_accuracy']:.2%} "
           f"(top-1 error {summary['test_error']:.2%}, top-5 {summary['test_top5_error']:.2%}) "
@@ -227,13 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train", help="train a model with a recipe, overriding any field",
-                       description="Train a model on one device, or with --mode downpour "
-                                   "on Ray: asynchronous replicas (--replicas) and a sharded "
-                                   "parameter server (--ps-shards). A run directory (--out) "
+                       description="Train a model on one device, or on Ray with --mode "
+                                   "downpour (asynchronous SGD replicas and a sharded parameter "
+                                   "server) or --mode sandblaster (L-BFGS from a coordinator, "
+                                   "batch gradients from replicas in portions, vectors on the "
+                                   "shards). A run directory (--out) "
                                    "receives config.yaml, metrics.jsonl, checkpoints/last.pt and "
                                    "summary.json; the last line printed is the summary.")
     p.add_argument("--recipe", default="digits",
-                   help="digits (default), digits-downpour, cifar10-paper or imagenet-paper")
+                   help="digits (default), digits-downpour, digits-sandblaster, cifar10-paper or "
+                        "imagenet-paper")
     p.add_argument("--model", help="registered model name (default: the recipe's)")
     p.add_argument("--out", metavar="RUN_DIR",
                    help="run directory (default: runs/RECIPE-MODEL-TIMESTAMP); must not hold "
@@ -243,11 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar or evaluation lines: only the summary line")
     p.add_argument("--address", metavar="RAY_ADDRESS",
-                   help="--mode downpour: join this Ray cluster (host:port or 'auto'; default: "
+                   help="--mode downpour or sandblaster: join this Ray cluster (host:port or "
+                        "'auto'; default: "
                         "start a local Ray on 127.0.0.1 and stop it at the end)")
     p.add_argument("--dashboard", action="store_true",
-                   help="--mode downpour: start the local Ray with its dashboard (needs "
-                        "'pip install ray[default]')")
+                   help="--mode downpour or sandblaster: start the local Ray with its "
+                        "dashboard (needs 'pip install ray[default]')")
     _add_config_options(p)
     p.set_defaults(func=cmd_train)
 

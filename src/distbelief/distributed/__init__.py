@@ -4,11 +4,13 @@
     downpour.py  DownpourReplica: a model replica's fetch / compute / push loop (no Ray)
     actors.py    the Ray actors wrapping them, the replicas' Ray client, starting Ray
     driver.py    DownpourTrainer: runs a Downpour job on a Ray cluster (local by default)
+    sandblaster.py  Sandblaster's shard vectors, portion queue and replica (no Ray)
+    coordinator.py  SandblasterTrainer: the L-BFGS coordinator driving shards and replicas
 """
 
 from distbelief.distributed.shard import ParameterShard
 
-__all__ = ["ParameterShard", "DownpourTrainer"]
+__all__ = ["ParameterShard", "DownpourTrainer", "SandblasterTrainer"]
 
 
 def __getattr__(name):
@@ -16,4 +18,7 @@ def __getattr__(name):
     if name == "DownpourTrainer":
         from distbelief.distributed.driver import DownpourTrainer
         return DownpourTrainer
+    if name == "SandblasterTrainer":
+        from distbelief.distributed.coordinator import SandblasterTrainer
+        return SandblasterTrainer
     raise AttributeError(name)

@@ -1,6 +1,7 @@
 """The Ray layer: parameter shards and replicas as actors, the replicas' client, starting Ray.
 
-Actors are thin: each method forwards to the plain class (`ParameterShard`, `DownpourReplica`),
+Actors are thin: each method forwards to the plain class (`ParameterShard`, `DownpourReplica`,
+and for Sandblaster `VectorShard`, `SandblasterReplica`),
 which is where the logic lives and is tested without Ray. Vectors cross process boundaries as
 numpy arrays, which Ray moves through its shared-memory object store without pickling their
 bytes (a torch tensor would be pickled).
@@ -25,6 +26,7 @@ import ray
 import torch
 
 from distbelief.distributed.downpour import DownpourReplica
+from distbelief.distributed.sandblaster import SandblasterReplica, VectorShard, combine
 from distbelief.distributed.shard import ParameterShard
 from distbelief.errors import DistbeliefError
 
@@ -198,3 +200,105 @@ class ReplicaActor:
     def info(self) -> dict:
         return {"replica": self.replica.index, "node": _node_id(),
                 "device": str(self.replica.device), "threads": torch.get_num_threads()}
+
+
+def pinned_round_robin(count: int) -> list:
+    """Hard node-affinity strategies placing `count` zero-CPU actors round-robin over the live
+    nodes. Ray's SPREAD packs actors that reserve no CPU onto one node and soft affinity
+    spills (measured with Ray 2.60), so the parameter-server shards are pinned."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    return [NodeAffinitySchedulingStrategy(nodes[k % len(nodes)], soft=False)
+            for k in range(count)]
+
+
+# --- Sandblaster ------------------------------------------------------------------------
+
+def _commands_in(commands: list) -> list:
+    return [(c[0], c[1], torch.from_numpy(c[2])) if c[0] == "set" else c for c in commands]
+
+
+@ray.remote(num_cpus=0)
+class VectorShardActor:
+    """A `VectorShard` (Sandblaster: its slices of the L-BFGS vectors) in its own process."""
+
+    def __init__(self, index: int, lo: int, hi: int):
+        self.shard = VectorShard(index, lo, hi)
+
+    def execute(self, commands: list) -> list:
+        return self.shard.execute(_commands_in(commands))
+
+    def push(self, round_: int, portions: list, update: np.ndarray, solo: bool) -> str:
+        return self.shard.push(round_, portions, torch.from_numpy(update), solo)
+
+    def pull(self, name: str = "x") -> np.ndarray:
+        return self.shard.pull(name).numpy()
+
+    def stats(self) -> dict:
+        return {**self.shard.stats(), "node": _node_id()}
+
+
+class RayShards:
+    """The coordinator's vector store over `VectorShardActor`s: a list of commands goes to every
+    shard as one call (with "set" vectors cut into slices), only scalars come back."""
+
+    def __init__(self, shards: list, bounds: list[tuple[int, int]]):
+        self.shards, self.bounds = shards, bounds
+
+    def run(self, commands: list) -> list[float]:
+        out = []
+        for s, (lo, hi) in zip(self.shards, self.bounds):
+            mine = [(c[0], c[1], c[2][lo:hi].numpy()) if c[0] == "set" else c
+                    for c in commands]
+            out.append(s.execute.remote(mine))
+        return combine(commands, ray.get(out))
+
+    def read(self, name: str) -> torch.Tensor:
+        return _join_pulls([(w, 0) for w in ray.get([s.pull.remote(name)
+                                                     for s in self.shards])])[0].clone()
+
+
+class SandblasterClient:
+    """A Sandblaster replica's client: pull a named vector, push a gradient sum (one call per
+    shard, in flight together)."""
+
+    def __init__(self, shards: list, bounds: list[tuple[int, int]]):
+        self.shards, self.bounds = shards, bounds
+
+    def pull(self, name: str = "x") -> torch.Tensor:
+        return _join_pulls([(w, 0) for w in ray.get([s.pull.remote(name)
+                                                     for s in self.shards])])[0].clone()
+
+    def push(self, round_: int, portions: list[int], vector: torch.Tensor, solo: bool) -> Pending:
+        array = vector.numpy()
+        return Pending([s.push.remote(round_, portions, array[lo:hi], solo)
+                        for s, (lo, hi) in zip(self.shards, self.bounds)], list)
+
+
+@ray.remote(concurrency_groups={"control": 1})
+class SandblasterReplicaActor:
+    """A `SandblasterReplica` in its own process. `compute` runs on the actor's main thread,
+    `flush` and `info` on a second one ("control"), so the coordinator can collect a replica's
+    gradients while it is busy with a (slow or backup) portion."""
+
+    def __init__(self, index: int, config, shard_names: list[str], bounds: list, stats: dict,
+                 threads: int, device: str, straggler_delay: float):
+        torch.set_num_threads(threads)
+        shards = [ray.get_actor(name) for name in shard_names]
+        self.replica = SandblasterReplica(index, config, SandblasterClient(shards, bounds),
+                                          stats=stats, device=device,
+                                          straggler_delay=straggler_delay)
+
+    def compute(self, round_: int, batch: int, portion: int, solo: bool, resolve) -> dict:
+        return self.replica.compute(round_, batch, portion, solo, resolve)
+
+    @ray.method(concurrency_group="control")
+    def flush(self, round_: int, resolve) -> dict:
+        return self.replica.flush(round_, resolve)
+
+    @ray.method(concurrency_group="control")
+    def info(self) -> dict:
+        return {"replica": self.replica.index, "node": _node_id(),
+                "device": str(self.replica.device), "threads": torch.get_num_threads(),
+                "straggler_delay": self.replica.straggler_delay}

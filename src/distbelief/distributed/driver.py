@@ -79,8 +79,9 @@ class DownpourTrainer:
                 state = load_checkpoint(self.run.downpour_state)
                 self._check_resumable(state, config)
             elif self.run.checkpoint.exists():
-                raise CheckpointError(f"{self.run.path} holds a single-process run; resume it "
-                                      f"without --mode downpour")
+                mode = load_checkpoint(self.run.checkpoint).get("mode", "single")
+                raise CheckpointError(f"{self.run.path} holds a {mode} run; resume it with "
+                                      f"--mode {mode}")
         elif self.run is not None:
             self.run.refuse_if_occupied()
         if address:
@@ -155,9 +156,8 @@ class DownpourTrainer:
 
     def _start_actors(self, snapshot_dir: Path) -> None:
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from distbelief.distributed.actors import ReplicaActor, ShardActor
+        from distbelief.distributed.actors import ReplicaActor, ShardActor, pinned_round_robin
 
         c = self.config
         self.snapshot_paths = [str(snapshot_dir / f"shard-{k}.pt") for k in range(c.ps_shards)]
@@ -166,18 +166,15 @@ class DownpourTrainer:
         # pin them in the object store, which Ray warns makes restarts fragile.
         run_id = uuid.uuid4().hex[:12]
         self.shard_names = [f"distbelief-{run_id}-shard-{k}" for k in range(c.ps_shards)]
-        # Shards reserve no CPU, so Ray's SPREAD would pack them onto one node (and soft node
-        # affinity spills, measured with Ray 2.60); pin them round-robin over the nodes. A shard
-        # restarts on its node; if the node itself is lost the run stops and --resume continues
-        # from the snapshots.
-        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        # Shards are pinned round-robin over the nodes. A shard restarts on its node; if the node
+        # itself is lost the run stops and --resume continues from the snapshots.
         self.shards = [
             ShardActor.options(
                 name=name, max_restarts=c.max_restarts, max_task_retries=-1,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[k % len(nodes)],
-                                                                   soft=False),
+                scheduling_strategy=strategy,
             ).remote(k, lo, hi, self.n_params, c, self.snapshot_paths[k])
-            for k, ((lo, hi), name) in enumerate(zip(self.bounds, self.shard_names))]
+            for k, ((lo, hi), name, strategy) in enumerate(
+                zip(self.bounds, self.shard_names, pinned_round_robin(c.ps_shards)))]
         # Replicas start (a few seconds each) while the shards load; work waits for both.
         self.shards_started = [
             s.start.remote(None if self.resumed_shards else self.initial[lo:hi].numpy())

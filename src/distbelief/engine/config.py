@@ -19,7 +19,8 @@ DATASETS = ("digits", "cifar10", "imagenet", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
 WARMUP_MODES = ("constant", "linear")
 OPTIMIZERS = ("sgd", "adagrad")
-MODES = ("single", "downpour")
+MODES = ("single", "downpour", "sandblaster")
+LINE_SEARCHES = ("strong_wolfe", "none")
 
 
 def _opt(help: str, **kwargs):
@@ -62,10 +63,11 @@ class TrainConfig:
     # Optimization
     optimizer: str = _opt("update rule: sgd (with --momentum) or adagrad (per-parameter lr = "
                           "--lr / sqrt(sum of squared gradients); momentum unused)", default="sgd")
-    batch_size: int = _opt("images per iteration (per replica and step with --mode downpour)",
-                           default=128)
+    batch_size: int = _opt("images per iteration (per replica and step with --mode downpour; "
+                           "per L-BFGS batch with --mode sandblaster, where 0 is the whole "
+                           "training split)", default=128)
     iterations: int = _opt("optimizer steps to train for (downpour: minibatch gradients over all "
-                           "replicas together)", default=64000)
+                           "replicas together; sandblaster: L-BFGS iterations)", default=64000)
     epochs: float | None = _opt("train for this many passes over the training split instead of "
                                 "--iterations", default=None)
     lr: float = _opt("base learning rate", default=0.1)
@@ -98,10 +100,11 @@ class TrainConfig:
                                  default=2000)
     eval_batch_size: int = _opt("images per evaluation batch", default=500)
     # Distributed training (DistBelief)
-    mode: str = _opt("single (one process) or downpour (asynchronous replicas and a sharded "
-                     "parameter server on Ray)", default="single")
-    replicas: int = _opt("downpour: model replicas, each with its own slice of the training data",
-                         default=1)
+    mode: str = _opt("single (one process), downpour (asynchronous replicas and a sharded "
+                     "parameter server on Ray) or sandblaster (L-BFGS driven from a coordinator, "
+                     "batch gradients from replicas, vectors on the shards)", default="single")
+    replicas: int = _opt("downpour: model replicas, each with its own slice of the training data; "
+                         "sandblaster: replicas computing batch portions", default=1)
     ps_shards: int = _opt("downpour: parameter-server shards, each owning a slice of the "
                           "parameters", default=1)
     n_fetch: int = _opt("downpour: a replica fetches fresh parameters every N of its steps",
@@ -121,6 +124,17 @@ class TrainConfig:
                                    "directory", default=5.0)
     max_restarts: int = _opt("downpour: restarts allowed per replica and per shard after a "
                              "failure", default=3)
+    portions: int | None = _opt("sandblaster: portions each batch is cut into, handed to replicas "
+                                "one at a time (default: 16 per replica)", default=None)
+    push_every: int = _opt("sandblaster: a replica pushes its summed gradient every N portions",
+                           default=4)
+    history: int = _opt("sandblaster: L-BFGS history size m (curvature pairs kept)", default=10)
+    line_search: str = _opt("sandblaster: strong_wolfe or none (fixed step --lr)",
+                            default="strong_wolfe")
+    backup_tasks: bool = _opt("sandblaster: near the end of a batch give idle replicas copies of "
+                              "unfinished portions; the first result wins", default=True)
+    straggler_delay: float = _opt("sandblaster: replica 0 sleeps this many seconds after each "
+                                  "portion (experiments with stragglers)", default=0.0)
     replica_cpus: int | None = _opt("downpour: CPU threads per replica (default: the cluster's "
                                     "CPUs divided among the replicas)", default=None)
 
@@ -130,16 +144,19 @@ class TrainConfig:
         check_choice("warmup mode", self.warmup_mode, WARMUP_MODES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("mode", self.mode, MODES)
+        check_choice("line search", self.line_search, LINE_SEARCHES)
         if self.shortcut is not None:
             check_choice("shortcut option", self.shortcut, ("A", "B", "C"))
         positive = ("batch_size", "iterations", "eval_batch_size", "log_every", "crop_size",
                     "scale_min", "scale_max", "test_size", "synthetic_size", "synthetic_classes",
                     "stats_samples", "replicas", "ps_shards", "n_fetch", "n_push",
-                    "max_in_flight")
+                    "max_in_flight", "push_every", "history")
         non_negative = ("val_split", "pad", "momentum", "weight_decay", "warmup_iterations",
                         "eval_every", "checkpoint_every", "lighting", "num_workers", "lr_decay",
-                        "warmstart_steps", "eval_interval_s", "max_restarts")
+                        "warmstart_steps", "eval_interval_s", "max_restarts", "straggler_delay")
         for name in positive:
+            if name == "batch_size" and self.mode == "sandblaster" and self.batch_size == 0:
+                continue  # the whole training split
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
         for name in non_negative:
@@ -165,6 +182,11 @@ class TrainConfig:
             raise ConfigError("--synthetic-shape must be three positive sizes C,H,W")
         if not (self.snapshot_every_s > 0 and math.isfinite(self.snapshot_every_s)):
             raise ConfigError(f"--snapshot-every-s must be positive, got {self.snapshot_every_s}")
+        if self.portions is not None and self.portions < 1:
+            raise ConfigError(f"--portions must be positive, got {self.portions}")
+        if not math.isfinite(self.straggler_delay):
+            raise ConfigError(f"--straggler-delay must be a number of seconds, "
+                              f"got {self.straggler_delay}")
         if self.replica_cpus is not None and self.replica_cpus < 1:
             raise ConfigError(f"--replica-cpus must be positive, got {self.replica_cpus}")
         if self.warmstart_steps >= self.iterations:

@@ -48,6 +48,7 @@ class RunDir:
         self.summary_file = self.path / "summary.json"
         self.checkpoint = self.path / "checkpoints" / "last.pt"
         self.downpour_state = self.path / "checkpoints" / "downpour.pt"
+        self.sandblaster_state = self.path / "checkpoints" / "sandblaster.pt"
 
     def shard_snapshot(self, index: int) -> Path:
         return self.path / "checkpoints" / f"shard-{index}.pt"

@@ -125,9 +125,10 @@ class Trainer:
             restart = self.run.config_file.is_file() and not self.run.checkpoint.exists()
         if resume and not restart:
             checkpoint = load_checkpoint(self.run.checkpoint)
-            if checkpoint.get("mode") == "downpour":
-                raise CheckpointError(f"{self.run.path} holds a Downpour run; resume it with "
-                                      f"--mode downpour")
+            mode = checkpoint.get("mode", "single")
+            if mode != "single":
+                raise CheckpointError(f"{self.run.path} holds a {mode} run; resume it with "
+                                      f"--mode {mode}")
             saved = checkpoint["config"]["model"]
             if saved != config.model:
                 raise CheckpointError(f"{self.run.checkpoint} holds a {saved}, not a {config.model}")

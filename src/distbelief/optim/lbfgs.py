@@ -46,6 +46,8 @@ class VectorSlots:
     `execute` returns the per-slice partial results of the reducing commands; a store combines
     them over slices with `REDUCE`."""
 
+    reduce = REDUCE  # the reducing commands (a subclass may add its own)
+
     def __init__(self):
         self.slots: dict[str, torch.Tensor] = {}
 
@@ -53,7 +55,7 @@ class VectorSlots:
         out = []
         for command in commands:
             result = self.apply(command)
-            if command[0] in REDUCE:
+            if command[0] in self.reduce:
                 out.append(result)
         return out
 

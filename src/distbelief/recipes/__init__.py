@@ -39,6 +39,19 @@ def digits_downpour(model: str | None = None) -> TrainConfig:
                                  ps_shards=2, momentum=0.5)
 
 
+def digits_sandblaster(model: str | None = None) -> TrainConfig:
+    """Sandblaster L-BFGS on the digits: softmax regression (a smooth, convex objective: mean
+    cross-entropy + 1e-4 / 2 |w|^2) on the whole training split as one batch, cut into 32
+    portions for 2 replicas, with the vectors on 2 shards; history 10 and the strong-Wolfe line
+    search, as torch.optim.LBFGS. L-BFGS stops early once the objective stops changing.
+    """
+    return TrainConfig(
+        recipe="digits-sandblaster", model=model or "softmax", data="digits",
+        mode="sandblaster", replicas=2, ps_shards=2, batch_size=0, iterations=100, lr=1.0,
+        weight_decay=1e-4, augment=False, history=10, log_every=10, eval_every=25,
+        checkpoint_every=50, eval_batch_size=512)
+
+
 def cifar10_paper(model: str | None = None) -> TrainConfig:
     """Sec. 4.2: batch 128, lr 0.1 / 10 at 32k and 48k, stop at 64k, wd 1e-4, momentum 0.9,
     pad-4 random crop and flip, per-pixel mean subtraction, option A shortcuts.
@@ -71,7 +84,8 @@ def imagenet_paper(model: str | None = None) -> TrainConfig:
         log_every=100, eval_every=10000, checkpoint_every=5000, eval_batch_size=100)
 
 
-RECIPES = {"digits": digits, "digits-downpour": digits_downpour, "cifar10-paper": cifar10_paper, "imagenet-paper": imagenet_paper}
+RECIPES = {"digits": digits, "digits-downpour": digits_downpour,
+           "digits-sandblaster": digits_sandblaster, "cifar10-paper": cifar10_paper, "imagenet-paper": imagenet_paper}
 
 
 def get_recipe(name: str, model: str | None = None) -> TrainConfig:

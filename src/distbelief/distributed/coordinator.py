@@ -1,0 +1,531 @@
+"""The Sandblaster coordinator: L-BFGS over vectors that live on the parameter-server shards,
+batch gradients from replicas that take portions one at a time (Dean et al., 2012, Sec. 4.2).
+
+The driver process is the coordinator. It holds the L-BFGS scalars (losses, step sizes, the
+history's 1/(y.s)) and sends the shards small command lists (`optim.lbfgs`); the parameters,
+gradient, direction and history pairs never leave the shards, except when the driver evaluates
+or checkpoints the model. Each objective evaluation is one round of `_batch_gradient` (see
+`distributed.sandblaster` for the protocol and why every portion counts exactly once).
+
+Run directory (on top of the single-process layout, see `engine/rundir.py`):
+
+    checkpoints/last.pt          the model at the last checkpoint, loadable by `distbelief eval`
+    checkpoints/sandblaster.pt   the coordinator's state: iteration, batch, counters, clock
+
+`--resume` continues from last.pt with an empty L-BFGS history (it is rebuilt over the next
+`--history` iterations), so a resumed run does not retrace the iterates of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import uuid
+from collections import Counter
+
+import torch
+
+from distbelief.distributed.sandblaster import PortionQueue, has_batchnorm, l2_objective, load_data
+from distbelief.distributed.shard import load_model_vector, model_vector
+from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
+from distbelief.engine.config import TrainConfig
+from distbelief.engine.evaluate import evaluate
+from distbelief.engine.rundir import RunDir
+from distbelief.engine.trainer import Diverged, TrainingInterrupted, build_model, resolve_device
+from distbelief.errors import CheckpointError, ConfigError, DistbeliefError
+from distbelief.optim import shard_bounds
+from distbelief.optim.lbfgs import LBFGS
+
+POLL_S = 0.5
+START_TIMEOUT_S = 300
+PORTIONS_PER_REPLICA = 16  # default --portions: many more portions than replicas
+
+
+class TimedStore:
+    """A store that adds the time spent in its commands to `seconds` (coordinator overhead)."""
+
+    def __init__(self, store):
+        self.store, self.seconds, self.calls = store, 0.0, 0
+
+    def run(self, commands):
+        start = time.perf_counter()
+        try:
+            return self.store.run(commands)
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+
+    def read(self, name):
+        return self.store.read(name)
+
+
+class SandblasterObjective:
+    """f(x) = mean cross-entropy over the current batch + weight_decay / 2 |x|^2, evaluated by
+    the replicas (`trainer._batch_gradient`) and finished on the shards."""
+
+    def __init__(self, trainer: "SandblasterTrainer"):
+        self.trainer = trainer
+
+    def evaluate(self, store, prepare, grad, then):
+        t = self.trainer
+        t.round += 1
+        store.run(prepare + [("round", t.round, "x")])
+        loss_sum = t._batch_gradient(t.round, t.batch)
+        b, wd = t.batch_images, t.config.weight_decay
+        xx, *rest = store.run([("lincomb", grad, 1.0 / b, "acc", wd, "x"), ("dot", "x", "x")]
+                              + then)
+        return l2_objective(loss_sum, b, wd, xx), rest
+
+    def advance(self) -> bool:
+        t = self.trainer
+        if t.full_batch:
+            return False
+        t.batch += 1
+        return True
+
+
+class SandblasterTrainer:
+    """Sandblaster L-BFGS: `SandblasterTrainer(config, run_dir).fit()` returns the summary dict.
+
+    Same contract as `DownpourTrainer` (address, dashboard, request_stop, errors); stops early
+    when L-BFGS converges (the reason is in the summary).
+    """
+
+    def __init__(self, config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
+                 resume: bool = False, progress: bool = False, address: str | None = None,
+                 dashboard: bool = False):
+        if config.mode != "sandblaster":
+            config = config.replace(mode="sandblaster")
+        self.run = RunDir(run_dir) if run_dir is not None else None
+        self.address, self.dashboard, self.progress = address, dashboard, progress
+        state = checkpoint = None
+        if resume:
+            if self.run is None:
+                raise ConfigError("--resume needs --out RUN_DIR")
+            if self.run.sandblaster_state.exists():
+                state = load_checkpoint(self.run.sandblaster_state)
+                checkpoint = load_checkpoint(self.run.checkpoint)
+                saved = TrainConfig.from_dict(state["config"])
+                for name in ("model", "data", "ps_shards"):
+                    if getattr(saved, name) != getattr(config, name):
+                        raise CheckpointError(
+                            f"{self.run.path} was trained with --{name.replace('_', '-')} "
+                            f"{getattr(saved, name)}, not {getattr(config, name)}")
+            elif self.run.checkpoint.exists():
+                mode = load_checkpoint(self.run.checkpoint).get("mode", "single")
+                raise CheckpointError(f"{self.run.path} holds a {mode} run; resume it with "
+                                      f"--mode {mode}")
+        elif self.run is not None:
+            self.run.refuse_if_occupied()
+        if address:
+            from distbelief.distributed.actors import check_reachable
+
+            check_reachable(address)
+        if config.data == "imagenet":
+            raise ConfigError("--mode sandblaster needs an in-memory dataset (digits, cifar10 or "
+                              "synthetic): portions index the training split")
+
+        self.device = resolve_device("auto" if config.device != "cpu" else "cpu")
+        self.data = load_data(config, self.device, state["data_stats"] if state else None)
+        n = self.data.train_size
+        self.full_batch = config.batch_size == 0 or config.batch_size >= n
+        self.batch_images = n if self.full_batch else config.batch_size
+        if config.epochs is not None:
+            config = config.replace(iterations=max(1, math.ceil(
+                config.epochs * n / self.batch_images)), epochs=None)
+        if config.portions is None:
+            config = config.replace(portions=min(self.batch_images,
+                                                 PORTIONS_PER_REPLICA * config.replicas))
+        if config.portions > self.batch_images:
+            raise ConfigError(f"--portions {config.portions} exceeds the {self.batch_images} "
+                              f"images of a batch")
+        self.config = config
+        torch.manual_seed(config.seed)
+        self.model = build_model(config, self.data, self.device)
+        if has_batchnorm(self.model):
+            raise ConfigError(f"--mode sandblaster needs a model without BatchNorm (softmax or "
+                              f"mlp): batch statistics would make the batch objective depend on "
+                              f"how it is cut into portions; {config.model} has BatchNorm")
+        if checkpoint is not None:
+            self.model.load_state_dict(checkpoint["model"])
+        self.initial, n_params = model_vector(self.model)
+        if config.ps_shards > n_params:
+            raise ConfigError(f"--ps-shards {config.ps_shards} exceeds the model's {n_params} "
+                              f"parameters")
+        self.bounds = shard_bounds(n_params, config.ps_shards)
+
+        self.iteration = state["iteration"] if state else 0
+        self.batch = state["batch"] if state else 0
+        self.wall_s = state["wall_s"] if state else 0.0
+        self.examples = state["examples"] if state else 0
+        self.counters = Counter(state["counters"] if state else {})
+        self.replica_portions = Counter({int(k): v for k, v in (
+            state["replica_portions"] if state else {}).items()})
+        self.round = 0
+        self.converged: str | None = None
+        self.last_train: dict = {}
+        self._last_eval: dict | None = None
+        self._stop = False
+        if state:
+            self.run.truncate_metrics(self.iteration)
+            self.run.log({"kind": "resume", "iteration": self.iteration})
+            self.run.update_config(config)
+        elif resume and self.run.config_file.is_file():
+            self.run.truncate_metrics(0)
+            self.run.log({"kind": "resume", "iteration": 0})
+            self.run.update_config(config)
+        elif self.run is not None:
+            self.run.create(config, str(self.device))
+        self.shards: list = []
+        self.replicas: list = []
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    # --- actors ------------------------------------------------------------------------
+
+    def _start_actors(self) -> None:
+        import ray
+
+        from distbelief.distributed.actors import (RayShards, SandblasterReplicaActor,
+                                                   VectorShardActor, pinned_round_robin)
+
+        c = self.config
+        run_id = uuid.uuid4().hex[:12]
+        names = [f"distbelief-{run_id}-vectors-{k}" for k in range(c.ps_shards)]
+        self.shards = [VectorShardActor.options(name=name, scheduling_strategy=strategy)
+                       .remote(k, lo, hi)
+                       for k, ((lo, hi), name, strategy) in enumerate(
+                           zip(self.bounds, names, pinned_round_robin(c.ps_shards)))]
+        self.store = TimedStore(RayShards(self.shards, self.bounds))
+        cpus = ray.cluster_resources().get("CPU", 1)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if c.device == "cuda" and not gpus:
+            raise ConfigError("--device cuda but the Ray cluster has no GPUs")
+        use_gpu = c.device == "cuda" or (c.device == "auto" and gpus > 0)
+        threads = c.replica_cpus or max(1, int(cpus // c.replicas))
+        self.replicas = [
+            SandblasterReplicaActor.options(
+                num_cpus=min(threads, cpus / c.replicas),
+                num_gpus=min(1.0, gpus / c.replicas) if use_gpu else 0,
+                max_restarts=c.max_restarts, max_task_retries=0, scheduling_strategy="SPREAD",
+            ).remote(r, c, names, self.bounds, self.data.stats, threads,
+                     "cuda" if use_gpu else "cpu", c.straggler_delay if r == 0 else 0.0)
+            for r in range(c.replicas)]
+        self.live = set(range(c.replicas))
+        self.inflight: dict = {}  # ObjectRef of a compute call -> (replica, round, portion)
+        self.unresolved: dict = {}  # replica -> verdict on its last result, sent with its next call
+
+    def _stop_actors(self) -> None:
+        import ray
+
+        for actor in self.replicas + self.shards:
+            ray.kill(actor, no_restart=True)
+        self.replicas, self.shards = [], []
+
+    # --- one batch gradient ------------------------------------------------------------
+
+    def _batch_gradient(self, round_: int, batch: int) -> float:
+        """Have the replicas compute the batch's gradient sum into the shards' "acc"; returns
+        the summed loss. Every portion counts exactly once (see distributed.sandblaster)."""
+        import ray
+
+        c = self.config
+        queue = PortionQueue(c.portions, c.backup_tasks)
+        losses: dict[int, float] = {}
+
+        def offer() -> None:
+            busy = {r for r, _, _ in self.inflight.values()}
+            for r in sorted(self.live - busy):
+                job = queue.take(r)
+                if job is not None:
+                    p, solo = job
+                    ref = self.replicas[r].compute.remote(round_, batch, p, solo,
+                                                          self.unresolved.pop(r, None))
+                    self.inflight[ref] = (r, round_, p)
+
+        offer()
+        while True:
+            if queue.done:
+                missing = self._collect(round_)
+                if not missing:
+                    break
+                self.counters["portions_recomputed"] += len(missing)
+                queue.missing(missing)
+                for p in missing:
+                    losses.pop(p, None)
+                offer()
+                continue
+            if not self.inflight:
+                raise DistbeliefError("no replica is left to compute the batch")
+            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=POLL_S)
+            for ref in ready:
+                r, rnd, p = self.inflight.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - sorted out by _replica_failed
+                    self._replica_failed(r, e)
+                    if rnd == round_:
+                        queue.failed(r)
+                    continue
+                self.counters["portions_computed"] += 1
+                if rnd != round_:  # a copy from an earlier round, still running when it ended
+                    win = False
+                    self.counters["backup_wasted"] += 1
+                else:
+                    wasted_before = queue.wasted
+                    win = queue.finished(r, p)
+                    self.counters["backup_wasted"] += queue.wasted - wasted_before
+                    if win:
+                        losses[p] = result["loss_sum"]
+                        self.replica_portions[r] += 1
+                        self.iteration_portions[r] += 1
+                self.unresolved[r] = (rnd, p, win)
+                if not math.isfinite(result["loss_sum"]):
+                    raise Diverged(f"the loss is not finite (replica {r}, iteration "
+                                   f"{self.iteration}); lower --lr or use --line-search "
+                                   f"strong_wolfe (the last checkpoint is kept)")
+            offer()
+        self.counters["backup_tasks"] += queue.backups
+        self.examples += self.batch_images
+        return math.fsum(losses.values())
+
+    def _collect(self, round_: int) -> set[int]:
+        """Every live replica pushes what it holds of `round_`; returns the portions some shard
+        lacks (their winners died before pushing them)."""
+        import ray
+
+        refs = {self.replicas[r].flush.remote(round_, self.unresolved.pop(r, None)): r
+                for r in sorted(self.live)}
+        for ref, r in refs.items():
+            try:
+                ray.get(ref)
+            except Exception as e:  # noqa: BLE001
+                self._replica_failed(r, e)
+        if self.store.run([("held",)])[0] == self.config.portions:
+            return set()
+        everything = set(range(self.config.portions))
+        return set().union(*(everything - set(st["held"]) for st in
+                             ray.get([s.stats.remote() for s in self.shards])))
+
+    def _replica_failed(self, r: int, error: Exception) -> None:
+        """A replica's call failed: a shard is gone (the run cannot go on), or the replica died
+        (Ray restarts it up to --max-restarts times; its portions are computed again)."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        c = self.config
+        if isinstance(error, RayTaskError):
+            if isinstance(error.cause, RayActorError):
+                raise DistbeliefError("a parameter-server shard is gone; --resume continues "
+                                      "from the last checkpoint") from None
+            raise error
+        if not isinstance(error, RayActorError):
+            raise error
+        for ref in [ref for ref, (who, _, _) in self.inflight.items() if who == r]:
+            del self.inflight[ref]
+        self.unresolved.pop(r, None)
+        restart = self.counters[f"replica_{r}_restarts"] < c.max_restarts
+        self.counters["replica_failures"] += 1
+        if restart:
+            self.counters[f"replica_{r}_restarts"] += 1
+            self.counters["replica_restarts"] += 1
+        else:
+            self.live.discard(r)
+        text = str(error).strip()
+        reason = text.splitlines()[0][:200] if text else type(error).__name__
+        self._log({"kind": "failure", "actor": f"replica {r}", "iteration": self.iteration,
+                   "wall_s": round(self.wall_s, 3), "restarted": restart, "error": reason})
+        self._say(f"replica {r} failed ({type(error).__name__}); "
+                  + ("restarting it" if restart else "giving up on it"))
+        if not self.live:
+            raise DistbeliefError(f"every replica failed more than --max-restarts "
+                                  f"{c.max_restarts} times; last error: {reason}")
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        """Run L-BFGS for `config.iterations` iterations (or until it converges), evaluate,
+        return the summary."""
+        from distbelief.distributed.actors import start_ray
+
+        started = start_ray(self.address, self.dashboard)
+        try:
+            self._start_actors()
+            try:
+                self._train()
+                results = self._last_eval
+                if results is None or results["test"]["iteration"] != self.iteration:
+                    results = self._evaluate_all()
+                return self._summarize(results)
+            finally:
+                self._stop_actors()
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+
+    def _wait_for_replicas(self) -> None:
+        import ray
+
+        refs = [r.info.remote() for r in self.replicas]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=START_TIMEOUT_S)
+        if len(ready) < len(refs):
+            raise DistbeliefError(
+                f"only {len(ready)} of {self.config.replicas} replicas started within "
+                f"{START_TIMEOUT_S} s; the cluster has "
+                f"{ray.cluster_resources().get('CPU', 0):g} CPUs (see --replica-cpus)")
+        self._log({"kind": "cluster", "iteration": self.iteration, "replicas": ray.get(refs),
+                   "shards": [{k: st[k] for k in ("shard", "node", "elements")}
+                              for st in ray.get([s.stats.remote() for s in self.shards])]})
+
+    def _train(self) -> None:
+        c = self.config
+        clock = time.perf_counter
+        self._wait_for_replicas()
+        self.store.run([("set", "x", self.initial)])
+        self.optimizer = LBFGS(self.store, SandblasterObjective(self), history=c.history,
+                               lr=c.lr, line_search=c.line_search)
+        loop_start, wall_before = clock(), self.wall_s
+        next_eval = (self.iteration // c.eval_every + 1) * c.eval_every \
+            if c.eval_every else math.inf
+        next_ckpt = (self.iteration // c.checkpoint_every + 1) * c.checkpoint_every \
+            if c.checkpoint_every else math.inf
+        try:
+            self.iteration_portions = Counter()
+            start = self.optimizer.start()
+            self.wall_s = wall_before + clock() - loop_start
+            if self.iteration == 0:
+                self._log_iteration(start, 0.0, 0.0, 0.0)
+            while self.iteration < c.iterations and not self.converged and not self._stop:
+                self.iteration_portions = Counter()
+                counts = Counter(self.counters)
+                began, store_before = clock(), self.store.seconds
+                record = self.optimizer.step()
+                self.iteration += 1
+                self.converged = record["converged"]
+                self.wall_s = wall_before + clock() - loop_start
+                seconds = clock() - began
+                self._log_iteration(record, seconds, self.store.seconds - store_before,
+                                    seconds - (self.store.seconds - store_before), counts)
+                if not math.isfinite(self.optimizer.loss):
+                    raise Diverged(f"the objective is not finite at iteration {self.iteration}; "
+                                   f"lower --lr (the last checkpoint is kept)")
+                if self.iteration >= next_eval:
+                    self._evaluate_all()
+                    next_eval = (self.iteration // c.eval_every + 1) * c.eval_every
+                if self.iteration >= next_ckpt:
+                    self.save()
+                    next_ckpt = (self.iteration // c.checkpoint_every + 1) * c.checkpoint_every
+        finally:
+            self.wall_s = wall_before + clock() - loop_start
+        self.save()
+        if self._stop and self.iteration < c.iterations and not self.converged:
+            raise TrainingInterrupted(f"stopped at iteration {self.iteration}; checkpoint "
+                                      f"saved, continue with --resume")
+
+    # --- records -------------------------------------------------------------------------
+
+    def _log(self, record: dict) -> None:
+        if self.run is not None:
+            self.run.log(record)
+
+    def _say(self, message: str) -> None:
+        if self.progress:
+            print(f"distbelief: {message}", file=sys.stderr)
+
+    def _log_iteration(self, record: dict, seconds: float, store_s: float, gradient_s: float,
+                       before: Counter | None = None) -> None:
+        before = before or Counter()
+        c = self.config
+        self.last_train = {
+            "kind": "train", "iteration": self.iteration, "loss": record["loss"],
+            "grad_norm": record.get("grad_norm"), "step": record.get("step"),
+            "evals": record.get("evals"), "batch": self.batch, "examples": self.examples,
+            "wall_s": round(self.wall_s, 3), "seconds": round(seconds, 4),
+            "coordinator_s": round(store_s, 4), "gradient_s": round(gradient_s, 4),
+            "portions_per_replica": [self.iteration_portions[r] for r in range(c.replicas)],
+            "backup_tasks": self.counters["backup_tasks"] - before["backup_tasks"],
+            "backup_wasted": self.counters["backup_wasted"] - before["backup_wasted"],
+            "converged": record.get("converged")}
+        self._log(self.last_train)
+        if self.progress and (self.iteration % c.log_every == 0 or record.get("converged")):
+            self._say(f"iteration {self.iteration}/{c.iterations}: loss {record['loss']:.6f}"
+                      + (f", step {record['step']:.3g}" if record.get("step") else ""))
+
+    def server_vector(self) -> torch.Tensor:
+        """The parameters "x", gathered from the shards."""
+        return self.store.read("x")
+
+    def _evaluate_all(self) -> dict:
+        load_model_vector(self.model, self.server_vector())
+        results = {}
+        for split, source in self.data.splits.items():
+            r = {"kind": "eval", "split": split, "iteration": self.iteration,
+                 "examples": self.examples, "wall_s": round(self.wall_s, 3),
+                 **evaluate(self.model, source.batches(), channels_last=self.config.channels_last,
+                            bf16=self.config.bf16)}
+            results[split] = r
+            self._log(r)
+        self._say(f"iteration {self.iteration}/{self.config.iterations} ({self.wall_s:.1f} s): "
+                  f"loss {self.last_train.get('loss', float('nan')):.6f}, "
+                  f"test error {results['test']['error']:.2%}")
+        self._last_eval = results
+        return results
+
+    def save(self) -> None:
+        """Write last.pt (the model at x) and the coordinator's state; parameters that are not
+        finite never replace a good checkpoint."""
+        if self.run is None:
+            return
+        vector = self.server_vector()
+        if not bool(torch.isfinite(vector).all()):
+            raise Diverged(f"the parameters are not finite at iteration {self.iteration}; lower "
+                           f"--lr (the last checkpoint is kept)")
+        load_model_vector(self.model, vector)
+        c = self.config
+        save_checkpoint(self.run.checkpoint, {
+            "config": c.to_dict(), "iteration": self.iteration, "model": self.model.state_dict(),
+            "data_stats": self.data.stats, "num_classes": self.data.num_classes,
+            "in_chans": self.data.in_chans, "wall_s": self.wall_s, "mode": "sandblaster"})
+        save_checkpoint(self.run.sandblaster_state, {
+            "config": c.to_dict(), "iteration": self.iteration, "batch": self.batch,
+            "wall_s": self.wall_s, "examples": self.examples, "counters": dict(self.counters),
+            "replica_portions": dict(self.replica_portions), "data_stats": self.data.stats,
+            "last_train": self.last_train})
+
+    def _summarize(self, results: dict) -> dict:
+        c, test = self.config, results["test"]
+        summary = {
+            "recipe": c.recipe, "model": c.model, "data": c.data, "device": str(self.device),
+            "mode": "sandblaster", "replicas": c.replicas, "ps_shards": c.ps_shards,
+            "portions": c.portions, "history": c.history, "line_search": c.line_search,
+            "batch_images": self.batch_images, "backup_tasks_enabled": c.backup_tasks,
+            "iterations": self.iteration, "examples": self.examples,
+            "epochs": round(self.examples / self.data.train_size, 3),
+            "converged": self.converged,
+            "test_error": test["error"], "test_accuracy": 1 - test["error"],
+            "test_top5_error": test["top5_error"], "test_loss": test["loss"],
+            "train_loss": self.last_train.get("loss"),
+            "grad_norm": self.last_train.get("grad_norm"),
+            "train_error": None,
+            "wall_s": round(self.wall_s, 3),
+            "images_per_s": round(self.examples / max(self.wall_s, 1e-9), 1),
+            "evaluations": self.optimizer.evals,
+            "coordinator_s": round(self.store.seconds, 3),
+            "coordinator_calls": self.store.calls,
+            "portions_per_replica": [self.replica_portions[r] for r in range(c.replicas)],
+            "portions_computed": self.counters["portions_computed"],
+            "portions_recomputed": self.counters["portions_recomputed"],
+            "backup_tasks": self.counters["backup_tasks"],
+            "backup_wasted": self.counters["backup_wasted"],
+            "replica_failures": self.counters["replica_failures"],
+            "replica_restarts": self.counters["replica_restarts"],
+        }
+        if "val" in results:
+            summary["val_error"] = results["val"]["error"]
+        if self.run is not None:
+            self.run.write_summary(summary)
+        return summary
