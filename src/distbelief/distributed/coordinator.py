@@ -151,6 +151,7 @@ class SandblasterTrainer:
         if checkpoint is not None:
             self.model.load_state_dict(checkpoint["model"])
         self.initial, n_params = model_vector(self.model)
+        self.initial = self.initial.to(getattr(torch, config.dtype))
         if config.ps_shards > n_params:
             raise ConfigError(f"--ps-shards {config.ps_shards} exceeds the model's {n_params} "
                               f"parameters")
@@ -215,8 +216,11 @@ class SandblasterTrainer:
                      "cuda" if use_gpu else "cpu", c.straggler_delay if r == 0 else 0.0)
             for r in range(c.replicas)]
         self.live = set(range(c.replicas))
+        self.lives = Counter()  # replica -> failures seen: a call made before one is stale
         self.inflight: dict = {}  # ObjectRef of a compute call -> (replica, round, portion)
         self.unresolved: dict = {}  # replica -> verdict on its last result, sent with its next call
+        self.sent: dict = {}  # replica -> the last verdict sent to it
+        self.recovering: dict = {}  # ObjectRef of a ping -> replica restarting after a failure
 
     def _stop_actors(self) -> None:
         import ray
@@ -237,14 +241,14 @@ class SandblasterTrainer:
         losses: dict[int, float] = {}
 
         def offer() -> None:
-            busy = {r for r, _, _ in self.inflight.values()}
+            busy = {r for r, *_ in self.inflight.values()} | set(self.recovering.values())
             for r in sorted(self.live - busy):
                 job = queue.take(r)
                 if job is not None:
                     p, solo = job
                     ref = self.replicas[r].compute.remote(round_, batch, p, solo,
-                                                          self.unresolved.pop(r, None))
-                    self.inflight[ref] = (r, round_, p)
+                                                          self._verdict(r))
+                    self.inflight[ref] = (r, round_, p, self.lives[r])
 
         offer()
         while True:
@@ -258,15 +262,19 @@ class SandblasterTrainer:
                     losses.pop(p, None)
                 offer()
                 continue
-            if not self.inflight:
+            if not self.inflight and not self.recovering:
                 raise DistbeliefError("no replica is left to compute the batch")
-            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=POLL_S)
+            ready, _ = ray.wait(list(self.inflight) + list(self.recovering), num_returns=1,
+                                timeout=POLL_S)
             for ref in ready:
-                r, rnd, p = self.inflight.pop(ref)
+                if ref in self.recovering:
+                    self._recovered(ref)
+                    continue
+                r, rnd, p, life = self.inflight.pop(ref)
                 try:
                     result = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - sorted out by _replica_failed
-                    self._replica_failed(r, e)
+                    self._replica_failed(r, e, life)
                     if rnd == round_:
                         queue.failed(r)
                     continue
@@ -292,27 +300,52 @@ class SandblasterTrainer:
         self.examples += self.batch_images
         return math.fsum(losses.values())
 
+    def _recovered(self, ref) -> None:
+        """A restarting replica's ping came back: it takes work again, is still restarting
+        (ping again), or died once more (a new failure)."""
+        import ray
+        from ray.exceptions import ActorUnavailableError
+
+        r = self.recovering.pop(ref)
+        try:
+            ray.get(ref)
+        except ActorUnavailableError:
+            time.sleep(0.05)
+            self.recovering[self.replicas[r].info.remote()] = r
+        except Exception as e:  # noqa: BLE001 - sorted out by _replica_failed
+            self._replica_failed(r, e, self.lives[r])
+
+    def _verdict(self, r: int):
+        """The verdict on replica r's last result, for its next call. Sent again until a newer
+        one exists: a flush can overtake the compute call that carried it (they run on
+        different threads of the replica), and applying a verdict twice does nothing."""
+        if r in self.unresolved:
+            self.sent[r] = self.unresolved.pop(r)
+        return self.sent.get(r)
+
     def _collect(self, round_: int) -> set[int]:
         """Every live replica pushes what it holds of `round_`; returns the portions some shard
         lacks (their winners died before pushing them)."""
         import ray
 
-        refs = {self.replicas[r].flush.remote(round_, self.unresolved.pop(r, None)): r
-                for r in sorted(self.live)}
-        for ref, r in refs.items():
+        refs = {self.replicas[r].flush.remote(round_, self._verdict(r)): (r, self.lives[r])
+                for r in sorted(self.live - set(self.recovering.values()))}
+        for ref, (r, life) in refs.items():
             try:
                 ray.get(ref)
             except Exception as e:  # noqa: BLE001
-                self._replica_failed(r, e)
+                self._replica_failed(r, e, life)
         if self.store.run([("held",)])[0] == self.config.portions:
             return set()
         everything = set(range(self.config.portions))
         return set().union(*(everything - set(st["held"]) for st in
                              ray.get([s.stats.remote() for s in self.shards])))
 
-    def _replica_failed(self, r: int, error: Exception) -> None:
+    def _replica_failed(self, r: int, error: Exception, life: int) -> None:
         """A replica's call failed: a shard is gone (the run cannot go on), or the replica died
-        (Ray restarts it up to --max-restarts times; its portions are computed again)."""
+        (Ray restarts it up to --max-restarts times; its portions are computed again). `life`
+        is the replica's failure count when the call was made: calls made before a failure
+        that is counted already fail with it and are not counted again."""
         from ray.exceptions import RayActorError, RayTaskError
 
         c = self.config
@@ -323,14 +356,20 @@ class SandblasterTrainer:
             raise error
         if not isinstance(error, RayActorError):
             raise error
-        for ref in [ref for ref, (who, _, _) in self.inflight.items() if who == r]:
+        if life < self.lives[r] or r not in self.live or r in self.recovering.values():
+            return  # a call made before the failure that is being handled
+        self.lives[r] += 1
+        for ref in [ref for ref, (who, *_) in self.inflight.items() if who == r]:
             del self.inflight[ref]
         self.unresolved.pop(r, None)
+        self.sent.pop(r, None)
         restart = self.counters[f"replica_{r}_restarts"] < c.max_restarts
         self.counters["replica_failures"] += 1
         if restart:
             self.counters[f"replica_{r}_restarts"] += 1
             self.counters["replica_restarts"] += 1
+            # No work until it answers: calls to a restarting actor fail at once.
+            self.recovering[self.replicas[r].info.remote()] = r
         else:
             self.live.discard(r)
         text = str(error).strip()

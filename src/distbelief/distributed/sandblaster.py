@@ -255,7 +255,8 @@ class SandblasterReplica:
         stream = data.train
         self.images, self.labels, self.mean = stream.images, stream.labels, stream.mean
         self.train_size = data.train_size
-        self.model = build_model(config, data, self.device)
+        self.dtype = getattr(torch, config.dtype)
+        self.model = build_model(config, data, self.device).to(self.dtype)
         self.flat = FlatModel(self.model)
         self.lock = threading.Lock()  # compute and flush threads share the fields below
         self.round = None
@@ -306,12 +307,12 @@ class SandblasterReplica:
         if fetch:
             self.flat.load(self.client.pull("x"))
         index = self._indices(batch, portion).to(self.device)
-        x = self.images[index].float().div_(255).sub_(self.mean)
+        x = self.images[index].to(self.dtype).div_(255).sub_(self.mean)
         self.model.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.model(x), self.labels[index], reduction="sum")
         loss.backward()
         loss = loss.detach()
-        grad = self.flat.gradient().cpu()
+        grad = self.flat.gradient(self.dtype).cpu()
         if self.straggler_delay:
             time.sleep(self.straggler_delay)
         with self.lock:
@@ -334,6 +335,48 @@ class SandblasterReplica:
                 "pushed": [p for portions, result in outcomes
                            if all(o in ("added", "duplicate") for o in result) for p in portions],
                 "outcomes": [o for _, result in outcomes for o in result]}
+
+
+class LocalBatchObjective:
+    """The Sandblaster batch objective computed in this process in one pass: the reference the
+    distributed version is tested against, usable with `optim.lbfgs.LBFGS` on a `LocalStore`.
+    `initial` is the coordinator's starting point for the same config."""
+
+    def __init__(self, config, device: torch.device | str = "cpu"):
+        self.config, self.device = config, torch.device(device)
+        data = load_data(config, self.device)
+        self.images, self.labels, self.mean = data.train.images, data.train.labels, data.train.mean
+        self.train_size = data.train_size
+        self.full_batch = config.batch_size == 0 or config.batch_size >= self.train_size
+        self.dtype = getattr(torch, config.dtype)
+        torch.manual_seed(config.seed)
+        self.model = build_model(config, data, self.device).to(self.dtype)
+        self.flat = FlatModel(self.model)
+        self.initial = self.flat.vector(self.dtype)
+        self.batch = 0
+
+    def value_and_grad(self, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+        index = batch_indices(self.train_size, self.config.batch_size, self.config.seed,
+                              self.batch).to(self.device)
+        self.flat.load(x)
+        self.model.zero_grad(set_to_none=True)
+        inputs = self.images[index].to(self.dtype).div_(255).sub_(self.mean)
+        loss = F.cross_entropy(self.model(inputs), self.labels[index], reduction="sum")
+        loss.backward()
+        wd, b = self.config.weight_decay, len(index)
+        grad = self.flat.gradient(self.dtype).cpu() / b + wd * x
+        return l2_objective(loss.item(), b, wd, float(x.dot(x))), grad.cpu()
+
+    def evaluate(self, store, prepare, grad, then):
+        store.run(prepare)
+        f, g = self.value_and_grad(store.read("x"))
+        return f, store.run([("set", grad, g)] + then)
+
+    def advance(self) -> bool:
+        if self.full_batch:
+            return False
+        self.batch += 1
+        return True
 
 
 def has_batchnorm(model: torch.nn.Module) -> bool:

@@ -49,9 +49,9 @@ class FlatModel:
         self.sizes = [t.numel() for t in self.params + self.buffers]
 
     @torch.no_grad()
-    def vector(self) -> torch.Tensor:
-        """Flat float32 CPU copy of [parameters; buffers]."""
-        return torch.cat([t.reshape(-1).float().cpu() for t in self.params + self.buffers])
+    def vector(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Flat CPU copy of [parameters; buffers] (float32 unless `dtype`)."""
+        return torch.cat([t.reshape(-1).to(dtype).cpu() for t in self.params + self.buffers])
 
     @torch.no_grad()
     def load(self, vector: torch.Tensor) -> None:
@@ -65,11 +65,11 @@ class FlatModel:
         torch._foreach_copy_(tensors, [v.view(t.shape) for v, t in zip(pieces, tensors)])
 
     @torch.no_grad()
-    def gradient(self) -> torch.Tensor:
-        """Flat float32 gradient of the parameters (zeros where one got none), on the model's
-        device."""
+    def gradient(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Flat gradient of the parameters (zeros where one got none) on the model's device,
+        float32 unless `dtype`."""
         return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                          for p in self.params]).float()
+                          for p in self.params]).to(dtype)
 
     @torch.no_grad()
     def buffer_vector(self) -> torch.Tensor:

@@ -131,6 +131,8 @@ class TrainConfig:
     history: int = _opt("sandblaster: L-BFGS history size m (curvature pairs kept)", default=10)
     line_search: str = _opt("sandblaster: strong_wolfe or none (fixed step --lr)",
                             default="strong_wolfe")
+    dtype: str = _opt("sandblaster: float32 or float64 arithmetic for the replicas' models, the "
+                      "gradients and the L-BFGS vectors", default="float32")
     backup_tasks: bool = _opt("sandblaster: near the end of a batch give idle replicas copies of "
                               "unfinished portions; the first result wins", default=True)
     straggler_delay: float = _opt("sandblaster: replica 0 sleeps this many seconds after each "
@@ -145,6 +147,7 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("mode", self.mode, MODES)
         check_choice("line search", self.line_search, LINE_SEARCHES)
+        check_choice("dtype", self.dtype, ("float32", "float64"))
         if self.shortcut is not None:
             check_choice("shortcut option", self.shortcut, ("A", "B", "C"))
         positive = ("batch_size", "iterations", "eval_batch_size", "log_every", "crop_size",
