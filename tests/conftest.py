@@ -1,3 +1,6 @@
+import os
+import time
+
 import pytest
 import torch
 
@@ -15,3 +18,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class RayWatch:
+    """Ray's daemons and workers on this machine, to check that a command stopped its own."""
+
+    KEYS = ("gcs_server", "raylet", "ray::", "default_worker.py", "log_monitor.py",
+            "plasma_store")
+
+    def processes(self) -> set[int]:
+        pids = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if any(key in cmd for key in self.KEYS):
+                pids.add(int(entry))
+        return pids
+
+    def new_since(self, before: set[int], timeout_s: float = 20.0) -> set[int]:
+        """Ray processes not in `before` still alive after up to `timeout_s` seconds."""
+        deadline = time.time() + timeout_s
+        while (left := self.processes() - before) and time.time() < deadline:
+            time.sleep(0.5)
+        return left
+
+
+@pytest.fixture
+def ray_watch():
+    return RayWatch()

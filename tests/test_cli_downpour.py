@@ -18,32 +18,8 @@ QUICK = ["--recipe", "digits-downpour", "--iterations", "150", "--milestones", "
          "--eval-every", "0", "--log-every", "25"]
 
 
-def ray_processes() -> set[int]:
-    """PIDs of Ray's daemons and workers on this machine."""
-    pids = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(key in cmd for key in ("gcs_server", "raylet", "ray::", "default_worker.py",
-                                      "log_monitor.py", "plasma_store")):
-            pids.add(int(entry))
-    return pids
-
-
-def wait_for_no_new_ray(before: set[int], timeout_s: float = 20.0) -> set[int]:
-    deadline = time.time() + timeout_s
-    while (left := ray_processes() - before) and time.time() < deadline:
-        time.sleep(0.5)
-    return left
-
-
-def test_downpour_command_trains_evaluates_and_leaves_no_ray_behind(tmp_path, capsys):
-    before = ray_processes()
+def test_downpour_command_trains_evaluates_and_leaves_no_ray_behind(tmp_path, capsys, ray_watch):
+    before = ray_watch.processes()
     out = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "distbelief", "train", *QUICK, "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
@@ -53,7 +29,7 @@ def test_downpour_command_trains_evaluates_and_leaves_no_ray_behind(tmp_path, ca
     assert "Traceback" not in done.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == 150 and summary["mode"] == "downpour"
-    assert not wait_for_no_new_ray(before), "Ray processes outlived the command"
+    assert not ray_watch.new_since(before), "Ray processes outlived the command"
     # The server's model is an ordinary checkpoint for `distbelief eval`.
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(out / "checkpoints/last.pt"), "--json"]) == 0
@@ -66,8 +42,8 @@ def test_downpour_command_trains_evaluates_and_leaves_no_ray_behind(tmp_path, ca
     assert main(["plot", str(out), "--x", "examples", "-o", str(tmp_path / "f.png")]) == 0
 
 
-def test_ctrl_c_checkpoints_stops_ray_and_resume_finishes(tmp_path):
-    before = ray_processes()
+def test_ctrl_c_checkpoints_stops_ray_and_resume_finishes(tmp_path, ray_watch):
+    before = ray_watch.processes()
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "distbelief", "train", "--recipe", "digits-downpour", "--quiet",
            "--out", str(out), "--log-every", "10", "--eval-every", "0"]
@@ -82,7 +58,7 @@ def test_ctrl_c_checkpoints_stops_ray_and_resume_finishes(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "continue with --resume" in err and "Traceback" not in err
-    assert not wait_for_no_new_ray(before), "Ray processes outlived Ctrl-C"
+    assert not ray_watch.new_since(before), "Ray processes outlived Ctrl-C"
     from distbelief.engine import load_checkpoint
 
     stopped = load_checkpoint(out / "checkpoints/downpour.pt")["steps"]
@@ -121,7 +97,7 @@ def test_resume_refuses_another_shape_or_mode(tmp_path, capsys):
     save_checkpoint(run.checkpoint, {"config": config.to_dict(), "mode": "downpour"})
     before = {p.name: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
     for argv, message in ((["--replicas", "3"], "was trained with --replicas 2, not 3"),
-                          (["--mode", "single"], "holds a Downpour run")):
+                          (["--mode", "single"], "holds a downpour run")):
         assert main(["train", "--out", str(run.path), "--resume", "--quiet", *argv]) == 2
         assert message in capsys.readouterr().err
     assert before == {p.name: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}

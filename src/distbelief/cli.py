@@ -14,7 +14,7 @@ import signal
 import sys
 
 from distbelief import __version__
-from distbelief.errors import ConfigError, DistbeliefError
+from distbelief.errors import CheckpointError, ConfigError, DistbeliefError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -104,6 +104,9 @@ def _config_from_args(args: argparse.Namespace):
         if args.out is None:
             raise ConfigError("--resume needs --out RUN_DIR, the run to continue")
         base = RunDir(args.out).read_config()
+        if overrides.get("mode", base.mode) != base.mode:
+            raise CheckpointError(f"{args.out} holds a {base.mode} run; resume it with "
+                                  f"--mode {base.mode}")
     else:
         base = get_recipe(args.recipe, args.model)
     return base.replace(**overrides)

@@ -34,15 +34,18 @@ def run_curves(run_dir: str | os.PathLike, x: str = "iterations") -> dict:
             return r.get("examples", r["iteration"] * (config.batch_size if config else 0))
         return r["iteration"]
 
-    train = [(position(r), r["error"]) for r in records if r.get("kind") == "train"]
+    # Sandblaster's train records hold the batch objective, not an error rate.
+    train = [(position(r), r["error"]) for r in records
+             if r.get("kind") == "train" and r.get("error") is not None]
     test = [(position(r), r["error"]) for r in records
             if r.get("kind") == "eval" and r.get("split") == "test"]
     if not train and not test:
         raise ConfigError(f"{run.metrics_file} holds no training or test records yet")
     label = run.path.name
     if config is not None:
-        label = config.model + (f" (Downpour x{config.replicas}, {config.optimizer})"
-                                if config.mode == "downpour" else "")
+        label = config.model + {
+            "downpour": f" (Downpour x{config.replicas}, {config.optimizer})",
+            "sandblaster": f" (Sandblaster L-BFGS x{config.replicas})"}.get(config.mode, "")
     return {"label": label, "train": tuple(zip(*train)) or ((), ()),
             "test": tuple(zip(*test)) or ((), ())}
 

@@ -140,3 +140,23 @@ def test_portions_a_dead_replica_won_but_never_pushed_are_computed_again(tmp_pat
     assert summary["replica_failures"] == 1
     assert summary["portions_recomputed"] > 0
     assert_same_iterates(records, x, reference)
+
+
+def test_softmax_regression_reaches_the_scipy_optimum(tmp_path):
+    """The digits-sandblaster recipe (float32, 2 replicas, 2 shards) against scipy's L-BFGS-B
+    on the same objective in float64."""
+    scipy_optimize = pytest.importorskip("scipy.optimize")
+    c = get_recipe("digits-sandblaster").replace(device="cpu")
+    objective = LocalBatchObjective(c.replace(dtype="float64"))
+
+    def fun(w):
+        f, g = objective.value_and_grad(torch.from_numpy(w))
+        return f, g.numpy()
+
+    best = scipy_optimize.minimize(fun, objective.initial.numpy(), jac=True, method="L-BFGS-B",
+                                   options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-10})
+    assert best.success, best.message
+    summary = SandblasterTrainer(c, tmp_path / "run").fit()
+    assert summary["converged"] or summary["iterations"] == c.iterations
+    assert abs(summary["train_loss"] - best.fun) <= 1e-4 * best.fun
+    assert summary["test_accuracy"] > 0.9

@@ -214,7 +214,9 @@ def build_data(config, device: torch.device, stats: dict | None = None,
     index = data_part(len(train), part)
     if index is not None:
         train = train.subset(index)
-    stream = ArrayTrainStream(train, stats["mean"], c.batch_size, c.seed + (part or (0,))[0],
+    # A batch size of 0 (Sandblaster's whole-split batch) streams the whole split per batch.
+    stream = ArrayTrainStream(train, stats["mean"], c.batch_size or len(train),
+                              c.seed + (part or (0,))[0],
                               device, c.augment, c.pad, c.flip)
     return DataBundle(
         name=c.data, num_classes=classes, in_chans=train.images.shape[1],

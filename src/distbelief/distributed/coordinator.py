@@ -27,7 +27,8 @@ from collections import Counter
 
 import torch
 
-from distbelief.distributed.sandblaster import PortionQueue, has_batchnorm, l2_objective, load_data
+from distbelief.data import build_data
+from distbelief.distributed.sandblaster import PortionQueue, has_batchnorm, l2_objective
 from distbelief.distributed.shard import load_model_vector, model_vector
 from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.engine.config import TrainConfig
@@ -128,7 +129,8 @@ class SandblasterTrainer:
                               "synthetic): portions index the training split")
 
         self.device = resolve_device("auto" if config.device != "cpu" else "cpu")
-        self.data = load_data(config, self.device, state["data_stats"] if state else None)
+        self.data = build_data(config, self.device,
+                               stats=state["data_stats"] if state else None)
         n = self.data.train_size
         self.full_batch = config.batch_size == 0 or config.batch_size >= n
         self.batch_images = n if self.full_batch else config.batch_size

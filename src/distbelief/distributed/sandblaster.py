@@ -45,12 +45,6 @@ from distbelief.optim.lbfgs import REDUCE, VectorSlots
 SHARD_REDUCE = {**REDUCE, "held": min}  # ("held",): portions held this round, fewest over shards
 
 
-def load_data(config, device, stats=None):
-    """The dataset for Sandblaster: batches are drawn by `batch_indices`, not by the SGD
-    training stream, whose batch size (0 here means the whole split) does not apply."""
-    return build_data(config.replace(batch_size=1), device, stats=stats)
-
-
 def batch_indices(train_size: int, batch_size: int, seed: int, batch: int) -> torch.Tensor:
     """Training images of L-BFGS batch number `batch`.
 
@@ -251,7 +245,7 @@ class SandblasterReplica:
         self.index, self.config, self.client = index, config, client
         self.device = torch.device(device)
         self.straggler_delay = straggler_delay
-        data = load_data(config, self.device, stats)
+        data = build_data(config, self.device, stats=stats)
         stream = data.train
         self.images, self.labels, self.mean = stream.images, stream.labels, stream.mean
         self.train_size = data.train_size
@@ -344,7 +338,7 @@ class LocalBatchObjective:
 
     def __init__(self, config, device: torch.device | str = "cpu"):
         self.config, self.device = config, torch.device(device)
-        data = load_data(config, self.device)
+        data = build_data(config, self.device)
         self.images, self.labels, self.mean = data.train.images, data.train.labels, data.train.mean
         self.train_size = data.train_size
         self.full_batch = config.batch_size == 0 or config.batch_size >= self.train_size
