@@ -128,10 +128,21 @@ def test_portions_a_dead_replica_won_but_never_pushed_are_computed_again(tmp_pat
     import ray
 
     original = SandblasterTrainer._collect
+    killed = []
 
     def collect(self, round_):
-        if round_ == 4:
-            ray.kill(self.replicas[1], no_restart=False)
+        if round_ == 4 and not killed:  # once: round 4 is collected again after the repair
+            killed.append(round_)
+            replica = self.replicas[1]
+            pid = ray.get(replica.info.remote())["pid"]
+            ray.kill(replica, no_restart=False)
+            while True:  # the kill is asynchronous: wait until that process is gone
+                try:
+                    if ray.get(replica.info.remote(), timeout=60)["pid"] != pid:
+                        break
+                except ray.exceptions.RayActorError:
+                    break
+                time.sleep(0.01)
         return original(self, round_)
 
     monkeypatch.setattr(SandblasterTrainer, "_collect", collect)

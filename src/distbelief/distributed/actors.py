@@ -215,6 +215,11 @@ def pinned_round_robin(count: int) -> list:
 
 # --- Sandblaster ------------------------------------------------------------------------
 
+def _gather(refs: list) -> torch.Tensor:
+    """A whole vector from the shards' slices, copied out of the object store."""
+    return torch.from_numpy(np.concatenate(ray.get(refs)))
+
+
 def _commands_in(commands: list) -> list:
     return [(c[0], c[1], torch.from_numpy(c[2])) if c[0] == "set" else c for c in commands]
 
@@ -255,8 +260,7 @@ class RayShards:
         return combine(commands, ray.get(out))
 
     def read(self, name: str) -> torch.Tensor:
-        return _join_pulls([(w, 0) for w in ray.get([s.pull.remote(name)
-                                                     for s in self.shards])])[0].clone()
+        return _gather([s.pull.remote(name) for s in self.shards])
 
 
 class SandblasterClient:
@@ -267,8 +271,7 @@ class SandblasterClient:
         self.shards, self.bounds = shards, bounds
 
     def pull(self, name: str = "x") -> torch.Tensor:
-        return _join_pulls([(w, 0) for w in ray.get([s.pull.remote(name)
-                                                     for s in self.shards])])[0].clone()
+        return _gather([s.pull.remote(name) for s in self.shards])
 
     def push(self, round_: int, portions: list[int], vector: torch.Tensor, solo: bool) -> Pending:
         array = vector.numpy()
@@ -299,6 +302,6 @@ class SandblasterReplicaActor:
 
     @ray.method(concurrency_group="control")
     def info(self) -> dict:
-        return {"replica": self.replica.index, "node": _node_id(),
+        return {"replica": self.replica.index, "node": _node_id(), "pid": os.getpid(),
                 "device": str(self.replica.device), "threads": torch.get_num_threads(),
                 "straggler_delay": self.replica.straggler_delay}

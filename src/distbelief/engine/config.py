@@ -39,6 +39,7 @@ class TrainConfig:
     # Model
     model: str = _opt("registered model name (see 'distbelief models')", default="resnet20")
     shortcut: str | None = _opt("shortcut option A, B or C (default: the family's)", default=None)
+    hidden: int | None = _opt("mlp: hidden units (default 256)", default=None)
     # Data
     data: str = _opt("dataset: digits, cifar10, imagenet or synthetic", default="digits")
     data_dir: str | None = _opt("dataset folder (cifar10: cifar-10-batches-py, imagenet: the "

@@ -62,6 +62,8 @@ def build_model(config: TrainConfig, data: DataBundle,
     """`config.model` for `data`'s classes and channels; with `device`, moved there and in the
     configured memory format (channels-last or not)."""
     options = {"shortcut": config.shortcut} if config.shortcut else {}
+    if config.hidden is not None:
+        options["hidden"] = config.hidden
     if model_info(config.model).sized:  # dense models flatten images of the data's size
         options["input_size"] = tuple(data.stats["mean"].shape[1:])
     model = create_model(config.model, num_classes=data.num_classes, in_chans=data.in_chans,
