@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_trainer.py
 	$(BIN)/python benchmarks/bench_ps.py
 	$(BIN)/python benchmarks/bench_downpour.py --amortize
+	$(BIN)/python benchmarks/bench_sandblaster.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache src/*.egg-info

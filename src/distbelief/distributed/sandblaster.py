@@ -89,7 +89,7 @@ class VectorShard(VectorSlots):
         self.commands += 1
         if command[0] == "round":
             _, self.round, like = command
-            self.slots["acc"] = torch.zeros_like(self.slots[like])
+            super().apply(("zero", "acc", like))
             self.held = set()
             return None
         if command[0] == "held":
