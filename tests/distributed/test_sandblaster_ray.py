@@ -171,3 +171,25 @@ def test_softmax_regression_reaches_the_scipy_optimum(tmp_path):
     assert summary["converged"] or summary["iterations"] == c.iterations
     assert abs(summary["train_loss"] - best.fun) <= 1e-4 * best.fun
     assert summary["test_accuracy"] > 0.9
+
+
+def test_a_lost_shard_stops_the_run_in_one_line_and_keeps_the_checkpoint(tmp_path):
+    import ray
+
+    from distbelief.errors import DistbeliefError
+
+    c = config(replicas=1, ps_shards=2, iterations=1000, checkpoint_every=2,
+               batch_size=256, straggler_delay=0.01)  # new batches: it never converges
+
+    def kill(trainer):
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and trainer.iteration < 3:
+            time.sleep(0.01)
+        ray.kill(trainer.shards[1], no_restart=True)
+
+    trainer = SandblasterTrainer(c, tmp_path / "run")
+    threading.Thread(target=kill, args=(trainer,), daemon=True).start()
+    with pytest.raises(DistbeliefError, match="parameter-server shard is gone"):
+        trainer.fit()
+    saved = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    assert saved["iteration"] >= 2 and saved["mode"] == "sandblaster"

@@ -106,8 +106,8 @@ class TrainConfig:
                      "batch gradients from replicas, vectors on the shards)", default="single")
     replicas: int = _opt("downpour: model replicas, each with its own slice of the training data; "
                          "sandblaster: replicas computing batch portions", default=1)
-    ps_shards: int = _opt("downpour: parameter-server shards, each owning a slice of the "
-                          "parameters", default=1)
+    ps_shards: int = _opt("downpour, sandblaster: parameter-server shards, each owning a slice "
+                          "of the parameters (sandblaster: of every L-BFGS vector)", default=1)
     n_fetch: int = _opt("downpour: a replica fetches fresh parameters every N of its steps",
                         default=1)
     n_push: int = _opt("downpour: a replica pushes its accumulated gradient every N of its steps",
@@ -123,8 +123,8 @@ class TrainConfig:
                                   default=0.0)
     snapshot_every_s: float = _opt("downpour: seconds between a shard's snapshots to the run "
                                    "directory", default=5.0)
-    max_restarts: int = _opt("downpour: restarts allowed per replica and per shard after a "
-                             "failure", default=3)
+    max_restarts: int = _opt("downpour, sandblaster: restarts allowed per replica (downpour: and "
+                             "per shard) after a failure", default=3)
     portions: int | None = _opt("sandblaster: portions each batch is cut into, handed to replicas "
                                 "one at a time (default: 16 per replica)", default=None)
     push_every: int = _opt("sandblaster: a replica pushes its summed gradient every N portions",
@@ -138,8 +138,8 @@ class TrainConfig:
                               "unfinished portions; the first result wins", default=True)
     straggler_delay: float = _opt("sandblaster: replica 0 sleeps this many seconds after each "
                                   "portion (experiments with stragglers)", default=0.0)
-    replica_cpus: int | None = _opt("downpour: CPU threads per replica (default: the cluster's "
-                                    "CPUs divided among the replicas)", default=None)
+    replica_cpus: int | None = _opt("downpour, sandblaster: CPU threads per replica (default: the "
+                                    "cluster's CPUs divided among the replicas)", default=None)
 
     def __post_init__(self):
         check_choice("dataset", self.data, DATASETS)
