@@ -24,7 +24,6 @@ import platform
 import statistics
 import time
 
-import numpy as np
 import ray
 import torch
 
