@@ -257,14 +257,14 @@ class RayShards:
             mine = [(c[0], c[1], c[2][lo:hi].numpy()) if c[0] == "set" else c
                     for c in commands]
             out.append(s.execute.remote(mine))
-        return combine(commands, _get_from_shards(out))
+        return combine(commands, get_from_shards(out))
 
     def read(self, name: str) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate(_get_from_shards(
+        return torch.from_numpy(np.concatenate(get_from_shards(
             [s.pull.remote(name) for s in self.shards])))
 
 
-def _get_from_shards(refs: list) -> list:
+def get_from_shards(refs: list) -> list:
     """ray.get, with a lost shard reported in one line: its slices of the L-BFGS vectors are
     gone, so the run cannot go on (--resume restarts from the last checkpoint)."""
     from ray.exceptions import RayActorError

@@ -330,6 +330,8 @@ class SandblasterTrainer:
         lacks (their winners died before pushing them)."""
         import ray
 
+        from distbelief.distributed.actors import get_from_shards
+
         refs = {self.replicas[r].flush.remote(round_, self._verdict(r)): (r, self.lives[r])
                 for r in sorted(self.live - set(self.recovering.values()))}
         for ref, (r, life) in refs.items():
@@ -341,7 +343,7 @@ class SandblasterTrainer:
             return set()
         everything = set(range(self.config.portions))
         return set().union(*(everything - set(st["held"]) for st in
-                             ray.get([s.stats.remote() for s in self.shards])))
+                             get_from_shards([s.stats.remote() for s in self.shards])))
 
     def _replica_failed(self, r: int, error: Exception, life: int) -> None:
         """A replica's call failed: a shard is gone (the run cannot go on), or the replica died
@@ -427,6 +429,7 @@ class SandblasterTrainer:
         clock = time.perf_counter
         self._wait_for_replicas()
         self.store.run([("set", "x", self.initial)])
+        self.initial = None  # from here on the parameters live on the shards only
         self.optimizer = LBFGS(self.store, SandblasterObjective(self), history=c.history,
                                lr=c.lr, line_search=c.line_search)
         loop_start, wall_before = clock(), self.wall_s
