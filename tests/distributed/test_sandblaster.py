@@ -145,3 +145,18 @@ def test_a_late_result_of_an_old_round_is_never_pushed(replica_setup):
     replica.flush(3, (3, 5, True))
     assert store.shards[0].held == {5}  # solo push of a recomputed portion
     assert store.shards[0].counts["stale"] == 0
+
+
+def test_shard_snapshot_round_trip_and_foreign_snapshots(tmp_path):
+    from distbelief.errors import CheckpointError
+
+    shard = VectorShard(1, 10, 20)
+    shard.execute([("set", "x", torch.arange(10.0)), ("scale", "d", 2.0, "x"),
+                   ("round", 3, "x")])
+    shard.snapshot(tmp_path / "v.pt", iteration=7)
+    fresh = VectorShard(1, 10, 20)
+    assert fresh.restore(tmp_path / "v.pt") == 7
+    assert set(fresh.slots) == {"x", "d"}  # the round's accumulator is not part of the state
+    assert torch.equal(fresh.slots["d"], 2 * torch.arange(10.0))
+    with pytest.raises(CheckpointError, match="shard 1, not"):
+        VectorShard(0, 0, 10).restore(tmp_path / "v.pt")

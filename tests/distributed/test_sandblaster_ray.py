@@ -193,3 +193,22 @@ def test_a_lost_shard_stops_the_run_in_one_line_and_keeps_the_checkpoint(tmp_pat
         trainer.fit()
     saved = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
     assert saved["iteration"] >= 2 and saved["mode"] == "sandblaster"
+
+
+def test_resume_retraces_the_uninterrupted_run(tmp_path, reference):
+    c = config(replicas=2, ps_shards=2)
+    SandblasterTrainer(c.replace(iterations=5), tmp_path / "run").fit()
+    assert (tmp_path / "run/checkpoints/vectors-1.pt").is_file()
+    summary = SandblasterTrainer(c, tmp_path / "run", resume=True).fit()
+    assert summary["iterations"] == ITERATIONS
+    records = [r for r in read_jsonl(tmp_path / "run/metrics.jsonl") if r["kind"] == "train"]
+    x = torch.cat([v.reshape(-1) for v in
+                   load_checkpoint(tmp_path / "run/checkpoints/last.pt")["model"].values()])
+    assert_same_iterates(records, x, reference)
+
+    # Without a shard's snapshot it goes on from last.pt's parameters with a fresh history.
+    (tmp_path / "run/checkpoints/vectors-1.pt").unlink()
+    summary = SandblasterTrainer(c.replace(iterations=ITERATIONS + 2), tmp_path / "run",
+                                 resume=True).fit()
+    assert summary["iterations"] == ITERATIONS + 2
+    assert summary["train_loss"] <= reference[0][-1]

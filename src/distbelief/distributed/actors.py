@@ -240,6 +240,12 @@ class VectorShardActor:
     def pull(self, name: str = "x") -> np.ndarray:
         return self.shard.pull(name).numpy()
 
+    def snapshot(self, path: str, iteration: int) -> None:
+        self.shard.snapshot(path, iteration)
+
+    def restore(self, path: str) -> int:
+        return self.shard.restore(path)
+
     def stats(self) -> dict:
         return {**self.shard.stats(), "node": _node_id()}
 

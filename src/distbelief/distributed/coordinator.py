@@ -10,10 +10,14 @@ or checkpoints the model. Each objective evaluation is one round of `_batch_grad
 Run directory (on top of the single-process layout, see `engine/rundir.py`):
 
     checkpoints/last.pt          the model at the last checkpoint, loadable by `distbelief eval`
-    checkpoints/sandblaster.pt   the coordinator's state: iteration, batch, counters, clock
+    checkpoints/sandblaster.pt   the coordinator's state: iteration, batch, L-BFGS scalars, clock
+    checkpoints/vectors-K.pt     shard K's slices of x, g, d and the history pairs
 
-`--resume` continues from last.pt with an empty L-BFGS history (it is rebuilt over the next
-`--history` iterations), so a resumed run does not retrace the iterates of an uninterrupted one.
+`--resume` reloads the shards' vectors and the coordinator's scalars, so a resumed run retraces
+an uninterrupted one. Shards write their own snapshots (the coordinator never holds the
+vectors), so on a multi-node cluster the run directory must be on storage every node sees. If
+the vector snapshots are missing or from another iteration than sandblaster.pt (a crash between
+the writes), the run continues from last.pt's parameters with an empty history instead.
 """
 
 from __future__ import annotations
@@ -109,7 +113,7 @@ class SandblasterTrainer:
                 state = load_checkpoint(self.run.sandblaster_state)
                 checkpoint = load_checkpoint(self.run.checkpoint)
                 saved = TrainConfig.from_dict(state["config"])
-                for name in ("model", "data", "ps_shards"):
+                for name in ("model", "data", "ps_shards", "history", "dtype"):
                     if getattr(saved, name) != getattr(config, name):
                         raise CheckpointError(
                             f"{self.run.path} was trained with --{name.replace('_', '-')} "
@@ -159,6 +163,7 @@ class SandblasterTrainer:
                               f"parameters")
         self.bounds = shard_bounds(n_params, config.ps_shards)
 
+        self.state = state
         self.iteration = state["iteration"] if state else 0
         self.batch = state["batch"] if state else 0
         self.wall_s = state["wall_s"] if state else 0.0
@@ -428,10 +433,12 @@ class SandblasterTrainer:
         c = self.config
         clock = time.perf_counter
         self._wait_for_replicas()
-        self.store.run([("set", "x", self.initial)])
-        self.initial = None  # from here on the parameters live on the shards only
         self.optimizer = LBFGS(self.store, SandblasterObjective(self), history=c.history,
                                lr=c.lr, line_search=c.line_search)
+        restored = self._restore_vectors()
+        if not restored:
+            self.store.run([("set", "x", self.initial)])
+        self.initial = None  # from here on the parameters live on the shards only
         loop_start, wall_before = clock(), self.wall_s
         next_eval = (self.iteration // c.eval_every + 1) * c.eval_every \
             if c.eval_every else math.inf
@@ -439,10 +446,14 @@ class SandblasterTrainer:
             if c.checkpoint_every else math.inf
         try:
             self.iteration_portions = Counter()
-            start = self.optimizer.start()
-            self.wall_s = wall_before + clock() - loop_start
-            if self.iteration == 0:
-                self._log_iteration(start, 0.0, 0.0, 0.0)
+            if restored:
+                self.optimizer.load_state_dict(self.state["lbfgs"])
+                self.round = self.state["round"]
+            else:
+                start = self.optimizer.start()
+                self.wall_s = wall_before + clock() - loop_start
+                if self.iteration == 0:
+                    self._log_iteration(start, 0.0, 0.0, 0.0)
             while self.iteration < c.iterations and not self.converged and not self._stop:
                 self.iteration_portions = Counter()
                 counts = Counter(self.counters)
@@ -469,6 +480,30 @@ class SandblasterTrainer:
         if self._stop and self.iteration < c.iterations and not self.converged:
             raise TrainingInterrupted(f"stopped at iteration {self.iteration}; checkpoint "
                                       f"saved, continue with --resume")
+
+    def _restore_vectors(self) -> bool:
+        """On --resume, have each shard reload its vectors; True when all of them are from the
+        iteration of the coordinator's state (then the L-BFGS state is restored too)."""
+        from ray.exceptions import RayTaskError
+
+        from distbelief.distributed.actors import get_from_shards
+
+        if self.state is None or "lbfgs" not in self.state:
+            return False
+        paths = [self.run.vector_snapshot(k) for k in range(self.config.ps_shards)]
+        if not all(p.is_file() for p in paths):
+            iterations = None
+        else:
+            try:
+                iterations = get_from_shards([s.restore.remote(str(p.resolve()))
+                                              for s, p in zip(self.shards, paths)])
+            except RayTaskError as e:
+                raise e.cause if isinstance(e.cause, CheckpointError) else e from None
+        if iterations != [self.state["iteration"]] * len(paths):
+            self._say("the shards' vector snapshots do not match the last checkpoint; "
+                      "continuing from its parameters with an empty L-BFGS history")
+            return False
+        return True
 
     # --- records -------------------------------------------------------------------------
 
@@ -520,14 +555,21 @@ class SandblasterTrainer:
         return results
 
     def save(self) -> None:
-        """Write last.pt (the model at x) and the coordinator's state; parameters that are not
-        finite never replace a good checkpoint."""
+        """Have the shards snapshot their vectors, then write last.pt (the model at x) and the
+        coordinator's state; parameters that are not finite never replace a good checkpoint."""
         if self.run is None:
             return
+        from distbelief.distributed.actors import get_from_shards
+
         vector = self.server_vector()
         if not bool(torch.isfinite(vector).all()):
             raise Diverged(f"the parameters are not finite at iteration {self.iteration}; lower "
                            f"--lr (the last checkpoint is kept)")
+        # Vectors first: a crash before sandblaster.pt is written leaves snapshots newer than
+        # it, which --resume detects (it then continues from last.pt's parameters).
+        get_from_shards([s.snapshot.remote(str(self.run.vector_snapshot(k).resolve()),
+                                           self.iteration)
+                         for k, s in enumerate(self.shards)])
         load_model_vector(self.model, vector)
         c = self.config
         save_checkpoint(self.run.checkpoint, {
@@ -538,7 +580,8 @@ class SandblasterTrainer:
             "config": c.to_dict(), "iteration": self.iteration, "batch": self.batch,
             "wall_s": self.wall_s, "examples": self.examples, "counters": dict(self.counters),
             "replica_portions": dict(self.replica_portions), "data_stats": self.data.stats,
-            "last_train": self.last_train})
+            "last_train": self.last_train, "lbfgs": self.optimizer.state_dict(),
+            "round": self.round})
 
     def _summarize(self, results: dict) -> dict:
         c, test = self.config, results["test"]

@@ -38,7 +38,9 @@ import torch.nn.functional as F
 from distbelief.data import build_data
 from distbelief.data.augment import epoch_permutation
 from distbelief.distributed.shard import FlatModel
+from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.engine.trainer import build_model
+from distbelief.errors import CheckpointError
 from distbelief.optim import shard_bounds
 from distbelief.optim.lbfgs import REDUCE, VectorSlots
 
@@ -114,6 +116,25 @@ class VectorShard(VectorSlots):
 
     def pull(self, name: str = "x") -> torch.Tensor:
         return self.slots[name]
+
+    def snapshot(self, path, iteration: int) -> None:
+        """Write this shard's vectors (not the round's accumulator) atomically to `path`."""
+        save_checkpoint(path, {"index": self.index, "lo": self.lo, "hi": self.hi,
+                               "iteration": iteration,
+                               "slots": {k: v for k, v in self.slots.items() if k != "acc"}})
+
+    def restore(self, path) -> int:
+        """Load a snapshot of this same slice; returns the iteration it was taken at.
+
+        Raises:
+            CheckpointError: the file is unreadable or holds another slice."""
+        state = load_checkpoint(path)
+        if (state["index"], state["lo"], state["hi"]) != (self.index, self.lo, self.hi):
+            raise CheckpointError(f"{path} holds elements [{state['lo']}, {state['hi']}) of "
+                                  f"shard {state['index']}, not [{self.lo}, {self.hi}) of "
+                                  f"shard {self.index}")
+        self.slots = dict(state["slots"])
+        return state["iteration"]
 
     def stats(self) -> dict:
         return {"shard": self.index, "elements": self.hi - self.lo, "round": self.round,

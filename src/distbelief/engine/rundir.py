@@ -50,6 +50,10 @@ class RunDir:
         self.downpour_state = self.path / "checkpoints" / "downpour.pt"
         self.sandblaster_state = self.path / "checkpoints" / "sandblaster.pt"
 
+    def vector_snapshot(self, index: int) -> Path:
+        """Sandblaster shard `index`'s slices of the L-BFGS vectors."""
+        return self.path / "checkpoints" / f"vectors-{index}.pt"
+
     def shard_snapshot(self, index: int) -> Path:
         return self.path / "checkpoints" / f"shard-{index}.pt"
 
