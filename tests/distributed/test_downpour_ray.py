@@ -73,7 +73,8 @@ def test_a_killed_replica_is_restarted_and_training_completes(tmp_path):
     trainer = DownpourTrainer(get_recipe("digits-downpour"), run)
     kill_when(trainer, 300, lambda t: t.replicas[1])
     summary = trainer.fit()
-    assert summary["replica_failures"] >= 1 and summary["replica_restarts"] >= 1
+    # One death is one failure (calls to the restarting actor are not counted again).
+    assert summary["replica_failures"] == 1 and summary["replica_restarts"] == 1
     assert summary["iterations"] == 1200 and summary["test_accuracy"] >= 0.95, summary
     failures = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "failure"]
     assert failures[0]["actor"] == "replica 1" and failures[0]["restarted"]

@@ -64,3 +64,13 @@ def test_a_failed_replica_redoes_its_lost_steps_and_the_total_still_completes():
 def test_resumes_from_positions():
     queue = WorkQueue([30, 20], total=60, chunk=10, depth=2)
     assert queue.take() == [(0, 30, 10)]
+
+
+def test_a_paused_replica_gets_no_work_until_resumed():
+    queue = WorkQueue([0, 0], total=100, chunk=10, depth=2)
+    queue.take()
+    queue.failed(1)
+    queue.pause(1)  # Ray is restarting it
+    assert all(r == 0 for r, _, _ in queue.take()) and queue.alive[1]
+    queue.resume(1)
+    assert [c for c in queue.take() if c[0] == 1] == [(1, 0, 10), (1, 10, 10)]

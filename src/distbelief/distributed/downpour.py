@@ -241,7 +241,8 @@ class WorkQueue:
     busy; chunks are handed out until the steps handed out reach `total`, so fast replicas do
     more. During warmstart only replica 0 gets work, up to `warmstart` steps, and the others
     wait until those are done. A failed replica's chunks are dropped and their steps handed
-    out again, from its last completed step.
+    out again, from its last completed step; a paused replica (one Ray is restarting) gets no
+    new chunks until it is resumed.
     """
 
     def __init__(self, positions: list[int], total: int, warmstart: int = 0, chunk: int = 10,
@@ -250,6 +251,7 @@ class WorkQueue:
         self.assigned = list(positions)  # next step to hand out, per replica
         self.queued: list[list[tuple]] = [[] for _ in positions]
         self.alive = [True] * len(positions)
+        self.paused: set[int] = set()
         self.total, self.warmstart, self.chunk, self.depth = total, warmstart, chunk, depth
         self.handed = sum(positions)
 
@@ -264,7 +266,7 @@ class WorkQueue:
         """New chunks to start now (possibly none)."""
         chunks = []
         for r in range(len(self.positions)):
-            while self.alive[r] and len(self.queued[r]) < self.depth:
+            while self.alive[r] and r not in self.paused and len(self.queued[r]) < self.depth:
                 warm = self.completed < self.warmstart
                 limit = self.warmstart if warm else self.total
                 if (warm and r != 0) or self.handed >= limit:
@@ -280,6 +282,12 @@ class WorkQueue:
         r, start, steps = chunk
         self.queued[r].remove(chunk)
         self.positions[r] = start + steps  # a replica runs its chunks in order
+
+    def pause(self, r: int) -> None:
+        self.paused.add(r)
+
+    def resume(self, r: int) -> None:
+        self.paused.discard(r)
 
     def failed(self, r: int, give_up: bool = False) -> list[tuple]:
         """Drop replica r's queued chunks (returned) and hand their steps out again; with

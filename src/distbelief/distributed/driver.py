@@ -262,7 +262,7 @@ class DownpourTrainer:
 
     def _train(self) -> None:
         import ray
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
         c, n = self.config, self.config.replicas
         clock = time.perf_counter
@@ -297,11 +297,33 @@ class DownpourTrainer:
                     r, start, steps = chunk
                     pending[self.replicas[r].run.remote(start, steps)] = chunk
 
+        recovering: dict = {}  # ObjectRef of a ping -> replica that Ray is restarting
+
+        def ping(r: int) -> None:
+            # Calls to a restarting actor fail at once (ActorUnavailableError); a replica gets
+            # work again only once it answers, so one death counts as one failure.
+            if work.alive[r]:
+                work.pause(r)
+                recovering[self.replicas[r].info.remote()] = r
+
         try:
             hand_out()
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+            while pending or recovering:
+                ready, _ = ray.wait(list(pending) + list(recovering), num_returns=1,
+                                    timeout=POLL_S)
                 for ref in ready:
+                    if ref in recovering:
+                        r = recovering.pop(ref)
+                        try:
+                            ray.get(ref)
+                            work.resume(r)
+                        except ActorUnavailableError:
+                            time.sleep(0.05)
+                            ping(r)
+                        except RayActorError as e:  # it died again while restarting
+                            self._replica_failed(r, (r, 0, 0), e, work)
+                            ping(r)
+                        continue
                     if ref not in pending:
                         continue  # dropped with a failed replica
                     chunk = pending.pop(ref)
@@ -321,6 +343,7 @@ class DownpourTrainer:
                         self._replica_failed(r, chunk, e, work)
                         for dropped_ref in [k for k, v in pending.items() if v[0] == r]:
                             del pending[dropped_ref]
+                        ping(r)
                         continue
                     if m.get("diverged"):
                         raise Diverged(f"training diverged (loss {m['loss_sum']}) on replica {r} "
