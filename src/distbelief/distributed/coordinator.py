@@ -449,6 +449,7 @@ class SandblasterTrainer:
             if restored:
                 self.optimizer.load_state_dict(self.state["lbfgs"])
                 self.round = self.state["round"]
+                self.converged = self.optimizer.converged
             else:
                 start = self.optimizer.start()
                 self.wall_s = wall_before + clock() - loop_start
