@@ -3,6 +3,7 @@
     shard.py     ParameterShard: a slice of the server vector and its update rule (no Ray)
     downpour.py  DownpourReplica: a model replica's fetch / compute / push loop (no Ray)
     actors.py    the Ray actors wrapping them, the replicas' Ray client, starting Ray
+    job.py       RayJob: what both drivers share (Ray's lifetime, waiting, evaluation, records)
     driver.py    DownpourTrainer: runs a Downpour job on a Ray cluster (local by default)
     sandblaster.py  Sandblaster's shard vectors, portion queue and replica (no Ray)
     coordinator.py  SandblasterTrainer: the L-BFGS coordinator driving shards and replicas

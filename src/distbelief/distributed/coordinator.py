@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 import uuid
 from collections import Counter
@@ -32,11 +31,11 @@ from collections import Counter
 import torch
 
 from distbelief.data import build_data
+from distbelief.distributed.job import RayJob
 from distbelief.distributed.sandblaster import PortionQueue, has_batchnorm, l2_objective
 from distbelief.distributed.shard import load_model_vector, model_vector
 from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.engine.config import TrainConfig
-from distbelief.engine.evaluate import evaluate
 from distbelief.engine.rundir import RunDir
 from distbelief.engine.trainer import Diverged, TrainingInterrupted, build_model, resolve_device
 from distbelief.errors import CheckpointError, ConfigError, DistbeliefError
@@ -44,7 +43,6 @@ from distbelief.optim import shard_bounds
 from distbelief.optim.lbfgs import LBFGS
 
 POLL_S = 0.5
-START_TIMEOUT_S = 300
 PORTIONS_PER_REPLICA = 16  # default --portions: many more portions than replicas
 
 
@@ -91,7 +89,7 @@ class SandblasterObjective:
         return True
 
 
-class SandblasterTrainer:
+class SandblasterTrainer(RayJob):
     """Sandblaster L-BFGS: `SandblasterTrainer(config, run_dir).fit()` returns the summary dict.
 
     Same contract as `DownpourTrainer` (address, dashboard, request_stop, errors); stops early
@@ -189,9 +187,6 @@ class SandblasterTrainer:
         self.shards: list = []
         self.replicas: list = []
 
-    def request_stop(self) -> None:
-        self._stop = True
-
     # --- actors ------------------------------------------------------------------------
 
     def _start_actors(self) -> None:
@@ -228,13 +223,6 @@ class SandblasterTrainer:
         self.unresolved: dict = {}  # replica -> verdict on its last result, sent with its next call
         self.sent: dict = {}  # replica -> the last verdict sent to it
         self.recovering: dict = {}  # ObjectRef of a ping -> replica restarting after a failure
-
-    def _stop_actors(self) -> None:
-        import ray
-
-        for actor in self.replicas + self.shards:
-            ray.kill(actor, no_restart=True)
-        self.replicas, self.shards = [], []
 
     # --- one batch gradient ------------------------------------------------------------
 
@@ -393,46 +381,23 @@ class SandblasterTrainer:
 
     # --- the loop ------------------------------------------------------------------------
 
-    def fit(self) -> dict:
-        """Run L-BFGS for `config.iterations` iterations (or until it converges), evaluate,
-        return the summary."""
-        from distbelief.distributed.actors import start_ray
+    @property
+    def position(self) -> int:
+        return self.iteration
 
-        started = start_ray(self.address, self.dashboard)
-        try:
-            self._start_actors()
-            try:
-                self._train()
-                results = self._last_eval
-                if results is None or results["test"]["iteration"] != self.iteration:
-                    results = self._evaluate_all()
-                return self._summarize(results)
-            finally:
-                self._stop_actors()
-        finally:
-            if started:
-                import ray
+    @property
+    def examples_seen(self) -> int:
+        return self.examples
 
-                ray.shutdown()
-
-    def _wait_for_replicas(self) -> None:
-        import ray
-
-        refs = [r.info.remote() for r in self.replicas]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=START_TIMEOUT_S)
-        if len(ready) < len(refs):
-            raise DistbeliefError(
-                f"only {len(ready)} of {self.config.replicas} replicas started within "
-                f"{START_TIMEOUT_S} s; the cluster has "
-                f"{ray.cluster_resources().get('CPU', 0):g} CPUs (see --replica-cpus)")
-        self._log({"kind": "cluster", "iteration": self.iteration, "replicas": ray.get(refs),
-                   "shards": [{k: st[k] for k in ("shard", "node", "elements")}
-                              for st in ray.get([s.stats.remote() for s in self.shards])]})
+    def _progress_text(self) -> str:
+        return f"loss {self.last_train.get('loss', float('nan')):.6f}"
 
     def _train(self) -> None:
+        from distbelief.distributed.actors import get_from_shards
+
         c = self.config
         clock = time.perf_counter
-        self._wait_for_replicas()
+        self._wait_for_replicas(get_from_shards([s.stats.remote() for s in self.shards]))
         self.optimizer = LBFGS(self.store, SandblasterObjective(self), history=c.history,
                                lr=c.lr, line_search=c.line_search)
         restored = self._restore_vectors()
@@ -508,14 +473,6 @@ class SandblasterTrainer:
 
     # --- records -------------------------------------------------------------------------
 
-    def _log(self, record: dict) -> None:
-        if self.run is not None:
-            self.run.log(record)
-
-    def _say(self, message: str) -> None:
-        if self.progress:
-            print(f"distbelief: {message}", file=sys.stderr)
-
     def _log_iteration(self, record: dict, seconds: float, store_s: float, gradient_s: float,
                        before: Counter | None = None) -> None:
         before = before or Counter()
@@ -538,22 +495,6 @@ class SandblasterTrainer:
     def server_vector(self) -> torch.Tensor:
         """The parameters "x", gathered from the shards."""
         return self.store.read("x")
-
-    def _evaluate_all(self) -> dict:
-        load_model_vector(self.model, self.server_vector())
-        results = {}
-        for split, source in self.data.splits.items():
-            r = {"kind": "eval", "split": split, "iteration": self.iteration,
-                 "examples": self.examples, "wall_s": round(self.wall_s, 3),
-                 **evaluate(self.model, source.batches(), channels_last=self.config.channels_last,
-                            bf16=self.config.bf16)}
-            results[split] = r
-            self._log(r)
-        self._say(f"iteration {self.iteration}/{self.config.iterations} ({self.wall_s:.1f} s): "
-                  f"loss {self.last_train.get('loss', float('nan')):.6f}, "
-                  f"test error {results['test']['error']:.2%}")
-        self._last_eval = results
-        return results
 
     def save(self) -> None:
         """Have the shards snapshot their vectors, then write last.pt (the model at x) and the

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import tempfile
 import time
 import uuid
@@ -34,10 +33,10 @@ import torch
 
 from distbelief.data import build_data
 from distbelief.distributed.downpour import WorkQueue, initial_vector
+from distbelief.distributed.job import RayJob
 from distbelief.distributed.shard import load_model_vector
 from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.engine.config import TrainConfig
-from distbelief.engine.evaluate import evaluate
 from distbelief.engine.rundir import RunDir
 from distbelief.engine.trainer import Diverged, TrainingInterrupted, build_model, resolve_device
 from distbelief.errors import CheckpointError, ConfigError, DistbeliefError
@@ -46,11 +45,10 @@ from distbelief.optim import shard_bounds
 CHUNK_STEPS = 10  # replica steps per work request (WorkQueue)
 QUEUED_CHUNKS = 2  # chunks queued per replica, so it keeps training while the driver is busy
 POLL_S = 0.5
-START_TIMEOUT_S = 300  # replicas that cannot be placed (resources) fail the run after this
 TIME_PARTS = ("compute_s", "fetch_wait_s", "push_wait_s")  # longest wait for a result before the driver checks its clocks
 
 
-class DownpourTrainer:
+class DownpourTrainer(RayJob):
     """Downpour SGD: `DownpourTrainer(config, run_dir).fit()` returns the summary dict.
 
     `address` joins a Ray cluster; without it a local Ray is started and shut down at the end
@@ -149,18 +147,16 @@ class DownpourTrainer:
             raise CheckpointError(f"{self.run.path} lacks the snapshot of shard(s) "
                                   f"{', '.join(map(str, missing))}")
 
-    def request_stop(self) -> None:
-        self._stop = True
-
     # --- actors ------------------------------------------------------------------------
 
-    def _start_actors(self, snapshot_dir: Path) -> None:
+    def _start_actors(self) -> None:
         import ray
 
         from distbelief.distributed.actors import ReplicaActor, ShardActor, pinned_round_robin
 
         c = self.config
-        self.snapshot_paths = [str(snapshot_dir / f"shard-{k}.pt") for k in range(c.ps_shards)]
+        self.snapshot_paths = [str(self.snapshot_dir / f"shard-{k}.pt")
+                               for k in range(c.ps_shards)]
         spread = {"scheduling_strategy": "SPREAD"}
         # Replicas find the shards by name: actor handles among constructor arguments would
         # pin them in the object store, which Ray warns makes restarts fragile.
@@ -195,13 +191,6 @@ class DownpourTrainer:
                 "cuda" if use_gpu else "cpu")
             for r in range(c.replicas)]
         self.shard_info = {}  # shard -> (incarnation, last version seen)
-
-    def _stop_actors(self) -> None:
-        import ray
-
-        for actor in self.replicas + self.shards:
-            ray.kill(actor, no_restart=True)
-        self.replicas, self.shards = [], []
 
     def server_vector(self) -> torch.Tensor:
         """The server's current [parameters; buffers], gathered from all shards at once."""
@@ -238,27 +227,23 @@ class DownpourTrainer:
     def fit(self) -> dict:
         """Train until `config.iterations` steps over all replicas, evaluate, return the
         summary."""
-        from distbelief.distributed.actors import start_ray
+        with tempfile.TemporaryDirectory(prefix="distbelief-shards-") as tmp:
+            # Without a run directory the shards' snapshots go to a temporary folder.
+            self.snapshot_dir = self.run.checkpoint.parent if self.run else Path(tmp)
+            self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+            self.snapshot_dir = self.snapshot_dir.resolve()
+            return super().fit()
 
-        started = start_ray(self.address, self.dashboard)
-        try:
-            with tempfile.TemporaryDirectory(prefix="distbelief-shards-") as tmp:
-                snapshot_dir = self.run.checkpoint.parent if self.run else Path(tmp)
-                snapshot_dir.mkdir(parents=True, exist_ok=True)
-                self._start_actors(snapshot_dir.resolve())
-                try:
-                    self._train()
-                    results = self._last_eval
-                    if results is None or results["test"]["iteration"] != self.steps:
-                        results = self._evaluate_all()
-                    return self._summarize(results)
-                finally:
-                    self._stop_actors()
-        finally:
-            if started:
-                import ray
+    @property
+    def position(self) -> int:
+        return self.steps
 
-                ray.shutdown()
+    @property
+    def examples_seen(self) -> int:
+        return self.steps * self.config.batch_size
+
+    def _progress_text(self) -> str:
+        return f"train error {self.last_train.get('error', float('nan')):.2%}"
 
     def _train(self) -> None:
         import ray
@@ -267,18 +252,7 @@ class DownpourTrainer:
         c, n = self.config, self.config.replicas
         clock = time.perf_counter
         ray.get(self.shards_started)
-        info_refs = [r.info.remote() for r in self.replicas]
-        started, _ = ray.wait(info_refs, num_returns=len(info_refs), timeout=START_TIMEOUT_S)
-        if len(started) < len(info_refs):
-            raise DistbeliefError(
-                f"only {len(started)} of {c.replicas} replicas started within "
-                f"{START_TIMEOUT_S} s; the cluster has {ray.cluster_resources().get('CPU', 0):g} "
-                f"CPUs and {ray.cluster_resources().get('GPU', 0):g} GPUs (see --replica-cpus)")
-        info = ray.get(info_refs)
-        self._log({"kind": "cluster", "iteration": self.steps,
-                   "replicas": info, "shards": [{"shard": s["shard"], "node": s["node"],
-                                                 "elements": s["elements"]}
-                                                for s in self._poll_shards()]})
+        self._wait_for_replicas(self._poll_shards())
         loop_start, wall_before = clock(), self.wall_s
         work = WorkQueue(self.positions, c.iterations, c.warmstart_steps, CHUNK_STEPS,
                          QUEUED_CHUNKS)
@@ -411,14 +385,6 @@ class DownpourTrainer:
 
     # --- records -------------------------------------------------------------------------
 
-    def _log(self, record: dict) -> None:
-        if self.run is not None:
-            self.run.log(record)
-
-    def _say(self, message: str) -> None:
-        if self.progress:
-            print(f"distbelief: {message}", file=sys.stderr)
-
     def _log_train(self, window: Counter, seconds: float, replicas: list) -> None:
         c = self.config
         statuses = self._poll_shards()
@@ -448,22 +414,6 @@ class DownpourTrainer:
             "replica_images_per_s": [round(i / s, 1) if s else 0.0 for i, s in replicas],
             "staleness_mean": _mean_staleness(_staleness(statuses))}
         self._log(self.last_train)
-
-    def _evaluate_all(self) -> dict:
-        load_model_vector(self.model, self.server_vector())
-        results = {}
-        for split, source in self.data.splits.items():
-            r = {"kind": "eval", "split": split, "iteration": self.steps,
-                 "examples": self.steps * self.config.batch_size, "wall_s": round(self.wall_s, 3),
-                 **evaluate(self.model, source.batches(), channels_last=self.config.channels_last,
-                            bf16=self.config.bf16)}
-            results[split] = r
-            self._log(r)
-        self._say(f"iteration {self.steps}/{self.config.iterations} ({self.wall_s:.1f} s): "
-                  f"train error {self.last_train.get('error', float('nan')):.2%}, "
-                  f"test error {results['test']['error']:.2%}")
-        self._last_eval = results
-        return results
 
     def save(self) -> None:
         """Snapshot every shard, then write last.pt (the server's model) and the driver state.

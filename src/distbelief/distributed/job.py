@@ -1,0 +1,102 @@
+"""What the Downpour driver and the Sandblaster coordinator share: Ray's lifetime around a run,
+waiting for the replicas, evaluating the server's parameters, records."""
+
+from __future__ import annotations
+
+import sys
+
+from distbelief.engine.evaluate import evaluate
+from distbelief.errors import DistbeliefError
+
+START_TIMEOUT_S = 300  # replicas that cannot be placed (resources) fail the run after this
+
+
+class RayJob:
+    """Base of `DownpourTrainer` and `SandblasterTrainer`.
+
+    Subclasses set `run`, `address`, `dashboard`, `progress`, `config`, `data`, `model`,
+    `replicas`, `shards`, `wall_s`, `last_train`, `_stop` and `_last_eval`, and provide
+    `position` (iterations done), `examples_seen`, `_start_actors()`, `_train()`,
+    `server_vector()`, `_summarize(results)` and `_progress_text()` (the evaluation line's
+    training part).
+    """
+
+    def request_stop(self) -> None:
+        """Stop after the current unit of work, checkpoint, raise TrainingInterrupted (from a
+        signal handler)."""
+        self._stop = True
+
+    def fit(self) -> dict:
+        """Train, evaluate, return the summary. Without `address` a local Ray is started and
+        shut down at the end (unless Ray is already initialized in this process, as in tests);
+        the actors are killed whatever happens."""
+        from distbelief.distributed.actors import start_ray
+
+        started = start_ray(self.address, self.dashboard)
+        try:
+            self._start_actors()
+            try:
+                self._train()
+                results = self._last_eval
+                if results is None or results["test"]["iteration"] != self.position:
+                    results = self._evaluate_all()
+                return self._summarize(results)
+            finally:
+                self._stop_actors()
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+
+    def _stop_actors(self) -> None:
+        import ray
+
+        for actor in self.replicas + self.shards:
+            ray.kill(actor, no_restart=True)
+        self.replicas, self.shards = [], []
+
+    def _wait_for_replicas(self, shards: list[dict]) -> None:
+        """Wait until every replica answers, then log the cluster record (`shards`: the shards'
+        statistics).
+
+        Raises:
+            DistbeliefError: some replica was not placed within START_TIMEOUT_S."""
+        import ray
+
+        refs = [r.info.remote() for r in self.replicas]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=START_TIMEOUT_S)
+        if len(ready) < len(refs):
+            raise DistbeliefError(
+                f"only {len(ready)} of {self.config.replicas} replicas started within "
+                f"{START_TIMEOUT_S} s; the cluster has {ray.cluster_resources().get('CPU', 0):g} "
+                f"CPUs and {ray.cluster_resources().get('GPU', 0):g} GPUs (see --replica-cpus)")
+        self._log({"kind": "cluster", "iteration": self.position, "replicas": ray.get(refs),
+                   "shards": [{k: st[k] for k in ("shard", "node", "elements")}
+                              for st in shards]})
+
+    def _evaluate_all(self) -> dict:
+        """Evaluate the server's parameters on every split, log and return the records."""
+        from distbelief.distributed.shard import load_model_vector
+
+        load_model_vector(self.model, self.server_vector())
+        results = {}
+        for split, source in self.data.splits.items():
+            r = {"kind": "eval", "split": split, "iteration": self.position,
+                 "examples": self.examples_seen, "wall_s": round(self.wall_s, 3),
+                 **evaluate(self.model, source.batches(), channels_last=self.config.channels_last,
+                            bf16=self.config.bf16)}
+            results[split] = r
+            self._log(r)
+        self._say(f"iteration {self.position}/{self.config.iterations} ({self.wall_s:.1f} s): "
+                  f"{self._progress_text()}, test error {results['test']['error']:.2%}")
+        self._last_eval = results
+        return results
+
+    def _log(self, record: dict) -> None:
+        if self.run is not None:
+            self.run.log(record)
+
+    def _say(self, message: str) -> None:
+        if self.progress:
+            print(f"distbelief: {message}", file=sys.stderr)
