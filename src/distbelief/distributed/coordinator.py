@@ -33,7 +33,7 @@ import torch
 from distbelief.data import build_data
 from distbelief.distributed.job import RayJob
 from distbelief.distributed.sandblaster import PortionQueue, has_batchnorm, l2_objective
-from distbelief.distributed.shard import load_model_vector, model_vector
+from distbelief.distributed.shard import model_vector
 from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.engine.config import TrainConfig
 from distbelief.engine.rundir import RunDir
@@ -503,21 +503,14 @@ class SandblasterTrainer(RayJob):
             return
         from distbelief.distributed.actors import get_from_shards
 
-        vector = self.server_vector()
-        if not bool(torch.isfinite(vector).all()):
-            raise Diverged(f"the parameters are not finite at iteration {self.iteration}; lower "
-                           f"--lr (the last checkpoint is kept)")
+        vector = self._finite_server_vector()
         # Vectors first: a crash before sandblaster.pt is written leaves snapshots newer than
         # it, which --resume detects (it then continues from last.pt's parameters).
         get_from_shards([s.snapshot.remote(str(self.run.vector_snapshot(k).resolve()),
                                            self.iteration)
                          for k, s in enumerate(self.shards)])
-        load_model_vector(self.model, vector)
+        self._write_model(vector, "sandblaster")
         c = self.config
-        save_checkpoint(self.run.checkpoint, {
-            "config": c.to_dict(), "iteration": self.iteration, "model": self.model.state_dict(),
-            "data_stats": self.data.stats, "num_classes": self.data.num_classes,
-            "in_chans": self.data.in_chans, "wall_s": self.wall_s, "mode": "sandblaster"})
         save_checkpoint(self.run.sandblaster_state, {
             "config": c.to_dict(), "iteration": self.iteration, "batch": self.batch,
             "wall_s": self.wall_s, "examples": self.examples, "counters": dict(self.counters),

@@ -34,7 +34,6 @@ import torch
 from distbelief.data import build_data
 from distbelief.distributed.downpour import WorkQueue, initial_vector
 from distbelief.distributed.job import RayJob
-from distbelief.distributed.shard import load_model_vector
 from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.engine.config import TrainConfig
 from distbelief.engine.rundir import RunDir
@@ -423,16 +422,8 @@ class DownpourTrainer(RayJob):
         if self.run is None:
             return
         ray.get([s.snapshot.remote() for s in self.shards])
-        vector = self.server_vector()
-        if not bool(torch.isfinite(vector).all()):
-            raise Diverged(f"the server's parameters are not finite at iteration {self.steps}; "
-                           f"lower --lr (the last checkpoint is kept)")
-        load_model_vector(self.model, vector)
+        self._write_model(self._finite_server_vector(), "downpour")
         c = self.config
-        save_checkpoint(self.run.checkpoint, {
-            "config": c.to_dict(), "iteration": self.steps, "model": self.model.state_dict(),
-            "data_stats": self.data.stats, "num_classes": self.data.num_classes,
-            "in_chans": self.data.in_chans, "wall_s": self.wall_s, "mode": "downpour"})
         save_checkpoint(self.run.downpour_state, {
             "config": c.to_dict(), "positions": self.positions, "steps": self.steps,
             "wall_s": self.wall_s, "last_train": self.last_train, "counters": dict(self.counters),

@@ -93,6 +93,34 @@ class RayJob:
         self._last_eval = results
         return results
 
+    def _finite_server_vector(self):
+        """The server's parameters.
+
+        Raises:
+            Diverged: some are NaN or infinite (the caller's last checkpoint is kept)."""
+        import torch
+
+        from distbelief.engine.trainer import Diverged
+
+        vector = self.server_vector()
+        if not bool(torch.isfinite(vector).all()):
+            raise Diverged(f"the server's parameters are not finite at iteration "
+                           f"{self.position}; lower --lr (the last checkpoint is kept)")
+        return vector
+
+    def _write_model(self, vector, mode: str) -> None:
+        """checkpoints/last.pt: the model at `vector`, an ordinary checkpoint for
+        `distbelief eval` (with `mode`, which --resume checks)."""
+        from distbelief.distributed.shard import load_model_vector
+        from distbelief.engine.checkpoint import save_checkpoint
+
+        load_model_vector(self.model, vector)
+        save_checkpoint(self.run.checkpoint, {
+            "config": self.config.to_dict(), "iteration": self.position,
+            "model": self.model.state_dict(), "data_stats": self.data.stats,
+            "num_classes": self.data.num_classes, "in_chans": self.data.in_chans,
+            "wall_s": self.wall_s, "mode": mode})
+
     def _log(self, record: dict) -> None:
         if self.run is not None:
             self.run.log(record)
