@@ -36,7 +36,6 @@ from distbelief.distributed.sandblaster import PortionQueue, has_batchnorm, l2_o
 from distbelief.distributed.shard import model_vector
 from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.engine.config import TrainConfig
-from distbelief.engine.rundir import RunDir
 from distbelief.engine.trainer import Diverged, TrainingInterrupted, build_model, resolve_device
 from distbelief.errors import CheckpointError, ConfigError, DistbeliefError
 from distbelief.optim import shard_bounds
@@ -101,31 +100,10 @@ class SandblasterTrainer(RayJob):
                  dashboard: bool = False):
         if config.mode != "sandblaster":
             config = config.replace(mode="sandblaster")
-        self.run = RunDir(run_dir) if run_dir is not None else None
-        self.address, self.dashboard, self.progress = address, dashboard, progress
-        state = checkpoint = None
-        if resume:
-            if self.run is None:
-                raise ConfigError("--resume needs --out RUN_DIR")
-            if self.run.sandblaster_state.exists():
-                state = load_checkpoint(self.run.sandblaster_state)
-                checkpoint = load_checkpoint(self.run.checkpoint)
-                saved = TrainConfig.from_dict(state["config"])
-                for name in ("model", "data", "ps_shards", "history", "dtype"):
-                    if getattr(saved, name) != getattr(config, name):
-                        raise CheckpointError(
-                            f"{self.run.path} was trained with --{name.replace('_', '-')} "
-                            f"{getattr(saved, name)}, not {getattr(config, name)}")
-            elif self.run.checkpoint.exists():
-                mode = load_checkpoint(self.run.checkpoint).get("mode", "single")
-                raise CheckpointError(f"{self.run.path} holds a {mode} run; resume it with "
-                                      f"--mode {mode}")
-        elif self.run is not None:
-            self.run.refuse_if_occupied()
-        if address:
-            from distbelief.distributed.actors import check_reachable
-
-            check_reachable(address)
+        state = self._open_run(config, run_dir, resume, "sandblaster_state",
+                               ("model", "data", "ps_shards", "history", "dtype"),
+                               address, dashboard, progress)
+        checkpoint = load_checkpoint(self.run.checkpoint) if state else None
         if config.data == "imagenet":
             raise ConfigError("--mode sandblaster needs an in-memory dataset (digits, cifar10 or "
                               "synthetic): portions index the training split")

@@ -34,9 +34,8 @@ import torch
 from distbelief.data import build_data
 from distbelief.distributed.downpour import WorkQueue, initial_vector
 from distbelief.distributed.job import RayJob
-from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
+from distbelief.engine.checkpoint import save_checkpoint
 from distbelief.engine.config import TrainConfig
-from distbelief.engine.rundir import RunDir
 from distbelief.engine.trainer import Diverged, TrainingInterrupted, build_model, resolve_device
 from distbelief.errors import CheckpointError, ConfigError, DistbeliefError
 from distbelief.optim import shard_bounds
@@ -66,25 +65,15 @@ class DownpourTrainer(RayJob):
                  dashboard: bool = False):
         if config.mode != "downpour":
             config = config.replace(mode="downpour")
-        self.run = RunDir(run_dir) if run_dir is not None else None
-        self.address, self.dashboard, self.progress = address, dashboard, progress
-        state = None
-        if resume:
-            if self.run is None:
-                raise ConfigError("--resume needs --out RUN_DIR")
-            if self.run.downpour_state.exists():
-                state = load_checkpoint(self.run.downpour_state)
-                self._check_resumable(state, config)
-            elif self.run.checkpoint.exists():
-                mode = load_checkpoint(self.run.checkpoint).get("mode", "single")
-                raise CheckpointError(f"{self.run.path} holds a {mode} run; resume it with "
-                                      f"--mode {mode}")
-        elif self.run is not None:
-            self.run.refuse_if_occupied()
-        if address:
-            from distbelief.distributed.actors import check_reachable
-
-            check_reachable(address)  # fail fast, before the run directory is touched
+        state = self._open_run(config, run_dir, resume, "downpour_state",
+                               ("model", "replicas", "ps_shards", "optimizer", "data"),
+                               address, dashboard, progress)
+        if state:
+            missing = [k for k in range(config.ps_shards)
+                       if not self.run.shard_snapshot(k).is_file()]
+            if missing:
+                raise CheckpointError(f"{self.run.path} lacks the snapshot of shard(s) "
+                                      f"{', '.join(map(str, missing))}")
 
         # The driver only evaluates: on this machine's GPU if it has one, else its CPU (the
         # replicas' device is decided by what the Ray cluster offers).
@@ -134,17 +123,6 @@ class DownpourTrainer(RayJob):
             self.run.create(config, str(self.device))
         self.shards: list = []
         self.replicas: list = []
-
-    def _check_resumable(self, state: dict, config: TrainConfig) -> None:
-        saved = TrainConfig.from_dict(state["config"])
-        for name in ("model", "replicas", "ps_shards", "optimizer", "data"):
-            if getattr(saved, name) != getattr(config, name):
-                raise CheckpointError(f"{self.run.path} was trained with --{name.replace('_', '-')} "
-                                      f"{getattr(saved, name)}, not {getattr(config, name)}")
-        missing = [k for k in range(config.ps_shards) if not self.run.shard_snapshot(k).is_file()]
-        if missing:
-            raise CheckpointError(f"{self.run.path} lacks the snapshot of shard(s) "
-                                  f"{', '.join(map(str, missing))}")
 
     # --- actors ------------------------------------------------------------------------
 

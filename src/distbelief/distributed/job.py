@@ -21,6 +21,49 @@ class RayJob:
     training part).
     """
 
+    def _open_run(self, config, run_dir, resume: bool, state_file: str, same: tuple[str, ...],
+                  address: str | None, dashboard: bool, progress: bool) -> dict | None:
+        """Set up the run directory and the Ray options; returns the driver's saved state (the
+        RunDir attribute `state_file`) when resuming, else None. Nothing is written here.
+
+        Raises:
+            ConfigError: --resume without a run directory.
+            CheckpointError: the run was trained with other values of the fields in `same`,
+                or in another mode.
+            DistbeliefError: `address` cannot be reached (checked before anything is touched).
+        """
+        from distbelief.engine.checkpoint import load_checkpoint
+        from distbelief.engine.config import TrainConfig
+        from distbelief.engine.rundir import RunDir
+        from distbelief.errors import CheckpointError, ConfigError
+
+        self.run = RunDir(run_dir) if run_dir is not None else None
+        self.address, self.dashboard, self.progress = address, dashboard, progress
+        state = None
+        if resume:
+            if self.run is None:
+                raise ConfigError("--resume needs --out RUN_DIR")
+            path = getattr(self.run, state_file)
+            if path.exists():
+                state = load_checkpoint(path)
+                saved = TrainConfig.from_dict(state["config"])
+                for name in same:
+                    if getattr(saved, name) != getattr(config, name):
+                        raise CheckpointError(
+                            f"{self.run.path} was trained with --{name.replace('_', '-')} "
+                            f"{getattr(saved, name)}, not {getattr(config, name)}")
+            elif self.run.checkpoint.exists():
+                mode = load_checkpoint(self.run.checkpoint).get("mode", "single")
+                raise CheckpointError(f"{self.run.path} holds a {mode} run; resume it with "
+                                      f"--mode {mode}")
+        elif self.run is not None:
+            self.run.refuse_if_occupied()
+        if address:
+            from distbelief.distributed.actors import check_reachable
+
+            check_reachable(address)  # fail fast, before the run directory is touched
+        return state
+
     def request_stop(self) -> None:
         """Stop after the current unit of work, checkpoint, raise TrainingInterrupted (from a
         signal handler)."""
