@@ -27,8 +27,9 @@ import time
 import ray
 import torch
 
-from distbelief.distributed.actors import RayClient, ShardActor, start_ray
-from distbelief.distributed.shard import ParameterShard
+from distbelief.distributed.downpour.actors import RayClient, ShardActor
+from distbelief.distributed.downpour.shard import ParameterShard
+from distbelief.distributed.runtime import start_ray
 from distbelief.engine.config import TrainConfig
 from distbelief.optim import shard_bounds
 
@@ -63,7 +64,7 @@ def main() -> None:
 
     start_ray()
     # Snapshots off for the measurement: a 100 MB snapshot would land inside some rounds.
-    config = TrainConfig(lr=0.01, momentum=0.9, weight_decay=0.0, snapshot_every_s=1e9)
+    config = TrainConfig().replace(lr=0.01, momentum=0.9, weight_decay=0.0, snapshot_every_s=1e9)
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, ray {ray.__version__}")
     with tempfile.TemporaryDirectory() as folder:

@@ -30,7 +30,7 @@ import ray
 import torch
 
 from distbelief.distributed import SandblasterTrainer
-from distbelief.distributed.actors import start_ray
+from distbelief.distributed.runtime import start_ray
 from distbelief.engine.rundir import read_jsonl
 from distbelief.recipes import get_recipe
 

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from distbelief.engine import TrainConfig, Trainer
-from distbelief.engine.trainer import build_model, build_optimizer
+from distbelief.engine.setup import build_model
+from distbelief.engine.trainer import build_optimizer
 
 
 def main() -> None:

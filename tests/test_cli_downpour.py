@@ -93,7 +93,7 @@ def test_resume_refuses_another_shape_or_mode(tmp_path, capsys):
     config = get_recipe("digits-downpour")
     run = RunDir(tmp_path / "run")
     run.create(config, "cpu")
-    save_checkpoint(run.downpour_state, {"config": config.to_dict()})
+    save_checkpoint(run.state_file("downpour"), {"config": config.to_dict()})
     save_checkpoint(run.checkpoint, {"config": config.to_dict(), "mode": "downpour"})
     before = {p.name: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
     for argv, message in ((["--replicas", "3"], "was trained with --replicas 2, not 3"),

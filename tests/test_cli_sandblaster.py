@@ -100,7 +100,7 @@ def test_resume_refuses_other_modes(tmp_path, capsys):
     config = get_recipe("digits-sandblaster")
     run = RunDir(tmp_path / "run")
     run.create(config, "cpu")
-    save_checkpoint(run.sandblaster_state, {"config": config.to_dict()})
+    save_checkpoint(run.state_file("sandblaster"), {"config": config.to_dict()})
     save_checkpoint(run.checkpoint, {"config": config.to_dict(), "mode": "sandblaster"})
     before = {p.name: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
     for argv, message in ((["--mode", "downpour"], "holds a sandblaster run"),

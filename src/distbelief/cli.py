@@ -8,9 +8,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import signal
 import sys
 
 from distbelief import __version__
@@ -68,23 +66,30 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One --option per TrainConfig field, help from the field; only given ones are set."""
-    from distbelief.engine.config import TrainConfig, field_types
+_GROUPS = {None: "config overrides (default: the recipe's value)",
+           "cluster": "distributed modes: replicas and shards (--mode downpour, sandblaster)",
+           "downpour": "Downpour SGD (--mode downpour)",
+           "sandblaster": "Sandblaster L-BFGS (--mode sandblaster)"}
 
-    group = parser.add_argument_group("config overrides (default: the recipe's value)")
-    for f in dataclasses.fields(TrainConfig):
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One --option per TrainConfig field (its sections' included), help from the field; only
+    the given ones are set."""
+    from distbelief.engine.config import field_types, option_fields
+
+    groups = {section: parser.add_argument_group(title) for section, title in _GROUPS.items()}
+    for section, f in option_fields():
         if f.name in _OWN_OPTIONS:
             continue
         base, _ = field_types()[f.name]
         flags = ["--" + f.name.replace("_", "-")] + _ALIASES.get(f.name, [])
         if base is bool:
-            group.add_argument(*flags, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=f.metadata["help"])
+            groups[section].add_argument(*flags, action=argparse.BooleanOptionalAction,
+                                         default=argparse.SUPPRESS, help=f.metadata["help"])
         else:
             metavar = {int: "N", float: "X", tuple: "N,N,..."}.get(base, f.name.upper())
-            group.add_argument(*flags, default=argparse.SUPPRESS, metavar=metavar,
-                               help=f.metadata["help"])
+            groups[section].add_argument(*flags, default=argparse.SUPPRESS, metavar=metavar,
+                                         help=f.metadata["help"])
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -119,51 +124,52 @@ def _default_out(config) -> str:
     return f"runs/{config.recipe}-{config.model}-{stamp}"
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from distbelief.engine import Trainer, TrainingInterrupted
+def _trainer(config, out: str, args: argparse.Namespace):
+    """The scheme that trains `config` (its mode), ready to `fit()`."""
+    from distbelief.engine import Trainer
 
-    config = _config_from_args(args)
-    out = args.out or _default_out(config)
-    if config.mode in ("downpour", "sandblaster"):
-        from distbelief.distributed import DownpourTrainer, SandblasterTrainer
+    if config.mode == "single":
+        if args.address or args.dashboard:
+            raise ConfigError("--address and --dashboard apply to --mode downpour and "
+                              "sandblaster")
+        return Trainer(config, out, resume=args.resume, progress=not args.quiet)
+    from distbelief.distributed import DownpourTrainer, SandblasterTrainer
 
-        kind = DownpourTrainer if config.mode == "downpour" else SandblasterTrainer
-        trainer = kind(config, out, resume=args.resume, progress=not args.quiet,
-                       address=args.address, dashboard=args.dashboard)
-    elif args.address or args.dashboard:
-        raise ConfigError("--address and --dashboard apply to --mode downpour and sandblaster")
-    else:
-        trainer = Trainer(config, out, resume=args.resume, progress=not args.quiet)
-    config = trainer.config
+    kind = DownpourTrainer if config.mode == "downpour" else SandblasterTrainer
+    return kind(config, out, resume=args.resume, progress=not args.quiet, address=args.address,
+                dashboard=args.dashboard)
 
-    def stop(signum, frame):
-        # First Ctrl-C: finish the step, checkpoint, exit. A second one aborts at once.
-        trainer.request_stop()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\ndistbelief: stopping after this step (Ctrl-C again to abort)", file=sys.stderr)
 
-    previous = signal.signal(signal.SIGINT, stop)
-    try:
-        summary = trainer.fit()
-    except TrainingInterrupted as e:
-        print(f"distbelief: {e} --out {out}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def _summary_line(config, summary: dict, out: str) -> str:
     how = []
     if config.mode == "sandblaster":
-        how = [f"Sandblaster L-BFGS, {config.replicas} replicas, {config.ps_shards} shards, "
-               f"{config.portions} portions"]
+        how = [f"Sandblaster L-BFGS, {config.cluster.replicas} replicas, "
+               f"{config.cluster.ps_shards} shards, {config.sandblaster.portions} portions"]
         if summary["converged"]:
             how.append(f"converged: {summary['converged']}")
     elif config.mode == "downpour":
-        how = [f"Downpour, {config.replicas} replicas, {config.ps_shards} shards"]
-    how += [config.optimizer] if config.optimizer != "sgd" and config.mode != "sandblaster" else []
-    print(f"{config.model} on {config.data}{' (' + ', '.join(how) + ')' if how else ''}: "
-          f"test accuracy {summary['test_accuracy']:.2%} "
-          f"(top-1 error {summary['test_error']:.2%}, top-5 {summary['test_top5_error']:.2%}) "
-          f"after {summary['iterations']} iterations in {summary['wall_s']:.1f} s, "
-          f"{summary['images_per_s']:,.0f} images/s; run: {out}")
+        how = [f"Downpour, {config.cluster.replicas} replicas, {config.cluster.ps_shards} shards"]
+    if config.optimizer != "sgd" and config.mode != "sandblaster":
+        how.append(config.optimizer)
+    return (f"{config.model} on {config.data}{' (' + ', '.join(how) + ')' if how else ''}: "
+            f"test accuracy {summary['test_accuracy']:.2%} "
+            f"(top-1 error {summary['test_error']:.2%}, top-5 {summary['test_top5_error']:.2%}) "
+            f"after {summary['iterations']} iterations in {summary['wall_s']:.1f} s, "
+            f"{summary['images_per_s']:,.0f} images/s; run: {out}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from distbelief.engine import TrainingInterrupted
+
+    config = _config_from_args(args)
+    out = args.out or _default_out(config)
+    trainer = _trainer(config, out, args)
+    try:
+        summary = trainer.fit()  # the first Ctrl-C checkpoints and stops (engine.lifecycle)
+    except TrainingInterrupted as e:
+        print(f"distbelief: {e} --out {out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(_summary_line(trainer.config, summary, out))
     return 0
 
 

@@ -5,7 +5,7 @@ import pytest
 def ray_cluster():
     """One small local Ray per test module (Ray's advice: starting one costs seconds)."""
     ray = pytest.importorskip("ray")
-    from distbelief.distributed.actors import start_ray
+    from distbelief.distributed.runtime import start_ray
 
     if ray.is_initialized():
         ray.shutdown()

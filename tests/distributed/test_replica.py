@@ -6,7 +6,8 @@ import torch
 
 from distbelief.data import build_data, data_part
 from distbelief.distributed.downpour import DownpourReplica, LocalClient, initial_vector
-from distbelief.distributed.shard import ParameterShard, model_vector
+from distbelief.distributed.downpour.shard import ParameterShard
+from distbelief.distributed.flat import model_vector
 from distbelief.engine import Trainer
 from distbelief.engine.config import TrainConfig
 from distbelief.optim import shard_bounds
@@ -16,7 +17,7 @@ def digits_config(**kw):
     settings = dict(recipe="test", model="resnet20", data="digits", batch_size=32, iterations=40,
                     lr=0.05, milestones=(12,), pad=1, flip=False, deterministic=True,
                     device="cpu", mode="downpour", overlap=False)
-    return TrainConfig(**{**settings, **kw})
+    return TrainConfig().replace(**{**settings, **kw})
 
 
 def make_shards(config, data, count):

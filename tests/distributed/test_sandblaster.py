@@ -4,8 +4,9 @@
 import pytest
 import torch
 
-from distbelief.distributed.sandblaster import (LocalShards, PortionQueue, SandblasterReplica,
-                                                VectorShard, batch_indices, portion_indices)
+from distbelief.distributed.sandblaster import LocalShards, PortionQueue, VectorShard
+from distbelief.distributed.sandblaster.portions import batch_indices, portion_indices
+from distbelief.distributed.sandblaster.replica import SandblasterReplica
 from distbelief.engine.config import TrainConfig
 from distbelief.optim.lbfgs import LBFGS, FunctionObjective, LocalStore
 
@@ -105,7 +106,7 @@ def test_batches_partition_the_split_per_epoch_and_full_batch_is_everything():
 
 @pytest.fixture(scope="module")
 def replica_setup():
-    config = TrainConfig(model="softmax", data="digits", mode="sandblaster", batch_size=0,
+    config = TrainConfig().replace(model="softmax", data="digits", mode="sandblaster", batch_size=0,
                          portions=6, push_every=2, device="cpu")
     store = LocalShards(650, 2)  # softmax on 8x8 digits: 64 * 10 + 10 parameters
     replica = SandblasterReplica(0, config, store)

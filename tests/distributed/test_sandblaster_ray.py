@@ -32,7 +32,8 @@ def local_losses(c, iterations=ITERATIONS):
     objective = LocalBatchObjective(c)
     store = LocalStore()
     store.run([("set", "x", objective.initial)])
-    opt = LBFGS(store, objective, history=c.history, lr=c.lr, line_search=c.line_search)
+    opt = LBFGS(store, objective, history=c.sandblaster.history, lr=c.lr,
+                line_search=c.sandblaster.line_search)
     losses = [opt.start()["loss"]]
     for _ in range(iterations):
         losses.append(opt.step()["loss"])
@@ -127,7 +128,9 @@ def test_portions_a_dead_replica_won_but_never_pushed_are_computed_again(tmp_pat
     shards, found, and computed again, once each."""
     import ray
 
-    original = SandblasterTrainer._collect
+    from distbelief.distributed.sandblaster.gradient import BatchGradient
+
+    original = BatchGradient._collect
     killed = []
 
     def collect(self, round_):
@@ -145,7 +148,7 @@ def test_portions_a_dead_replica_won_but_never_pushed_are_computed_again(tmp_pat
                 time.sleep(0.01)
         return original(self, round_)
 
-    monkeypatch.setattr(SandblasterTrainer, "_collect", collect)
+    monkeypatch.setattr(BatchGradient, "_collect", collect)
     c = config(replicas=2, ps_shards=2, portions=16, push_every=100, backup_tasks=False)
     summary, records, x = distributed_run(c, tmp_path / "run")
     assert summary["replica_failures"] == 1

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from distbelief.distributed.shard import (ParameterShard, load_model_vector, model_vector)
+from distbelief.distributed.downpour.shard import ParameterShard
+from distbelief.distributed.flat import load_model_vector, model_vector
 from distbelief.engine.checkpoint import load_checkpoint
 from distbelief.engine.config import TrainConfig
 from distbelief.errors import CheckpointError
@@ -11,7 +12,7 @@ from distbelief.optim import sgd_update
 
 
 def config(**kw):
-    return TrainConfig(**{"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "milestones": (3,),
+    return TrainConfig().replace(**{"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "milestones": (3,),
                           "iterations": 100, **kw})
 
 

@@ -108,7 +108,7 @@ def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
 
 def test_resume_with_another_model_is_refused(tmp_path):
     Trainer(digits_config(iterations=5), tmp_path).fit()
-    with pytest.raises(CheckpointError, match="holds a resnet20, not a resnet32"):
+    with pytest.raises(CheckpointError, match="was trained with --model resnet20, not resnet32"):
         Trainer(digits_config(model="resnet32"), tmp_path, resume=True)
 
 

@@ -1,25 +1,28 @@
-"""DistBelief's distributed training schemes on Ray (Dean et al., 2012).
+"""DistBelief's distributed training schemes on Ray (Dean et al., 2012), one package each, over
+shared pieces:
 
-    shard.py     ParameterShard: a slice of the server vector and its update rule (no Ray)
-    downpour.py  DownpourReplica: a model replica's fetch / compute / push loop (no Ray)
-    actors.py    the Ray actors wrapping them, the replicas' Ray client, starting Ray
-    job.py       RayJob: what both drivers share (Ray's lifetime, waiting, evaluation, records)
-    driver.py    DownpourTrainer: runs a Downpour job on a Ray cluster (local by default)
-    sandblaster.py  Sandblaster's shard vectors, portion queue and replica (no Ray)
-    coordinator.py  SandblasterTrainer: the L-BFGS coordinator driving shards and replicas
+    downpour/        Downpour SGD: asynchronous replicas and a sharded parameter server
+    sandblaster/     Sandblaster L-BFGS: a coordinator, batch portions, vectors on the shards
+    flat.py          a model as the server's flat vector (no Ray)
+    pending.py       the pending-call protocol between replicas and their clients (no Ray)
+    placement.py     how big each actor is and where it goes (no Ray)
+    server_model.py  the driver's model at the server's parameters: evaluation, last.pt (no Ray)
+    runtime.py       Ray itself: start or join, place actors, wait for calls, failures
+
+Each scheme's core (shards, replicas, queues) is plain Python tested without Ray; its
+`actors.py` wraps it in thin Ray actors; its driver runs the shared `engine.lifecycle`.
+`import ray` appears only in runtime.py and the actor modules.
 """
 
-from distbelief.distributed.shard import ParameterShard
-
-__all__ = ["ParameterShard", "DownpourTrainer", "SandblasterTrainer"]
+__all__ = ["DownpourTrainer", "SandblasterTrainer"]
 
 
 def __getattr__(name):
-    # The driver imports Ray lazily; keep `import distbelief.distributed` free of it.
+    # The drivers import Ray lazily; keep `import distbelief.distributed` free of it.
     if name == "DownpourTrainer":
-        from distbelief.distributed.driver import DownpourTrainer
+        from distbelief.distributed.downpour.driver import DownpourTrainer
         return DownpourTrainer
     if name == "SandblasterTrainer":
-        from distbelief.distributed.coordinator import SandblasterTrainer
+        from distbelief.distributed.sandblaster.coordinator import SandblasterTrainer
         return SandblasterTrainer
     raise AttributeError(name)

@@ -1,10 +1,12 @@
-"""Single-process training and evaluation."""
+"""Training and evaluation building blocks: the configuration, the run lifecycle every mode
+shares, model and device setup, the single-process trainer, evaluation, checkpoints."""
 
 from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.engine.config import TrainConfig
 from distbelief.engine.evaluate import evaluate
+from distbelief.engine.lifecycle import Diverged, RunLifecycle, TrainingInterrupted
 from distbelief.engine.schedule import LRSchedule
-from distbelief.engine.trainer import Diverged, Trainer, TrainingInterrupted, load_for_eval
+from distbelief.engine.trainer import Trainer, load_for_eval
 
 __all__ = ["TrainConfig", "Trainer", "TrainingInterrupted", "Diverged", "LRSchedule",
-           "evaluate", "load_checkpoint", "save_checkpoint", "load_for_eval"]
+           "RunLifecycle", "evaluate", "load_checkpoint", "save_checkpoint", "load_for_eval"]

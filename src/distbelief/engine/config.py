@@ -1,13 +1,25 @@
-"""The training configuration: one frozen dataclass that validates itself.
+"""The training configuration: a frozen dataclass in sections that validates itself.
 
-A recipe (`distbelief.recipes`) returns a `TrainConfig`; the CLI overrides fields by name;
-`to_dict` / `from_dict` carry it through `config.yaml` and checkpoints. Every field's help text
-is its CLI help, units included.
+    TrainConfig            what every mode uses: model, data, optimization, running
+      .cluster             ClusterConfig: the distributed modes' replicas, shards, restarts
+      .downpour            DownpourConfig: Downpour SGD's replicas and parameter server
+      .sandblaster         SandblasterConfig: Sandblaster L-BFGS's portions and history
+
+A recipe (`distbelief.recipes`) returns a `TrainConfig`; the CLI and `replace` set fields by
+their flat names (`replace(lr=0.05, n_fetch=4)`: every name is unique across the sections, and
+each is a `--flag`). `to_dict` / `from_dict` carry it through `config.yaml` and checkpoints;
+`from_dict` also reads the flat layout written before the sections existed. Every field's help
+text is its CLI help, units included.
+
+All validation lives in this module: `validate` (run by the constructor) checks each value and
+every rule that ties fields together; `resolve` applies the rules that need the data or the
+model (how many images, values, whether it has BatchNorm) once they are known.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -20,7 +32,10 @@ DEVICES = ("auto", "cpu", "cuda")
 WARMUP_MODES = ("constant", "linear")
 OPTIMIZERS = ("sgd", "adagrad")
 MODES = ("single", "downpour", "sandblaster")
+DISTRIBUTED_MODES = ("downpour", "sandblaster")
 LINE_SEARCHES = ("strong_wolfe", "none")
+DTYPES = ("float32", "float64")
+PORTIONS_PER_REPLICA = 16  # default --portions: many more portions than replicas
 
 
 def _opt(help: str, **kwargs):
@@ -28,11 +43,68 @@ def _opt(help: str, **kwargs):
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Everything that determines a single-process training run.
+class ClusterConfig:
+    """The distributed modes' actors: how many, how big, how often they may be restarted."""
 
-    Iteration counts are optimizer steps (one batch each). Learning-rate milestones are
-    iterations, as in the paper ("divided by 10 at 32k and 48k iterations").
+    replicas: int = _opt("downpour: model replicas, each with its own slice of the training "
+                         "data; sandblaster: replicas computing batch portions", default=1)
+    ps_shards: int = _opt("downpour, sandblaster: parameter-server shards, each owning a slice "
+                          "of the parameters (sandblaster: of every L-BFGS vector)", default=1)
+    max_restarts: int = _opt("downpour, sandblaster: restarts allowed per replica (downpour: and "
+                             "per shard) after a failure", default=3)
+    replica_cpus: int | None = _opt("downpour, sandblaster: CPU threads per replica (default: "
+                                    "as many as the replicas can each have on the cluster's "
+                                    "nodes)", default=None)
+
+
+@dataclass(frozen=True)
+class DownpourConfig:
+    """Downpour SGD: how replicas talk to the parameter server, and its snapshots."""
+
+    n_fetch: int = _opt("downpour: a replica fetches fresh parameters every N of its steps",
+                        default=1)
+    n_push: int = _opt("downpour: a replica pushes its accumulated gradient every N of its "
+                       "steps", default=1)
+    overlap: bool = _opt("downpour: fetch and push in the background while computing (off: "
+                         "every fetch and push waits, as in the parity tests)", default=True)
+    max_in_flight: int = _opt("downpour: pushes a replica may have outstanding before it waits",
+                              default=2)
+    warmstart_steps: int = _opt("downpour: steps trained by one replica before the others "
+                                "start", default=0)
+    snapshot_every_s: float = _opt("downpour: seconds between a shard's snapshots to the run "
+                                   "directory", default=5.0)
+
+
+@dataclass(frozen=True)
+class SandblasterConfig:
+    """Sandblaster L-BFGS: how batches are cut and scheduled, and the L-BFGS settings."""
+
+    portions: int | None = _opt("sandblaster: portions each batch is cut into, handed to "
+                                "replicas one at a time (default: 16 per replica)", default=None)
+    push_every: int = _opt("sandblaster: a replica pushes its summed gradient every N portions",
+                           default=4)
+    history: int = _opt("sandblaster: L-BFGS history size m (curvature pairs kept)", default=10)
+    line_search: str = _opt("sandblaster: strong_wolfe or none (fixed step --lr)",
+                            default="strong_wolfe")
+    dtype: str = _opt("sandblaster: float32 or float64 arithmetic for the replicas' models, the "
+                      "gradients and the L-BFGS vectors", default="float32")
+    backup_tasks: bool = _opt("sandblaster: near the end of a batch give idle replicas copies "
+                              "of unfinished portions; the first result wins", default=True)
+    straggler_delay: float = _opt("sandblaster: replica 0 sleeps this many seconds after each "
+                                  "portion (experiments with stragglers)", default=0.0)
+
+
+SECTIONS = {"cluster": ClusterConfig, "downpour": DownpourConfig,
+            "sandblaster": SandblasterConfig}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run, in any mode.
+
+    Iteration counts are optimizer steps (one batch each; Downpour: minibatch gradients over
+    all replicas; Sandblaster: L-BFGS iterations). Learning-rate milestones are iterations, as in
+    the paper ("divided by 10 at 32k and 48k iterations").
     """
 
     recipe: str = _opt("recipe this config came from", default="custom")
@@ -97,156 +169,104 @@ class TrainConfig:
     log_every: int = _opt("iterations between training-metric records", default=100)
     eval_every: int = _opt("iterations between test evaluations (0: only at the end)",
                            default=2000)
+    eval_interval_s: float = _opt("also evaluate every this many seconds of wall time (0: only "
+                                  "every --eval-every)", default=0.0)
     checkpoint_every: int = _opt("iterations between checkpoints (0: only at the end)",
                                  default=2000)
     eval_batch_size: int = _opt("images per evaluation batch", default=500)
-    # Distributed training (DistBelief)
     mode: str = _opt("single (one process), downpour (asynchronous replicas and a sharded "
                      "parameter server on Ray) or sandblaster (L-BFGS driven from a coordinator, "
                      "batch gradients from replicas, vectors on the shards)", default="single")
-    replicas: int = _opt("downpour: model replicas, each with its own slice of the training data; "
-                         "sandblaster: replicas computing batch portions", default=1)
-    ps_shards: int = _opt("downpour, sandblaster: parameter-server shards, each owning a slice "
-                          "of the parameters (sandblaster: of every L-BFGS vector)", default=1)
-    n_fetch: int = _opt("downpour: a replica fetches fresh parameters every N of its steps",
-                        default=1)
-    n_push: int = _opt("downpour: a replica pushes its accumulated gradient every N of its steps",
-                       default=1)
-    overlap: bool = _opt("downpour: fetch and push in the background while computing (off: "
-                         "every fetch and push waits, as in the parity tests)", default=True)
-    max_in_flight: int = _opt("downpour: pushes a replica may have outstanding before it waits",
-                              default=2)
-    warmstart_steps: int = _opt("downpour: steps trained by one replica before the others start",
-                                default=0)
-    eval_interval_s: float = _opt("downpour: also evaluate the server's parameters every this "
-                                  "many seconds of wall time (0: only every --eval-every)",
-                                  default=0.0)
-    snapshot_every_s: float = _opt("downpour: seconds between a shard's snapshots to the run "
-                                   "directory", default=5.0)
-    max_restarts: int = _opt("downpour, sandblaster: restarts allowed per replica (downpour: and "
-                             "per shard) after a failure", default=3)
-    portions: int | None = _opt("sandblaster: portions each batch is cut into, handed to replicas "
-                                "one at a time (default: 16 per replica)", default=None)
-    push_every: int = _opt("sandblaster: a replica pushes its summed gradient every N portions",
-                           default=4)
-    history: int = _opt("sandblaster: L-BFGS history size m (curvature pairs kept)", default=10)
-    line_search: str = _opt("sandblaster: strong_wolfe or none (fixed step --lr)",
-                            default="strong_wolfe")
-    dtype: str = _opt("sandblaster: float32 or float64 arithmetic for the replicas' models, the "
-                      "gradients and the L-BFGS vectors", default="float32")
-    backup_tasks: bool = _opt("sandblaster: near the end of a batch give idle replicas copies of "
-                              "unfinished portions; the first result wins", default=True)
-    straggler_delay: float = _opt("sandblaster: replica 0 sleeps this many seconds after each "
-                                  "portion (experiments with stragglers)", default=0.0)
-    replica_cpus: int | None = _opt("downpour, sandblaster: CPU threads per replica (default: the "
-                                    "cluster's CPUs divided among the replicas)", default=None)
+    # Sections of the distributed modes
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    downpour: DownpourConfig = field(default_factory=DownpourConfig)
+    sandblaster: SandblasterConfig = field(default_factory=SandblasterConfig)
 
     def __post_init__(self):
-        check_choice("dataset", self.data, DATASETS)
-        check_choice("device", self.device, DEVICES)
-        check_choice("warmup mode", self.warmup_mode, WARMUP_MODES)
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        check_choice("mode", self.mode, MODES)
-        check_choice("line search", self.line_search, LINE_SEARCHES)
-        check_choice("dtype", self.dtype, ("float32", "float64"))
-        if self.shortcut is not None:
-            check_choice("shortcut option", self.shortcut, ("A", "B", "C"))
-        positive = ("batch_size", "iterations", "eval_batch_size", "log_every", "crop_size",
-                    "scale_min", "scale_max", "test_size", "synthetic_size", "synthetic_classes",
-                    "stats_samples", "replicas", "ps_shards", "n_fetch", "n_push",
-                    "max_in_flight", "push_every", "history")
-        non_negative = ("val_split", "pad", "momentum", "weight_decay", "warmup_iterations",
-                        "eval_every", "checkpoint_every", "lighting", "num_workers", "lr_decay",
-                        "warmstart_steps", "eval_interval_s", "max_restarts", "straggler_delay")
-        for name in positive:
-            if name == "batch_size" and self.mode == "sandblaster" and self.batch_size == 0:
-                continue  # the whole training split
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
-        for name in non_negative:
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
-        if self.warmup_lr is not None and not (self.warmup_lr >= 0 and math.isfinite(self.warmup_lr)):
-            raise ConfigError(f"--warmup-lr must be >= 0, got {self.warmup_lr}")
-        for name in ("lr", "epochs"):
-            value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ConfigError(f"{_flag(name)} must be a positive number, got {value}")
-        if self.warmup_until_error is not None and not 0 < self.warmup_until_error <= 1:
-            raise ConfigError("--warmup-until-error is a fraction in (0, 1], "
-                              f"got {self.warmup_until_error}")
-        if list(self.milestones) != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
-            raise ConfigError(f"--milestones must be increasing positive iterations, "
-                              f"got {','.join(map(str, self.milestones))}")
-        if self.scale_min > self.scale_max:
-            raise ConfigError(f"--scale-min {self.scale_min} exceeds --scale-max {self.scale_max}")
-        if self.data == "imagenet" and min(self.scale_min, self.test_size) < self.crop_size:
-            raise ConfigError(f"--crop-size {self.crop_size} exceeds --scale-min or --test-size")
-        if len(self.synthetic_shape) != 3 or min(self.synthetic_shape) <= 0:
-            raise ConfigError("--synthetic-shape must be three positive sizes C,H,W")
-        if not (self.snapshot_every_s > 0 and math.isfinite(self.snapshot_every_s)):
-            raise ConfigError(f"--snapshot-every-s must be positive, got {self.snapshot_every_s}")
-        if self.portions is not None and self.portions < 1:
-            raise ConfigError(f"--portions must be positive, got {self.portions}")
-        if not math.isfinite(self.straggler_delay):
-            raise ConfigError(f"--straggler-delay must be a number of seconds, "
-                              f"got {self.straggler_delay}")
-        if self.replica_cpus is not None and self.replica_cpus < 1:
-            raise ConfigError(f"--replica-cpus must be positive, got {self.replica_cpus}")
-        if self.warmstart_steps >= self.iterations:
-            raise ConfigError(f"--warmstart-steps {self.warmstart_steps} must be below "
-                              f"--iterations {self.iterations}")
-        if self.data in ("cifar10", "imagenet") and not self.data_dir:
-            raise ConfigError(f"dataset {self.data} needs --data-dir")
+        validate(self)
 
     @property
     def warmup_start_lr(self) -> float:
         return self.warmup_lr if self.warmup_lr is not None else self.lr / 10
 
-    def resolve_epochs(self, train_size: int) -> "TrainConfig":
-        """With `epochs` set, the config whose `iterations` are that many passes over a training
-        split of `train_size` images: ceil(epochs * images / batch) steps. Otherwise itself."""
-        if self.epochs is None:
-            return self
-        return self.replace(iterations=max(1, math.ceil(
-            self.epochs * train_size / self.batch_size)))
+    @property
+    def distributed(self) -> bool:
+        return self.mode in DISTRIBUTED_MODES
+
+    def get(self, name: str):
+        """The value of field `name` (a flat name, as on the command line)."""
+        section = section_of(name)
+        return getattr(getattr(self, section) if section else self, name)
 
     def replace(self, **changes) -> "TrainConfig":
-        """A copy with `changes` applied and validated; unknown names are a `ConfigError`."""
-        unknown = sorted(set(changes) - set(field_types()))
+        """A copy with `changes` (flat field names, or whole sections by their names) applied
+        and validated; unknown names are a `ConfigError`."""
+        unknown = sorted(set(changes) - set(field_types()) - set(SECTIONS))
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
-        return dataclasses.replace(self, **changes)
+        top = {k: v for k, v in changes.items() if k in SECTIONS or section_of(k) is None}
+        for name in SECTIONS:
+            mine = {k: v for k, v in changes.items() if section_of(k) == name}
+            if mine:
+                top[name] = dataclasses.replace(top.get(name, getattr(self, name)), **mine)
+        return dataclasses.replace(self, **top)
 
     def to_dict(self) -> dict:
-        """Plain YAML/JSON-safe values (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
+        """Plain YAML/JSON-safe values (tuples become lists), one nested dict per section."""
+        def plain(values: dict) -> dict:
+            return {k: plain(v) if isinstance(v, dict) else list(v) if isinstance(v, tuple)
+                    else v for k, v in values.items()}
+        return plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        """Inverse of `to_dict`; type-checks every value, so a hand-edited file fails clearly."""
-        types_ = field_types()
-        unknown = sorted(set(values) - set(types_))
+        """Inverse of `to_dict`, and of the flat layout written before the config had sections;
+        type-checks every value, so a hand-edited file fails clearly."""
+        flat = {}
+        for key, value in values.items():
+            if key in SECTIONS and isinstance(value, dict):
+                flat.update(value)
+            else:
+                flat[key] = value
+        unknown = sorted(set(flat) - set(field_types()))
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
-        return cls(**{k: coerce(k, v) for k, v in values.items()})
+        return cls().replace(**{k: coerce(k, v) for k, v in flat.items()})
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def section_of(name: str) -> str | None:
+    """The section holding flat field `name` (None: the top level). Unknown names: None."""
+    return _fields().get(name, (None,))[0]
+
+
+def option_fields() -> list[tuple[str | None, dataclasses.Field]]:
+    """(section, field) of every settable field in declaration order, sections last."""
+    return [(section, f) for section, f, _, _ in _fields().values()]
+
+
 def field_types() -> dict[str, tuple[type, bool]]:
-    """Field name -> (base type, whether None is allowed). tuple[int, ...] has base `tuple`."""
-    hints = typing.get_type_hints(TrainConfig)
+    """Flat field name -> (base type, whether None is allowed). tuple[int, ...] has base
+    `tuple`."""
+    return {name: (base, optional) for name, (_, _, base, optional) in _fields().items()}
+
+
+@functools.cache
+def _fields() -> dict[str, tuple[str | None, dataclasses.Field, type, bool]]:
     out = {}
-    for f in dataclasses.fields(TrainConfig):
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        optional = isinstance(hint, types.UnionType) and type(None) in args
-        base = next(a for a in args if a is not type(None)) if optional else hint
-        out[f.name] = (typing.get_origin(base) or base, optional)
+    for section, cls in ((None, TrainConfig), *SECTIONS.items()):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if section is None and f.name in SECTIONS:
+                continue
+            hint = hints[f.name]
+            args = typing.get_args(hint)
+            optional = isinstance(hint, types.UnionType) and type(None) in args
+            base = next(a for a in args if a is not type(None)) if optional else hint
+            out[f.name] = (section, f, typing.get_origin(base) or base, optional)
     return out
 
 
@@ -270,3 +290,115 @@ def coerce(name: str, value):
         return base(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{_flag(name)}: cannot read {value!r} as {base.__name__}") from None
+
+
+# --- validation: every rule in one place ----------------------------------------------------
+
+_POSITIVE = ("batch_size", "iterations", "eval_batch_size", "log_every", "crop_size",
+             "scale_min", "scale_max", "test_size", "synthetic_size", "synthetic_classes",
+             "stats_samples", "replicas", "ps_shards", "n_fetch", "n_push", "max_in_flight",
+             "push_every", "history")
+_NON_NEGATIVE = ("val_split", "pad", "momentum", "weight_decay", "warmup_iterations",
+                 "eval_every", "checkpoint_every", "lighting", "num_workers", "lr_decay",
+                 "warmstart_steps", "eval_interval_s", "max_restarts", "straggler_delay")
+_POSITIVE_NUMBERS = ("lr", "epochs", "snapshot_every_s")  # finite, > 0, or None
+_AT_LEAST_ONE = ("portions", "replica_cpus")  # None: chosen by the run
+
+
+def validate(c: TrainConfig) -> None:
+    """Raise `ConfigError` naming the first impossible value or combination in `c`."""
+    check_choice("dataset", c.data, DATASETS)
+    check_choice("device", c.device, DEVICES)
+    check_choice("warmup mode", c.warmup_mode, WARMUP_MODES)
+    check_choice("optimizer", c.optimizer, OPTIMIZERS)
+    check_choice("mode", c.mode, MODES)
+    check_choice("line search", c.sandblaster.line_search, LINE_SEARCHES)
+    check_choice("dtype", c.sandblaster.dtype, DTYPES)
+    if c.shortcut is not None:
+        check_choice("shortcut option", c.shortcut, ("A", "B", "C"))
+    _check_ranges(c)
+    _check_rules(c)
+
+
+def _check_ranges(c: TrainConfig) -> None:
+    for name in _POSITIVE:
+        value = c.get(name)
+        if name == "batch_size" and c.mode == "sandblaster" and value == 0:
+            continue  # the whole training split
+        if not value > 0:
+            raise ConfigError(f"{_flag(name)} must be positive, got {value}")
+    for name in _NON_NEGATIVE:
+        value = c.get(name)
+        if not (value >= 0 and math.isfinite(value)):
+            raise ConfigError(f"{_flag(name)} must be >= 0, got {value}")
+    for name in _POSITIVE_NUMBERS:
+        value = c.get(name)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{_flag(name)} must be a positive number, got {value}")
+    for name in _AT_LEAST_ONE:
+        value = c.get(name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{_flag(name)} must be positive, got {value}")
+    if c.warmup_lr is not None and not (c.warmup_lr >= 0 and math.isfinite(c.warmup_lr)):
+        raise ConfigError(f"--warmup-lr must be >= 0, got {c.warmup_lr}")
+    if c.warmup_until_error is not None and not 0 < c.warmup_until_error <= 1:
+        raise ConfigError("--warmup-until-error is a fraction in (0, 1], "
+                          f"got {c.warmup_until_error}")
+    if list(c.milestones) != sorted(c.milestones) or any(m <= 0 for m in c.milestones):
+        raise ConfigError(f"--milestones must be increasing positive iterations, "
+                          f"got {','.join(map(str, c.milestones))}")
+    if len(c.synthetic_shape) != 3 or min(c.synthetic_shape) <= 0:
+        raise ConfigError("--synthetic-shape must be three positive sizes C,H,W")
+
+
+def _check_rules(c: TrainConfig) -> None:
+    """Rules that tie fields together."""
+    if c.scale_min > c.scale_max:
+        raise ConfigError(f"--scale-min {c.scale_min} exceeds --scale-max {c.scale_max}")
+    if c.data == "imagenet" and min(c.scale_min, c.test_size) < c.crop_size:
+        raise ConfigError(f"--crop-size {c.crop_size} exceeds --scale-min or --test-size")
+    if c.downpour.warmstart_steps >= c.iterations:
+        raise ConfigError(f"--warmstart-steps {c.downpour.warmstart_steps} must be below "
+                          f"--iterations {c.iterations}")
+    if c.data in ("cifar10", "imagenet") and not c.data_dir:
+        raise ConfigError(f"dataset {c.data} needs --data-dir")
+    if c.mode == "sandblaster" and c.data == "imagenet":
+        raise ConfigError("--mode sandblaster needs an in-memory dataset (digits, cifar10 or "
+                          "synthetic): portions index the training split")
+
+
+def batch_images(c: TrainConfig, train_size: int) -> int:
+    """Images per iteration: the batch, or the whole split for Sandblaster's batch size 0 (or
+    any batch at least as large)."""
+    if c.mode == "sandblaster" and (c.batch_size == 0 or c.batch_size >= train_size):
+        return train_size
+    return c.batch_size
+
+
+def resolve(c: TrainConfig, train_size: int, values: int | None = None,
+            batchnorm: bool = False) -> TrainConfig:
+    """The config a run uses once its data (`train_size` training images) and model (`values`
+    elements in the server's vector, whether it has BatchNorm) are known: `--epochs` turned
+    into iterations, Sandblaster's default portions; raises `ConfigError` for what the data or
+    the model cannot satisfy."""
+    images = batch_images(c, train_size)
+    if c.epochs is not None:
+        c = c.replace(iterations=max(1, math.ceil(c.epochs * train_size / images)))
+    if c.mode == "downpour" and c.cluster.replicas > train_size // c.batch_size:
+        raise ConfigError(f"{c.cluster.replicas} replicas with batches of {c.batch_size} "
+                          f"need more than the {train_size} training images")
+    if c.distributed and values is not None and c.cluster.ps_shards > values:
+        noun = "parameters" if c.mode == "sandblaster" else "values"
+        raise ConfigError(f"--ps-shards {c.cluster.ps_shards} exceeds the model's {values} "
+                          f"{noun}")
+    if c.mode == "sandblaster":
+        if batchnorm:
+            raise ConfigError(f"--mode sandblaster needs a model without BatchNorm (softmax or "
+                              f"mlp): batch statistics would make the batch objective depend "
+                              f"on how it is cut into portions; {c.model} has BatchNorm")
+        if c.sandblaster.portions is None:
+            c = c.replace(portions=min(images, PORTIONS_PER_REPLICA * c.cluster.replicas))
+        if c.sandblaster.portions > images:
+            raise ConfigError(f"--portions {c.sandblaster.portions} exceeds the {images} "
+                              f"images of a batch")
+    return c

@@ -3,6 +3,7 @@
     RUN_DIR/config.yaml          resolved config, git revision, versions, device
     RUN_DIR/metrics.jsonl        one JSON object per logged step ("train") and evaluation ("eval")
     RUN_DIR/checkpoints/last.pt  the latest checkpoint (atomically replaced)
+    RUN_DIR/checkpoints/*.pt     the distributed schemes' state and their actors' snapshots
     RUN_DIR/summary.json         written once training ends
 """
 
@@ -41,21 +42,20 @@ def git_revision() -> str | None:
 
 
 class RunDir:
+    """The files of one run directory (module doc); nothing is written until `create`."""
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.config_file = self.path / "config.yaml"
         self.metrics_file = self.path / "metrics.jsonl"
         self.summary_file = self.path / "summary.json"
-        self.checkpoint = self.path / "checkpoints" / "last.pt"
-        self.downpour_state = self.path / "checkpoints" / "downpour.pt"
-        self.sandblaster_state = self.path / "checkpoints" / "sandblaster.pt"
+        self.checkpoints = self.path / "checkpoints"
+        self.checkpoint = self.checkpoints / "last.pt"
 
-    def vector_snapshot(self, index: int) -> Path:
-        """Sandblaster shard `index`'s slices of the L-BFGS vectors."""
-        return self.path / "checkpoints" / f"vectors-{index}.pt"
-
-    def shard_snapshot(self, index: int) -> Path:
-        return self.path / "checkpoints" / f"shard-{index}.pt"
+    def state_file(self, name: str) -> Path:
+        """checkpoints/NAME.pt: a training scheme's state or one of its actors' snapshots; the
+        schemes name their own (see each scheme's module)."""
+        return self.checkpoints / f"{name}.pt"
 
     def holds_run(self) -> bool:
         return self.config_file.exists() or self.checkpoint.exists()

@@ -45,7 +45,7 @@ def digits_sandblaster(model: str | None = None) -> TrainConfig:
     portions for 2 replicas, with the vectors on 2 shards; history 10 and the strong-Wolfe line
     search, as torch.optim.LBFGS. L-BFGS stops early once the objective stops changing.
     """
-    return TrainConfig(
+    return TrainConfig().replace(
         recipe="digits-sandblaster", model=model or "softmax", data="digits",
         mode="sandblaster", replicas=2, ps_shards=2, batch_size=0, iterations=100, lr=1.0,
         weight_decay=1e-4, augment=False, history=10, log_every=10, eval_every=25,

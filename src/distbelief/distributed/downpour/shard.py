@@ -1,12 +1,8 @@
-"""A parameter-server shard and the flat vector it is a slice of. Plain Python: no Ray here.
+"""Downpour's parameter-server shard: a slice of the server's flat vector (`distributed.flat`)
+and the update rule it applies to every push on arrival. Plain Python: no Ray here.
 
-The server's state is one flat float32 vector, the model's parameters followed by its
-BatchNorm running statistics:
-
-    [ p_0 | p_1 | ... | p_last | running_mean_0 | running_var_0 | num_batches_tracked_0 | ... ]
-      <------ n_params: trained by gradients -----><------- buffers: moving averages ------->
-
-`shard_bounds` cuts it into K contiguous slices balanced by size; shard k owns w[lo:hi).
+`optim.shard_bounds` cuts the vector into K contiguous slices balanced by size; shard k owns
+w[lo:hi).
 
 BatchNorm statistics. A replica's running statistics are an exponential moving average of the
 batch statistics it sees. The server keeps one such average over the batches of all replicas:
@@ -26,73 +22,13 @@ from collections import Counter
 
 import torch
 
+from distbelief.distributed.flat import all_finite
 from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.engine.schedule import LRSchedule
 from distbelief.errors import CheckpointError
 from distbelief.optim import adagrad_update, sgd_update
 
 STALENESS_CAP = 64  # staleness histogram: larger values are counted under 64
-
-
-class FlatModel:
-    """A model seen as the server's flat vector: [parameters; buffers] in `parameters()` then
-    `buffers()` order, each tensor in its logical (N, C, H, W) order whatever its memory format.
-    The tensor lists are taken once: walking the module tree per step costs more than the
-    copies."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.params = list(model.parameters())
-        self.buffers = list(model.buffers())
-        self.n_params = sum(p.numel() for p in self.params)
-        self.n_buffers = sum(b.numel() for b in self.buffers)
-        self.sizes = [t.numel() for t in self.params + self.buffers]
-
-    @torch.no_grad()
-    def vector(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Flat CPU copy of [parameters; buffers] (float32 unless `dtype`)."""
-        return torch.cat([t.reshape(-1).to(dtype).cpu() for t in self.params + self.buffers])
-
-    @torch.no_grad()
-    def load(self, vector: torch.Tensor) -> None:
-        """Copy a flat [parameters; buffers] vector in (any device and memory format)."""
-        if vector.numel() != self.n_params + self.n_buffers:
-            raise ValueError(f"vector of {vector.numel()} elements for a model of "
-                             f"{self.n_params + self.n_buffers}")
-        tensors = self.params + self.buffers
-        pieces = vector.to(tensors[0].device).split(self.sizes)
-        # copy_ casts (num_batches_tracked is int64) and writes any memory format.
-        torch._foreach_copy_(tensors, [v.view(t.shape) for v, t in zip(pieces, tensors)])
-
-    @torch.no_grad()
-    def gradient(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Flat gradient of the parameters (zeros where one got none) on the model's device,
-        float32 unless `dtype`."""
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                          for p in self.params]).to(dtype)
-
-    @torch.no_grad()
-    def buffer_vector(self) -> torch.Tensor:
-        """Flat float32 CPU copy of the buffers (BatchNorm statistics)."""
-        if not self.buffers:
-            return torch.zeros(0)
-        return torch.cat([b.reshape(-1).float() for b in self.buffers]).cpu()
-
-
-def model_vector(model: torch.nn.Module) -> tuple[torch.Tensor, int]:
-    """(flat float32 CPU copy of [parameters; buffers], number of parameter elements)."""
-    flat = FlatModel(model)
-    return flat.vector(), flat.n_params
-
-
-def load_model_vector(model: torch.nn.Module, vector: torch.Tensor) -> None:
-    FlatModel(model).load(vector)
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """Whether every element is finite. A finite sum proves it (NaN and Inf propagate) in one
-    fast pass; only a sum that overflowed or is NaN needs the exact elementwise check."""
-    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 class ParameterShard:
@@ -109,13 +45,14 @@ class ParameterShard:
 
     A push holding NaN or Inf is rejected and counted, never applied. `snapshot()` writes the
     whole state atomically to `snapshot_path` (a crash leaves the previous snapshot);
-    `maybe_snapshot()` does so when `config.snapshot_every_s` has passed.
+    `maybe_snapshot()` does so when `config.downpour.snapshot_every_s` has passed.
     """
 
     def __init__(self, index: int, lo: int, hi: int, n_params: int, values: torch.Tensor,
                  config, snapshot_path: str | os.PathLike | None = None, clock=time.monotonic):
         if values.shape != (hi - lo,):
-            raise ValueError(f"shard {index} owns [{lo}, {hi}) but got {tuple(values.shape)} values")
+            raise ValueError(f"shard {index} owns [{lo}, {hi}) but got {tuple(values.shape)} "
+                             f"values")
         self.index, self.lo, self.hi = index, lo, hi
         self.split = max(0, min(hi, n_params) - lo)  # w[:split] are parameters, the rest buffers
         self.w = values.detach().float().clone()
@@ -154,7 +91,7 @@ class ParameterShard:
         if update.shape != self.w.shape:
             raise ValueError(f"shard {self.index} expects {self.w.numel()} values, "
                              f"got {tuple(update.shape)}")
-        if not _all_finite(update):
+        if not all_finite(update):
             self.rejected += 1
             return {"accepted": False, "version": self.version, "steps": self.steps}
         self.staleness[min(max(self.version - base_version, 0), STALENESS_CAP)] += 1
@@ -207,7 +144,7 @@ class ParameterShard:
         return self.version
 
     def maybe_snapshot(self) -> None:
-        if self.clock() - self.last_snapshot >= self.config.snapshot_every_s:
+        if self.clock() - self.last_snapshot >= self.config.downpour.snapshot_every_s:
             self.snapshot()
 
     def restore(self) -> int:

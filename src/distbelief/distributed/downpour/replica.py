@@ -12,15 +12,15 @@ requests (Ray calls, in `distributed.actors`) and keeps computing:
   replica waits for the oldest. That is the only time it waits for the server.
 
 With `overlap` off every fetch and push completes before the replica goes on; one such replica
-with n_fetch = n_push = 1 is plain sequential SGD (tests/distributed/test_parity.py).
+with n_fetch = n_push = 1 is plain sequential SGD (tests/parity/test_downpour_parity.py).
 
 The replica talks to the server through a client with two methods, `fetch()` and
-`push(vector, base_versions, steps, errors, pull=False)`, each returning a `Pending` (`done()`,
-`result()`); the client slices full vectors into shard slices. When a push is followed by a
-fetch at the next step, the two travel as one call per shard (`pull=True`: the shard applies
-the push and returns its values), which saves a round trip without changing what the replica
-sees. `LocalClient` calls in-process shards directly (tests); `actors.RayClient` calls shard
-actors.
+`push(vector, base_versions, steps, errors, pull=False)`, each returning a pending result
+(`distributed.pending`); the client slices full vectors into shard slices. When a push is
+followed by a fetch at the next step, the two travel as one call per shard (`pull=True`: the
+shard applies the push and returns its values), which saves a round trip without changing what
+the replica sees. `LocalClient` calls in-process shards directly (tests);
+`downpour.actors.RayClient` calls shard actors.
 """
 
 from __future__ import annotations
@@ -33,21 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from distbelief.data import build_data
-from distbelief.distributed.shard import FlatModel, ParameterShard, model_vector
-from distbelief.engine.trainer import build_model, resolve_device, set_determinism
-
-
-class Done:
-    """A `Pending` whose result is already there (in-process calls)."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def done(self) -> bool:
-        return True
-
-    def result(self):
-        return self.value
+from distbelief.distributed.downpour.shard import ParameterShard
+from distbelief.distributed.flat import FlatModel, model_vector
+from distbelief.distributed.pending import Done, Part
+from distbelief.engine.setup import build_model, resolve_device, set_determinism
 
 
 class LocalClient:
@@ -70,21 +59,9 @@ class LocalClient:
         return Done((replies, self._pull()) if pull else replies)
 
 
-class Part:
-    """Element `i` of another pending call's result (a push that also pulled)."""
-
-    def __init__(self, pending, i: int):
-        self.pending, self.i = pending, i
-
-    def done(self) -> bool:
-        return self.pending.done()
-
-    def result(self):
-        return self.pending.result()[self.i]
-
-
 class DownpourReplica:
-    """Replica `index` of `config.replicas`, computing on `device` (default: config.device).
+    """Replica `index` of `config.cluster.replicas`, computing on `device` (default:
+    config.device).
 
     `run(start, steps)` trains its steps start .. start+steps-1 (batch i of its data slice is a
     pure function of (seed, index, i), so a restarted replica resumes at any step) and returns
@@ -98,7 +75,7 @@ class DownpourReplica:
         self.device = device or resolve_device(config.device)
         set_determinism(config.deterministic, self.device)
         self.data = build_data(config, self.device, stats=stats,
-                               part=(index, config.replicas))
+                               part=(index, config.cluster.replicas))
         self.model = build_model(config, self.data, self.device)
         self.model.train()
         self.flat = FlatModel(self.model)
@@ -132,7 +109,7 @@ class DownpourReplica:
         vector = torch.cat([self.accum.cpu(), buffers_now - self.buffer_base])
         self.buffer_base = buffers_now
         # The next step fetches: let this push bring the parameters back (one call, not two).
-        pull = self.pending_fetch is None and (step + 1) % self.config.n_fetch == 0
+        pull = self.pending_fetch is None and (step + 1) % self.config.downpour.n_fetch == 0
         pending = self.client.push(vector, self.accum_versions, len(self.accum_errors),
                                    tuple(self.accum_errors), pull=pull)
         metrics["pushes"] += 1
@@ -143,7 +120,7 @@ class DownpourReplica:
             pending = Part(pending, 0)
         self.in_flight.append(pending)
         wait_start = time.perf_counter()
-        limit = self.config.max_in_flight if self.config.overlap else 0
+        limit = self.config.downpour.max_in_flight if self.config.downpour.overlap else 0
         while self.in_flight and (self.in_flight[0].done() or len(self.in_flight) > limit):
             self._count_reply(self.in_flight.popleft().result(), metrics)
         metrics["push_wait_s"] += time.perf_counter() - wait_start
@@ -161,13 +138,13 @@ class DownpourReplica:
 
     def _fetch(self, step: int, metrics: dict) -> None:
         c = self.config
-        due = self.versions is None or step % c.n_fetch == 0
+        due = self.versions is None or step % c.downpour.n_fetch == 0
         if due and self.pending_fetch is None and self.fetched_for != step:
             self.pending_fetch, self.fetched_for = self.client.fetch(), step
             metrics["fetches"] += 1
         if self.pending_fetch is None:
             return
-        if self.versions is None or not c.overlap:
+        if self.versions is None or not c.downpour.overlap:
             # Nothing to compute with yet (or no overlap): wait for the parameters.
             wait_start = time.perf_counter()
             self._install(self.pending_fetch.result())
@@ -217,7 +194,7 @@ class DownpourReplica:
             metrics["wrong"] += wrong
             metrics["images"] += len(y)
             metrics["compute_s"] += time.perf_counter() - compute_start
-            if (step + 1) % c.n_push == 0:
+            if (step + 1) % c.downpour.n_push == 0:
                 self._push(step, metrics)
         self._position = start + steps
         metrics["seconds"] = time.perf_counter() - begin
@@ -231,69 +208,3 @@ def initial_vector(config, data) -> tuple[torch.Tensor, int]:
     single-process trainer initializes it (torch.manual_seed(seed), then the model)."""
     torch.manual_seed(config.seed)
     return model_vector(build_model(config, data))
-
-
-class WorkQueue:
-    """Decides which replica trains which of its steps next; the driver makes the calls.
-
-    A chunk is (replica, start, steps): `steps` of that replica's own steps from `start`.
-    Each live replica has up to `depth` chunks queued, so it never idles while the driver is
-    busy; chunks are handed out until the steps handed out reach `total`, so fast replicas do
-    more. During warmstart only replica 0 gets work, up to `warmstart` steps, and the others
-    wait until those are done. A failed replica's chunks are dropped and their steps handed
-    out again, from its last completed step; a paused replica (one Ray is restarting) gets no
-    new chunks until it is resumed.
-    """
-
-    def __init__(self, positions: list[int], total: int, warmstart: int = 0, chunk: int = 10,
-                 depth: int = 2):
-        self.positions = list(positions)  # completed steps per replica = its data position
-        self.assigned = list(positions)  # next step to hand out, per replica
-        self.queued: list[list[tuple]] = [[] for _ in positions]
-        self.alive = [True] * len(positions)
-        self.paused: set[int] = set()
-        self.total, self.warmstart, self.chunk, self.depth = total, warmstart, chunk, depth
-        self.handed = sum(positions)
-
-    @property
-    def completed(self) -> int:
-        return sum(self.positions)
-
-    def busy(self) -> bool:
-        return any(self.queued)
-
-    def take(self) -> list[tuple]:
-        """New chunks to start now (possibly none)."""
-        chunks = []
-        for r in range(len(self.positions)):
-            while self.alive[r] and r not in self.paused and len(self.queued[r]) < self.depth:
-                warm = self.completed < self.warmstart
-                limit = self.warmstart if warm else self.total
-                if (warm and r != 0) or self.handed >= limit:
-                    break
-                chunk = (r, self.assigned[r], min(self.chunk, limit - self.handed))
-                self.queued[r].append(chunk)
-                self.assigned[r] += chunk[2]
-                self.handed += chunk[2]
-                chunks.append(chunk)
-        return chunks
-
-    def finished(self, chunk: tuple) -> None:
-        r, start, steps = chunk
-        self.queued[r].remove(chunk)
-        self.positions[r] = start + steps  # a replica runs its chunks in order
-
-    def pause(self, r: int) -> None:
-        self.paused.add(r)
-
-    def resume(self, r: int) -> None:
-        self.paused.discard(r)
-
-    def failed(self, r: int, give_up: bool = False) -> list[tuple]:
-        """Drop replica r's queued chunks (returned) and hand their steps out again; with
-        `give_up` the replica gets no more work."""
-        dropped, self.queued[r] = self.queued[r], []
-        self.handed -= sum(steps for _, _, steps in dropped)
-        self.assigned[r] = self.positions[r]
-        self.alive[r] = self.alive[r] and not give_up
-        return dropped

@@ -1,0 +1,130 @@
+"""Downpour's Ray actors: thin wrappers around `ParameterShard` and `DownpourReplica`, where
+the logic lives and is tested without Ray, and the replicas' client over the shard actors.
+
+Failures are Ray's business: shards are created with --max-restarts and unlimited task retries,
+so a killed shard is restarted by Ray, reloads its latest snapshot in its constructor, and the
+replicas' pending pulls and pushes are retried against it. Replicas are created with
+--max-restarts and no task retries: the driver sees the failed chunk, counts it and hands the
+restarted replica its next chunk.
+"""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+
+import numpy as np
+import ray
+import torch
+
+from distbelief.distributed.downpour.replica import DownpourReplica
+from distbelief.distributed.downpour.shard import ParameterShard
+from distbelief.distributed.runtime import RayPending, join_slices, node_id, tensor_view
+
+
+def _join_pulls(pulled: list) -> tuple[torch.Tensor, list[int]]:
+    """(the full vector, the shards' versions) from the shards' (slice, version) pairs."""
+    return join_slices([w for w, _ in pulled]), [v for _, v in pulled]
+
+
+class RayClient:
+    """The replicas' server client over shard actors: one call per shard, all in flight at once.
+    Calls from one replica to one shard run in the order they were sent (Ray's per-caller actor
+    ordering), so a replica's fetch never overtakes its own earlier push."""
+
+    def __init__(self, shards: list, bounds: list[tuple[int, int]]):
+        self.shards, self.bounds = shards, bounds
+
+    def fetch(self) -> RayPending:
+        return RayPending([s.pull.remote() for s in self.shards], _join_pulls)
+
+    def push(self, vector: torch.Tensor, base_versions: list[int], steps: int,
+             errors: tuple[float, ...], pull: bool = False) -> RayPending:
+        array = vector.numpy()
+        method = "push_pull" if pull else "push"
+        refs = [getattr(s, method).remote(array[lo:hi], v, steps, errors)
+                for s, (lo, hi), v in zip(self.shards, self.bounds, base_versions)]
+        if not pull:
+            return RayPending(refs, list)
+        return RayPending(refs, lambda out: ([reply for reply, _ in out],
+                                             _join_pulls([pulled for _, pulled in out])))
+
+
+def server_vector(shards: list) -> torch.Tensor:
+    """The server's current [parameters; buffers], gathered from all shards at once (read-only
+    when there is one shard)."""
+    return _join_pulls(ray.get([s.pull.remote() for s in shards]))[0]
+
+
+@ray.remote(num_cpus=0)
+class ShardActor:
+    """A `ParameterShard` in its own process. The driver calls `start(values)` (a new run: the
+    shard writes its first snapshot at once) or `start(None)` (resume: it loads its snapshot).
+    After a failure Ray re-runs the constructor, which reloads the latest snapshot, so a
+    restarted shard never needs the driver."""
+
+    def __init__(self, index: int, lo: int, hi: int, n_params: int, config, snapshot_path: str):
+        self.args = (index, lo, hi, n_params)
+        self.config, self.snapshot_path = config, snapshot_path
+        self.incarnation = uuid.uuid4().hex  # new on every (re)start: the driver counts restarts
+        with warnings.catch_warnings():  # Ray's own property trips its deprecation warning
+            warnings.simplefilter("ignore")
+            self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
+        self.shard, self.restored_version = None, None
+        if self.reconstructed:
+            self.start(None)
+
+    def start(self, values: np.ndarray | None) -> int:
+        """Begin at `values`, or at the snapshot when None; returns the version."""
+        index, lo, hi, n_params = self.args
+        initial = torch.zeros(hi - lo) if values is None else tensor_view(values)
+        self.shard = ParameterShard(index, lo, hi, n_params, initial, self.config,
+                                    self.snapshot_path)
+        if values is None:
+            self.restored_version = self.shard.restore()
+        else:
+            self.shard.snapshot()
+        return self.shard.version
+
+    def pull(self) -> tuple[np.ndarray, int]:
+        w, version = self.shard.pull(copy=False)
+        return w.numpy(), version
+
+    def push(self, update: np.ndarray, base_version: int, steps: int, errors) -> dict:
+        return self.shard.push(tensor_view(update), base_version, steps, tuple(errors))
+
+    def push_pull(self, update: np.ndarray, base_version: int, steps: int, errors):
+        """`push`, then `pull`: (reply, (values, version))."""
+        return self.push(update, base_version, steps, errors), self.pull()
+
+    def snapshot(self) -> int:
+        return self.shard.snapshot()
+
+    def status(self) -> dict:
+        return {**self.shard.stats(), "incarnation": self.incarnation,
+                "reconstructed": self.reconstructed, "restored_version": self.restored_version,
+                "node": node_id()}
+
+
+@ray.remote
+class ReplicaActor:
+    """A `DownpourReplica` in its own process, using `threads` CPU threads. It finds the shards
+    by name: actor handles among constructor arguments would pin them in the object store,
+    which Ray warns makes restarts fragile."""
+
+    def __init__(self, index: int, config, shard_names: list[str], bounds: list, stats: dict,
+                 threads: int, device: str):
+        torch.set_num_threads(threads)
+        shards = [ray.get_actor(name) for name in shard_names]
+        self.replica = DownpourReplica(index, config, RayClient(shards, bounds), stats=stats,
+                                       device=torch.device(device))
+
+    def run(self, start: int, steps: int) -> dict:
+        return self.replica.run(start, steps)
+
+    def drain(self) -> dict:
+        return self.replica.drain()
+
+    def info(self) -> dict:
+        return {"replica": self.replica.index, "node": node_id(),
+                "device": str(self.replica.device), "threads": torch.get_num_threads()}

@@ -1,0 +1,312 @@
+"""The Downpour driver: starts the shards and replicas on Ray, hands out work, evaluates the
+server's parameters, records metrics, checkpoints and recovers from failures.
+
+The driver never holds the training state: parameters live on the shards and only pass through
+the driver when it evaluates or checkpoints. It hands each replica chunks of `CHUNK_STEPS` of
+its own steps (the decisions are `WorkQueue`'s); a replica that finishes one gets the next,
+until the steps of all replicas together reach `iterations`. So fast replicas do more, a dead
+replica only stops its own work, and the driver can evaluate, log and checkpoint while replicas
+keep training (each replica has up to two chunks queued, so it never idles while the driver is
+busy). The run directory, cadence, signals, failure book and summary are the shared
+`RunLifecycle`'s; calls to the replicas go through `runtime.ReplicaCalls`.
+
+Run directory (on top of the single-process layout, see `engine/rundir.py`):
+
+    checkpoints/last.pt             the server's model, loadable by `distbelief eval`
+    checkpoints/downpour.pt         the driver's state: replica positions, counters, clock
+    checkpoints/shard-K.pt          shard K's snapshot (its slice, optimizer state, version)
+
+Shards write their own snapshots (every --snapshot-every-s), so on a multi-node cluster the run
+directory must be on storage that every node sees, as with any Ray checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from distbelief.data import build_data
+from distbelief.distributed.downpour.actors import ReplicaActor, ShardActor, server_vector
+from distbelief.distributed.downpour.records import (TIME_PARTS, ChunkWindow, ShardMonitor,
+                                                     summary_entries)
+from distbelief.distributed.downpour.replica import initial_vector
+from distbelief.distributed.downpour.work import WorkQueue
+from distbelief.distributed.runtime import (ReplicaCalls, check_reachable, get, granted_device,
+                                            kill, pinned_round_robin, ray_session,
+                                            replica_options, wait_started)
+from distbelief.distributed.server_model import ServerModel
+from distbelief.engine.config import TrainConfig, resolve
+from distbelief.engine.lifecycle import Diverged, FailureBook, RunLifecycle
+from distbelief.errors import CheckpointError
+from distbelief.optim import shard_bounds
+
+STATE = "downpour"  # checkpoints/downpour.pt
+SAME = ("model", "replicas", "ps_shards", "optimizer", "data")  # fixed for a run's life
+CHUNK_STEPS = 10  # replica steps per work request (WorkQueue)
+QUEUED_CHUNKS = 2  # chunks queued per replica, so it keeps training while the driver is busy
+POLL_S = 0.5  # longest wait for a result before the driver checks its clocks
+
+
+def snapshot_name(k: int) -> str:
+    return f"shard-{k}"  # checkpoints/shard-K.pt
+
+
+def check_snapshots(run, shards: int) -> None:
+    """Raise `CheckpointError` unless every shard's snapshot is in the run directory."""
+    missing = [k for k in range(shards) if not run.state_file(snapshot_name(k)).is_file()]
+    if missing:
+        raise CheckpointError(f"{run.path} lacks the snapshot of shard(s) "
+                              f"{', '.join(map(str, missing))}")
+
+
+def shard_lost(config) -> str:
+    return (f"a parameter-server shard is gone (it failed more than --max-restarts "
+            f"{config.cluster.max_restarts} times or its node was lost); --resume continues "
+            f"from the snapshots")
+
+
+class DownpourTrainer:
+    """Downpour SGD: `DownpourTrainer(config, run_dir).fit()` returns the summary dict.
+
+    `address` joins a Ray cluster; without it a local Ray is started and shut down at the end
+    (unless Ray is already initialized in this process, as in tests). `request_stop()` (from a
+    signal handler or another thread) makes it stop handing out work, let the replicas finish
+    their chunks, checkpoint, and raise `TrainingInterrupted`.
+
+    Raises:
+        ConfigError, DataError, CheckpointError: before anything in `run_dir` is written.
+        Diverged: a replica's loss became NaN or infinite.
+        DistbeliefError: every replica failed more than `max_restarts` times, or a shard did.
+    """
+
+    def __init__(self, config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
+                 resume: bool = False, progress: bool = False, address: str | None = None,
+                 dashboard: bool = False):
+        config = config.replace(mode="downpour")
+        self.life = RunLifecycle(run_dir, mode="downpour", state=STATE, progress=progress)
+        saved = self.life.open(config, resume, same=SAME)
+        if address:
+            check_reachable(address)  # fail fast, before the run directory is touched
+        if saved:
+            check_snapshots(self.life.run, config.cluster.ps_shards)
+        self.address, self.dashboard = address, dashboard
+        torch.manual_seed(config.seed)
+        data = build_data(config, torch.device("cpu"),
+                          stats=saved["data_stats"] if saved else None)
+        self.initial, self.n_params = initial_vector(config, data)
+        self.config = config = resolve(config, data.train_size, values=self.initial.numel())
+        self.bounds = shard_bounds(self.initial.numel(), config.cluster.ps_shards)
+        self.server = ServerModel(config, data, torch.device("cpu"))  # evaluates, checkpoints
+        n = config.cluster.replicas
+        self.positions, self.steps = [0] * n, 0  # each replica's completed steps, and all
+        self.replica_images, self.replica_seconds = [0] * n, [0.0] * n
+        self.time_split = Counter()  # replicas' seconds in compute, fetch and push waits
+        if saved:
+            self.positions, self.steps = list(saved["positions"]), saved["steps"]
+            self.replica_images = list(saved["replica_images"])
+            self.replica_seconds = list(saved["replica_seconds"])
+            self.time_split.update(saved["time_split"])
+        self.resumed_shards = saved is not None
+        self.life.begin(config, self.device, self.steps, saved)
+        self.shards: list = []
+        self.replicas: list = []
+        self._exit = contextlib.ExitStack()
+
+    # --- the Scheme protocol (engine.lifecycle) -------------------------------------------
+
+    @property
+    def data(self):
+        return self.server.data
+
+    @property
+    def device(self) -> torch.device:
+        return self.server.device
+
+    @property
+    def position(self) -> int:
+        return self.steps
+
+    @property
+    def examples(self) -> int:
+        return self.steps * self.config.batch_size
+
+    def fit(self) -> dict:
+        """Train until `config.iterations` steps over all replicas, evaluate, return the
+        summary."""
+        return self.life.fit(self)
+
+    def request_stop(self) -> None:
+        self.life.request_stop()
+
+    def start(self) -> None:
+        """Ray, then the shards (loading their snapshots on resume) and the replicas."""
+        self._exit.enter_context(ray_session(self.address, self.dashboard))
+        self.server.move_to(granted_device())
+        if self.life.run is not None:
+            snapshots = self.life.run.checkpoints
+        else:  # without a run directory the shards' snapshots go to a temporary folder
+            snapshots = Path(self._exit.enter_context(
+                tempfile.TemporaryDirectory(prefix="distbelief-shards-")))
+        snapshots.mkdir(parents=True, exist_ok=True)
+        self._start_shards(snapshots.resolve())
+        self._start_replicas()
+
+    def _start_shards(self, folder: Path) -> None:
+        c = self.config
+        run_id = uuid.uuid4().hex[:12]
+        self.shard_names = [f"distbelief-{run_id}-shard-{k}" for k in range(c.cluster.ps_shards)]
+        # Pinned round-robin over the nodes: a shard restarts on its node; if the node itself is
+        # lost the run stops and --resume continues from the snapshots.
+        self.shards = [
+            ShardActor.options(name=name, max_restarts=c.cluster.max_restarts,
+                               max_task_retries=-1, scheduling_strategy=strategy).remote(
+                k, lo, hi, self.n_params, c, str(folder / f"{snapshot_name(k)}.pt"))
+            for k, ((lo, hi), name, strategy) in enumerate(
+                zip(self.bounds, self.shard_names, pinned_round_robin(c.cluster.ps_shards)))]
+        # Replicas start (a few seconds each) while the shards load; work waits for both.
+        self.shards_started = [
+            s.start.remote(None if self.resumed_shards else self.initial[lo:hi].numpy())
+            for s, (lo, hi) in zip(self.shards, self.bounds)]
+
+    def _start_replicas(self) -> None:
+        c = self.config
+        options, self.shape = replica_options(c)
+        self.replicas = [ReplicaActor.options(**options).remote(
+            r, c, self.shard_names, self.bounds, self.data.stats, self.shape.threads,
+            self.shape.device) for r in range(c.cluster.replicas)]
+
+    def close(self) -> None:
+        kill(self.replicas + self.shards)
+        self.replicas, self.shards = [], []
+        self._exit.close()
+
+    def eval_model(self) -> torch.nn.Module:
+        return self.server.load(server_vector(self.shards))
+
+    def progress_text(self) -> str:
+        return f"train error {self.life.last_train.get('error', float('nan')):.2%}"
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def train(self) -> None:
+        c, life = self.config, self.life
+        get(self.shards_started)
+        self.monitor = ShardMonitor(FailureBook(life, c.cluster.replicas,
+                                                c.cluster.max_restarts))
+        self._log_cluster(wait_started(self.replicas, self.shape))
+        work = WorkQueue(self.positions, c.iterations, c.downpour.warmstart_steps, CHUNK_STEPS,
+                         QUEUED_CHUNKS)
+        calls = ReplicaCalls(
+            self.replicas, self.monitor.book, lost=shard_lost(c), position=lambda: self.steps,
+            on_failure=lambda r, tags, restarted: self._replica_failed(work, r, tags, restarted),
+            on_recovered=work.resume)
+        cadence, window = life.cadences(c, self.steps), ChunkWindow(c.cluster.replicas)
+        released = work.completed >= c.downpour.warmstart_steps
+        life.clock.start()
+        try:
+            self._hand_out(work, calls)
+            while not calls.empty:
+                for _, chunk, metrics in calls.wait(POLL_S):
+                    self._finished(work, chunk, metrics, window)
+                released = released or self._release()
+                if cadence.log.due(self.steps) or (not calls.inflight and window.sums["steps"]):
+                    self._log_train(window)
+                    window = ChunkWindow(c.cluster.replicas)
+                    cadence.log.done(self.steps)
+                self._hand_out(work, calls)
+                self._evaluate_and_checkpoint(cadence)
+            get([r.drain.remote() for k, r in enumerate(self.replicas) if work.alive[k]])
+        finally:
+            life.clock.stop()
+        self.save()
+        if life.stop_requested and self.steps < c.iterations:
+            raise life.interrupted(self.steps)
+
+    def _hand_out(self, work: WorkQueue, calls: ReplicaCalls) -> None:
+        if not self.life.stop_requested:
+            for chunk in work.take():
+                r, start, steps = chunk
+                calls.submit(r, "run", start, steps, tag=chunk)
+
+    def _finished(self, work: WorkQueue, chunk: tuple, m: dict, window: ChunkWindow) -> None:
+        r = chunk[0]
+        if m.get("diverged"):
+            raise Diverged(f"training diverged (loss {m['loss_sum']}) on replica {r} after "
+                           f"{self.steps} steps; lower --lr (the last checkpoint is kept)")
+        work.finished(chunk)
+        self.positions, self.steps = list(work.positions), work.completed
+        self.replica_images[r] += m["images"]
+        self.replica_seconds[r] += m["seconds"]
+        self.time_split.update({k: m[k] for k in TIME_PARTS})
+        window.add(r, m)
+
+    def _replica_failed(self, work: WorkQueue, r: int, tags: list, restarted: bool) -> None:
+        """Replica r died (counted by the book): its chunks are handed out again from its last
+        completed step; a restarted replica waits for Ray (paused) until it answers."""
+        self.life.counters["replica_steps_lost"] += tags[0][2] if tags[0] else 0
+        work.failed(r, give_up=not restarted)
+        if restarted:
+            work.pause(r)
+
+    def _release(self) -> bool:
+        """Whether the warmstart is over; logs the moment it ends (the others get work)."""
+        if self.steps < self.config.downpour.warmstart_steps:
+            return False
+        self.life.log({"kind": "release", "iteration": self.steps,
+                       "positions": list(self.positions)})
+        return True
+
+    def _evaluate_and_checkpoint(self, cadence) -> None:
+        if cadence.eval.due(self.steps):
+            self.life.evaluate(self)
+            cadence.eval.done(self.steps)
+        if cadence.checkpoint.due(self.steps):
+            self.save()
+            cadence.checkpoint.done(self.steps)
+
+    # --- records and checkpoints ------------------------------------------------------------
+
+    def _poll_shards(self) -> list[dict]:
+        return self.monitor.observe(get([s.status.remote() for s in self.shards]), self.steps)
+
+    def _log_cluster(self, replicas: list[dict]) -> None:
+        self.life.log({"kind": "cluster", "iteration": self.steps, "replicas": replicas,
+                       "shards": [{k: st[k] for k in ("shard", "node", "elements")}
+                                  for st in self._poll_shards()]})
+
+    def _log_train(self, window: ChunkWindow) -> None:
+        statuses = self._poll_shards()
+        self.life.log_train({
+            "kind": "train", "iteration": self.steps, "examples": self.examples,
+            "epoch": round(self.examples / self.data.train_size, 4),
+            "wall_s": round(self.life.wall_s, 3),
+            **window.record(statuses, self.monitor.rates(statuses, time.perf_counter()))})
+
+    def save(self) -> None:
+        """Snapshot every shard, then write last.pt (the server's model) and the driver state.
+        A server holding NaN or Inf never replaces a good checkpoint."""
+        run = self.life.run
+        if run is None:
+            return
+        get([s.snapshot.remote() for s in self.shards])
+        vector = ServerModel.check_finite(server_vector(self.shards), self.steps)
+        self.server.save(run.checkpoint, vector, self.steps, self.life.wall_s, "downpour")
+        self.life.save_state(self.config, {
+            "positions": self.positions, "steps": self.steps,
+            "replica_images": self.replica_images, "replica_seconds": self.replica_seconds,
+            "time_split": dict(self.time_split), "data_stats": self.data.stats})
+
+    def summary(self) -> dict:
+        c = self.config
+        return {"replicas": c.cluster.replicas, "ps_shards": c.cluster.ps_shards,
+                "optimizer": c.optimizer, "n_fetch": c.downpour.n_fetch,
+                "n_push": c.downpour.n_push,
+                **summary_entries(self._poll_shards(), self.life.counters, self.replica_images,
+                                  self.replica_seconds, self.time_split, self.life.wall_s)}

@@ -1,0 +1,115 @@
+"""What the Downpour driver records: the replicas' chunk metrics (`ChunkWindow`), what it reads
+from the shards' statuses (`ShardMonitor`: restarts and the updates they lost, per-shard rates,
+staleness) and the summary's Downpour entries. No Ray here."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+TIME_PARTS = ("compute_s", "fetch_wait_s", "push_wait_s")  # where a replica's time goes
+FAILURE_COUNTS = ("replica_failures", "replica_restarts", "replica_steps_lost",
+                  "shard_failures", "shard_updates_lost")
+
+
+class ChunkWindow:
+    """The replicas' chunk metrics since the last training record."""
+
+    def __init__(self, replicas: int):
+        self.sums, self.per_replica = Counter(), [(0, 0.0)] * replicas
+        self.start = time.perf_counter()
+
+    def add(self, r: int, m: dict) -> None:
+        images, seconds = self.per_replica[r]
+        self.per_replica[r] = (images + m["images"], seconds + m["seconds"])
+        self.sums.update({k: v for k, v in m.items() if k not in ("replica", "start", "diverged")})
+
+    def record(self, statuses: list[dict], shards: list[dict]) -> dict:
+        """The training record's window entries: mean loss and error, images/s, the replicas'
+        time split and throughput, the shards' rows and mean staleness."""
+        sums, images = self.sums, max(self.sums["images"], 1)
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        return {"loss": sums["loss_sum"] / images, "error": sums["wrong"] / images,
+                "lr": statuses[0]["lr"], "images_per_s": round(sums["images"] / seconds, 1),
+                **{k: round(sums[k], 3) for k in TIME_PARTS}, "rejected": sums["rejected"],
+                "shards": shards,
+                "replica_images_per_s": [round(i / s, 1) if s else 0.0
+                                         for i, s in self.per_replica],
+                "staleness_mean": mean_staleness(staleness(statuses))}
+
+
+class ShardMonitor:
+    """Follows the shards' statuses (`ParameterShard.stats` plus the actor's incarnation and
+    restored version) from poll to poll. A shard whose incarnation changed was restarted by Ray
+    from its snapshot: `book.shard_restarted` records it with the updates lost (the versions
+    seen at the last poll beyond the restored one: a lower bound, as updates after the last
+    poll are unseen)."""
+
+    def __init__(self, book):
+        self.book = book
+        self.seen: dict[int, tuple[str, int]] = {}  # shard -> (incarnation, version)
+        self.previous: tuple[float, dict] | None = None  # the last `rates` poll
+
+    def observe(self, statuses: list[dict], position: int) -> list[dict]:
+        for st in statuses:
+            k = st["shard"]
+            seen = self.seen.get(k)
+            if seen is not None and seen[0] != st["incarnation"]:
+                lost = max(0, seen[1] - (st["restored_version"] or 0))
+                self.book.shard_restarted(k, position, st["restored_version"], lost)
+            self.seen[k] = (st["incarnation"], st["version"])
+        return statuses
+
+    def rates(self, statuses: list[dict], now: float) -> list[dict]:
+        """Per shard: version, rejected pushes, and since the last call (same incarnation)
+        updates/s and bytes/s."""
+        rows = []
+        before = self.previous[1] if self.previous else {}
+        for st in statuses:
+            row = {"shard": st["shard"], "version": st["version"], "rejected": st["rejected"]}
+            old = before.get(st["shard"])
+            if old is not None and old["incarnation"] == st["incarnation"]:
+                dt = max(now - self.previous[0], 1e-9)
+                row["updates_per_s"] = round((st["version"] - old["version"]) / dt, 2)
+                row["bytes_per_s"] = round((st["bytes_in"] + st["bytes_out"]
+                                            - old["bytes_in"] - old["bytes_out"]) / dt, 1)
+            rows.append(row)
+        self.previous = (now, {st["shard"]: st for st in statuses})
+        return rows
+
+
+def staleness(statuses: list[dict]) -> Counter:
+    """All shards' staleness histograms added up: versions behind -> pushes."""
+    total = Counter()
+    for st in statuses:
+        total.update({int(k): v for k, v in st["staleness"].items()})
+    return total
+
+
+def mean_staleness(histogram: Counter) -> float:
+    count = sum(histogram.values())
+    return round(sum(k * v for k, v in histogram.items()) / count, 3) if count else 0.0
+
+
+def summary_entries(statuses: list[dict], counters: Counter, replica_images: list[int],
+                    replica_seconds: list[float], time_split: Counter, wall_s: float) -> dict:
+    """The summary's Downpour entries: per-replica throughput, failures, the shards' updates,
+    rates and staleness, and where the replicas' time went."""
+    wall_s = max(wall_s, 1e-9)
+    histogram = staleness(statuses)
+    waits = sum(time_split[k] for k in TIME_PARTS)
+    return {
+        "replica_images_per_s": [round(i / max(s, 1e-9), 1)
+                                 for i, s in zip(replica_images, replica_seconds)],
+        **{k: counters[k] for k in FAILURE_COUNTS},
+        "rejected_pushes": sum(st["rejected"] for st in statuses),
+        "shard_updates": [st["version"] for st in statuses],
+        "shard_updates_per_s": [round(st["version"] / wall_s, 2) for st in statuses],
+        "shard_bytes_per_s": [round((st["bytes_in"] + st["bytes_out"]) / wall_s, 1)
+                              for st in statuses],
+        "staleness": dict(sorted(histogram.items())),
+        "staleness_mean": mean_staleness(histogram),
+        # Computing, blocked on a fetch or on the in-flight push bound, and the rest (sending,
+        # installing parameters, flattening gradients).
+        "replica_time_s": {**{k: round(time_split[k], 3) for k in TIME_PARTS},
+                           "other_s": round(sum(replica_seconds) - waits, 3)}}

@@ -1,0 +1,76 @@
+"""A model seen as one flat vector, the form in which the parameter-server shards hold it.
+
+The server's vector is the model's parameters followed by its buffers (BatchNorm running
+statistics), each tensor in its logical (N, C, H, W) order whatever its memory format:
+
+    [ p_0 | p_1 | ... | p_last | running_mean_0 | running_var_0 | num_batches_tracked_0 | ... ]
+      <------ n_params: trained by gradients -----><------- buffers: moving averages ------->
+
+`optim.shard_bounds` cuts it into contiguous slices, one per shard.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class FlatModel:
+    """A model as the server's flat vector: [parameters; buffers] in `parameters()` then
+    `buffers()` order. The tensor lists are taken once: walking the module tree per step costs
+    more than the copies."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.params = list(model.parameters())
+        self.buffers = list(model.buffers())
+        self.n_params = sum(p.numel() for p in self.params)
+        self.n_buffers = sum(b.numel() for b in self.buffers)
+        self.sizes = [t.numel() for t in self.params + self.buffers]
+
+    @torch.no_grad()
+    def vector(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Flat CPU copy of [parameters; buffers] (float32 unless `dtype`)."""
+        return torch.cat([t.reshape(-1).to(dtype).cpu() for t in self.params + self.buffers])
+
+    @torch.no_grad()
+    def load(self, vector: torch.Tensor) -> None:
+        """Copy a flat [parameters; buffers] vector in (any device and memory format)."""
+        if vector.numel() != self.n_params + self.n_buffers:
+            raise ValueError(f"vector of {vector.numel()} elements for a model of "
+                             f"{self.n_params + self.n_buffers}")
+        tensors = self.params + self.buffers
+        pieces = vector.to(tensors[0].device).split(self.sizes)
+        # copy_ casts (num_batches_tracked is int64) and writes any memory format.
+        torch._foreach_copy_(tensors, [v.view(t.shape) for v, t in zip(pieces, tensors)])
+
+    @torch.no_grad()
+    def gradient(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Flat gradient of the parameters (zeros where one got none) on the model's device,
+        float32 unless `dtype`."""
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in self.params]).to(dtype)
+
+    @torch.no_grad()
+    def buffer_vector(self) -> torch.Tensor:
+        """Flat float32 CPU copy of the buffers (BatchNorm statistics)."""
+        if not self.buffers:
+            return torch.zeros(0)
+        return torch.cat([b.reshape(-1).float() for b in self.buffers]).cpu()
+
+
+def model_vector(model: torch.nn.Module) -> tuple[torch.Tensor, int]:
+    """(flat float32 CPU copy of [parameters; buffers], number of parameter elements)."""
+    flat = FlatModel(model)
+    return flat.vector(), flat.n_params
+
+
+def load_model_vector(model: torch.nn.Module, vector: torch.Tensor) -> None:
+    FlatModel(model).load(vector)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite. A finite sum proves it (NaN and Inf propagate) in one
+    fast pass; only a sum that overflowed or is NaN needs the exact elementwise check."""
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())

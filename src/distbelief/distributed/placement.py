@@ -1,0 +1,84 @@
+"""How big each actor is and where it goes: decisions only, no Ray here (`runtime` asks Ray
+for the nodes and applies them).
+
+Replicas reserve CPUs (and GPUs) so that Ray never packs more of them onto a node than its cores
+can run; each uses as many threads as it reserved. The share is sized to the nodes, not to the
+cluster's total: two replicas on four nodes of 16 CPUs take 16 each (one node apiece), not 32,
+which no node has.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from distbelief.errors import ConfigError
+
+RESOURCE_UNIT = 1e-4  # Ray's granularity for fractional resources
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    cpus: float
+    gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class ReplicaShape:
+    """What each replica reserves from Ray and uses."""
+
+    num_cpus: float
+    num_gpus: float
+    threads: int
+    device: str  # "cuda" or "cpu"
+
+    def describe(self) -> str:
+        gpus = f" and {self.num_gpus:g} GPUs" if self.num_gpus else ""
+        return f"{self.num_cpus:g} CPUs{gpus}"
+
+
+def fits(capacities: list[float], share: float) -> int:
+    """How many actors reserving `share` each fit on nodes of these capacities."""
+    return sum(math.floor(c / share + 1e-9) for c in capacities)
+
+
+def largest_share(capacities: list[float], count: int, cap: float) -> float:
+    """The largest share s <= `cap` such that `count` actors of s fit on the nodes: a whole
+    number when one fits, else a fraction (several actors share a CPU). 0 if none fits."""
+    for whole in range(int(cap), 0, -1):
+        if fits(capacities, whole) >= count:
+            return float(whole)
+    low, high = 0.0, min(cap, 1.0)
+    for _ in range(60):  # fits() falls as the share grows: bisect for the largest that fits
+        middle = (low + high) / 2
+        low, high = (middle, high) if fits(capacities, middle) >= count else (low, middle)
+    return math.floor(low / RESOURCE_UNIT) * RESOURCE_UNIT
+
+
+def replica_shape(config, nodes: list[Node]) -> ReplicaShape:
+    """Each replica's reservation for `config` on these nodes: GPUs when the config asks for
+    them (or `auto` finds some), as many CPUs as every replica can have at once, and
+    `--replica-cpus` threads (default: what it reserved, at least one).
+
+    Raises:
+        ConfigError: --device cuda on a cluster without GPUs."""
+    replicas, requested = config.cluster.replicas, config.cluster.replica_cpus
+    gpu_nodes = [n for n in nodes if n.gpus > 0]
+    if config.device == "cuda" and not gpu_nodes:
+        raise ConfigError("--device cuda but the Ray cluster has no GPUs")
+    use_gpu = bool(gpu_nodes) and config.device != "cpu"
+    # A replica needs its CPUs and its GPU on the same node: with GPUs, count GPU nodes only.
+    where = gpu_nodes if use_gpu else nodes
+    cpus = [n.cpus for n in where]
+    cpu_share = largest_share(cpus, replicas, requested or max(cpus, default=1.0)) or \
+        RESOURCE_UNIT
+    gpu_share = largest_share([n.gpus for n in where], replicas, 1.0) if use_gpu else 0.0
+    threads = requested or max(1, int(cpu_share))
+    return ReplicaShape(cpu_share, gpu_share, threads, "cuda" if use_gpu else "cpu")
+
+
+def round_robin(node_ids: list[str], count: int) -> list[str]:
+    """Nodes for `count` actors, taken in turn from the sorted node ids."""
+    ordered = sorted(node_ids)
+    return [ordered[k % len(ordered)] for k in range(count)]

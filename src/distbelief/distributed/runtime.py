@@ -1,0 +1,282 @@
+"""Ray for the distributed schemes: starting or joining it, placing actors, waiting for calls,
+and turning Ray's errors into ours. Besides the actor modules, the only module that imports Ray.
+
+Vectors cross process boundaries as numpy arrays, which Ray moves through its shared-memory
+object store without pickling their bytes (a torch tensor would be pickled); what arrives is a
+read-only view of shared memory, which `tensor_view` wraps without copying.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+import warnings
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+from distbelief.distributed.placement import Node, ReplicaShape, replica_shape, round_robin
+from distbelief.errors import DistbeliefError
+
+START_TIMEOUT_S = 300  # replicas that cannot be placed (resources) fail the run after this
+
+
+# --- Ray's lifetime -------------------------------------------------------------------------
+
+def start_ray(address: str | None = None, dashboard: bool = False) -> bool:
+    """Make sure this process is connected to Ray; returns True when it connected here (the
+    caller then calls `ray.shutdown()`), False when Ray was already initialized (tests share
+    one local cluster per module).
+
+    Without `address` a local Ray starts on the loopback address (its processes reach each
+    other at 127.0.0.1; Ray 2.60 offers no way to stop its gRPC servers also listening on other
+    interfaces, which its token authentication guards), sized to this machine, without the
+    dashboard unless `dashboard`. With `address` ("host:port" or "auto") it joins that
+    cluster. Token authentication stays as Ray configures it.
+    """
+    if ray.is_initialized():
+        return False
+    # Ray announces at every start that token authentication is on; it stays on, quietly.
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        check_reachable(address)
+        try:
+            ray.init(address=address, **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise DistbeliefError(f"cannot join the Ray cluster at {address} "
+                                  f"({str(e).strip().splitlines()[0][:160]})") from None
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=dashboard,
+                 _node_ip_address="127.0.0.1", **quiet)
+    return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, dashboard: bool):
+    """Within: connected to Ray (`start_ray`); on exit Ray is shut down if it started here."""
+    started = start_ray(address, dashboard)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a host:port nobody listens on (ray.init would retry for a minute)."""
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or address.startswith("ray://") or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise DistbeliefError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}); "
+                              f"start it with 'ray start --head' or drop --address") from None
+
+
+# --- placement ------------------------------------------------------------------------------
+
+def node_id() -> str:
+    """The node this process runs on."""
+    return ray.get_runtime_context().get_node_id()
+
+
+def nodes() -> list[Node]:
+    """The cluster's live nodes and their CPUs and GPUs."""
+    return [Node(n["NodeID"], n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0))
+            for n in ray.nodes() if n["Alive"]]
+
+
+def replica_options(config) -> tuple[dict, ReplicaShape]:
+    """Ray options for the replicas of `config` (`placement.replica_shape` on this cluster's
+    nodes, spread over them, restarted up to --max-restarts, no task retries), and the
+    shape."""
+    shape = replica_shape(config, nodes())
+    return {"num_cpus": shape.num_cpus, "num_gpus": shape.num_gpus,
+            "max_restarts": config.cluster.max_restarts, "max_task_retries": 0,
+            "scheduling_strategy": "SPREAD"}, shape
+
+
+def pinned_round_robin(count: int) -> list:
+    """Hard node-affinity strategies placing `count` zero-CPU actors round-robin over the live
+    nodes. Ray's SPREAD packs actors that reserve no CPU onto one node and soft affinity
+    spills (measured with Ray 2.60), so the parameter-server shards are pinned."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return [NodeAffinitySchedulingStrategy(node, soft=False)
+            for node in round_robin([n.id for n in nodes()], count)]
+
+
+def wait_started(replicas: list, shape: ReplicaShape,
+                 timeout_s: float = START_TIMEOUT_S) -> list[dict]:
+    """Every replica's `info()`, once all answer.
+
+    Raises:
+        DistbeliefError: naming the replicas that were not placed within `timeout_s`."""
+    refs = [r.info.remote() for r in replicas]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if len(ready) < len(refs):
+        missing = [str(i) for i, ref in enumerate(refs) if ref not in ready]
+        capacity = ", ".join(f"{n.cpus:g} CPUs" + (f" + {n.gpus:g} GPUs" if n.gpus else "")
+                             for n in nodes())
+        raise DistbeliefError(
+            f"replica(s) {', '.join(missing)} of {len(refs)} not placed within {timeout_s} s: "
+            f"each needs {shape.describe()}, the nodes have {capacity} and other work may "
+            f"hold them (see --replica-cpus)")
+    return ray.get(refs)
+
+
+def granted_device() -> torch.device:
+    """CUDA when Ray gave this process a GPU (a driver started as a Ray task or job with GPUs),
+    else the CPU: a GPU taken outside Ray's accounting could be one a replica needs."""
+    if ray.get_gpu_ids() and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def kill(actors: list) -> None:
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+
+
+# --- results --------------------------------------------------------------------------------
+
+def get(refs, lost: str | None = None):
+    """ray.get; with `lost`, an actor that is gone becomes `DistbeliefError(lost)` (one line),
+    and so does a call that failed because an actor it called is gone."""
+    try:
+        return ray.get(refs)
+    except RayTaskError as e:
+        raise remote_error(e, lost) from None
+    except RayActorError:
+        if lost is None:
+            raise
+        raise DistbeliefError(lost) from None
+
+
+def remote_error(error: RayTaskError, lost: str | None) -> BaseException:
+    """The error to raise for a call that raised inside an actor: our own errors as they are
+    (one line for the user), an actor it called being gone as `DistbeliefError(lost)`, anything
+    else (a bug) as Ray reports it."""
+    if isinstance(error.cause, DistbeliefError):
+        return error.cause
+    if lost is not None and isinstance(error.cause, RayActorError):
+        return DistbeliefError(lost)
+    return error
+
+
+def tensor_view(array: np.ndarray) -> torch.Tensor:
+    """A tensor over `array` without a copy. Arrays from the object store are read-only, which
+    torch warns about; the callers only read them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def join_slices(arrays: list[np.ndarray]) -> torch.Tensor:
+    """A whole vector from the shards' slices. With one shard it is the (read-only) array in
+    the object store itself; callers copy out of it and never write to it."""
+    return tensor_view(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
+
+
+class RayPending:
+    """Ray calls in flight whose results are combined by `combine` once all have arrived (the
+    pending-call protocol of `distributed.pending`)."""
+
+    def __init__(self, refs: list, combine):
+        self.refs, self.combine, self._done = refs, combine, False
+        self._result, self._have_result = None, False
+
+    def done(self) -> bool:
+        if not self._done:
+            ready, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
+            self._done = len(ready) == len(self.refs)
+        return self._done
+
+    def result(self):
+        if not self._have_result:  # kept: a push that also pulled is read twice
+            self._result, self._have_result = self.combine(ray.get(self.refs)), True
+        return self._result
+
+
+class ReplicaCalls:
+    """Calls to replica actors in flight, each death of a replica turned into one failure.
+
+    `submit(r, method, *args, tag=...)` calls replica r; `wait(timeout)` returns
+    [(r, tag, result)] for calls completed by then (at most one per wait). When a call fails
+    because its replica died, `book` (an `engine.lifecycle.FailureBook`) counts one failure and
+    decides whether Ray restarts it; the replica's other calls in flight fail with it and are
+    dropped; `on_failure(r, tags, restarted)` tells the scheme which work was lost (the failed
+    call's tag first). A restarting replica gets no calls (`ready(r)` is False) until it answers
+    a ping, then `on_recovered(r)`: calls handed to an actor Ray is restarting fail at once,
+    and would otherwise count one death many times.
+
+    A call that raised inside its replica raises here (`remote_error`; `lost` is the message
+    for a shard that is gone).
+    """
+
+    def __init__(self, actors: list, book, *, lost: str, position, on_failure,
+                 on_recovered=lambda r: None):
+        self.actors, self.book, self.lost, self.position = actors, book, lost, position
+        self.on_failure, self.on_recovered = on_failure, on_recovered
+        self.inflight: dict = {}  # ObjectRef -> (replica, tag)
+        self.recovering: dict = {}  # ObjectRef of a ping -> replica Ray is restarting
+
+    def submit(self, r: int, method: str, *args, tag=None) -> None:
+        self.inflight[getattr(self.actors[r], method).remote(*args)] = (r, tag)
+
+    def ready(self, r: int) -> bool:
+        """Whether replica r may get calls: not given up, not restarting."""
+        return r in self.book.alive and r not in self.recovering.values()
+
+    def busy(self) -> set[int]:
+        return {r for r, _ in self.inflight.values()}
+
+    @property
+    def empty(self) -> bool:
+        return not self.inflight and not self.recovering
+
+    def wait(self, timeout: float) -> list[tuple]:
+        waiting = list(self.inflight) + list(self.recovering)
+        if not waiting:
+            return []
+        ready, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
+        done = []
+        for ref in ready:
+            if ref in self.recovering:
+                self._pinged(ref)
+            elif ref in self.inflight:
+                r, tag = self.inflight.pop(ref)
+                try:
+                    done.append((r, tag, ray.get(ref)))
+                except RayTaskError as e:
+                    raise remote_error(e, self.lost) from None
+                except RayActorError as e:
+                    self._died(r, tag, e)
+        return done
+
+    def _died(self, r: int, tag, error: BaseException) -> None:
+        dropped = [ref for ref, (who, _) in self.inflight.items() if who == r]
+        tags = [tag] + [self.inflight.pop(ref)[1] for ref in dropped]
+        restarted = self.book.replica_failed(r, error, self.position())
+        self.on_failure(r, tags, restarted)
+        if restarted:
+            self.recovering[self.actors[r].info.remote()] = r
+
+    def _pinged(self, ref) -> None:
+        r = self.recovering.pop(ref)
+        try:
+            ray.get(ref)
+        except ActorUnavailableError:  # still restarting: ask again shortly
+            time.sleep(0.05)
+            self.recovering[self.actors[r].info.remote()] = r
+        except RayActorError as e:  # it died again while restarting: a new failure
+            self._died(r, None, e)
+        else:
+            self.on_recovered(r)

@@ -1,0 +1,60 @@
+"""The driver's copy of the model, loaded with the parameter server's vector to evaluate it and
+to write it as an ordinary checkpoint. No Ray here.
+
+The driver evaluates on the CPU unless Ray gave its process a GPU (`runtime` decides): a GPU
+the driver took outside Ray's accounting could be one a replica needs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distbelief.data import DataBundle, build_data
+from distbelief.distributed.flat import FlatModel
+from distbelief.engine.checkpoint import save_checkpoint
+from distbelief.engine.lifecycle import Diverged
+from distbelief.engine.setup import build_model
+
+
+class ServerModel:
+    """`config.model` for `data` (or `model`, built for them), on `device`, to be loaded with
+    server vectors."""
+
+    def __init__(self, config, data: DataBundle, device: torch.device,
+                 model: torch.nn.Module | None = None):
+        self.config, self.data, self.device = config, data, device
+        self.model = build_model(config, data, device) if model is None else model.to(device)
+        self.flat = FlatModel(self.model)
+
+    def move_to(self, device: torch.device) -> None:
+        """Evaluate on `device` from now on (its own copy of the evaluation data)."""
+        if device != self.device:
+            self.data = build_data(self.config, device, stats=self.data.stats)
+            self.model = self.model.to(device)
+            self.flat, self.device = FlatModel(self.model), device
+
+    def load(self, vector: torch.Tensor) -> torch.nn.Module:
+        """The model at `vector` ([parameters; buffers])."""
+        self.flat.load(vector)
+        return self.model
+
+    @staticmethod
+    def check_finite(vector: torch.Tensor, position: int) -> torch.Tensor:
+        """`vector`, if finite.
+
+        Raises:
+            Diverged: some value is NaN or infinite (the caller's last checkpoint is kept)."""
+        if not bool(torch.isfinite(vector).all()):
+            raise Diverged(f"the server's parameters are not finite at iteration {position}; "
+                           f"lower --lr (the last checkpoint is kept)")
+        return vector
+
+    def save(self, path, vector: torch.Tensor, position: int, wall_s: float, mode: str) -> None:
+        """Write the model at `vector` as an ordinary checkpoint for `distbelief eval` (with
+        `mode`, which --resume checks)."""
+        self.load(vector)
+        save_checkpoint(path, {
+            "config": self.config.to_dict(), "iteration": position,
+            "model": self.model.state_dict(), "data_stats": self.data.stats,
+            "num_classes": self.data.num_classes, "in_chans": self.data.in_chans,
+            "wall_s": wall_s, "mode": mode})

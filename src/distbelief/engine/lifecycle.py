@@ -1,0 +1,377 @@
+"""The life of one training run, the same in every mode.
+
+A training scheme (the single-process `Trainer`, `DownpourTrainer`, `SandblasterTrainer`) is
+handed a `RunLifecycle` and calls it; the lifecycle owns what every mode does alike:
+
+    life = RunLifecycle(run_dir, mode="downpour", state="downpour", progress=True)
+    saved = life.open(config, resume, same=("model", "replicas"))  # checks; writes nothing
+    ...                                                            # data, model, config
+    life.begin(config, device, position)                           # the run directory
+    summary = life.fit(scheme)                                     # see `Scheme`
+
+- The run directory: a new run never overwrites another; a resumed run must be of the same mode
+  and shape (the fields in `same`), drops the records after its checkpoint and logs a `resume`
+  record; one stopped before its first checkpoint starts over.
+- The cadence of records, evaluations and checkpoints (`cadences`: every N iterations, and for
+  evaluations also every S seconds of wall time).
+- Signals: the first Ctrl-C asks the scheme to stop after its current unit of work and to
+  checkpoint (`TrainingInterrupted`); a second one aborts at once.
+- The failure book (`FailureBook`): one death of an actor is one failure; restarts up to
+  --max-restarts; what each failure lost.
+- Records (metrics.jsonl), evaluation of every split, progress lines on stderr, the summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Protocol
+
+import torch
+
+from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
+from distbelief.engine.config import TrainConfig
+from distbelief.engine.evaluate import evaluate
+from distbelief.engine.rundir import RunDir
+from distbelief.errors import CheckpointError, ConfigError, DistbeliefError
+
+
+class TrainingInterrupted(DistbeliefError):
+    """Training stopped on request (Ctrl-C) after writing a checkpoint."""
+
+
+class Diverged(DistbeliefError):
+    """The training loss (or the parameters) became NaN or infinite."""
+
+
+class Scheme(Protocol):
+    """What a training scheme offers its lifecycle. `train` runs until `config.iterations`,
+    convergence or a stop request (`RunLifecycle.stop_requested`), checkpointing on the way;
+    `eval_model` is the model at the current parameters, on the device of `data`."""
+
+    config: TrainConfig
+    data: object  # DataBundle: its splits are evaluated
+    device: torch.device
+
+    @property
+    def position(self) -> int: ...  # iterations done
+
+    @property
+    def examples(self) -> int: ...  # training images processed
+
+    def start(self) -> None: ...
+
+    def train(self) -> None: ...
+
+    def eval_model(self) -> torch.nn.Module: ...
+
+    def progress_text(self) -> str: ...  # "train error 1.2%", for the evaluation line
+
+    def summary(self) -> dict: ...  # the scheme's own summary entries
+
+    def close(self) -> None: ...  # runs whatever happened
+
+
+class Cadence:
+    """Due every `every` iterations (0: never) and, with `interval_s`, also every that many
+    seconds; `done(position)` after acting on it."""
+
+    def __init__(self, every: int, position: int, interval_s: float = 0.0,
+                 clock=time.monotonic):
+        self.every, self.interval_s, self.clock = every, interval_s, clock
+        self.done(position)
+
+    def due(self, position: int) -> bool:
+        return position >= self.next or bool(
+            self.interval_s and self.clock() - self.last >= self.interval_s)
+
+    def done(self, position: int) -> None:
+        self.next = (position // self.every + 1) * self.every if self.every else float("inf")
+        self.last = self.clock()
+
+
+class Cadences:
+    """When to log a training record, evaluate and checkpoint, from the config."""
+
+    def __init__(self, config: TrainConfig, position: int):
+        self.log = Cadence(config.log_every, position)
+        self.eval = Cadence(config.eval_every, position, config.eval_interval_s)
+        self.checkpoint = Cadence(config.checkpoint_every, position)
+
+
+class Stopwatch:
+    """Wall time over all resumes of a run: what earlier runs took plus the time since
+    `start()`."""
+
+    def __init__(self, before: float = 0.0):
+        self.before, self.started = before, None
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def stop(self) -> None:
+        self.before, self.started = self.seconds, None
+
+    @property
+    def seconds(self) -> float:
+        if self.started is None:
+            return self.before
+        return self.before + time.perf_counter() - self.started
+
+
+def describe(error: BaseException) -> str:
+    """An error's first line (at most 200 characters), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+class RunLifecycle:
+    """One run's directory, records, cadence, signals, evaluation and summary (module doc).
+
+    `run_dir` None keeps everything in memory (tests, benchmarks). `state` names the scheme's
+    checkpoint, checkpoints/STATE.pt, from which --resume continues."""
+
+    def __init__(self, run_dir: str | os.PathLike | None, *, mode: str, state: str,
+                 progress: bool = False):
+        self.run = RunDir(run_dir) if run_dir is not None else None
+        self.mode, self.state, self.progress = mode, state, progress
+        self.counters: Counter = Counter()  # failures, restarts and the scheme's own counts
+        self.clock = Stopwatch()
+        self.last_train: dict = {}
+        self.last_eval: dict | None = None
+        self.stop_requested = False
+        self.resuming = False
+
+    # --- opening --------------------------------------------------------------------------
+
+    def open(self, config: TrainConfig, resume: bool, same: tuple[str, ...] = ()) -> dict | None:
+        """Check that the run can start or continue; nothing is written. Returns the saved
+        state to continue from, or None (a new run, or one stopped before its first
+        checkpoint, which starts over).
+
+        Raises:
+            ConfigError: a new run in a folder that holds one; --resume without a run.
+            CheckpointError: the run is of another mode, was trained with other values of the
+                fields in `same`, or its checkpoint is unreadable."""
+        self.resuming = resume
+        if not resume:
+            if self.run is not None:
+                self.run.refuse_if_occupied()
+            return None
+        if self.run is None:
+            raise ConfigError("--resume needs --out RUN_DIR")
+        if not self.run.config_file.is_file():
+            raise ConfigError(f"{self.run.path} holds no run to resume (no config.yaml)")
+        path = self.run.state_file(self.state)
+        source = path if path.is_file() else self.run.checkpoint
+        if not source.is_file():
+            return None
+        state = load_checkpoint(source)
+        saved = TrainConfig.from_dict(state["config"])
+        mode = state.get("mode", saved.mode)
+        if mode != self.mode:
+            raise CheckpointError(f"{self.run.path} holds a {mode} run; resume it with "
+                                  f"--mode {mode}")
+        if source != path:
+            raise CheckpointError(f"{path} is missing: the run cannot be resumed")
+        for name in same:
+            if saved.get(name) != config.get(name):
+                raise CheckpointError(
+                    f"{self.run.path} was trained with --{name.replace('_', '-')} "
+                    f"{saved.get(name)}, not {config.get(name)}")
+        return state
+
+    def begin(self, config: TrainConfig, device, position: int,
+              saved: dict | None = None) -> None:
+        """Start writing: a new run directory, or the resumed one (records after `position`
+        dropped, a `resume` record, the config it continues with). `saved` (from `open`)
+        restores the clock, the counters and the last training record."""
+        if saved is not None:
+            self.load_state_dict(saved)
+        if self.run is None:
+            return
+        if not self.resuming:
+            self.run.create(config, str(device))
+            return
+        self.run.truncate_metrics(position)
+        self.run.log({"kind": "resume", "iteration": position})
+        self.run.update_config(config)
+
+    # --- running --------------------------------------------------------------------------
+
+    def fit(self, scheme: Scheme) -> dict:
+        """Start the scheme, train, evaluate the final parameters unless the last evaluation
+        was of them, write and return the summary; `scheme.close()` runs whatever happens."""
+        with self.signals():
+            scheme.start()
+            try:
+                scheme.train()
+                results = self.last_eval
+                if results is None or results["test"]["iteration"] != scheme.position:
+                    results = self.evaluate(scheme)
+                return self.summary(scheme, results)
+            finally:
+                scheme.close()
+
+    def request_stop(self) -> None:
+        """Ask the scheme to stop after its current unit of work and checkpoint (safe from a
+        signal handler or another thread)."""
+        self.stop_requested = True
+
+    @contextlib.contextmanager
+    def signals(self):
+        """Within: the first Ctrl-C requests a stop, a second raises KeyboardInterrupt. Only
+        the main thread can install handlers; elsewhere this does nothing."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def stop(signum, frame):
+            self.request_stop()
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print("\ndistbelief: stopping after this step (Ctrl-C again to abort)",
+                  file=sys.stderr)
+
+        previous = signal.signal(signal.SIGINT, stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def interrupted(self, position: int) -> TrainingInterrupted:
+        return TrainingInterrupted(f"stopped at iteration {position}; checkpoint saved, "
+                                   f"continue with --resume")
+
+    @property
+    def wall_s(self) -> float:
+        return self.clock.seconds
+
+    def cadences(self, config: TrainConfig, position: int) -> Cadences:
+        return Cadences(config, position)
+
+    # --- records --------------------------------------------------------------------------
+
+    def log(self, record: dict) -> None:
+        if self.run is not None:
+            self.run.log(record)
+
+    def log_train(self, record: dict) -> None:
+        """Log a training record and keep it for the summary and the checkpoint."""
+        self.last_train = record
+        self.log(record)
+
+    def say(self, message: str) -> None:
+        """A progress line on stderr (with `progress`), printed above a progress bar."""
+        if self.progress:
+            from tqdm import tqdm
+
+            tqdm.write(f"distbelief: {message}", file=sys.stderr)
+
+    def evaluate(self, scheme: Scheme) -> dict:
+        """Evaluate the scheme's model on every split; log, print and return the records."""
+        model, c = scheme.eval_model(), scheme.config
+        results = {}
+        for split, source in scheme.data.splits.items():
+            r = {"kind": "eval", "split": split, "iteration": scheme.position,
+                 "examples": scheme.examples, "wall_s": round(self.wall_s, 3),
+                 **evaluate(model, source.batches(), channels_last=c.channels_last,
+                            bf16=c.bf16)}
+            results[split] = r
+            self.log(r)
+        self.say(f"iteration {scheme.position}/{c.iterations} ({self.wall_s:.1f} s): "
+                 f"{scheme.progress_text()}, test error {results['test']['error']:.2%}")
+        self.last_eval = results
+        return results
+
+    def summary(self, scheme: Scheme, results: dict) -> dict:
+        """The summary: what every mode reports, then the scheme's own entries (which may
+        replace them); written to summary.json."""
+        c, test = scheme.config, results["test"]
+        summary = {
+            "recipe": c.recipe, "model": c.model, "data": c.data,
+            "device": str(scheme.device), "mode": c.mode, "iterations": scheme.position,
+            "examples": scheme.examples,
+            "epochs": round(scheme.examples / scheme.data.train_size, 3),
+            "test_error": test["error"], "test_accuracy": 1 - test["error"],
+            "test_top5_error": test["top5_error"], "test_loss": test["loss"],
+            "train_error": self.last_train.get("error"),
+            "train_loss": self.last_train.get("loss"), "wall_s": round(self.wall_s, 3),
+            "images_per_s": round(scheme.examples / max(self.wall_s, 1e-9), 1),
+            **scheme.summary()}
+        if "val" in results:
+            summary["val_error"] = results["val"]["error"]
+        if self.run is not None:
+            self.run.write_summary(summary)
+        return summary
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"wall_s": self.wall_s, "last_train": self.last_train,
+                "counters": dict(self.counters)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clock = Stopwatch(state["wall_s"])
+        self.last_train = state.get("last_train", {})
+        self.counters = Counter(state.get("counters", {}))
+
+    def save_state(self, config: TrainConfig, state: dict) -> None:
+        """Write checkpoints/STATE.pt atomically: the scheme's `state` beside the config, the
+        mode and the lifecycle's clock, counters and last training record."""
+        if self.run is not None:
+            save_checkpoint(self.run.state_file(self.state),
+                            {**state, **self.state_dict(), "config": config.to_dict(),
+                             "mode": self.mode})
+
+
+class FailureBook:
+    """Failures of a run's actors, each death counted once (module doc).
+
+    `replica_failed` decides whether replica r is restarted (fewer than `max_restarts`
+    restarts so far) or given up, counts and records the failure, and raises when no replica is
+    left; `shard_restarted` records a shard that Ray restarted from its snapshot."""
+
+    def __init__(self, life: RunLifecycle, replicas: int, max_restarts: int):
+        self.life, self.max_restarts = life, max_restarts
+        self.alive = set(range(replicas))
+
+    def replica_failed(self, r: int, error: BaseException, position: int) -> bool:
+        """Returns whether Ray restarts the replica.
+
+        Raises:
+            DistbeliefError: every replica is given up."""
+        counters = self.life.counters
+        restart = counters[f"replica_{r}_restarts"] < self.max_restarts
+        counters["replica_failures"] += 1
+        if restart:
+            counters[f"replica_{r}_restarts"] += 1
+            counters["replica_restarts"] += 1
+        else:
+            self.alive.discard(r)
+        reason = describe(error)
+        self.life.log({"kind": "failure", "actor": f"replica {r}", "iteration": position,
+                       "wall_s": round(self.life.wall_s, 3), "restarted": restart,
+                       "error": reason})
+        self.life.say(f"replica {r} failed ({type(error).__name__}); "
+                      + ("restarting it" if restart else "giving up on it"))
+        if not self.alive:
+            raise DistbeliefError(f"every replica failed more than --max-restarts "
+                                  f"{self.max_restarts} times; last error: {reason}")
+        return restart
+
+    def shard_restarted(self, k: int, position: int, restored_version: int | None,
+                        lost: int) -> None:
+        """Shard k was restarted from its snapshot at `restored_version`, losing `lost`
+        updates (at least)."""
+        self.life.counters["shard_failures"] += 1
+        self.life.counters["shard_updates_lost"] += lost
+        self.life.log({"kind": "failure", "actor": f"shard {k}", "iteration": position,
+                       "wall_s": round(self.life.wall_s, 3), "updates_lost": lost,
+                       "restored_version": restored_version})
+        self.life.say(f"shard {k} failed and was restarted from its snapshot at version "
+                      f"{restored_version} (at least {lost} updates lost)")
