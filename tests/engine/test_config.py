@@ -1,6 +1,10 @@
-"""TrainConfig validation, coercion and round trips; recipes."""
+"""TrainConfig validation, coercion and round trips, its sections, configs written by older
+versions; recipes."""
+
+import pathlib
 
 import pytest
+import yaml
 
 from distbelief.engine.config import TrainConfig, coerce
 from distbelief.errors import ConfigError
@@ -72,3 +76,70 @@ def test_unknown_recipe_and_model():
         get_recipe("cifar100")
     with pytest.raises(ConfigError, match="unknown model"):
         get_recipe("digits", "resnet21")
+
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("downpour", {"mode": "downpour", "replicas": 3, "ps_shards": 2, "n_fetch": 4, "n_push": 2,
+                  "snapshot_every_s": 2.5, "max_restarts": 5, "replica_cpus": 1,
+                  "momentum": 0.5}),
+    ("sandblaster", {"mode": "sandblaster", "model": "softmax", "batch_size": 0, "portions": 24,
+                     "history": 7, "dtype": "float64", "backup_tasks": False})])
+def test_a_flat_config_yaml_written_before_the_sections_still_loads(name, expected):
+    """config.yaml of distbelief 0.1.0 (one flat field list), read as --resume reads it."""
+    from distbelief.engine.rundir import RunDir
+
+    folder = FIXTURES / f"config-0.1.0-{name}.yaml"
+    record = yaml.safe_load(folder.read_text())
+    assert "cluster" not in record["config"]  # the old layout indeed
+    config = TrainConfig.from_dict(record["config"])
+    assert {k: config.get(k) for k in expected} == expected
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    run = RunDir(pathlib.Path(__file__).parent / "no-such-run")
+    run.config_file = folder
+    assert run.read_config() == config
+
+
+def test_sections_hold_each_scheme_s_fields_and_replace_takes_flat_names():
+    config = TrainConfig().replace(lr=0.05, n_fetch=4, portions=8, replicas=3)
+    assert (config.lr, config.downpour.n_fetch, config.sandblaster.portions,
+            config.cluster.replicas) == (0.05, 4, 8, 3)
+    assert config.get("n_fetch") == 4 and config.get("lr") == 0.05
+    plain = config.to_dict()
+    assert plain["downpour"]["n_fetch"] == 4 and "n_fetch" not in plain
+    assert TrainConfig.from_dict(plain) == config
+    with pytest.raises(ConfigError, match="unknown config field"):
+        config.replace(n_fetches=4)
+    with pytest.raises(ConfigError, match="--n-push must be positive"):
+        config.replace(n_push=0)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"mode": "sandblaster", "data": "imagenet", "data_dir": "x"}, "needs an in-memory dataset"),
+    ({"mode": "downpour", "warmstart_steps": 64000}, "--warmstart-steps 64000 must be below"),
+    ({"mode": "single", "batch_size": 0}, "--batch-size must be positive"),
+    ({"eval_interval_s": float("inf")}, "--eval-interval-s must be >= 0"),
+])
+def test_rules_across_fields_are_checked_where_the_config_is_made(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig().replace(**changes)
+
+
+def test_resolve_applies_what_needs_the_data_and_the_model():
+    from distbelief.engine.config import resolve
+
+    sandblaster = get_recipe("digits-sandblaster").replace(epochs=2.0)
+    resolved = resolve(sandblaster, train_size=1437, values=650)
+    assert resolved.iterations == 2 and resolved.sandblaster.portions == 32  # full batch
+    with pytest.raises(ConfigError, match="needs a model without BatchNorm"):
+        resolve(sandblaster, 1437, values=650, batchnorm=True)
+    with pytest.raises(ConfigError, match="--portions 64 exceeds the 50 images"):
+        resolve(sandblaster.replace(batch_size=50, portions=64), 1437, values=650)
+    downpour = get_recipe("digits-downpour")
+    with pytest.raises(ConfigError, match="30 replicas with batches of 64"):
+        resolve(downpour.replace(replicas=30), 1437, values=10_000)
+    with pytest.raises(ConfigError, match="--ps-shards 5 exceeds the model's 4 values"):
+        resolve(downpour.replace(ps_shards=5), 1437, values=4)
+    assert resolve(downpour.replace(epochs=1.0), 1437).iterations == 23  # ceil(1437 / 64)

@@ -165,20 +165,17 @@ class RunLifecycle:
             return None
         if self.run is None:
             raise ConfigError("--resume needs --out RUN_DIR")
-        if not self.run.config_file.is_file():
-            raise ConfigError(f"{self.run.path} holds no run to resume (no config.yaml)")
-        path = self.run.state_file(self.state)
-        source = path if path.is_file() else self.run.checkpoint
-        if not source.is_file():
-            return None
-        state = load_checkpoint(source)
-        saved = TrainConfig.from_dict(state["config"])
-        mode = state.get("mode", saved.mode)
+        mode = self.run.read_config().mode  # raises when there is no config.yaml
         if mode != self.mode:
             raise CheckpointError(f"{self.run.path} holds a {mode} run; resume it with "
                                   f"--mode {mode}")
-        if source != path:
-            raise CheckpointError(f"{path} is missing: the run cannot be resumed")
+        path = self.run.state_file(self.state)
+        if not path.is_file():
+            if self.run.checkpoint.is_file():  # a distributed run's last.pt without its state
+                raise CheckpointError(f"{path} is missing: the run cannot be resumed")
+            return None
+        state = load_checkpoint(path)
+        saved = TrainConfig.from_dict(state["config"])
         for name in same:
             if saved.get(name) != config.get(name):
                 raise CheckpointError(
@@ -206,10 +203,11 @@ class RunLifecycle:
 
     def fit(self, scheme: Scheme) -> dict:
         """Start the scheme, train, evaluate the final parameters unless the last evaluation
-        was of them, write and return the summary; `scheme.close()` runs whatever happens."""
+        was of them, write and return the summary; `scheme.close()` runs whatever happens, a
+        failed start included (so it must cope with a scheme that started only in part)."""
         with self.signals():
-            scheme.start()
             try:
+                scheme.start()
                 scheme.train()
                 results = self.last_eval
                 if results is None or results["test"]["iteration"] != scheme.position:

@@ -3,7 +3,7 @@ and the parameter-server shards.
 
 Every function updates its tensors in place and matches the corresponding `torch.optim` step
 operation for operation, so that one Downpour replica on any number of shards reproduces the
-single-process trainer (tests/distributed/test_parity.py).
+single-process trainer (tests/parity/test_update_rules.py, tests/parity/test_downpour.py).
 """
 
 from __future__ import annotations

@@ -22,9 +22,7 @@ directory must be on storage that every node sees, as with any Ray checkpoint di
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -38,10 +36,10 @@ from distbelief.distributed.downpour.records import (TIME_PARTS, ChunkWindow, Sh
                                                      summary_entries)
 from distbelief.distributed.downpour.replica import initial_vector
 from distbelief.distributed.downpour.work import WorkQueue
-from distbelief.distributed.runtime import (ReplicaCalls, check_reachable, get, granted_device,
-                                            kill, pinned_round_robin, ray_session,
+from distbelief.distributed.runtime import (ReplicaCalls, get, granted_device, pinned_round_robin,
                                             replica_options, wait_started)
 from distbelief.distributed.server_model import ServerModel
+from distbelief.distributed.session import DriverSession
 from distbelief.engine.config import TrainConfig, resolve
 from distbelief.engine.lifecycle import Diverged, FailureBook, RunLifecycle
 from distbelief.errors import CheckpointError
@@ -92,11 +90,9 @@ class DownpourTrainer:
         config = config.replace(mode="downpour")
         self.life = RunLifecycle(run_dir, mode="downpour", state=STATE, progress=progress)
         saved = self.life.open(config, resume, same=SAME)
-        if address:
-            check_reachable(address)  # fail fast, before the run directory is touched
+        self.session = DriverSession(address, dashboard)
         if saved:
             check_snapshots(self.life.run, config.cluster.ps_shards)
-        self.address, self.dashboard = address, dashboard
         torch.manual_seed(config.seed)
         data = build_data(config, torch.device("cpu"),
                           stats=saved["data_stats"] if saved else None)
@@ -104,6 +100,7 @@ class DownpourTrainer:
         self.config = config = resolve(config, data.train_size, values=self.initial.numel())
         self.bounds = shard_bounds(self.initial.numel(), config.cluster.ps_shards)
         self.server = ServerModel(config, data, torch.device("cpu"))  # evaluates, checkpoints
+        self.data, self.device = data, self.server.device
         n = config.cluster.replicas
         self.positions, self.steps = [0] * n, 0  # each replica's completed steps, and all
         self.replica_images, self.replica_seconds = [0] * n, [0.0] * n
@@ -115,19 +112,8 @@ class DownpourTrainer:
             self.time_split.update(saved["time_split"])
         self.resumed_shards = saved is not None
         self.life.begin(config, self.device, self.steps, saved)
-        self.shards: list = []
-        self.replicas: list = []
-        self._exit = contextlib.ExitStack()
 
     # --- the Scheme protocol (engine.lifecycle) -------------------------------------------
-
-    @property
-    def data(self):
-        return self.server.data
-
-    @property
-    def device(self) -> torch.device:
-        return self.server.device
 
     @property
     def position(self) -> int:
@@ -147,15 +133,10 @@ class DownpourTrainer:
 
     def start(self) -> None:
         """Ray, then the shards (loading their snapshots on resume) and the replicas."""
-        self._exit.enter_context(ray_session(self.address, self.dashboard))
+        self.session.start()
         self.server.move_to(granted_device())
-        if self.life.run is not None:
-            snapshots = self.life.run.checkpoints
-        else:  # without a run directory the shards' snapshots go to a temporary folder
-            snapshots = Path(self._exit.enter_context(
-                tempfile.TemporaryDirectory(prefix="distbelief-shards-")))
-        snapshots.mkdir(parents=True, exist_ok=True)
-        self._start_shards(snapshots.resolve())
+        self.data, self.device = self.server.data, self.server.device
+        self._start_shards(self.session.folder(self.life.run))
         self._start_replicas()
 
     def _start_shards(self, folder: Path) -> None:
@@ -164,7 +145,7 @@ class DownpourTrainer:
         self.shard_names = [f"distbelief-{run_id}-shard-{k}" for k in range(c.cluster.ps_shards)]
         # Pinned round-robin over the nodes: a shard restarts on its node; if the node itself is
         # lost the run stops and --resume continues from the snapshots.
-        self.shards = [
+        self.session.shards = [
             ShardActor.options(name=name, max_restarts=c.cluster.max_restarts,
                                max_task_retries=-1, scheduling_strategy=strategy).remote(
                 k, lo, hi, self.n_params, c, str(folder / f"{snapshot_name(k)}.pt"))
@@ -173,22 +154,20 @@ class DownpourTrainer:
         # Replicas start (a few seconds each) while the shards load; work waits for both.
         self.shards_started = [
             s.start.remote(None if self.resumed_shards else self.initial[lo:hi].numpy())
-            for s, (lo, hi) in zip(self.shards, self.bounds)]
+            for s, (lo, hi) in zip(self.session.shards, self.bounds)]
 
     def _start_replicas(self) -> None:
         c = self.config
         options, self.shape = replica_options(c)
-        self.replicas = [ReplicaActor.options(**options).remote(
+        self.session.replicas = [ReplicaActor.options(**options).remote(
             r, c, self.shard_names, self.bounds, self.data.stats, self.shape.threads,
             self.shape.device) for r in range(c.cluster.replicas)]
 
     def close(self) -> None:
-        kill(self.replicas + self.shards)
-        self.replicas, self.shards = [], []
-        self._exit.close()
+        self.session.close()
 
     def eval_model(self) -> torch.nn.Module:
-        return self.server.load(server_vector(self.shards))
+        return self.server.load(server_vector(self.session.shards))
 
     def progress_text(self) -> str:
         return f"train error {self.life.last_train.get('error', float('nan')):.2%}"
@@ -200,13 +179,13 @@ class DownpourTrainer:
         get(self.shards_started)
         self.monitor = ShardMonitor(FailureBook(life, c.cluster.replicas,
                                                 c.cluster.max_restarts))
-        self._log_cluster(wait_started(self.replicas, self.shape))
+        self._log_cluster(wait_started(self.session.replicas, self.shape))
         work = WorkQueue(self.positions, c.iterations, c.downpour.warmstart_steps, CHUNK_STEPS,
                          QUEUED_CHUNKS)
         calls = ReplicaCalls(
-            self.replicas, self.monitor.book, lost=shard_lost(c), position=lambda: self.steps,
-            on_failure=lambda r, tags, restarted: self._replica_failed(work, r, tags, restarted),
-            on_recovered=work.resume)
+            self.session.replicas, self.monitor.book, lost=shard_lost(c),
+            position=lambda: self.steps, on_recovered=work.resume,
+            on_failure=lambda r, tags, restarted: self._replica_failed(work, r, tags, restarted))
         cadence, window = life.cadences(c, self.steps), ChunkWindow(c.cluster.replicas)
         released = work.completed >= c.downpour.warmstart_steps
         life.clock.start()
@@ -222,7 +201,7 @@ class DownpourTrainer:
                     cadence.log.done(self.steps)
                 self._hand_out(work, calls)
                 self._evaluate_and_checkpoint(cadence)
-            get([r.drain.remote() for k, r in enumerate(self.replicas) if work.alive[k]])
+            get([r.drain.remote() for k, r in enumerate(self.session.replicas) if work.alive[k]])
         finally:
             life.clock.stop()
         self.save()
@@ -274,7 +253,8 @@ class DownpourTrainer:
     # --- records and checkpoints ------------------------------------------------------------
 
     def _poll_shards(self) -> list[dict]:
-        return self.monitor.observe(get([s.status.remote() for s in self.shards]), self.steps)
+        statuses = get([s.status.remote() for s in self.session.shards])
+        return self.monitor.observe(statuses, self.steps)
 
     def _log_cluster(self, replicas: list[dict]) -> None:
         self.life.log({"kind": "cluster", "iteration": self.steps, "replicas": replicas,
@@ -295,8 +275,8 @@ class DownpourTrainer:
         run = self.life.run
         if run is None:
             return
-        get([s.snapshot.remote() for s in self.shards])
-        vector = ServerModel.check_finite(server_vector(self.shards), self.steps)
+        get([s.snapshot.remote() for s in self.session.shards])
+        vector = ServerModel.check_finite(server_vector(self.session.shards), self.steps)
         self.server.save(run.checkpoint, vector, self.steps, self.life.wall_s, "downpour")
         self.life.save_state(self.config, {
             "positions": self.positions, "steps": self.steps,

@@ -4,7 +4,7 @@ A replica trains its own model copy on its own slice of the training data. Every
 its steps it asks the parameter server for fresh parameters; every `n_push` steps it sends the
 gradient accumulated since the last push. In the paper fetching, pushing and computing are
 three weakly synchronized threads; here the replica issues fetches and pushes as asynchronous
-requests (Ray calls, in `distributed.actors`) and keeps computing:
+requests (Ray calls, in `downpour.actors`) and keeps computing:
 
 - a fetch issued at step t is installed at the first step boundary after it arrives; until then
   the replica computes with the parameters it has;

@@ -23,7 +23,6 @@ the writes), the run continues from last.pt's parameters with an empty history i
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -34,8 +33,7 @@ import torch
 
 from distbelief.data import build_data
 from distbelief.distributed.flat import model_vector
-from distbelief.distributed.runtime import (check_reachable, granted_device, kill,
-                                            pinned_round_robin, ray_session, replica_options,
+from distbelief.distributed.runtime import (granted_device, pinned_round_robin, replica_options,
                                             wait_started)
 from distbelief.distributed.sandblaster.actors import (RayShards, SandblasterReplicaActor,
                                                        VectorShardActor)
@@ -43,6 +41,7 @@ from distbelief.distributed.sandblaster.gradient import BatchGradient
 from distbelief.distributed.sandblaster.objective import l2_objective
 from distbelief.distributed.sandblaster.shard import snapshot_name
 from distbelief.distributed.server_model import ServerModel
+from distbelief.distributed.session import DriverSession
 from distbelief.engine.checkpoint import load_checkpoint
 from distbelief.engine.config import TrainConfig, batch_images, resolve
 from distbelief.engine.lifecycle import Diverged, FailureBook, RunLifecycle
@@ -116,9 +115,7 @@ class SandblasterTrainer:
         config = config.replace(mode="sandblaster")
         self.life = RunLifecycle(run_dir, mode="sandblaster", state=STATE, progress=progress)
         saved = self.life.open(config, resume, same=SAME)
-        if address:
-            check_reachable(address)  # fail fast, before the run directory is touched
-        self.address, self.dashboard = address, dashboard
+        self.session = DriverSession(address, dashboard)
         cpu = torch.device("cpu")
         data = build_data(config, cpu, stats=saved["data_stats"] if saved else None)
         torch.manual_seed(config.seed)
@@ -131,6 +128,7 @@ class SandblasterTrainer:
         self.initial = vector.to(getattr(torch, config.sandblaster.dtype))
         self.bounds = shard_bounds(n_params, config.cluster.ps_shards)
         self.server = ServerModel(config, data, cpu, model=model)
+        self.data, self.device = data, cpu
         images = batch_images(config, data.train_size)
         self.objective = SandblasterObjective(images, config.weight_decay,
                                               images == data.train_size, saved or {})
@@ -140,19 +138,8 @@ class SandblasterTrainer:
             saved["replica_portions"] if saved else {}).items()})
         self.converged: str | None = None
         self.life.begin(config, self.device, self.iteration, saved)
-        self.shards: list = []
-        self.replicas: list = []
-        self._exit = contextlib.ExitStack()
 
     # --- the Scheme protocol (engine.lifecycle) -------------------------------------------
-
-    @property
-    def data(self):
-        return self.server.data
-
-    @property
-    def device(self) -> torch.device:
-        return self.server.device
 
     @property
     def position(self) -> int:
@@ -176,28 +163,27 @@ class SandblasterTrainer:
     def start(self) -> None:
         """Ray, the vector shards, the replicas, and the batch gradient over them."""
         c = self.config
-        self._exit.enter_context(ray_session(self.address, self.dashboard))
+        self.session.start()
         self.server.move_to(granted_device())
+        self.data, self.device = self.server.data, self.server.device
         run_id = uuid.uuid4().hex[:12]
         names = [f"distbelief-{run_id}-vectors-{k}" for k in range(c.cluster.ps_shards)]
-        self.shards = [VectorShardActor.options(name=name, scheduling_strategy=strategy)
+        self.session.shards = [VectorShardActor.options(name=name, scheduling_strategy=strategy)
                        .remote(k, lo, hi)
                        for k, ((lo, hi), name, strategy) in enumerate(
                            zip(self.bounds, names, pinned_round_robin(c.cluster.ps_shards)))]
-        self.store = TimedStore(RayShards(self.shards, self.bounds))
+        self.store = TimedStore(RayShards(self.session.shards, self.bounds))
         options, self.shape = replica_options(c)
-        self.replicas = [SandblasterReplicaActor.options(**options).remote(
+        self.session.replicas = [SandblasterReplicaActor.options(**options).remote(
             r, c, names, self.bounds, self.data.stats, self.shape.threads, self.shape.device,
             c.sandblaster.straggler_delay if r == 0 else 0.0) for r in range(c.cluster.replicas)]
         book = FailureBook(self.life, c.cluster.replicas, c.cluster.max_restarts)
-        self.gradient = BatchGradient(c, self.replicas, self.store, book, self.life.counters,
-                                      lambda: self.iteration)
+        self.gradient = BatchGradient(c, self.session.replicas, self.store, book,
+                                      self.life.counters, lambda: self.iteration)
         self.objective.gradient = self.gradient
 
     def close(self) -> None:
-        kill(self.replicas + self.shards)
-        self.replicas, self.shards = [], []
-        self._exit.close()
+        self.session.close()
 
     def eval_model(self) -> torch.nn.Module:
         return self.server.load(self.store.read("x"))
@@ -210,7 +196,7 @@ class SandblasterTrainer:
     def train(self) -> None:
         c, life = self.config, self.life
         life.log({"kind": "cluster", "iteration": self.iteration,
-                  "replicas": wait_started(self.replicas, self.shape),
+                  "replicas": wait_started(self.session.replicas, self.shape),
                   "shards": [{k: st[k] for k in ("shard", "node", "elements")}
                              for st in self.store.call("stats")]})
         self.optimizer = LBFGS(self.store, self.objective, history=c.sandblaster.history,

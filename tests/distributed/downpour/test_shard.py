@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from distbelief.distributed.downpour.shard import ParameterShard
-from distbelief.distributed.flat import load_model_vector, model_vector
+from distbelief.distributed.downpour import ParameterShard
 from distbelief.engine.checkpoint import load_checkpoint
 from distbelief.engine.config import TrainConfig
 from distbelief.errors import CheckpointError
@@ -12,8 +11,8 @@ from distbelief.optim import sgd_update
 
 
 def config(**kw):
-    return TrainConfig().replace(**{"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "milestones": (3,),
-                          "iterations": 100, **kw})
+    return TrainConfig().replace(**{"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0,
+                                    "milestones": (3,), "iterations": 100, **kw})
 
 
 def shard(n_params=6, lo=0, hi=8, snapshot_path=None, clock=None, **kw):
@@ -106,19 +105,6 @@ def test_snapshots_follow_the_clock(tmp_path):
     now[0] = 5.0
     s.push(torch.ones(8), 1)
     assert load_checkpoint(path)["shard"]["version"] == 2 and s.snapshot_version == 2
-
-
-def test_model_vector_round_trip_with_channels_last():
-    from distbelief.models import create_model
-
-    model = create_model("resnet20", num_classes=10, in_chans=1)
-    vector, n_params = model_vector(model)
-    assert n_params == sum(p.numel() for p in model.parameters())
-    other = create_model("resnet20", num_classes=10, in_chans=1).to(
-        memory_format=torch.channels_last)
-    load_model_vector(other, vector)
-    for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
-        assert torch.equal(a, b), k
 
 
 def test_a_finite_push_whose_sum_overflows_is_accepted():

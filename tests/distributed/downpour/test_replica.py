@@ -1,50 +1,12 @@
-"""DownpourReplica without Ray: parity with the single-process trainer, n_fetch / n_push,
-overlap semantics, data parts and BatchNorm statistics."""
+"""DownpourReplica without Ray: n_fetch / n_push, overlap semantics, data parts and BatchNorm
+statistics (its parity with the trainer: tests/parity/test_downpour.py)."""
 
-import pytest
 import torch
 
 from distbelief.data import build_data, data_part
-from distbelief.distributed.downpour import DownpourReplica, LocalClient, initial_vector
-from distbelief.distributed.downpour.shard import ParameterShard
+from distbelief.distributed.downpour import DownpourReplica, LocalClient
 from distbelief.distributed.flat import model_vector
-from distbelief.engine import Trainer
-from distbelief.engine.config import TrainConfig
-from distbelief.optim import shard_bounds
-
-
-def digits_config(**kw):
-    settings = dict(recipe="test", model="resnet20", data="digits", batch_size=32, iterations=40,
-                    lr=0.05, milestones=(12,), pad=1, flip=False, deterministic=True,
-                    device="cpu", mode="downpour", overlap=False)
-    return TrainConfig().replace(**{**settings, **kw})
-
-
-def make_shards(config, data, count):
-    w0, n_params = initial_vector(config, data)
-    return [ParameterShard(k, lo, hi, n_params, w0[lo:hi], config)
-            for k, (lo, hi) in enumerate(shard_bounds(w0.numel(), count))], n_params
-
-
-@pytest.mark.parametrize("optimizer,lr,shards", [("sgd", 0.05, 1), ("sgd", 0.05, 3),
-                                                  ("adagrad", 0.02, 2)])
-def test_one_replica_equals_the_single_process_trainer(optimizer, lr, shards):
-    config = digits_config(optimizer=optimizer, lr=lr, ps_shards=shards, weight_decay=5e-4)
-    trainer = Trainer(config.replace(mode="single"))
-    reference_start, _ = model_vector(trainer.model)
-    trainer.train_until(25)
-    reference, n_params = model_vector(trainer.model)
-
-    servers, n = make_shards(config, trainer.data, shards)
-    assert torch.equal(torch.cat([s.w for s in servers]), reference_start)
-    replica = DownpourReplica(0, config, LocalClient(servers), stats=trainer.data.stats)
-    replica.run(0, 10)
-    replica.run(10, 15)  # chunks do not change the result
-    server = torch.cat([s.w for s in servers])
-    torch.testing.assert_close(server[:n], reference[:n], rtol=0, atol=1e-6)
-    # BatchNorm statistics: the server's running average equals the trainer's.
-    torch.testing.assert_close(server[n:], reference[n:], rtol=1e-6, atol=1e-6)
-    assert [s.steps for s in servers] == [25] * shards
+from support.downpour import digits_config, make_shards
 
 
 def test_n_push_accumulates_and_n_fetch_spaces_fetches():

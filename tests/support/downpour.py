@@ -1,0 +1,18 @@
+"""Downpour test helpers: a small digits config and in-process shards."""
+
+from distbelief.distributed.downpour import ParameterShard, initial_vector
+from distbelief.engine.config import TrainConfig
+from distbelief.optim import shard_bounds
+
+
+def digits_config(**kw):
+    settings = dict(recipe="test", model="resnet20", data="digits", batch_size=32, iterations=40,
+                    lr=0.05, milestones=(12,), pad=1, flip=False, deterministic=True,
+                    device="cpu", mode="downpour", overlap=False)
+    return TrainConfig().replace(**{**settings, **kw})
+
+
+def make_shards(config, data, count):
+    w0, n_params = initial_vector(config, data)
+    return [ParameterShard(k, lo, hi, n_params, w0[lo:hi], config)
+            for k, (lo, hi) in enumerate(shard_bounds(w0.numel(), count))], n_params
