@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from distbelief.cli import main
 
@@ -21,8 +22,11 @@ QUICK = ["--recipe", "digits-downpour", "--iterations", "150", "--milestones", "
 def test_downpour_command_trains_evaluates_and_leaves_no_ray_behind(tmp_path, capsys, ray_watch):
     before = ray_watch.processes()
     out = tmp_path / "run"
+    # Without --address the command starts its own Ray, whatever RAY_ADDRESS (or a cluster file
+    # left by an ended `ray start`) says.
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
     done = subprocess.run([sys.executable, "-m", "distbelief", "train", *QUICK, "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("resnet20 on digits (Downpour, 2 replicas, 2 shards): test accuracy")
@@ -60,8 +64,9 @@ def test_ctrl_c_checkpoints_stops_ray_and_resume_finishes(tmp_path, ray_watch):
     assert "continue with --resume" in err and "Traceback" not in err
     assert not ray_watch.new_since(before), "Ray processes outlived Ctrl-C"
     from distbelief.engine import load_checkpoint
+    from distbelief.engine.rundir import RunDir
 
-    stopped = load_checkpoint(out / "checkpoints/downpour.pt")["steps"]
+    stopped = load_checkpoint(RunDir(out).state_file("downpour"))["steps"]
     done = subprocess.run([*cmd, "--resume", "--iterations", str(stopped + 20)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -82,6 +87,17 @@ def test_bad_downpour_input_is_one_line(tmp_path, capsys, argv, message):
     assert main(["train", "--out", str(out), "--quiet", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_run_that_cannot_start_writes_nothing(tmp_path, capsys):
+    """Ray started, but the replicas cannot be placed: one line, no run directory."""
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "digits-downpour", "--device", "cuda", "--out", str(out),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--device cuda but the Ray cluster has no GPUs" in err and len(err.splitlines()) == 1
     assert not out.exists()
 
 

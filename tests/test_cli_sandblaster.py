@@ -54,8 +54,9 @@ def test_ctrl_c_checkpoints_and_resume_continues(tmp_path):
     assert proc.returncode == 130, err
     assert "continue with --resume" in err and "Traceback" not in err
     from distbelief.engine import load_checkpoint
+    from distbelief.engine.rundir import RunDir
 
-    stopped = load_checkpoint(out / "checkpoints/sandblaster.pt")["iteration"]
+    stopped = load_checkpoint(RunDir(out).state_file("sandblaster"))["iteration"]
     done = subprocess.run([*cmd, "--resume", "--iterations", str(stopped + 3)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

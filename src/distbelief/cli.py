@@ -165,10 +165,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = args.out or _default_out(config)
     trainer = _trainer(config, out, args)
     try:
-        summary = trainer.fit()  # the first Ctrl-C checkpoints and stops (engine.lifecycle)
+        summary = trainer.fit()  # SIGINT or SIGTERM: checkpoint and stop (engine.lifecycle)
     except TrainingInterrupted as e:
         print(f"distbelief: {e} --out {out}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return 128 + e.signum if e.signum else EXIT_INTERRUPTED  # 130 Ctrl-C, 143 SIGTERM
     print(_summary_line(trainer.config, summary, out))
     return 0
 

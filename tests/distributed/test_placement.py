@@ -2,8 +2,7 @@
 
 import pytest
 
-from distbelief.distributed.placement import (Node, fits, largest_share, replica_shape,
-                                              round_robin)
+from distbelief.distributed.placement import Node, fits, largest_share, replica_shape
 from distbelief.errors import ConfigError
 from distbelief.recipes import get_recipe
 
@@ -55,7 +54,3 @@ def test_gpus_when_the_cluster_has_them_unless_the_cpu_is_asked_for():
     assert shape(nodes, replicas=3, device="cpu").device == "cpu"
     with pytest.raises(ConfigError, match="--device cuda but the Ray cluster has no GPUs"):
         shape(cpus(8), replicas=1, device="cuda")
-
-
-def test_shards_go_round_robin_over_the_sorted_nodes():
-    assert round_robin(["b", "a", "c"], 5) == ["a", "b", "c", "a", "b"]

@@ -3,11 +3,12 @@ directories, signals, and fit's guarantees (close always runs; the final evaluat
 
 import os
 import signal
+import types
 
 import pytest
 import torch
 
-from distbelief.engine.checkpoint import save_checkpoint
+from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.engine.lifecycle import Cadence, FailureBook, RunLifecycle
 from distbelief.engine.rundir import read_jsonl
 from distbelief.errors import CheckpointError, ConfigError, DistbeliefError
@@ -39,7 +40,7 @@ def test_cadence_every_n_iterations_and_every_s_seconds():
 def test_failure_book_counts_each_death_once_and_gives_up_after_max_restarts(tmp_path):
     life = RunLifecycle(tmp_path / "run", mode="downpour", state="downpour")
     life.open(get_recipe("digits-downpour"), resume=False)
-    life.begin(get_recipe("digits-downpour"), "cpu", 0)
+    life.begin(_at(get_recipe("digits-downpour"), 0))
     book = FailureBook(life, replicas=2, max_restarts=1)
     assert book.replica_failed(1, RuntimeError("killed"), position=10) is True
     assert book.replica_failed(1, RuntimeError("again"), position=20) is False
@@ -58,11 +59,16 @@ def test_failure_book_counts_each_death_once_and_gives_up_after_max_restarts(tmp
     assert records[-1]["updates_lost"] == 3 and life.counters["shard_updates_lost"] == 3
 
 
+def _at(config, position):
+    """Where a scheme stands, as `RunLifecycle.begin` reads it."""
+    return types.SimpleNamespace(config=config, device="cpu", position=position)
+
+
 def _saved_run(tmp_path, mode="downpour", state="downpour"):
     config = get_recipe("digits-downpour").replace(mode=mode)
     life = RunLifecycle(tmp_path, mode=mode, state=state)
     life.open(config, resume=False)
-    life.begin(config, "cpu", 0)
+    life.begin(_at(config, 0))
     for i in (10, 20, 30):
         life.log({"kind": "train", "iteration": i})
     life.counters["replica_failures"] = 2
@@ -75,8 +81,8 @@ def test_resume_continues_from_the_state_and_drops_later_records(tmp_path):
     life = RunLifecycle(tmp_path, mode="downpour", state="downpour")
     saved = life.open(config.replace(iterations=2000), resume=True, same=("replicas",))
     assert saved["steps"] == 20 and saved["mode"] == "downpour"
-    life.begin(config.replace(iterations=2000), "cpu", 20, saved)
     assert life.counters["replica_failures"] == 2
+    life.begin(_at(config.replace(iterations=2000), 20))
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["iteration"] for r in records] == [10, 20, 20]
     assert records[-1] == {"kind": "resume", "iteration": 20}
@@ -112,23 +118,29 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_over(tmp_path):
     config = get_recipe("digits")
     life = RunLifecycle(tmp_path, mode="single", state="last")
     life.open(config, resume=False)
-    life.begin(config, "cpu", 0)
+    life.begin(_at(config, 0))
     life.log({"kind": "train", "iteration": 25})
     again = RunLifecycle(tmp_path, mode="single", state="last")
     assert again.open(config, resume=True) is None
-    again.begin(config, "cpu", 0)
+    again.begin(_at(config, 0))
     assert read_jsonl(tmp_path / "metrics.jsonl") == [{"kind": "resume", "iteration": 0}]
 
 
-def test_ctrl_c_requests_a_stop_and_a_second_one_aborts():
+@pytest.mark.parametrize("first, second, abort", [
+    (signal.SIGINT, signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, signal.SIGTERM, SystemExit),
+    (signal.SIGTERM, signal.SIGINT, KeyboardInterrupt)])
+def test_a_signal_requests_a_stop_and_a_second_one_aborts(first, second, abort):
     life = RunLifecycle(None, mode="single", state="last")
-    original = signal.getsignal(signal.SIGINT)
+    original = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with life.signals():
-        os.kill(os.getpid(), signal.SIGINT)
-        assert life.stop_requested
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is original
+        os.kill(os.getpid(), first)
+        assert life.stop_requested and life.stop_signal == first
+        assert life.interrupted(7).signum == first
+        with pytest.raises(abort) as raised:
+            os.kill(os.getpid(), second)
+    if abort is SystemExit:
+        assert raised.value.code == 143
+    assert {s: signal.getsignal(s) for s in original} == original
 
 
 class _Failing:
@@ -144,11 +156,13 @@ class _Failing:
         self.closed = True
 
 
-def test_fit_closes_the_scheme_whatever_happens():
+def test_a_scheme_that_cannot_start_is_closed_and_writes_nothing(tmp_path):
     scheme = _Failing()
+    life = RunLifecycle(tmp_path / "run", mode="single", state="last")
+    life.open(get_recipe("digits"), resume=False)
     with pytest.raises(DistbeliefError, match="cannot place"):
-        RunLifecycle(None, mode="single", state="last").fit(scheme)
-    assert scheme.closed
+        life.fit(scheme)
+    assert scheme.closed and not (tmp_path / "run").exists()
 
 
 def test_fit_evaluates_the_final_parameters_once(tmp_path):
@@ -165,10 +179,35 @@ def test_fit_evaluates_the_final_parameters_once(tmp_path):
 
 
 def test_saved_state_carries_the_clock_counters_and_config(tmp_path):
-    from distbelief.engine.checkpoint import load_checkpoint
-
     config = _saved_run(tmp_path)
     state = load_checkpoint(tmp_path / "checkpoints/downpour.pt")
     assert state["counters"] == {"replica_failures": 2} and state["mode"] == "downpour"
     assert state["config"] == config.to_dict() and state["wall_s"] >= 0
     save_checkpoint(tmp_path / "checkpoints/other.pt", {"x": 1})  # unrelated files are ignored
+
+
+def test_a_distributed_checkpoint_is_one_generation_published_by_its_manifest(tmp_path):
+    config = get_recipe("digits-downpour")
+    life = RunLifecycle(tmp_path, mode="downpour", state="downpour")
+    life.open(config, resume=False)
+    life.begin(_at(config, 0))
+    model = {"config": config.to_dict(), "model": {"w": torch.zeros(2)}, "iteration": 10}
+    life.save_generation(config, {"steps": 10}, {"shard-0": {"shard": {"v": 10}}, "last": model},
+                         10)
+    life.save_generation(config, {"steps": 20}, {"shard-0": {"shard": {"v": 20}},
+                                                 "last": {**model, "iteration": 20}}, 20)
+    run = life.run
+    assert [p.name for p in run.checkpoints.glob("gen-*")] == ["gen-000002"]  # older: removed
+    # A crash while the third was being written: a folder, no manifest naming it.
+    torn = run.checkpoints / "gen-000003"
+    torn.mkdir()
+    (torn / "downpour.pt").write_bytes(b"half a file")
+    again = RunLifecycle(tmp_path, mode="downpour", state="downpour")
+    saved = again.open(config, resume=True)
+    assert saved["steps"] == 20 and run.state_file("shard-0").parent.name == "gen-000002"
+    assert load_checkpoint(run.state_file("shard-0"))["shard"] == {"v": 20}
+    assert load_checkpoint(run.checkpoint)["iteration"] == 20  # last.pt, for `distbelief eval`
+    again.begin(_at(config, 20))
+    again.save_generation(config, {"steps": 30}, {"shard-0": {"shard": {"v": 30}}}, 30)
+    assert [p.name for p in run.checkpoints.glob("gen-*")] == ["gen-000003"]
+    assert load_checkpoint(run.state_file("downpour"))["steps"] == 30

@@ -99,11 +99,18 @@ def test_resume_extends_a_finished_run(tmp_path):
     assert record["config"]["iterations"] == 15 and "resumed" in record
 
 
-def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
-    Trainer(digits_config(), tmp_path)  # then a crash before any checkpoint: no last.pt
-    assert not (tmp_path / "checkpoints").exists()
-    summary = Trainer(digits_config(iterations=5), tmp_path, resume=True).fit()
+def test_nothing_is_written_before_training_and_a_run_killed_before_its_first_checkpoint_starts_over(
+        tmp_path):
+    Trainer(digits_config(), tmp_path / "run")  # built, never trained: no run directory yet
+    assert not (tmp_path / "run").exists()
+    Trainer(digits_config(iterations=5), tmp_path / "run").fit()
+    # As if killed outright before its first checkpoint: records, but no checkpoint.
+    (tmp_path / "run/checkpoints/last.pt").unlink()
+    summary = Trainer(digits_config(iterations=5), tmp_path / "run", resume=True).fit()
     assert summary["iterations"] == 5
+    records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert records[0] == {"kind": "resume", "iteration": 0}  # a clean history
+    assert [r["iteration"] for r in records if r["kind"] == "train"] == [5]
 
 
 def test_resume_with_another_model_is_refused(tmp_path):

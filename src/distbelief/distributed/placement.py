@@ -1,5 +1,5 @@
-"""How big each actor is and where it goes: decisions only, no Ray here (`runtime` asks Ray
-for the nodes and applies them).
+"""How big each replica is: decisions only, no Ray here (`runtime` asks Ray for the nodes and
+applies them; the shards are spread by a placement group, `runtime.shard_placement`).
 
 Replicas reserve CPUs (and GPUs) so that Ray never packs more of them onto a node than its cores
 can run; each uses as many threads as it reserved. The share is sized to the nodes, not to the
@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from distbelief.errors import ConfigError
 
 RESOURCE_UNIT = 1e-4  # Ray's granularity for fractional resources
+# What each parameter-server shard reserves: memory only (its slice lives there), no CPU, so
+# that the replicas' CPU shares are not cut; see runtime.shard_placement.
+SHARD_BUNDLE = {"memory": 1 << 20}
 
 
 @dataclass(frozen=True)
@@ -76,9 +79,3 @@ def replica_shape(config, nodes: list[Node]) -> ReplicaShape:
     gpu_share = largest_share([n.gpus for n in where], replicas, 1.0) if use_gpu else 0.0
     threads = requested or max(1, int(cpu_share))
     return ReplicaShape(cpu_share, gpu_share, threads, "cuda" if use_gpu else "cpu")
-
-
-def round_robin(node_ids: list[str], count: int) -> list[str]:
-    """Nodes for `count` actors, taken in turn from the sorted node ids."""
-    ordered = sorted(node_ids)
-    return [ordered[k % len(ordered)] for k in range(count)]

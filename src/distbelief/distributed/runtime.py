@@ -11,16 +11,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+import sys
+import threading
 import time
 import warnings
 
 import numpy as np
 import ray
+import ray._private.services  # noqa: F401 - for _own_process_groups
 import torch
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
-from distbelief.distributed.placement import Node, ReplicaShape, replica_shape, round_robin
+from distbelief.distributed.keeper import SnapshotKeeper
+from distbelief.distributed.placement import SHARD_BUNDLE, Node, ReplicaShape, replica_shape
+from distbelief.engine.lifecycle import describe
 from distbelief.errors import DistbeliefError
 
 START_TIMEOUT_S = 300  # replicas that cannot be placed (resources) fail the run after this
@@ -43,18 +49,68 @@ def start_ray(address: str | None = None, dashboard: bool = False) -> bool:
         return False
     # Ray announces at every start that token authentication is on; it stays on, quietly.
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    options = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address:
         check_reachable(address)
-        try:
-            ray.init(address=address, **quiet)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise DistbeliefError(f"cannot join the Ray cluster at {address} "
-                                  f"({str(e).strip().splitlines()[0][:160]})") from None
+        options["address"] = address
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=dashboard,
-                 _node_ip_address="127.0.0.1", **quiet)
+        # "local": always a new local Ray, never one found through RAY_ADDRESS or the
+        # current-cluster file a `ray start` left behind.
+        options.update(address="local", num_cpus=os.cpu_count(), include_dashboard=dashboard,
+                       _node_ip_address="127.0.0.1")
+    with _keep_sigterm_handler(), _own_process_groups(local=not address):
+        try:
+            ray.init(**options)
+        except Exception as e:  # noqa: BLE001 - whatever Ray's start raises is one line
+            where = f"join the Ray cluster at {address}" if address else "start a local Ray"
+            raise DistbeliefError(f"cannot {where} ({describe(e)[:160]})") from None
     return True
+
+
+@contextlib.contextmanager
+def _own_process_groups(local: bool):
+    """Within: the processes a local Ray starts (GCS, raylet, their agents) go in process groups
+    of their own. In the driver's group, a SIGTERM sent to the group (SLURM's scancel, a
+    supervisor stopping a job) would stop them while the driver still needs them to
+    checkpoint; so only the driver hears it, checkpoints, and stops them itself. They still die
+    with the driver if it is killed (Ray's fate-sharing). Ray has no option for this, so its
+    Popen subclass is wrapped while ray.init runs; on other systems, or if that class moves,
+    nothing changes."""
+    popen = getattr(ray._private.services, "ConsolePopen", None)
+    if not (local and popen is not None and sys.platform.startswith("linux")):
+        yield
+        return
+    original = popen.__init__
+
+    def init(self, *args, **kwargs):
+        ray_preexec = kwargs.get("preexec_fn")
+
+        def preexec():
+            os.setpgid(0, 0)
+            if ray_preexec is not None:
+                ray_preexec()
+
+        kwargs["preexec_fn"] = preexec
+        original(self, *args, **kwargs)
+
+    popen.__init__ = init
+    try:
+        yield
+    finally:
+        popen.__init__ = original
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """ray.init replaces the SIGTERM handler of the main thread with one that exits; the run
+    lifecycle's handler (stop after this step, checkpoint) must stay."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -103,14 +159,32 @@ def replica_options(config) -> tuple[dict, ReplicaShape]:
             "scheduling_strategy": "SPREAD"}, shape
 
 
-def pinned_round_robin(count: int) -> list:
-    """Hard node-affinity strategies placing `count` zero-CPU actors round-robin over the live
-    nodes. Ray's SPREAD packs actors that reserve no CPU onto one node and soft affinity
-    spills (measured with Ray 2.60), so the parameter-server shards are pinned."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+def shard_placement(count: int, timeout_s: float = START_TIMEOUT_S) -> tuple[object, list]:
+    """A placement group spreading `count` shards over the live nodes, and each shard's
+    scheduling strategy. A bundle reserves no CPU (`placement.SHARD_BUNDLE`); when its node is
+    lost Ray places the bundle on another node and restarts the shard there, which affinity to
+    a node cannot do (hard affinity never leaves the node, and soft affinity spills even while
+    the node is there: measured with Ray 2.60).
 
-    return [NodeAffinitySchedulingStrategy(node, soft=False)
-            for node in round_robin([n.id for n in nodes()], count)]
+    Raises:
+        DistbeliefError: the bundles could not be placed within `timeout_s`."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = placement_group([dict(SHARD_BUNDLE)] * count, strategy="SPREAD")
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        raise DistbeliefError(f"the {count} parameter-server shards could not be placed within "
+                              f"{timeout_s} s (each reserves {SHARD_BUNDLE})")
+    return group, [PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=k)
+                   for k in range(count)]
+
+
+def remove_placement(group) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    remove_placement_group(group)
 
 
 def wait_started(replicas: list, shape: ReplicaShape,
@@ -147,9 +221,14 @@ def kill(actors: list) -> None:
 
 # --- results --------------------------------------------------------------------------------
 
+class ShardLost(DistbeliefError):
+    """A parameter-server shard did not answer: it died (Ray may be restarting it) or is gone
+    for good. Its message is one line for the user."""
+
+
 def get(refs, lost: str | None = None):
-    """ray.get; with `lost`, an actor that is gone becomes `DistbeliefError(lost)` (one line),
-    and so does a call that failed because an actor it called is gone."""
+    """ray.get; with `lost`, an actor that is gone becomes `ShardLost(lost)` (one line), and so
+    does a call that failed because an actor it called is gone."""
     try:
         return ray.get(refs)
     except RayTaskError as e:
@@ -157,17 +236,17 @@ def get(refs, lost: str | None = None):
     except RayActorError:
         if lost is None:
             raise
-        raise DistbeliefError(lost) from None
+        raise ShardLost(lost) from None
 
 
 def remote_error(error: RayTaskError, lost: str | None) -> BaseException:
     """The error to raise for a call that raised inside an actor: our own errors as they are
-    (one line for the user), an actor it called being gone as `DistbeliefError(lost)`, anything
-    else (a bug) as Ray reports it."""
+    (one line for the user), an actor it called being gone as `ShardLost(lost)`, anything else
+    (a bug) as Ray reports it."""
     if isinstance(error.cause, DistbeliefError):
         return error.cause
     if lost is not None and isinstance(error.cause, RayActorError):
-        return DistbeliefError(lost)
+        return ShardLost(lost)
     return error
 
 
@@ -205,6 +284,10 @@ class RayPending:
         return self._result
 
 
+def _raise(r: int, tag, error: BaseException) -> None:
+    raise error
+
+
 class ReplicaCalls:
     """Calls to replica actors in flight, each death of a replica turned into one failure.
 
@@ -217,14 +300,15 @@ class ReplicaCalls:
     a ping, then `on_recovered(r)`: calls handed to an actor Ray is restarting fail at once,
     and would otherwise count one death many times.
 
-    A call that raised inside its replica raises here (`remote_error`; `lost` is the message
-    for a shard that is gone).
+    A call that raised inside its replica goes to `on_error(r, tag, error)` (`remote_error`;
+    `lost` is the message for a shard that is gone), which raises it unless told otherwise.
     """
 
     def __init__(self, actors: list, book, *, lost: str, position, on_failure,
-                 on_recovered=lambda r: None):
+                 on_recovered=lambda r: None, on_error=None):
         self.actors, self.book, self.lost, self.position = actors, book, lost, position
         self.on_failure, self.on_recovered = on_failure, on_recovered
+        self.on_error = on_error or _raise
         self.inflight: dict = {}  # ObjectRef -> (replica, tag)
         self.recovering: dict = {}  # ObjectRef of a ping -> replica Ray is restarting
 
@@ -256,7 +340,7 @@ class ReplicaCalls:
                 try:
                     done.append((r, tag, ray.get(ref)))
                 except RayTaskError as e:
-                    raise remote_error(e, self.lost) from None
+                    self.on_error(r, tag, remote_error(e, self.lost))
                 except RayActorError as e:
                     self._died(r, tag, e)
         return done
@@ -280,3 +364,52 @@ class ReplicaCalls:
             self._died(r, None, e)
         else:
             self.on_recovered(r)
+
+
+# --- the snapshot keeper --------------------------------------------------------------------
+
+KeeperActor = ray.remote(num_cpus=0)(SnapshotKeeper)
+
+
+def start_keeper(name: str):
+    """A `SnapshotKeeper` actor named `name` on this (the driver's) node: if that node is lost,
+    the run is lost anyway."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return KeeperActor.options(
+        name=name, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id(), soft=False),
+    ).remote()
+
+
+class SnapshotSender:
+    """Sends a shard's snapshots to the keeper from a background thread, so that the shard's
+    own thread (its pushes) never waits for the transfer. Only the newest snapshot not yet sent
+    is kept: a slow transfer skips snapshots rather than queueing them."""
+
+    def __init__(self, keeper_name: str, key: str):
+        self.keeper, self.key = ray.get_actor(keeper_name), key
+        self.slot, self.sent = None, 0
+        self.ready = threading.Condition()
+        threading.Thread(target=self._run, daemon=True, name=f"snapshots-{key}").start()
+
+    def send(self, snapshot: dict) -> None:
+        with self.ready:
+            self.slot = snapshot
+            self.ready.notify()
+
+    def send_now(self, snapshot: dict) -> None:
+        """Send and wait until the keeper has it."""
+        ray.get(self.keeper.put.remote(self.key, snapshot))
+        self.sent += 1
+
+    def _run(self) -> None:
+        while True:
+            with self.ready:
+                while self.slot is None:
+                    self.ready.wait()
+                snapshot, self.slot = self.slot, None
+            self.send_now(snapshot)
+
+    def restore(self) -> dict | None:
+        """The newest snapshot the keeper holds for this key."""
+        return ray.get(self.keeper.get.remote(self.key))

@@ -7,11 +7,11 @@ the driver took outside Ray's accounting could be one a replica needs.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from distbelief.data import DataBundle, build_data
 from distbelief.distributed.flat import FlatModel
-from distbelief.engine.checkpoint import save_checkpoint
 from distbelief.engine.lifecycle import Diverged
 from distbelief.engine.setup import build_model
 
@@ -49,12 +49,19 @@ class ServerModel:
                            f"lower --lr (the last checkpoint is kept)")
         return vector
 
-    def save(self, path, vector: torch.Tensor, position: int, wall_s: float, mode: str) -> None:
-        """Write the model at `vector` as an ordinary checkpoint for `distbelief eval` (with
-        `mode`, which --resume checks)."""
+    def checkpoint(self, vector: torch.Tensor, position: int, wall_s: float, mode: str) -> dict:
+        """The model at `vector` as an ordinary checkpoint for `distbelief eval` (with `mode`,
+        which --resume checks); its tensors are copies."""
         self.load(vector)
-        save_checkpoint(path, {
-            "config": self.config.to_dict(), "iteration": position,
-            "model": self.model.state_dict(), "data_stats": self.data.stats,
-            "num_classes": self.data.num_classes, "in_chans": self.data.in_chans,
-            "wall_s": wall_s, "mode": mode})
+        return {"config": self.config.to_dict(), "iteration": position,
+                "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+                "data_stats": self.data.stats, "num_classes": self.data.num_classes,
+                "in_chans": self.data.in_chans, "wall_s": wall_s, "mode": mode}
+
+
+def as_tensors(snapshot: dict) -> dict:
+    """A snapshot with its numpy arrays as tensors: checkpoints are read with torch's
+    weights-only loader, which builds tensors, not arrays."""
+    return {k: as_tensors(v) if isinstance(v, dict) else
+            torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v
+            for k, v in snapshot.items()}

@@ -1,43 +1,49 @@
 """What a distributed driver holds besides its scheme's logic: a Ray session (joined, or started
-here and stopped at the end), the actors (killed at the end, whatever happens) and a folder for
-their snapshots. Ray itself is `runtime`'s business."""
+here and stopped at the end), the snapshot keeper, the shards' placement group and the actors,
+all released at the end whatever happens. Ray itself is `runtime`'s business."""
 
 from __future__ import annotations
 
 import contextlib
-import tempfile
-from pathlib import Path
+import uuid
 
-from distbelief.distributed.runtime import check_reachable, kill, ray_session
+from distbelief.distributed.runtime import (check_reachable, kill, ray_session, remove_placement,
+                                            shard_placement, start_keeper)
 
 
 class DriverSession:
     """`address` joins a Ray cluster (checked now: an unreachable one fails before anything is
-    written); without it `start()` starts a local Ray, which `close()` stops."""
+    written); without it `start()` starts a local Ray, which `close()` stops. Actor names carry
+    the session's id, so that runs on one cluster never meet."""
 
     def __init__(self, address: str | None = None, dashboard: bool = False):
         if address:
             check_reachable(address)
         self.address, self.dashboard = address, dashboard
+        self.id = uuid.uuid4().hex[:12]
+        self.keeper_name = f"distbelief-{self.id}-keeper"
+        self.keeper = self.group = None
         self.shards: list = []
         self.replicas: list = []
         self._exit = contextlib.ExitStack()
 
-    def start(self) -> None:
-        self._exit.enter_context(ray_session(self.address, self.dashboard))
+    def name(self, what: str) -> str:
+        return f"distbelief-{self.id}-{what}"
 
-    def folder(self, run) -> Path:
-        """Where the actors write their snapshots: the run's checkpoints/, or without a run
-        directory a temporary folder that `close()` removes."""
-        if run is not None:
-            path = run.checkpoints
-        else:
-            path = Path(self._exit.enter_context(
-                tempfile.TemporaryDirectory(prefix="distbelief-snapshots-")))
-        path.mkdir(parents=True, exist_ok=True)
-        return path.resolve()
+    def start(self) -> None:
+        """Ray, and the snapshot keeper on this node."""
+        self._exit.enter_context(ray_session(self.address, self.dashboard))
+        self.keeper = start_keeper(self.keeper_name)
+
+    def place_shards(self, count: int) -> list:
+        """Scheduling strategies spreading `count` shards over the nodes."""
+        self.group, strategies = shard_placement(count)
+        return strategies
 
     def close(self) -> None:
-        kill(self.replicas + self.shards)
-        self.replicas, self.shards = [], []
+        kill(self.replicas + self.shards + ([self.keeper] if self.keeper else []))
+        self.replicas, self.shards, self.keeper = [], [], None
+        if self.group is not None:
+            remove_placement(self.group)
+            self.group = None
         self._exit.close()

@@ -173,6 +173,10 @@ class TrainConfig:
                                   "every --eval-every)", default=0.0)
     checkpoint_every: int = _opt("iterations between checkpoints (0: only at the end)",
                                  default=2000)
+    checkpoint_interval_s: float = _opt("also checkpoint every this many seconds of wall time "
+                                        "(0: only every --checkpoint-every), so that a run "
+                                        "killed outright loses at most this window",
+                                        default=300.0)
     eval_batch_size: int = _opt("images per evaluation batch", default=500)
     mode: str = _opt("single (one process), downpour (asynchronous replicas and a sharded "
                      "parameter server on Ray) or sandblaster (L-BFGS driven from a coordinator, "
@@ -300,7 +304,8 @@ _POSITIVE = ("batch_size", "iterations", "eval_batch_size", "log_every", "crop_s
              "push_every", "history")
 _NON_NEGATIVE = ("val_split", "pad", "momentum", "weight_decay", "warmup_iterations",
                  "eval_every", "checkpoint_every", "lighting", "num_workers", "lr_decay",
-                 "warmstart_steps", "eval_interval_s", "max_restarts", "straggler_delay")
+                 "warmstart_steps", "eval_interval_s", "checkpoint_interval_s", "max_restarts",
+                 "straggler_delay")
 _POSITIVE_NUMBERS = ("lr", "epochs", "snapshot_every_s")  # finite, > 0, or None
 _AT_LEAST_ONE = ("portions", "replica_cpus")  # None: chosen by the run
 

@@ -6,16 +6,20 @@ handed a `RunLifecycle` and calls it; the lifecycle owns what every mode does al
     life = RunLifecycle(run_dir, mode="downpour", state="downpour", progress=True)
     saved = life.open(config, resume, same=("model", "replicas"))  # checks; writes nothing
     ...                                                            # data, model, config
-    life.begin(config, device, position)                           # the run directory
     summary = life.fit(scheme)                                     # see `Scheme`
 
-- The run directory: a new run never overwrites another; a resumed run must be of the same mode
-  and shape (the fields in `same`), drops the records after its checkpoint and logs a `resume`
-  record; one stopped before its first checkpoint starts over.
+- The run directory: nothing is written until the scheme has started (its data, its Ray
+  cluster and its actors are there), so a run that cannot start leaves nothing behind; a new
+  run never overwrites another; a resumed run must be of the same mode and shape (the fields in
+  `same`), drops the records after its checkpoint and logs a `resume` record; one stopped
+  before its first checkpoint starts over with a clean history.
 - The cadence of records, evaluations and checkpoints (`cadences`: every N iterations, and for
-  evaluations also every S seconds of wall time).
-- Signals: the first Ctrl-C asks the scheme to stop after its current unit of work and to
-  checkpoint (`TrainingInterrupted`); a second one aborts at once.
+  evaluations and checkpoints also every S seconds of wall time, so that a run killed outright
+  loses at most --checkpoint-interval-s).
+- Signals: the first SIGINT (Ctrl-C) or SIGTERM (what clusters and cloud machines send before
+  they stop a job) asks the scheme to stop after its current unit of work and to checkpoint
+  (`TrainingInterrupted`, which carries the signal); a second one aborts at once, without a
+  checkpoint.
 - The failure book (`FailureBook`): one death of an actor is one failure; restarts up to
   --max-restarts; what each failure lost.
 - Records (metrics.jsonl), evaluation of every split, progress lines on stderr, the summary.
@@ -34,15 +38,22 @@ from typing import Protocol
 
 import torch
 
-from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
+from distbelief.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from distbelief.engine.config import TrainConfig
 from distbelief.engine.evaluate import evaluate
 from distbelief.engine.rundir import RunDir
 from distbelief.errors import CheckpointError, ConfigError, DistbeliefError
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 class TrainingInterrupted(DistbeliefError):
-    """Training stopped on request (Ctrl-C) after writing a checkpoint."""
+    """Training stopped on request (Ctrl-C, SIGTERM, `request_stop`) after writing a
+    checkpoint; `signum` is the signal that asked for it (None: a call)."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
 
 
 class Diverged(DistbeliefError):
@@ -101,7 +112,8 @@ class Cadences:
     def __init__(self, config: TrainConfig, position: int):
         self.log = Cadence(config.log_every, position)
         self.eval = Cadence(config.eval_every, position, config.eval_interval_s)
-        self.checkpoint = Cadence(config.checkpoint_every, position)
+        self.checkpoint = Cadence(config.checkpoint_every, position,
+                                  config.checkpoint_interval_s)
 
 
 class Stopwatch:
@@ -145,7 +157,10 @@ class RunLifecycle:
         self.last_train: dict = {}
         self.last_eval: dict | None = None
         self.stop_requested = False
+        self.stop_signal: int | None = None
         self.resuming = False
+        self.saved: dict | None = None
+        self.begun = False
 
     # --- opening --------------------------------------------------------------------------
 
@@ -154,11 +169,19 @@ class RunLifecycle:
         state to continue from, or None (a new run, or one stopped before its first
         checkpoint, which starts over).
 
+        The saved state's clock, counters and last training record become the lifecycle's.
+
         Raises:
             ConfigError: a new run in a folder that holds one; --resume without a run.
             CheckpointError: the run is of another mode, was trained with other values of the
                 fields in `same`, or its checkpoint is unreadable."""
         self.resuming = resume
+        self.saved = self._open(config, resume, same)
+        if self.saved is not None:
+            self.load_state_dict(self.saved)
+        return self.saved
+
+    def _open(self, config: TrainConfig, resume: bool, same: tuple[str, ...]) -> dict | None:
         if not resume:
             if self.run is not None:
                 self.run.refuse_if_occupied()
@@ -183,31 +206,32 @@ class RunLifecycle:
                     f"{saved.get(name)}, not {config.get(name)}")
         return state
 
-    def begin(self, config: TrainConfig, device, position: int,
-              saved: dict | None = None) -> None:
-        """Start writing: a new run directory, or the resumed one (records after `position`
-        dropped, a `resume` record, the config it continues with). `saved` (from `open`)
-        restores the clock, the counters and the last training record."""
-        if saved is not None:
-            self.load_state_dict(saved)
-        if self.run is None:
+    def begin(self, scheme: Scheme) -> None:
+        """Start writing, once: a new run directory, or the resumed one (records after the
+        scheme's position dropped, a `resume` record, the config it continues with). `fit` calls
+        it once the scheme has started; a scheme that trains without `fit` calls it first."""
+        if self.begun or self.run is None:
+            self.begun = True
             return
+        self.begun = True
         if not self.resuming:
-            self.run.create(config, str(device))
+            self.run.create(scheme.config, str(scheme.device))
             return
-        self.run.truncate_metrics(position)
-        self.run.log({"kind": "resume", "iteration": position})
-        self.run.update_config(config)
+        self.run.truncate_metrics(scheme.position)
+        self.run.log({"kind": "resume", "iteration": scheme.position})
+        self.run.update_config(scheme.config)
 
     # --- running --------------------------------------------------------------------------
 
     def fit(self, scheme: Scheme) -> dict:
-        """Start the scheme, train, evaluate the final parameters unless the last evaluation
-        was of them, write and return the summary; `scheme.close()` runs whatever happens, a
-        failed start included (so it must cope with a scheme that started only in part)."""
+        """Start the scheme, begin the run directory, train, evaluate the final parameters
+        unless the last evaluation was of them, write and return the summary; `scheme.close()`
+        runs whatever happens, a failed start included (so it must cope with a scheme that
+        started only in part)."""
         with self.signals():
             try:
                 scheme.start()
+                self.begin(scheme)
                 scheme.train()
                 results = self.last_eval
                 if results is None or results["test"]["iteration"] != scheme.position:
@@ -223,33 +247,41 @@ class RunLifecycle:
 
     @contextlib.contextmanager
     def signals(self):
-        """Within: the first Ctrl-C requests a stop, a second raises KeyboardInterrupt. Only
-        the main thread can install handlers; elsewhere this does nothing."""
+        """Within: the first SIGINT or SIGTERM requests a stop; a second one raises at once
+        (KeyboardInterrupt, or SystemExit(143) for SIGTERM), skipping the checkpoint but not
+        the scheme's `close`. Only the main thread can install handlers; elsewhere this does
+        nothing."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def stop(signum, frame):
+            name = signal.Signals(signum).name
+            if self.stop_signal is not None:
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                raise SystemExit(128 + signum)
+            self.stop_signal = signum
             self.request_stop()
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            print("\ndistbelief: stopping after this step (Ctrl-C again to abort)",
-                  file=sys.stderr)
+            print(f"\ndistbelief: {name}: stopping after this step and checkpointing "
+                  f"({name} again to stop at once)", file=sys.stderr, flush=True)
 
-        previous = signal.signal(signal.SIGINT, stop)
+        previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     def interrupted(self, position: int) -> TrainingInterrupted:
         return TrainingInterrupted(f"stopped at iteration {position}; checkpoint saved, "
-                                   f"continue with --resume")
+                                   f"continue with --resume", self.stop_signal)
 
     @property
     def wall_s(self) -> float:
         return self.clock.seconds
 
-    def cadences(self, config: TrainConfig, position: int) -> Cadences:
+    def cadences(self, config: TrainConfig, position: int) -> "Cadences":
         return Cadences(config, position)
 
     # --- records --------------------------------------------------------------------------
@@ -322,9 +354,25 @@ class RunLifecycle:
         """Write checkpoints/STATE.pt atomically: the scheme's `state` beside the config, the
         mode and the lifecycle's clock, counters and last training record."""
         if self.run is not None:
-            save_checkpoint(self.run.state_file(self.state),
-                            {**state, **self.state_dict(), "config": config.to_dict(),
-                             "mode": self.mode})
+            save_checkpoint(self.run.checkpoints / f"{self.state}.pt",
+                            self._with_own(config, state))
+
+    def save_generation(self, config: TrainConfig, state: dict, files: dict[str, dict],
+                        position: int) -> None:
+        """One consistent checkpoint of a distributed run: the scheme's `state` (as in
+        `save_state`) and its actors' `files` (name -> state; "last" is the model, which is
+        also copied to checkpoints/last.pt for `distbelief eval`) in a new generation, published
+        by its manifest (`RunDir.write_generation`)."""
+        if self.run is None:
+            return
+        folder = self.run.write_generation(
+            {**files, self.state: self._with_own(config, state)}, position)
+        if "last" in files:
+            atomic_write(self.run.checkpoint,
+                         lambda f: f.write((folder / "last.pt").read_bytes()))
+
+    def _with_own(self, config: TrainConfig, state: dict) -> dict:
+        return {**state, **self.state_dict(), "config": config.to_dict(), "mode": self.mode}
 
 
 class FailureBook:

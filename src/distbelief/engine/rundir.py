@@ -3,7 +3,9 @@
     RUN_DIR/config.yaml          resolved config, git revision, versions, device
     RUN_DIR/metrics.jsonl        one JSON object per logged step ("train") and evaluation ("eval")
     RUN_DIR/checkpoints/last.pt  the latest checkpoint (atomically replaced)
-    RUN_DIR/checkpoints/*.pt     the distributed schemes' state and their actors' snapshots
+    RUN_DIR/checkpoints/gen-N/   a distributed run's latest consistent checkpoint: the
+                                 driver's state, every shard's snapshot, the model
+    RUN_DIR/checkpoints/manifest.json   names gen-N; written last, so it only names whole ones
     RUN_DIR/summary.json         written once training ends
 """
 
@@ -12,13 +14,14 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import yaml
 
 from distbelief import __version__
-from distbelief.engine.checkpoint import atomic_write_text
+from distbelief.engine.checkpoint import atomic_write_text, save_checkpoint
 from distbelief.engine.config import TrainConfig
 from distbelief.errors import ConfigError
 
@@ -51,11 +54,51 @@ class RunDir:
         self.summary_file = self.path / "summary.json"
         self.checkpoints = self.path / "checkpoints"
         self.checkpoint = self.checkpoints / "last.pt"
+        self.manifest = self.checkpoints / "manifest.json"
 
     def state_file(self, name: str) -> Path:
-        """checkpoints/NAME.pt: a training scheme's state or one of its actors' snapshots; the
-        schemes name their own (see each scheme's module)."""
-        return self.checkpoints / f"{name}.pt"
+        """NAME.pt of the newest published checkpoint generation (`write_generation`), or
+        checkpoints/NAME.pt where there is none (the single-process checkpoint, and runs
+        written before generations)."""
+        folder = self.generation()
+        return (folder or self.checkpoints) / f"{name}.pt"
+
+    def generation(self) -> Path | None:
+        """The folder of the newest complete checkpoint generation: the one manifest.json
+        names. None before the first one."""
+        try:
+            manifest = json.loads(self.manifest.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        folder = self.checkpoints / manifest.get("folder", "")
+        return folder if manifest.get("folder") and folder.is_dir() else None
+
+    def write_generation(self, files: dict[str, dict], iteration: int) -> Path:
+        """One consistent checkpoint of several files (a distributed run's driver state, its
+        shards' snapshots, its model): each is written atomically into a new folder
+        checkpoints/gen-N/, then manifest.json, written last and atomically, publishes it, and
+        older generations are removed. A crash at any moment leaves the previous generation
+        published and whole; files of two generations are never mixed."""
+        number = int(self._manifest().get("generation", 0)) + 1
+        folder = self.checkpoints / f"gen-{number:06d}"
+        shutil.rmtree(folder, ignore_errors=True)  # a torn attempt of a crashed run
+        folder.mkdir(parents=True)
+        for name, state in files.items():
+            save_checkpoint(folder / f"{name}.pt", state)
+        _fsync_directory(folder)
+        atomic_write_text(self.manifest, json.dumps(
+            {"generation": number, "folder": folder.name, "iteration": iteration,
+             "files": sorted(f"{name}.pt" for name in files)}, indent=2) + "\n")
+        for old in self.checkpoints.glob("gen-*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def _manifest(self) -> dict:
+        try:
+            return json.loads(self.manifest.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
 
     def holds_run(self) -> bool:
         return self.config_file.exists() or self.checkpoint.exists()
@@ -120,3 +163,17 @@ def read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make the directory entries of `folder` durable before the manifest names it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -123,7 +123,6 @@ class Trainer:
         self.train_s = 0.0  # of the wall time, in training steps (no evaluation or checkpoints)
         if saved:
             self._restore(saved)
-        self.life.begin(config, self.device, self.iteration, saved)
 
     def _restore(self, saved: dict) -> None:
         try:
@@ -200,6 +199,7 @@ class Trainer:
         every `eval_every` (and `eval_interval_s`) and checkpointing every `checkpoint_every`
         iterations and at `until`."""
         life = self.life
+        life.begin(self)  # once: `fit` has begun the run directory already
         self.model.train()
         bar = _progress_bar(until, self.iteration, life.progress)
         batches = self.data.train.batches(self.iteration)

@@ -30,6 +30,7 @@ the iterates can be checked against it. One call of `step()` is one iteration.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Protocol
 
@@ -230,13 +231,14 @@ class LBFGS:
         return self.objective.evaluate(self.store, prepare, grad, then)
 
     def state_dict(self) -> dict:
-        """The optimizer's scalars and vector names (the vectors stay in the store)."""
-        return {k: getattr(self, k) for k in (
+        """The optimizer's scalars and vector names (the vectors stay in the store), copied:
+        later steps do not change it."""
+        return copy.deepcopy({k: getattr(self, k) for k in (
             "n_iter", "evals", "loss", "grad_max", "pairs", "h_diag", "t", "pair_ready",
-            "converged", "_names")}
+            "converged", "_names", "_trash")})
 
     def load_state_dict(self, state: dict) -> None:
-        for k, v in state.items():
+        for k, v in copy.deepcopy(state).items():
             setattr(self, k, v)
 
     # --- the algorithm -------------------------------------------------------------------

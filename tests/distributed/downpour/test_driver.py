@@ -9,7 +9,7 @@ import torch
 
 from distbelief.distributed import DownpourTrainer
 from distbelief.engine import Diverged, TrainingInterrupted, load_checkpoint
-from distbelief.engine.rundir import read_jsonl
+from distbelief.engine.rundir import RunDir, read_jsonl
 from distbelief.recipes import get_recipe
 
 
@@ -86,9 +86,9 @@ def test_stop_then_resume_completes_the_run(tmp_path):
     threading.Thread(target=stop, daemon=True).start()
     with pytest.raises(TrainingInterrupted):
         trainer.fit()
-    stopped_at = load_checkpoint(run / "checkpoints/downpour.pt")["steps"]
+    stopped_at = load_checkpoint(RunDir(run).state_file("downpour"))["steps"]
     assert 120 <= stopped_at < 300
-    assert all((run / f"checkpoints/shard-{k}.pt").is_file() for k in range(2))
+    assert all(RunDir(run).state_file(f"shard-{k}").is_file() for k in range(2))
     summary = DownpourTrainer(config, run, resume=True).fit()
     assert summary["iterations"] == 300
     records = read_jsonl(run / "metrics.jsonl")

@@ -51,9 +51,9 @@ class SlowClient(LocalClient):
         self.log.append("fetch")
         return Delayed(super().fetch(), self.delay, self.log)
 
-    def push(self, *args, pull=False):
+    def push(self, *args, pull=False, source=None):
         self.log.append("push+pull" if pull else "push")
-        return Delayed(super().push(*args, pull=pull), self.delay, self.log)
+        return Delayed(super().push(*args, pull=pull, source=source), self.delay, self.log)
 
 
 def test_overlap_keeps_computing_while_the_server_is_slow():

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from distbelief.distributed.downpour import ParameterShard
-from distbelief.engine.checkpoint import load_checkpoint
+from distbelief.distributed.server_model import as_tensors
+from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.engine.config import TrainConfig
 from distbelief.errors import CheckpointError
 from distbelief.optim import sgd_update
@@ -15,10 +16,10 @@ def config(**kw):
                                     "milestones": (3,), "iterations": 100, **kw})
 
 
-def shard(n_params=6, lo=0, hi=8, snapshot_path=None, clock=None, **kw):
+def shard(n_params=6, lo=0, hi=8, clock=None, **kw):
     values = torch.arange(lo, hi, dtype=torch.float32)
     extra = {"clock": clock} if clock else {}
-    return ParameterShard(0, lo, hi, n_params, values, config(**kw), snapshot_path, **extra)
+    return ParameterShard(0, lo, hi, n_params, values, config(**kw), **extra)
 
 
 def test_parameters_follow_the_rule_and_buffers_add_the_delta():
@@ -61,8 +62,9 @@ def test_non_finite_push_is_rejected_and_counted(bad):
     before = s.w.clone()
     update = torch.ones(8)
     update[7] = bad
-    reply = s.push(update, 0)
-    assert reply == {"accepted": False, "version": 0, "steps": 0}
+    reply = s.push(update, 0, steps=2)
+    # Refused, but its minibatches count: every shard's lr schedule stays at the same step.
+    assert reply == {"accepted": False, "version": 0, "steps": 2}
     assert torch.equal(s.w, before) and s.rejected == 1 and s.opt_state is None
     assert s.push(torch.ones(8), 0)["accepted"]
 
@@ -73,38 +75,59 @@ def test_wrong_size_push_raises():
 
 
 def test_snapshot_round_trip_continues_identically(tmp_path):
-    path = tmp_path / "shard-0.pt"
-    a = shard(snapshot_path=path, optimizer="adagrad")
+    a = shard(optimizer="adagrad")
     for i in range(3):
-        a.push(torch.full((8,), float(i + 1)), i, errors=(0.5,))
-    assert a.snapshot() == 3
-    b = shard(snapshot_path=path, optimizer="adagrad")
-    assert b.restore() == 3
-    for s in (a, b):
-        s.push(torch.full((8,), 0.5), 1)
-    assert torch.equal(a.w, b.w) and torch.equal(a.opt_state, b.opt_state)
-    assert a.stats()["staleness"] == b.stats()["staleness"]
-    assert load_checkpoint(path)["shard"]["version"] == 3  # the file is a checkpoint
+        a.push(torch.full((8,), float(i + 1)), i, errors=(0.5,), source=(0, "r", i + 1))
+    snapshot = a.snapshot()
+    assert snapshot["order"] == snapshot["version"] == 3
+    # As a checkpoint file holds it (tensors), and as the keeper holds it (numpy arrays).
+    save_checkpoint(tmp_path / "s.pt", {"shard": as_tensors(snapshot)})
+    for state in (load_checkpoint(tmp_path / "s.pt")["shard"], snapshot):
+        b = shard(optimizer="adagrad")
+        assert b.restore(state) == 3
+        for s in (a, b):
+            s.push(torch.full((8,), 0.5), 1)
+        assert torch.equal(a.w, b.w) and torch.equal(a.opt_state, b.opt_state)
+        assert a.stats()["staleness"] == b.stats()["staleness"]
+        a.restore(snapshot)
 
 
-def test_snapshot_of_another_slice_or_rule_is_refused(tmp_path):
-    path = tmp_path / "s.pt"
-    shard(snapshot_path=path).snapshot()
-    other = ParameterShard(0, 0, 8, 6, torch.zeros(8), config(optimizer="adagrad"),
-                           snapshot_path=path)
+def test_snapshot_of_another_slice_or_rule_is_refused():
+    snapshot = shard().snapshot()
+    other = ParameterShard(0, 0, 8, 6, torch.zeros(8), config(optimizer="adagrad"))
     with pytest.raises(CheckpointError, match="another model, shard count or optimizer"):
-        other.restore()
+        other.restore(snapshot)
 
 
-def test_snapshots_follow_the_clock(tmp_path):
+def test_snapshots_are_due_on_the_clock():
     now = [0.0]
-    path = tmp_path / "s.pt"
-    s = shard(snapshot_path=path, snapshot_every_s=5.0, clock=lambda: now[0])
+    s = shard(snapshot_every_s=5.0, clock=lambda: now[0])
     s.push(torch.ones(8), 0)
-    assert not path.exists()
+    assert not s.snapshot_due()
     now[0] = 5.0
-    s.push(torch.ones(8), 1)
-    assert load_checkpoint(path)["shard"]["version"] == 2 and s.snapshot_version == 2
+    assert s.snapshot_due()
+    assert s.snapshot()["version"] == 1 and s.snapshot_version == 1 and not s.snapshot_due()
+
+
+def test_a_retried_push_is_applied_exactly_once_across_a_restore():
+    """Ray retries a push that was in flight when the shard died, on the restarted shard: the
+    pushes its snapshot holds are skipped, the later ones applied, each once."""
+    pushes = [(torch.full((8,), float(i)), (1, "replica-1", i)) for i in range(1, 5)]
+    straight = shard()
+    for update, source in pushes:
+        straight.push(update, 0, source=source)
+    died = shard()
+    for update, source in pushes[:3]:
+        died.push(update, 0, source=source)
+    snapshot = died.snapshot()  # push 3 is applied after it: a restart loses it
+    restarted = shard()
+    restarted.restore(snapshot)
+    for update, source in pushes[1:]:  # Ray retries 2, 3 (applied, in the snapshot) and 4
+        restarted.push(update, 0, source=source)
+    assert torch.equal(restarted.w, straight.w) and restarted.version == straight.version
+    assert restarted.duplicates == 2
+    # A new incarnation of the replica starts its sequence again: not a duplicate.
+    assert not restarted.push(torch.ones(8), 0, source=(1, "replica-1-again", 1)).get("duplicate")
 
 
 def test_a_finite_push_whose_sum_overflows_is_accepted():

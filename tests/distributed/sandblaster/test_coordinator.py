@@ -10,7 +10,7 @@ import torch
 
 from distbelief.distributed import SandblasterTrainer
 from distbelief.engine import load_checkpoint
-from distbelief.engine.rundir import read_jsonl
+from distbelief.engine.rundir import RunDir, read_jsonl
 from support.sandblaster import (ITERATIONS, assert_same_iterates, config, distributed_run,
                                  local_losses)
 
@@ -121,7 +121,7 @@ def test_a_lost_shard_stops_the_run_in_one_line_and_keeps_the_checkpoint(tmp_pat
 def test_resume_retraces_the_uninterrupted_run(tmp_path, reference):
     c = config(replicas=2, ps_shards=2)
     SandblasterTrainer(c.replace(iterations=5), tmp_path / "run").fit()
-    assert (tmp_path / "run/checkpoints/vectors-1.pt").is_file()
+    assert RunDir(tmp_path / "run").state_file("vectors-1").is_file()
     summary = SandblasterTrainer(c, tmp_path / "run", resume=True).fit()
     assert summary["iterations"] == ITERATIONS
     records = [r for r in read_jsonl(tmp_path / "run/metrics.jsonl") if r["kind"] == "train"]
@@ -130,7 +130,7 @@ def test_resume_retraces_the_uninterrupted_run(tmp_path, reference):
     assert_same_iterates(records, x, reference)
 
     # Without a shard's snapshot it goes on from last.pt's parameters with a fresh history.
-    (tmp_path / "run/checkpoints/vectors-1.pt").unlink()
+    RunDir(tmp_path / "run").state_file("vectors-1").unlink()
     summary = SandblasterTrainer(c.replace(iterations=ITERATIONS + 2), tmp_path / "run",
                                  resume=True).fit()
     assert summary["iterations"] == ITERATIONS + 2

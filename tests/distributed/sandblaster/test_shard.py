@@ -3,7 +3,10 @@
 import pytest
 import torch
 
+from distbelief.distributed.keeper import SnapshotKeeper
 from distbelief.distributed.sandblaster import VectorShard
+from distbelief.distributed.server_model import as_tensors
+from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.errors import CheckpointError
 
 
@@ -27,10 +30,26 @@ def test_shard_snapshot_round_trip_and_foreign_snapshots(tmp_path):
     shard = VectorShard(1, 10, 20)
     shard.execute([("set", "x", torch.arange(10.0)), ("scale", "d", 2.0, "x"),
                    ("round", 3, "x")])
-    shard.snapshot(tmp_path / "v.pt", iteration=7)
+    save_checkpoint(tmp_path / "v.pt", as_tensors(shard.snapshot(7)))
     fresh = VectorShard(1, 10, 20)
-    assert fresh.restore(tmp_path / "v.pt") == 7
+    assert fresh.restore(load_checkpoint(tmp_path / "v.pt")) == 7
     assert set(fresh.slots) == {"x", "d"}  # the round's accumulator is not part of the state
     assert torch.equal(fresh.slots["d"], 2 * torch.arange(10.0))
     with pytest.raises(CheckpointError, match="shard 1, not"):
-        VectorShard(0, 0, 10).restore(tmp_path / "v.pt")
+        VectorShard(0, 0, 10).restore(shard.snapshot(7))
+
+
+def test_deltas_hold_what_was_written_and_the_keeper_merges_them():
+    shard, keeper = VectorShard(0, 0, 4), SnapshotKeeper()
+    shard.execute([("set", "x", torch.ones(4)), ("scale", "d", 2.0, "x"),
+                   ("copy", "g", "x")])
+    keeper.put("v", shard.snapshot(0, delta=True))  # everything is new: all of it
+    shard.execute([("axpy", "x", 1.0, "d"), ("free", "g"), ("round", 1, "x")])
+    shard.snapshot(1)  # a whole snapshot (a checkpoint's) does not count as sent
+    delta = shard.snapshot(1, delta=True)
+    assert set(delta["slots"]) == {"x"} and delta["names"] == ["x", "d"]
+    assert keeper.put("v", delta) and not keeper.put("v", shard.snapshot(0))  # older: ignored
+    rebuilt = VectorShard(0, 0, 4)
+    assert rebuilt.restore(keeper.get("v")) == 1
+    assert torch.equal(rebuilt.slots["x"], torch.full((4,), 3.0))
+    assert torch.equal(rebuilt.slots["d"], torch.full((4,), 2.0)) and "g" not in rebuilt.slots

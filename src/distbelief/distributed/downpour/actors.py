@@ -2,8 +2,9 @@
 the logic lives and is tested without Ray, and the replicas' client over the shard actors.
 
 Failures are Ray's business: shards are created with --max-restarts and unlimited task retries,
-so a killed shard is restarted by Ray, reloads its latest snapshot in its constructor, and the
-replicas' pending pulls and pushes are retried against it. Replicas are created with
+so a killed shard is restarted by Ray (on another node if its node is lost), restores the
+keeper's latest snapshot in its constructor, and the replicas' pending pulls and pushes are
+retried against it. Replicas are created with
 --max-restarts and no task retries: the driver sees the failed chunk, counts it and hands the
 restarted replica its next chunk.
 """
@@ -19,7 +20,8 @@ import torch
 
 from distbelief.distributed.downpour.replica import DownpourReplica
 from distbelief.distributed.downpour.shard import ParameterShard
-from distbelief.distributed.runtime import RayPending, join_slices, node_id, tensor_view
+from distbelief.distributed.runtime import (RayPending, SnapshotSender, join_slices, node_id,
+                                            tensor_view)
 
 
 def _join_pulls(pulled: list) -> tuple[torch.Tensor, list[int]]:
@@ -39,10 +41,11 @@ class RayClient:
         return RayPending([s.pull.remote() for s in self.shards], _join_pulls)
 
     def push(self, vector: torch.Tensor, base_versions: list[int], steps: int,
-             errors: tuple[float, ...], pull: bool = False) -> RayPending:
+             errors: tuple[float, ...], pull: bool = False,
+             source: tuple | None = None) -> RayPending:
         array = vector.numpy()
         method = "push_pull" if pull else "push"
-        refs = [getattr(s, method).remote(array[lo:hi], v, steps, errors)
+        refs = [getattr(s, method).remote(array[lo:hi], v, steps, errors, source)
                 for s, (lo, hi), v in zip(self.shards, self.bounds, base_versions)]
         if not pull:
             return RayPending(refs, list)
@@ -58,52 +61,68 @@ def server_vector(shards: list) -> torch.Tensor:
 
 @ray.remote(num_cpus=0)
 class ShardActor:
-    """A `ParameterShard` in its own process. The driver calls `start(values)` (a new run: the
-    shard writes its first snapshot at once) or `start(None)` (resume: it loads its snapshot).
-    After a failure Ray re-runs the constructor, which reloads the latest snapshot, so a
-    restarted shard never needs the driver."""
+    """A `ParameterShard` in its own process. The driver calls `start(values)` (a new run) or
+    `start(state=snapshot)` (resume: the shard's snapshot of the checkpoint). Every
+    --snapshot-every-s the shard copies its state between two pushes and a background thread
+    sends it to the keeper on the driver's node: a push never waits for the transfer, nor for a
+    disk (the driver writes checkpoints). After a failure Ray re-runs the constructor, on any
+    node (the placement group moves the shard when its node is lost), which restores the
+    keeper's snapshot, so a restarted shard never needs the driver; pushes that were in flight
+    are retried by Ray and applied once (`ParameterShard`'s push sources)."""
 
-    def __init__(self, index: int, lo: int, hi: int, n_params: int, config, snapshot_path: str):
-        self.args = (index, lo, hi, n_params)
-        self.config, self.snapshot_path = config, snapshot_path
+    def __init__(self, index: int, lo: int, hi: int, n_params: int, config, keeper_name: str):
+        self.args, self.config = (index, lo, hi, n_params), config
+        self.sender = SnapshotSender(keeper_name, f"shard-{index}")
         self.incarnation = uuid.uuid4().hex  # new on every (re)start: the driver counts restarts
         with warnings.catch_warnings():  # Ray's own property trips its deprecation warning
             warnings.simplefilter("ignore")
             self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
         self.shard, self.restored_version = None, None
         if self.reconstructed:
-            self.start(None)
+            self._build(None)
+            self.restored_version = self.shard.restore(self.sender.restore())
 
-    def start(self, values: np.ndarray | None) -> int:
-        """Begin at `values`, or at the snapshot when None; returns the version."""
+    def _build(self, values) -> None:
         index, lo, hi, n_params = self.args
         initial = torch.zeros(hi - lo) if values is None else tensor_view(values)
-        self.shard = ParameterShard(index, lo, hi, n_params, initial, self.config,
-                                    self.snapshot_path)
-        if values is None:
-            self.restored_version = self.shard.restore()
-        else:
-            self.shard.snapshot()
+        self.shard = ParameterShard(index, lo, hi, n_params, initial, self.config)
+
+    def start(self, values: np.ndarray | None = None, state: dict | None = None) -> int:
+        """Begin at `values`, or at a checkpointed snapshot `state`; returns the version. The
+        keeper has a snapshot before this returns, so a restart always finds one."""
+        self._build(values)
+        if state is not None:
+            self.shard.restore(state)
+        self.sender.send_now(self.shard.snapshot())
         return self.shard.version
 
     def pull(self) -> tuple[np.ndarray, int]:
         w, version = self.shard.pull(copy=False)
         return w.numpy(), version
 
-    def push(self, update: np.ndarray, base_version: int, steps: int, errors) -> dict:
-        return self.shard.push(tensor_view(update), base_version, steps, tuple(errors))
+    def push(self, update: np.ndarray, base_version: int, steps: int, errors,
+             source=None) -> dict:
+        reply = self.shard.push(tensor_view(update), base_version, steps, tuple(errors),
+                                None if source is None else tuple(source))
+        if self.shard.snapshot_due():
+            self.sender.send(self.shard.snapshot())
+        return reply
 
-    def push_pull(self, update: np.ndarray, base_version: int, steps: int, errors):
+    def push_pull(self, update: np.ndarray, base_version: int, steps: int, errors,
+                  source=None):
         """`push`, then `pull`: (reply, (values, version))."""
-        return self.push(update, base_version, steps, errors), self.pull()
+        return self.push(update, base_version, steps, errors, source), self.pull()
 
-    def snapshot(self) -> int:
-        return self.shard.snapshot()
+    def snapshot(self) -> dict:
+        """The shard's state now (for the driver's checkpoint); the keeper gets it too."""
+        snapshot = self.shard.snapshot()
+        self.sender.send(snapshot)
+        return snapshot
 
     def status(self) -> dict:
         return {**self.shard.stats(), "incarnation": self.incarnation,
                 "reconstructed": self.reconstructed, "restored_version": self.restored_version,
-                "node": node_id()}
+                "snapshots_sent": self.sender.sent, "node": node_id()}
 
 
 @ray.remote

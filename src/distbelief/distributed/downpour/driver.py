@@ -10,24 +10,27 @@ keep training (each replica has up to two chunks queued, so it never idles while
 busy). The run directory, cadence, signals, failure book and summary are the shared
 `RunLifecycle`'s; calls to the replicas go through `runtime.ReplicaCalls`.
 
-Run directory (on top of the single-process layout, see `engine/rundir.py`):
+Run directory (on top of the single-process layout, see `engine/rundir.py`): a checkpoint is
+one generation, published by checkpoints/manifest.json once all its files are written:
 
-    checkpoints/last.pt             the server's model, loadable by `distbelief eval`
-    checkpoints/downpour.pt         the driver's state: replica positions, counters, clock
-    checkpoints/shard-K.pt          shard K's snapshot (its slice, optimizer state, version)
+    checkpoints/gen-N/downpour.pt   the driver's state: replica positions, counters, clock
+    checkpoints/gen-N/shard-K.pt    shard K's snapshot (its slice, optimizer state, version)
+    checkpoints/gen-N/last.pt       the model the snapshots hold together
+    checkpoints/last.pt             a copy of it, loadable by `distbelief eval`
 
-Shards write their own snapshots (every --snapshot-every-s), so on a multi-node cluster the run
-directory must be on storage that every node sees, as with any Ray checkpoint directory.
+Only the driver writes, so the run directory need not be on storage the other nodes see.
+Between checkpoints each shard sends a snapshot every --snapshot-every-s to the keeper on the
+driver's node (`distributed.keeper`), from which Ray restarts it after a failure, on another
+node if its node is lost: at most that window of updates is lost (reported).
 """
 
 from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections import Counter
-from pathlib import Path
 
+import numpy as np
 import torch
 
 from distbelief.data import build_data
@@ -36,10 +39,11 @@ from distbelief.distributed.downpour.records import (TIME_PARTS, ChunkWindow, Sh
                                                      summary_entries)
 from distbelief.distributed.downpour.replica import initial_vector
 from distbelief.distributed.downpour.work import WorkQueue
-from distbelief.distributed.runtime import (ReplicaCalls, get, granted_device, pinned_round_robin,
-                                            replica_options, wait_started)
-from distbelief.distributed.server_model import ServerModel
+from distbelief.distributed.runtime import (ReplicaCalls, get, granted_device, replica_options,
+                                            wait_started)
+from distbelief.distributed.server_model import ServerModel, as_tensors
 from distbelief.distributed.session import DriverSession
+from distbelief.engine.checkpoint import load_checkpoint
 from distbelief.engine.config import TrainConfig, resolve
 from distbelief.engine.lifecycle import Diverged, FailureBook, RunLifecycle
 from distbelief.errors import CheckpointError
@@ -66,8 +70,12 @@ def check_snapshots(run, shards: int) -> None:
 
 def shard_lost(config) -> str:
     return (f"a parameter-server shard is gone (it failed more than --max-restarts "
-            f"{config.cluster.max_restarts} times or its node was lost); --resume continues "
-            f"from the snapshots")
+            f"{config.cluster.max_restarts} times); --resume continues from the last checkpoint")
+
+
+def load_snapshot(run, k: int) -> dict:
+    """Shard k's snapshot in the checkpoint `run` resumes from."""
+    return load_checkpoint(run.state_file(snapshot_name(k)))["shard"]
 
 
 class DownpourTrainer:
@@ -111,7 +119,6 @@ class DownpourTrainer:
             self.replica_seconds = list(saved["replica_seconds"])
             self.time_split.update(saved["time_split"])
         self.resumed_shards = saved is not None
-        self.life.begin(config, self.device, self.steps, saved)
 
     # --- the Scheme protocol (engine.lifecycle) -------------------------------------------
 
@@ -132,29 +139,32 @@ class DownpourTrainer:
         self.life.request_stop()
 
     def start(self) -> None:
-        """Ray, then the shards (loading their snapshots on resume) and the replicas."""
+        """Ray, then the shards (loading their snapshots on resume) and the replicas, once all
+        of them are placed and answer."""
         self.session.start()
         self.server.move_to(granted_device())
         self.data, self.device = self.server.data, self.server.device
-        self._start_shards(self.session.folder(self.life.run))
+        self._start_shards()
         self._start_replicas()
+        get(self.shards_started)
+        self.placed = wait_started(self.session.replicas, self.shape)
 
-    def _start_shards(self, folder: Path) -> None:
-        c = self.config
-        run_id = uuid.uuid4().hex[:12]
-        self.shard_names = [f"distbelief-{run_id}-shard-{k}" for k in range(c.cluster.ps_shards)]
-        # Pinned round-robin over the nodes: a shard restarts on its node; if the node itself is
-        # lost the run stops and --resume continues from the snapshots.
-        self.session.shards = [
+    def _start_shards(self) -> None:
+        c, session = self.config, self.session
+        self.shard_names = [session.name(f"shard-{k}") for k in range(c.cluster.ps_shards)]
+        session.shards = [
             ShardActor.options(name=name, max_restarts=c.cluster.max_restarts,
                                max_task_retries=-1, scheduling_strategy=strategy).remote(
-                k, lo, hi, self.n_params, c, str(folder / f"{snapshot_name(k)}.pt"))
+                k, lo, hi, self.n_params, c, session.keeper_name)
             for k, ((lo, hi), name, strategy) in enumerate(
-                zip(self.bounds, self.shard_names, pinned_round_robin(c.cluster.ps_shards)))]
+                zip(self.bounds, self.shard_names, session.place_shards(c.cluster.ps_shards)))]
         # Replicas start (a few seconds each) while the shards load; work waits for both.
-        self.shards_started = [
-            s.start.remote(None if self.resumed_shards else self.initial[lo:hi].numpy())
-            for s, (lo, hi) in zip(self.session.shards, self.bounds)]
+        if self.resumed_shards:
+            self.shards_started = [s.start.remote(state=load_snapshot(self.life.run, k))
+                                   for k, s in enumerate(session.shards)]
+        else:
+            self.shards_started = [s.start.remote(self.initial[lo:hi].numpy())
+                                   for s, (lo, hi) in zip(session.shards, self.bounds)]
 
     def _start_replicas(self) -> None:
         c = self.config
@@ -176,10 +186,9 @@ class DownpourTrainer:
 
     def train(self) -> None:
         c, life = self.config, self.life
-        get(self.shards_started)
         self.monitor = ShardMonitor(FailureBook(life, c.cluster.replicas,
                                                 c.cluster.max_restarts))
-        self._log_cluster(wait_started(self.session.replicas, self.shape))
+        self._log_cluster(self.placed)
         work = WorkQueue(self.positions, c.iterations, c.downpour.warmstart_steps, CHUNK_STEPS,
                          QUEUED_CHUNKS)
         calls = ReplicaCalls(
@@ -270,18 +279,22 @@ class DownpourTrainer:
             **window.record(statuses, self.monitor.rates(statuses, time.perf_counter()))})
 
     def save(self) -> None:
-        """Snapshot every shard, then write last.pt (the server's model) and the driver state.
-        A server holding NaN or Inf never replaces a good checkpoint."""
-        run = self.life.run
-        if run is None:
+        """One checkpoint generation: every shard's snapshot, the model they hold together
+        (last.pt) and the driver state. A server holding NaN or Inf never replaces a good
+        checkpoint."""
+        if self.life.run is None:
             return
-        get([s.snapshot.remote() for s in self.session.shards])
-        vector = ServerModel.check_finite(server_vector(self.session.shards), self.steps)
-        self.server.save(run.checkpoint, vector, self.steps, self.life.wall_s, "downpour")
-        self.life.save_state(self.config, {
+        snapshots = get([s.snapshot.remote() for s in self.session.shards], shard_lost(self.config))
+        vector = torch.from_numpy(np.concatenate([snap["w"] for snap in snapshots]))
+        ServerModel.check_finite(vector, self.steps)
+        files = {snapshot_name(k): {"shard": as_tensors(snap)}
+                 for k, snap in enumerate(snapshots)}
+        files["last"] = self.server.checkpoint(vector, self.steps, self.life.wall_s, "downpour")
+        self.life.save_generation(self.config, {
             "positions": self.positions, "steps": self.steps,
             "replica_images": self.replica_images, "replica_seconds": self.replica_seconds,
-            "time_split": dict(self.time_split), "data_stats": self.data.stats})
+            "time_split": dict(self.time_split), "data_stats": self.data.stats}, files,
+            self.steps)
 
     def summary(self) -> dict:
         c = self.config

@@ -12,12 +12,16 @@ requests (Ray calls, in `downpour.actors`) and keeps computing:
   replica waits for the oldest. That is the only time it waits for the server.
 
 With `overlap` off every fetch and push completes before the replica goes on; one such replica
-with n_fetch = n_push = 1 is plain sequential SGD (tests/parity/test_downpour_parity.py).
+with n_fetch = n_push = 1 is plain sequential SGD (tests/parity/test_downpour.py).
+
+A push is checked whole before it is sent: one holding NaN or Inf goes to no shard (all or
+none) and is counted as rejected. Each push carries its source (replica, incarnation, sequence
+number), so that a shard applies it once even when Ray retries it after a restart.
 
 The replica talks to the server through a client with two methods, `fetch()` and
-`push(vector, base_versions, steps, errors, pull=False)`, each returning a pending result
-(`distributed.pending`); the client slices full vectors into shard slices. When a push is
-followed by a fetch at the next step, the two travel as one call per shard (`pull=True`: the
+`push(vector, base_versions, steps, errors, pull=False, source=None)`, each returning a pending
+result (`distributed.pending`); the client slices full vectors into shard slices. When a push
+is followed by a fetch at the next step, the two travel as one call per shard (`pull=True`: the
 shard applies the push and returns its values), which saves a round trip without changing what
 the replica sees. `LocalClient` calls in-process shards directly (tests);
 `downpour.actors.RayClient` calls shard actors.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections import deque
 
 import torch
@@ -34,7 +39,7 @@ import torch.nn.functional as F
 
 from distbelief.data import build_data
 from distbelief.distributed.downpour.shard import ParameterShard
-from distbelief.distributed.flat import FlatModel, model_vector
+from distbelief.distributed.flat import FlatModel, all_finite, model_vector
 from distbelief.distributed.pending import Done, Part
 from distbelief.engine.setup import build_model, resolve_device, set_determinism
 
@@ -53,8 +58,8 @@ class LocalClient:
         return torch.cat([w for w, _ in pulled]), [v for _, v in pulled]
 
     def push(self, vector: torch.Tensor, base_versions: list[int], steps: int,
-             errors: tuple[float, ...], pull: bool = False) -> Done:
-        replies = [s.push(vector[s.lo:s.hi], v, steps, errors)
+             errors: tuple[float, ...], pull: bool = False, source: tuple | None = None) -> Done:
+        replies = [s.push(vector[s.lo:s.hi], v, steps, errors, source)
                    for s, v in zip(self.shards, base_versions)]
         return Done((replies, self._pull()) if pull else replies)
 
@@ -89,6 +94,8 @@ class DownpourReplica:
         self.accum_versions: list[int] | None = None  # versions of its oldest gradient
         self.accum_errors: list[float] = []
         self._stream, self._position = None, None
+        # A push's source: shards skip one they applied already (a retry after a restart).
+        self.incarnation, self.sequence = uuid.uuid4().hex, 0
 
     # --- parameters in and gradients out -----------------------------------------------------
 
@@ -108,12 +115,20 @@ class DownpourReplica:
         buffers_now = self.flat.buffer_vector()
         vector = torch.cat([self.accum.cpu(), buffers_now - self.buffer_base])
         self.buffer_base = buffers_now
+        steps, errors = len(self.accum_errors), tuple(self.accum_errors)
+        versions = self.accum_versions
+        self.accum, self.accum_versions, self.accum_errors = None, None, []
+        if not all_finite(vector):
+            # All or none: a push some shard would refuse goes to none of them, so that no
+            # slice of the model moves without the others.
+            metrics["rejected"] += 1
+            return
         # The next step fetches: let this push bring the parameters back (one call, not two).
         pull = self.pending_fetch is None and (step + 1) % self.config.downpour.n_fetch == 0
-        pending = self.client.push(vector, self.accum_versions, len(self.accum_errors),
-                                   tuple(self.accum_errors), pull=pull)
+        self.sequence += 1
+        pending = self.client.push(vector, versions, steps, errors, pull=pull,
+                                   source=(self.index, self.incarnation, self.sequence))
         metrics["pushes"] += 1
-        self.accum, self.accum_versions, self.accum_errors = None, None, []
         if pull:
             self.pending_fetch, self.fetched_for = Part(pending, 1), step + 1
             metrics["fetches"] += 1

@@ -11,19 +11,24 @@ running statistics since its last push, and the shard adds it. With one replica 
 the single-process trainer's running average; with several, every replica's batches move the
 server's average as they arrive (asynchronously, as gradients do). So the model evaluated from
 the server has statistics computed on recent parameters and on all replicas' data.
+
+Exactly once. Ray retries a push that was in flight when a shard died on the restarted shard,
+which starts from its latest snapshot: a push the snapshot already holds must not be applied
+twice, one it does not hold must be applied. Each push names its source (replica, the replica
+process's incarnation, a sequence number that grows with every push); the shard remembers the
+last one applied per replica, in its snapshots too, and skips what it has seen.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections import Counter
 
+import numpy as np
 import torch
 
 from distbelief.distributed.flat import all_finite
-from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.engine.schedule import LRSchedule
 from distbelief.errors import CheckpointError
 from distbelief.optim import adagrad_update, sgd_update
@@ -40,16 +45,18 @@ class ParameterShard:
 
     `version` counts applied pushes; a push states the version its gradient was computed
     from, so `version - base_version` is its staleness. `steps` counts the minibatch gradients
-    applied (a push accumulated over n_push steps adds n_push) and drives the lr schedule, whose
+    received (a push accumulated over n_push steps adds n_push) and drives the lr schedule, whose
     milestones are therefore in minibatches over all replicas.
 
-    A push holding NaN or Inf is rejected and counted, never applied. `snapshot()` writes the
-    whole state atomically to `snapshot_path` (a crash leaves the previous snapshot);
-    `maybe_snapshot()` does so when `config.downpour.snapshot_every_s` has passed.
+    A push holding NaN or Inf is rejected and counted, never applied; its minibatches still
+    count in `steps`, so that every shard's lr schedule stays where the others' are (replicas
+    check a whole push before sending it, so a refusal by some shards only is a corrupted
+    transfer, not a diverged replica). `snapshot()` is the state as plain arrays (a copy, taken
+    between pushes), `snapshot_due()` says when `config.downpour.snapshot_every_s` has passed.
     """
 
     def __init__(self, index: int, lo: int, hi: int, n_params: int, values: torch.Tensor,
-                 config, snapshot_path: str | os.PathLike | None = None, clock=time.monotonic):
+                 config, clock=time.monotonic):
         if values.shape != (hi - lo,):
             raise ValueError(f"shard {index} owns [{lo}, {hi}) but got {tuple(values.shape)} "
                              f"values")
@@ -61,13 +68,10 @@ class ParameterShard:
         self.schedule = LRSchedule(config)
         self.opt_state: torch.Tensor | None = (
             torch.zeros(self.split) if self.rule == "adagrad" else None)
-        self.version = 0
-        self.steps = 0
-        self.rejected = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
+        self.version = self.steps = self.rejected = self.duplicates = 0
+        self.bytes_in = self.bytes_out = 0
         self.staleness: Counter[int] = Counter()
-        self.snapshot_path = snapshot_path
+        self.applied: dict[int, tuple[str, int]] = {}  # replica -> (incarnation, last sequence)
         self.clock = clock
         self.last_snapshot = clock()
         self.snapshot_version = 0
@@ -82,19 +86,40 @@ class ParameterShard:
         return (self.w.clone() if copy else self.w), self.version
 
     def push(self, update: torch.Tensor, base_version: int, steps: int = 1,
-             errors: tuple[float, ...] = ()) -> dict:
+             errors: tuple[float, ...] = (), source: tuple | None = None) -> dict:
         """Apply `update` (gradient for parameter elements, delta for buffer elements),
         accumulated over `steps` minibatches computed from parameters at `base_version`.
-        `errors` are those minibatches' training errors (for the error-triggered warmup).
-        Returns {"accepted", "version", "steps"}."""
+        `errors` are those minibatches' training errors (for the error-triggered warmup);
+        `source` = (replica, incarnation, sequence) makes a repeated push a no-op.
+        Returns {"accepted", "version", "steps"} (and "duplicate" for a repeat)."""
         self.bytes_in += update.numel() * 4
         if update.shape != self.w.shape:
             raise ValueError(f"shard {self.index} expects {self.w.numel()} values, "
                              f"got {tuple(update.shape)}")
+        if source is not None and self._seen(source):
+            self.duplicates += 1
+            return {"accepted": True, "duplicate": True, "version": self.version,
+                    "steps": self.steps}
         if not all_finite(update):
             self.rejected += 1
+            self._count(steps, errors)
             return {"accepted": False, "version": self.version, "steps": self.steps}
         self.staleness[min(max(self.version - base_version, 0), STALENESS_CAP)] += 1
+        self._apply(update)
+        self._count(steps, errors)
+        self.version += 1
+        return {"accepted": True, "version": self.version, "steps": self.steps}
+
+    def _seen(self, source: tuple) -> bool:
+        """Whether this push was applied already; else it becomes the replica's last one."""
+        replica, incarnation, sequence = source
+        held = self.applied.get(replica)
+        if held is not None and held[0] == incarnation and sequence <= held[1]:
+            return True
+        self.applied[replica] = (incarnation, sequence)
+        return False
+
+    def _apply(self, update: torch.Tensor) -> None:
         lr = self.schedule.lr_at(self.steps)
         w, g = self.w[:self.split], update[:self.split]
         c = self.config
@@ -104,59 +129,61 @@ class ParameterShard:
             self.opt_state = sgd_update(w, g, self.opt_state, lr, c.momentum, c.weight_decay,
                                         c.nesterov)
         self.w[self.split:].add_(update[self.split:])
+
+    def _count(self, steps: int, errors: tuple[float, ...]) -> None:
         for j, error in enumerate(errors):
             self.schedule.observe(self.steps + j, error)
-        self.version += 1
         self.steps += steps
-        self.maybe_snapshot()
-        return {"accepted": True, "version": self.version, "steps": self.steps}
 
     # --- snapshots -----------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
+    def snapshot(self) -> dict:
+        """The whole state as numpy arrays and plain values, copied now; its "order" is the
+        version (what `keeper.SnapshotKeeper` keeps the newest of)."""
+        self.last_snapshot, self.snapshot_version = self.clock(), self.version
+        copy = (lambda t: None if t is None else t.numpy().copy())
         return {"index": self.index, "lo": self.lo, "hi": self.hi, "rule": self.rule,
-                "w": self.w, "opt_state": self.opt_state, "version": self.version,
-                "steps": self.steps, "schedule": self.schedule.state_dict(),
-                "rejected": self.rejected, "staleness": dict(self.staleness)}
+                "order": self.version, "w": copy(self.w), "opt_state": copy(self.opt_state),
+                "version": self.version, "steps": self.steps,
+                "schedule": self.schedule.state_dict(), "rejected": self.rejected,
+                "staleness": dict(self.staleness), "applied": dict(self.applied)}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a snapshot of this same slice; raises CheckpointError on a mismatch."""
+    def snapshot_due(self) -> bool:
+        return self.clock() - self.last_snapshot >= self.config.downpour.snapshot_every_s
+
+    def restore(self, state: dict) -> int:
+        """Continue from a snapshot of this same slice (numpy or torch arrays, as `snapshot`
+        gives and checkpoints hold); returns its version.
+
+        Raises:
+            CheckpointError: the snapshot is of another slice or update rule."""
         mine = (self.index, self.lo, self.hi, self.rule)
         theirs = (state["index"], state["lo"], state["hi"], state["rule"])
         if mine != theirs:
             raise CheckpointError(f"shard snapshot holds (index, lo, hi, rule) {theirs}, this "
                                   f"shard is {mine}: the run used another model, shard count "
                                   f"or optimizer")
-        self.w = state["w"].float().clone()
-        self.opt_state = state["opt_state"]
+        self.w = _tensor(state["w"])
+        self.opt_state = None if state["opt_state"] is None else _tensor(state["opt_state"])
         self.version, self.steps = state["version"], state["steps"]
         self.schedule.load_state_dict(state["schedule"])
         self.rejected = state["rejected"]
         self.staleness = Counter({int(k): v for k, v in state["staleness"].items()})
-        self.snapshot_version = self.version
-
-    def snapshot(self) -> int:
-        """Write the state to `snapshot_path` now; returns the version written."""
-        if self.snapshot_path is not None:
-            save_checkpoint(self.snapshot_path, {"shard": self.state_dict()})
-        self.last_snapshot = self.clock()
-        self.snapshot_version = self.version
-        return self.version
-
-    def maybe_snapshot(self) -> None:
-        if self.clock() - self.last_snapshot >= self.config.downpour.snapshot_every_s:
-            self.snapshot()
-
-    def restore(self) -> int:
-        """Load `snapshot_path`; returns the version restored."""
-        self.load_state_dict(load_checkpoint(self.snapshot_path)["shard"])
-        self.last_snapshot = self.clock()
+        self.applied = {int(k): tuple(v) for k, v in state.get("applied", {}).items()}
+        self.snapshot_version, self.last_snapshot = self.version, self.clock()
         return self.version
 
     def stats(self) -> dict:
         return {"shard": self.index, "version": self.version, "steps": self.steps,
                 "elements": self.w.numel(), "rejected": self.rejected,
-                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-                "staleness": dict(sorted(self.staleness.items())),
+                "duplicates": self.duplicates, "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out, "staleness": dict(sorted(self.staleness.items())),
                 "lr": self.schedule.lr_at(self.steps), "snapshot_version": self.snapshot_version,
                 "finite": bool(math.isfinite(float(self.w.sum())))}
+
+
+def _tensor(array) -> torch.Tensor:
+    """A float32 tensor of our own from a numpy array (possibly read-only) or a tensor."""
+    if isinstance(array, np.ndarray):
+        return torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
+    return array.detach().float().clone()

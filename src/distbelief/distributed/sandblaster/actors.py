@@ -4,16 +4,20 @@ coordinator's vector store over the shard actors, and the replicas' client."""
 from __future__ import annotations
 
 import os
+import uuid
+import warnings
 
 import numpy as np
 import ray
 import torch
 
-from distbelief.distributed.runtime import RayPending, get, node_id, tensor_view
+from distbelief.distributed.runtime import (RayPending, SnapshotSender, get, node_id,
+                                            tensor_view)
 from distbelief.distributed.sandblaster.replica import SandblasterReplica
-from distbelief.distributed.sandblaster.shard import VectorShard, combine
+from distbelief.distributed.sandblaster.shard import VectorShard, combine, snapshot_name
 
-SHARD_LOST = "a parameter-server shard is gone; --resume continues from the last checkpoint"
+SHARD_LOST = ("a parameter-server shard is gone (it failed more than --max-restarts times); "
+              "--resume continues from the last checkpoint")
 
 
 def _commands_in(commands: list) -> list:
@@ -22,10 +26,20 @@ def _commands_in(commands: list) -> list:
 
 @ray.remote(num_cpus=0)
 class VectorShardActor:
-    """A `VectorShard` (its slices of the L-BFGS vectors) in its own process."""
+    """A `VectorShard` (its slices of the L-BFGS vectors) in its own process. At the start of
+    every iteration (`keep`) the vectors written since the last one go to the keeper on the
+    driver's node; after a failure Ray re-runs the constructor, on another node if its node was
+    lost, which restores them: the coordinator then rolls the other shards back to the same
+    iteration (`rollback`) and repeats it."""
 
-    def __init__(self, index: int, lo: int, hi: int):
+    def __init__(self, index: int, lo: int, hi: int, keeper_name: str):
         self.shard = VectorShard(index, lo, hi)
+        self.sender = SnapshotSender(keeper_name, snapshot_name(index))
+        self.incarnation = uuid.uuid4().hex
+        with warnings.catch_warnings():  # Ray's own property trips its deprecation warning
+            warnings.simplefilter("ignore")
+            reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
+        self.restored = self.rollback() if reconstructed else None
 
     def execute(self, commands: list) -> list:
         return self.shard.execute(_commands_in(commands))
@@ -36,14 +50,27 @@ class VectorShardActor:
     def pull(self, name: str = "x") -> np.ndarray:
         return self.shard.pull(name).numpy()
 
-    def snapshot(self, path: str, iteration: int) -> None:
-        self.shard.snapshot(path, iteration)
+    def keep(self, iteration: int) -> int:
+        """Send the vectors written since the last `keep` to the keeper; returns once it has
+        them, so that every shard's vectors of `iteration` are there before it starts."""
+        self.sender.send_now(self.shard.snapshot(iteration, delta=True))
+        return iteration
 
-    def restore(self, path: str) -> int:
-        return self.shard.restore(path)
+    def state(self, iteration: int) -> dict:
+        """All vectors, for the coordinator's checkpoint."""
+        return self.shard.snapshot(iteration)
+
+    def restore(self, state: dict) -> int:
+        return self.shard.restore(state)
+
+    def rollback(self) -> int | None:
+        """Back to the vectors the keeper holds (the start of the iteration being repeated);
+        returns their iteration, None when it holds none."""
+        snapshot = self.sender.restore()
+        return None if snapshot is None else self.shard.restore(snapshot)
 
     def stats(self) -> dict:
-        return {**self.shard.stats(), "node": node_id()}
+        return {**self.shard.stats(), "node": node_id(), "incarnation": self.incarnation}
 
 
 class RayShards:

@@ -26,21 +26,22 @@ from __future__ import annotations
 import math
 import os
 import time
-import uuid
 from collections import Counter
 
+import numpy as np
 import torch
 
 from distbelief.data import build_data
 from distbelief.distributed.flat import model_vector
-from distbelief.distributed.runtime import (granted_device, pinned_round_robin, replica_options,
+from distbelief.distributed.runtime import (ShardLost, granted_device, replica_options,
                                             wait_started)
 from distbelief.distributed.sandblaster.actors import (RayShards, SandblasterReplicaActor,
                                                        VectorShardActor)
 from distbelief.distributed.sandblaster.gradient import BatchGradient
 from distbelief.distributed.sandblaster.objective import l2_objective
 from distbelief.distributed.sandblaster.shard import snapshot_name
-from distbelief.distributed.server_model import ServerModel
+from distbelief.distributed.sandblaster.recovery import IterationStart
+from distbelief.distributed.server_model import ServerModel, as_tensors
 from distbelief.distributed.session import DriverSession
 from distbelief.engine.checkpoint import load_checkpoint
 from distbelief.engine.config import TrainConfig, batch_images, resolve
@@ -121,7 +122,7 @@ class SandblasterTrainer:
         torch.manual_seed(config.seed)
         model = build_model(config, data, cpu)
         if saved:  # the parameters of the last checkpoint, in case the vectors are unusable
-            model.load_state_dict(load_checkpoint(self.life.run.checkpoint)["model"])
+            model.load_state_dict(load_checkpoint(self.life.run.state_file("last"))["model"])
         vector, n_params = model_vector(model)
         self.config = config = resolve(config, data.train_size, values=n_params,
                                        batchnorm=has_batchnorm(model))
@@ -137,7 +138,6 @@ class SandblasterTrainer:
         self.replica_portions = Counter({int(k): v for k, v in (
             saved["replica_portions"] if saved else {}).items()})
         self.converged: str | None = None
-        self.life.begin(config, self.device, self.iteration, saved)
 
     # --- the Scheme protocol (engine.lifecycle) -------------------------------------------
 
@@ -161,18 +161,21 @@ class SandblasterTrainer:
         self.life.request_stop()
 
     def start(self) -> None:
-        """Ray, the vector shards, the replicas, and the batch gradient over them."""
-        c = self.config
-        self.session.start()
+        """Ray, the vector shards, the replicas (once all are placed and answer), and the batch
+        gradient over them."""
+        c, session = self.config, self.session
+        session.start()
         self.server.move_to(granted_device())
         self.data, self.device = self.server.data, self.server.device
-        run_id = uuid.uuid4().hex[:12]
-        names = [f"distbelief-{run_id}-vectors-{k}" for k in range(c.cluster.ps_shards)]
-        self.session.shards = [VectorShardActor.options(name=name, scheduling_strategy=strategy)
-                       .remote(k, lo, hi)
-                       for k, ((lo, hi), name, strategy) in enumerate(
-                           zip(self.bounds, names, pinned_round_robin(c.cluster.ps_shards)))]
-        self.store = TimedStore(RayShards(self.session.shards, self.bounds))
+        names = [session.name(snapshot_name(k)) for k in range(c.cluster.ps_shards)]
+        # Restarted by Ray after a failure (not retried: the coordinator repeats the iteration).
+        session.shards = [VectorShardActor.options(
+            name=name, scheduling_strategy=strategy, max_restarts=c.cluster.max_restarts,
+            max_task_retries=0).remote(k, lo, hi, session.keeper_name)
+            for k, ((lo, hi), name, strategy) in enumerate(
+                zip(self.bounds, names, session.place_shards(c.cluster.ps_shards)))]
+        self.store = TimedStore(RayShards(session.shards, self.bounds))
+        self.start_of = IterationStart(self.store, self.life)
         options, self.shape = replica_options(c)
         self.session.replicas = [SandblasterReplicaActor.options(**options).remote(
             r, c, names, self.bounds, self.data.stats, self.shape.threads, self.shape.device,
@@ -181,6 +184,7 @@ class SandblasterTrainer:
         self.gradient = BatchGradient(c, self.session.replicas, self.store, book,
                                       self.life.counters, lambda: self.iteration)
         self.objective.gradient = self.gradient
+        self.placed = wait_started(self.session.replicas, self.shape)
 
     def close(self) -> None:
         self.session.close()
@@ -196,7 +200,7 @@ class SandblasterTrainer:
     def train(self) -> None:
         c, life = self.config, self.life
         life.log({"kind": "cluster", "iteration": self.iteration,
-                  "replicas": wait_started(self.session.replicas, self.shape),
+                  "replicas": self.placed,
                   "shards": [{k: st[k] for k in ("shard", "node", "elements")}
                              for st in self.store.call("stats")]})
         self.optimizer = LBFGS(self.store, self.objective, history=c.sandblaster.history,
@@ -234,11 +238,18 @@ class SandblasterTrainer:
             self._log_iteration(record, 0.0, 0.0, Counter())
 
     def _iterate(self) -> None:
-        """One L-BFGS iteration, logged with where its time went."""
-        self.gradient.won_now = Counter()
-        counts = Counter(self.life.counters)
-        began, store_before = time.perf_counter(), self.store.seconds
-        record = self.optimizer.step()
+        """One L-BFGS iteration, logged with where its time went; repeated if a shard is lost
+        on the way (`recovery`)."""
+        self.start_of.mark(self.iteration, self.optimizer, self.objective)
+        while True:
+            self.gradient.won_now = Counter()
+            counts = Counter(self.life.counters)
+            began, store_before = time.perf_counter(), self.store.seconds
+            try:
+                record = self.optimizer.step()
+                break
+            except ShardLost as lost:
+                self.start_of.rebuild(lost, self.optimizer, self.objective)
         self.iteration += 1
         self.converged = record["converged"]
         seconds = time.perf_counter() - began
@@ -248,24 +259,22 @@ class SandblasterTrainer:
                            f"--lr (the last checkpoint is kept)")
 
     def _restore_vectors(self) -> bool:
-        """On --resume, have each shard reload its vectors; True when all of them are from the
-        iteration of the coordinator's state (then the L-BFGS state is restored too)."""
+        """On --resume, give each shard its vectors of the checkpoint; True when all of them
+        are from the iteration of the coordinator's state (then the L-BFGS state is restored
+        too). Otherwise (a snapshot missing, or a run written before checkpoint generations
+        that crashed between two writes) the run goes on from the checkpoint's parameters."""
         if self.saved is None or "lbfgs" not in self.saved:
             return False
-        paths = self._snapshot_paths()
+        paths = [self.life.run.state_file(snapshot_name(k))
+                 for k in range(self.config.cluster.ps_shards)]
         iterations = None
         if all(p.is_file() for p in paths):
-            iterations = self.store.store.each("restore", [(str(p),) for p in paths])
+            iterations = self.store.store.each("restore", [(load_checkpoint(p),) for p in paths])
         if iterations != [self.saved["iteration"]] * len(paths):
             self.life.say("the shards' vector snapshots do not match the last checkpoint; "
                           "continuing from its parameters with an empty L-BFGS history")
             return False
         return True
-
-    def _snapshot_paths(self) -> list:
-        run = self.life.run
-        return [run.state_file(snapshot_name(k)).resolve()
-                for k in range(self.config.cluster.ps_shards)]
 
     # --- records and checkpoints ------------------------------------------------------------
 
@@ -289,23 +298,23 @@ class SandblasterTrainer:
                           + (f", step {record['step']:.3g}" if record.get("step") else ""))
 
     def save(self) -> None:
-        """Have the shards snapshot their vectors, then write last.pt (the model at x) and the
-        coordinator's state; parameters that are not finite never replace a good checkpoint."""
-        run = self.life.run
-        if run is None:
+        """One checkpoint generation: every shard's vectors, the model at their x (last.pt)
+        and the coordinator's state; parameters that are not finite never replace a good
+        checkpoint."""
+        if self.life.run is None:
             return
-        vector = ServerModel.check_finite(self.store.read("x"), self.iteration)
-        # Vectors first: a crash before sandblaster.pt is written leaves snapshots newer than
-        # it, which --resume detects (it then continues from last.pt's parameters).
-        self.store.store.each("snapshot", [(str(p), self.iteration)
-                                           for p in self._snapshot_paths()])
-        self.server.save(run.checkpoint, vector, self.iteration, self.life.wall_s,
-                         "sandblaster")
+        states = self.store.call("state", self.iteration)
+        vector = torch.from_numpy(np.concatenate([st["slots"]["x"] for st in states]))
+        ServerModel.check_finite(vector, self.iteration)
+        files = {snapshot_name(k): as_tensors(st) for k, st in enumerate(states)}
+        files["last"] = self.server.checkpoint(vector.float(), self.iteration, self.life.wall_s,
+                                               "sandblaster")
         o = self.objective
-        self.life.save_state(self.config, {
+        self.life.save_generation(self.config, {
             "iteration": self.iteration, "batch": o.batch, "examples": o.examples,
             "round": o.round, "replica_portions": dict(self.replica_portions + self.gradient.won),
-            "data_stats": self.data.stats, "lbfgs": self.optimizer.state_dict()})
+            "data_stats": self.data.stats, "lbfgs": self.optimizer.state_dict()}, files,
+            self.iteration)
 
     def summary(self) -> dict:
         c, counters, o = self.config, self.life.counters, self.objective

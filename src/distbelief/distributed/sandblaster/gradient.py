@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from distbelief.distributed.runtime import ReplicaCalls
+from distbelief.distributed.runtime import ReplicaCalls, ShardLost
 from distbelief.distributed.sandblaster.actors import SHARD_LOST
 from distbelief.distributed.sandblaster.portions import PortionQueue, Verdicts
 from distbelief.engine.lifecycle import Diverged
@@ -32,12 +32,14 @@ class BatchGradient:
         self.config, self.replicas, self.store = config.sandblaster, replicas, store
         self.counters, self.position = counters, position
         self.calls = ReplicaCalls(replicas, book, lost=SHARD_LOST, position=position,
-                                  on_failure=self._failed)
+                                  on_failure=self._failed, on_error=self._error)
         self.verdicts = Verdicts()
         self.queue: PortionQueue | None = None
+        self.round = None
         self.won, self.won_now = Counter(), Counter()
 
     def __call__(self, round_: int, batch: int) -> float:
+        self.round = round_
         self.queue = queue = PortionQueue(self.config.portions, self.config.backup_tasks)
         losses: dict[int, float] = {}
         self._offer(round_, batch)
@@ -91,6 +93,14 @@ class BatchGradient:
             raise Diverged(f"the loss is not finite (replica {r}, iteration {self.position()}); "
                            f"lower --lr or use --line-search strong_wolfe (the last checkpoint "
                            f"is kept)")
+
+    def _error(self, r: int, tag: tuple, error: BaseException) -> None:
+        """A call raised: a shard lost during an earlier round (one the coordinator gave up and
+        repeats) is that round's business, not this one's; anything else is raised."""
+        if isinstance(error, ShardLost) and tag[1] != self.round:
+            self.counters["backup_wasted"] += 1
+            return
+        raise error
 
     def _failed(self, r: int, tags: list, restarted: bool) -> None:
         """Replica r died: its verdicts are void, its running portions go back to the queue,

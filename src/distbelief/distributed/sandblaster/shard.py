@@ -3,15 +3,16 @@ gradient accumulator, which adds each portion exactly once. No Ray here."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from distbelief.distributed.pending import Done
-from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.errors import CheckpointError
 from distbelief.optim import shard_bounds
 from distbelief.optim.lbfgs import REDUCE, VectorSlots
 
 SHARD_REDUCE = {**REDUCE, "held": min}  # ("held",): portions held this round, fewest over shards
+WRITES = ("set", "copy", "scale", "axpy", "lincomb", "zero")  # commands that write their dst
 
 
 def snapshot_name(k: int) -> str:
@@ -35,9 +36,14 @@ class VectorShard(VectorSlots):
         self.held: set[int] = set()
         self.counts = {"added": 0, "duplicate": 0, "rejected": 0, "stale": 0}
         self.commands = 0
+        self.dirty: set[str] = set()  # vectors written since the last snapshot
 
     def apply(self, command: tuple):
         self.commands += 1
+        if command[0] in WRITES:
+            self.dirty.add(command[1])
+        elif command[0] == "free":
+            self.dirty.discard(command[1])
         if command[0] == "round":
             _, self.round, like = command
             super().apply(("zero", "acc", like))
@@ -66,23 +72,32 @@ class VectorShard(VectorSlots):
     def pull(self, name: str = "x") -> torch.Tensor:
         return self.slots[name]
 
-    def snapshot(self, path, iteration: int) -> None:
-        """Write this shard's vectors (not the round's accumulator) atomically to `path`."""
-        save_checkpoint(path, {"index": self.index, "lo": self.lo, "hi": self.hi,
-                               "iteration": iteration,
-                               "slots": {k: v for k, v in self.slots.items() if k != "acc"}})
+    def snapshot(self, iteration: int, delta: bool = False) -> dict:
+        """This shard's vectors (not the round's accumulator) at the start of L-BFGS iteration
+        `iteration`, as numpy copies; with `delta`, only those written since the last snapshot
+        ("names" lists them all: `keeper.SnapshotKeeper` merges the rest from the one it holds).
+        Its "order" is the iteration."""
+        names = [n for n in self.slots if n != "acc"]
+        chosen = names
+        if delta:  # only deltas go to the keeper: what it lacks is what was written since
+            chosen, self.dirty = [n for n in names if n in self.dirty], set()
+        return {"index": self.index, "lo": self.lo, "hi": self.hi, "order": iteration,
+                "iteration": iteration, "names": names, "delta": delta,
+                "slots": {n: self.slots[n].numpy().copy() for n in chosen}}
 
-    def restore(self, path) -> int:
-        """Load a snapshot of this same slice; returns the iteration it was taken at.
+    def restore(self, state: dict) -> int:
+        """Continue from a snapshot of this same slice (numpy arrays or tensors); returns the
+        iteration it was taken at.
 
         Raises:
-            CheckpointError: the file is unreadable or holds another slice."""
-        state = load_checkpoint(path)
+            CheckpointError: it holds another slice."""
         if (state["index"], state["lo"], state["hi"]) != (self.index, self.lo, self.hi):
-            raise CheckpointError(f"{path} holds elements [{state['lo']}, {state['hi']}) of "
+            raise CheckpointError(f"the snapshot holds elements [{state['lo']}, {state['hi']}) of "
                                   f"shard {state['index']}, not [{self.lo}, {self.hi}) of "
                                   f"shard {self.index}")
-        self.slots = dict(state["slots"])
+        self.slots = {n: _tensor(v) for n, v in state["slots"].items()}
+        self.pool, self.round, self.held = [], -1, set()
+        self.dirty = set(self.slots)  # the keeper may not hold these yet: send them all
         return state["iteration"]
 
     def stats(self) -> dict:
@@ -122,3 +137,10 @@ class LocalShards:
 
     def push(self, round_: int, portions: list[int], vector: torch.Tensor, solo: bool):
         return Done([s.push(round_, portions, vector[s.lo:s.hi], solo) for s in self.shards])
+
+
+def _tensor(value) -> torch.Tensor:
+    """A tensor of our own from a numpy array (possibly read-only) or a tensor."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value, copy=True))
+    return value.detach().clone()
