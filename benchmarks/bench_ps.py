@@ -13,7 +13,12 @@ parts: an empty actor call, putting the array into Ray's object store, the shard
 pull, a push, and a push that returns the parameters in the same call (what a replica sends
 when it fetches at the next step; also timed for the large vector).
 
+Last, snapshots off the hot path: the latency of sequential pushes to one shard that
+snapshots every second (it copies its state between two pushes; a background thread sends the
+copy to the keeper) against one that never does, p50 and p99 (goal: p99 <= 1.2x).
+
     python benchmarks/bench_ps.py [--floats 25000000] [--shards 1,2,4] [--rounds 5]
+                                  [--snapshot-sizes 272474,25000000] [--pushes 300]
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from distbelief.distributed.downpour.actors import RayClient, ShardActor
 from distbelief.distributed.downpour.shard import ParameterShard
 from distbelief.distributed.runtime import start_ray
+from distbelief.distributed.session import DriverSession
 from distbelief.engine.config import TrainConfig
 from distbelief.optim import shard_bounds
 
@@ -45,12 +51,100 @@ def timed(fn, rounds: int) -> float:
     return statistics.median(times)
 
 
-def start_shards(values: torch.Tensor, count: int, config, folder: str):
+def start_shards(values: torch.Tensor, count: int, config, session: DriverSession):
     bounds = shard_bounds(values.numel(), count)
-    shards = [ShardActor.remote(k, lo, hi, values.numel(), config, f"{folder}/shard-{k}.pt")
+    shards = [ShardActor.remote(k, lo, hi, values.numel(), config, session.keeper_name)
               for k, (lo, hi) in enumerate(bounds)]
     ray.get([s.start.remote(values[lo:hi].numpy()) for s, (lo, hi) in zip(shards, bounds)])
     return shards, bounds
+
+
+def push_latency(values: torch.Tensor, every_s: float, pushes: int, session) -> list[float]:
+    """Seconds of each of `pushes` sequential push round trips to one shard that snapshots
+    every `every_s` seconds (copy between pushes, send from a background thread)."""
+    config = TrainConfig().replace(lr=0.01, momentum=0.9, weight_decay=0.0,
+                                   snapshot_every_s=every_s)
+    shards, bounds = start_shards(values, 1, config, session)
+    client, gradient = RayClient(shards, bounds), torch.randn(values.numel()) * 1e-3
+    times = []
+    for i in range(pushes + 5):  # 5 to warm up
+        start = time.perf_counter()
+        client.push(gradient, [0], 1, (), source=(0, "bench", i)).result()
+        times.append(time.perf_counter() - start)
+    sent = ray.get(shards[0].status.remote())["snapshots_sent"]
+    ray.kill(shards[0])
+    return times[5:], sent
+
+
+def snapshot_cost(sizes: list[int], pushes: int, session) -> None:
+    """Push latency with shard snapshots every second against none (snapshots off the hot
+    path: the push waits only for the copy, not the transfer to the keeper)."""
+    print(f"\npush round trip with shard snapshots every second vs none, {pushes} pushes, "
+          f"1 shard:")
+    print(f"{'floats':>12} {'snapshots':>10} {'sent':>5} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'max ms':>8} {'p99 ratio':>9}")
+    for n in sizes:
+        values, p99_none = torch.randn(n), None
+        for every in (1e9, 1.0):
+            times, sent = push_latency(values, every, pushes, session)
+            p50, p99 = (statistics.quantiles(times, n=100)[k] for k in (49, 98))
+            p99_none = p99_none or p99
+            print(f"{n:>12,} {'none' if every > 1e6 else 'every 1 s':>10} {sent:>5} "
+                  f"{p50 * 1e3:>8.2f} {p99 * 1e3:>8.2f} {max(times) * 1e3:>8.2f} "
+                  f"{p99 / p99_none:>9.3f}")
+
+
+def throughput(args, config, session) -> None:
+    """Push + pull of a large vector with 1, 2, 4 shards against an in-process memcpy."""
+    values, gradient = torch.randn(args.floats), torch.randn(args.floats) * 1e-3
+    copy_target = torch.empty(args.floats)
+    memcpy = timed(lambda: copy_target.copy_(values), args.rounds) * 2
+    mb = args.floats * 4 / 2**20
+    print(f"vector: {args.floats:,} floats ({mb:.0f} MiB); in-process memcpy of push + pull "
+          f"bytes: {memcpy * 1e3:.1f} ms ({2 * mb / 1024 / memcpy:.2f} GiB/s)")
+    print(f"{'shards':>6} {'push+pull ms':>13} {'GiB/s':>7} {'ratio vs memcpy':>16} "
+          f"{'as one call ms':>15} {'ratio':>6}")
+    for count in (int(k) for k in args.shards.split(",")):
+        shards, bounds = start_shards(values, count, config, session)
+        client = RayClient(shards, bounds)
+
+        def round_trip():
+            client.push(gradient, [0] * count, 1, ()).result()
+            client.fetch().result()
+
+        seconds = timed(round_trip, args.rounds)
+        # What a replica does when a push precedes a fetch: one call that returns the values.
+        combined = timed(lambda: client.push(gradient, [0] * count, 1, (), pull=True).result(),
+                         args.rounds)
+        print(f"{count:>6} {seconds * 1e3:>13.1f} {2 * mb / 1024 / seconds:>7.2f} "
+              f"{memcpy / seconds:>16.3f} {combined * 1e3:>15.1f} {memcpy / combined:>6.3f}")
+        for s in shards:
+            ray.kill(s)
+
+
+def round_trip_parts(args, config, session) -> None:
+    """Where the time of one round trip goes, for a replica-sized vector on one shard."""
+    n = args.small
+    small, small_grad = torch.randn(n), torch.randn(n) * 1e-3
+    shards, bounds = start_shards(small, 1, config, session)
+    client, shard = RayClient(shards, bounds), shards[0]
+    local = ParameterShard(0, 0, n, n, small, config)
+    rounds = max(args.rounds, 50)
+    parts = {
+        "empty actor call (status)": timed(lambda: ray.get(shard.status.remote()), rounds),
+        "ray.put of the vector": timed(lambda: ray.put(small_grad.numpy()), rounds),
+        "shard update in-process": timed(lambda: local.push(small_grad, local.version), rounds),
+        "memcpy of the vector": timed(lambda: small.clone(), rounds),
+        "pull round trip": timed(lambda: client.fetch().result(), rounds),
+        "push round trip": timed(lambda: client.push(small_grad, [0], 1, ()).result(), rounds),
+        "push + pull as one call": timed(
+            lambda: client.push(small_grad, [0], 1, (), pull=True).result(), rounds),
+    }
+    print(f"\nround trip of {n:,} floats ({n * 4 / 2**20:.2f} MiB), 1 shard, median of "
+          f"{rounds}:")
+    for name, seconds in parts.items():
+        print(f"  {name:<28} {seconds * 1e3:8.3f} ms")
+    ray.kill(shard)
 
 
 def main() -> None:
@@ -59,62 +153,24 @@ def main() -> None:
     parser.add_argument("--shards", default="1,2,4")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--small", type=int, default=272_474)
+    parser.add_argument("--snapshot-sizes", default="272474,25000000",
+                        help="vector sizes for the snapshot cost (push latency)")
+    parser.add_argument("--pushes", type=int, default=300)
+    parser.add_argument("--only-snapshots", action="store_true")
     args = parser.parse_args()
-    import tempfile
 
     start_ray()
-    # Snapshots off for the measurement: a 100 MB snapshot would land inside some rounds.
+    session = DriverSession()
+    session.start()  # the snapshot keeper (Ray runs already)
+    # Snapshots off for the throughput: a 100 MB snapshot would land inside some rounds.
     config = TrainConfig().replace(lr=0.01, momentum=0.9, weight_decay=0.0, snapshot_every_s=1e9)
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, ray {ray.__version__}")
-    with tempfile.TemporaryDirectory() as folder:
-        values, gradient = torch.randn(args.floats), torch.randn(args.floats) * 1e-3
-        copy_target = torch.empty(args.floats)
-        memcpy = timed(lambda: copy_target.copy_(values), args.rounds) * 2
-        mb = args.floats * 4 / 2**20
-        print(f"vector: {args.floats:,} floats ({mb:.0f} MiB); in-process memcpy of push + pull "
-              f"bytes: {memcpy * 1e3:.1f} ms ({2 * mb / 1024 / memcpy:.2f} GiB/s)")
-        print(f"{'shards':>6} {'push+pull ms':>13} {'GiB/s':>7} {'ratio vs memcpy':>16} "
-              f"{'as one call ms':>15} {'ratio':>6}")
-        for count in (int(k) for k in args.shards.split(",")):
-            shards, bounds = start_shards(values, count, config, folder)
-            client = RayClient(shards, bounds)
-
-            def round_trip():
-                client.push(gradient, [0] * count, 1, ()).result()
-                client.fetch().result()
-
-            seconds = timed(round_trip, args.rounds)
-            # What a replica does when a push precedes a fetch: one call that returns the values.
-            combined = timed(lambda: client.push(gradient, [0] * count, 1, (), pull=True).result(),
-                             args.rounds)
-            print(f"{count:>6} {seconds * 1e3:>13.1f} {2 * mb / 1024 / seconds:>7.2f} "
-                  f"{memcpy / seconds:>16.3f} {combined * 1e3:>15.1f} {memcpy / combined:>6.3f}")
-            for s in shards:
-                ray.kill(s)
-
-        # Where the time goes, for a replica-sized vector on one shard.
-        n = args.small
-        small, small_grad = torch.randn(n), torch.randn(n) * 1e-3
-        shards, bounds = start_shards(small, 1, config, folder)
-        client, shard = RayClient(shards, bounds), shards[0]
-        local = ParameterShard(0, 0, n, n, small, config)
-        rounds = max(args.rounds, 50)
-        parts = {
-            "empty actor call (status)": timed(lambda: ray.get(shard.status.remote()), rounds),
-            "ray.put of the vector": timed(lambda: ray.put(small_grad.numpy()), rounds),
-            "shard update in-process": timed(lambda: local.push(small_grad, local.version), rounds),
-            "memcpy of the vector": timed(lambda: small.clone(), rounds),
-            "pull round trip": timed(lambda: client.fetch().result(), rounds),
-            "push round trip": timed(lambda: client.push(small_grad, [0], 1, ()).result(), rounds),
-            "push + pull as one call": timed(
-                lambda: client.push(small_grad, [0], 1, (), pull=True).result(), rounds),
-        }
-        print(f"\nround trip of {n:,} floats ({n * 4 / 2**20:.2f} MiB), 1 shard, median of "
-              f"{rounds}:")
-        for name, seconds in parts.items():
-            print(f"  {name:<28} {seconds * 1e3:8.3f} ms")
-        ray.kill(shard)
+    if not args.only_snapshots:
+        throughput(args, config, session)
+        round_trip_parts(args, config, session)
+    snapshot_cost([int(n) for n in args.snapshot_sizes.split(",")], args.pushes, session)
+    session.close()
 
 
 if __name__ == "__main__":

@@ -222,8 +222,12 @@ def kill(actors: list) -> None:
 # --- results --------------------------------------------------------------------------------
 
 class ShardLost(DistbeliefError):
-    """A parameter-server shard did not answer: it died (Ray may be restarting it) or is gone
-    for good. Its message is one line for the user."""
+    """A parameter-server shard did not answer: it died, and Ray is restarting it
+    (`restarting`) or it is gone for good. Its message is one line for the user."""
+
+    def __init__(self, message: str, restarting: bool = False):
+        super().__init__(message)
+        self.restarting = restarting
 
 
 def get(refs, lost: str | None = None):
@@ -233,10 +237,10 @@ def get(refs, lost: str | None = None):
         return ray.get(refs)
     except RayTaskError as e:
         raise remote_error(e, lost) from None
-    except RayActorError:
+    except RayActorError as e:
         if lost is None:
             raise
-        raise ShardLost(lost) from None
+        raise ShardLost(lost, restarting=isinstance(e, ActorUnavailableError)) from None
 
 
 def remote_error(error: RayTaskError, lost: str | None) -> BaseException:
@@ -383,18 +387,22 @@ def start_keeper(name: str):
 
 class SnapshotSender:
     """Sends a shard's snapshots to the keeper from a background thread, so that the shard's
-    own thread (its pushes) never waits for the transfer. Only the newest snapshot not yet sent
-    is kept: a slow transfer skips snapshots rather than queueing them."""
+    own thread (its pushes) never waits for the transfer. `busy()` is True from `send` until
+    Ray holds its own copy of the snapshot's arrays: until then the caller must not reuse them
+    (and skips a snapshot rather than queueing one)."""
 
     def __init__(self, keeper_name: str, key: str):
         self.keeper, self.key = ray.get_actor(keeper_name), key
-        self.slot, self.sent = None, 0
+        self.slot, self.sending, self.sent = None, False, 0
         self.ready = threading.Condition()
         threading.Thread(target=self._run, daemon=True, name=f"snapshots-{key}").start()
 
+    def busy(self) -> bool:
+        return self.slot is not None or self.sending
+
     def send(self, snapshot: dict) -> None:
         with self.ready:
-            self.slot = snapshot
+            self.slot, self.sending = snapshot, True
             self.ready.notify()
 
     def send_now(self, snapshot: dict) -> None:
@@ -408,7 +416,10 @@ class SnapshotSender:
                 while self.slot is None:
                     self.ready.wait()
                 snapshot, self.slot = self.slot, None
-            self.send_now(snapshot)
+            ref = self.keeper.put.remote(self.key, snapshot)  # the arrays are in Ray's store now
+            self.sending = False
+            ray.get(ref)
+            self.sent += 1
 
     def restore(self) -> dict | None:
         """The newest snapshot the keeper holds for this key."""

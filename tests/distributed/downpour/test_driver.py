@@ -38,6 +38,9 @@ def test_two_replicas_two_shards_learn_digits(tmp_path):
     assert all(x > 0 for x in summary["replica_images_per_s"])
     assert sum(summary["staleness"].values()) == sum(summary["shard_updates"])
     assert summary["replica_failures"] == summary["shard_failures"] == 0
+    # Overlapped replicas are asynchronous: pushes land on parameters newer than they were
+    # computed from.
+    assert summary["staleness_mean"] > 0 and max(summary["staleness"]) >= 1
     records = read_jsonl(run / "metrics.jsonl")
     cluster = [r for r in records if r["kind"] == "cluster"][0]
     assert len(cluster["replicas"]) == 2 and len(cluster["shards"]) == 2
@@ -66,10 +69,15 @@ def test_a_killed_shard_restarts_from_its_snapshot(tmp_path):
     trainer = DownpourTrainer(config, run)
     kill_when(trainer, 400, lambda t: t.session.shards[0])
     summary = trainer.fit()
-    assert summary["shard_failures"] == 1 and summary["shard_updates_lost"] >= 0
+    assert summary["shard_failures"] == 1
     assert summary["iterations"] == 1200 and summary["test_accuracy"] >= 0.95, summary
     failure = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "failure"][0]
     assert failure["actor"] == "shard 0" and failure["restored_version"] > 0
+    # Every push reached both shards; shard 0 lost at most the window since its last snapshot
+    # (the driver's count of it is a lower bound), and applied no push twice.
+    behind = summary["shard_updates"][1] - summary["shard_updates"][0]
+    assert 0 <= summary["shard_updates_lost"] <= behind < summary["shard_updates"][1] / 10
+    assert summary["shard_updates_lost"] == failure["updates_lost"]
 
 
 def test_stop_then_resume_completes_the_run(tmp_path):

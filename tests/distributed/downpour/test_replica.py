@@ -103,3 +103,21 @@ def test_data_parts_are_disjoint_and_cover_the_split():
     b = build_data(config, torch.device("cpu"), part=(1, 2))
     assert a.train_size + b.train_size == 1437
     assert not torch.equal(a.train.batch(0)[0], b.train.batch(0)[0])
+
+
+def test_a_push_with_nan_in_one_slice_goes_to_no_shard():
+    """NaN only in the BatchNorm statistics, the last shard's slice: before, that shard
+    refused the push and the others applied it."""
+    config = digits_config()
+    data = build_data(config, torch.device("cpu"))
+    servers, _ = make_shards(config, data, 3)
+    replica = DownpourReplica(0, config, LocalClient(servers), stats=data.stats)
+    replica.run(0, 2)
+    before = [(s.w.clone(), s.version, s.steps) for s in servers]
+    bn = next(m for m in replica.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_mean[0] = float("nan")
+    metrics = replica.run(2, 1)
+    assert metrics["rejected"] == 1 and metrics["pushes"] == 0
+    assert all(torch.equal(s.w, w) and (s.version, s.steps) == (v, n)
+               for s, (w, v, n) in zip(servers, before))
+    assert all(s.rejected == 0 for s in servers)  # none of them saw it

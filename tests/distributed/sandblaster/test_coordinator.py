@@ -96,7 +96,33 @@ def test_portions_a_dead_replica_won_but_never_pushed_are_computed_again(tmp_pat
     assert_same_iterates(records, x, reference)
 
 
-def test_a_lost_shard_stops_the_run_in_one_line_and_keeps_the_checkpoint(tmp_path):
+def test_a_lost_shard_is_rebuilt_and_its_iteration_repeated(tmp_path, reference, monkeypatch):
+    """Shard 1 is killed in round 4, inside an iteration (its line search): Ray restarts it
+    from the keeper's vectors of that iteration's start, the other shard goes back to them too,
+    the iteration is repeated, and the iterates are the uninterrupted run's."""
+    import ray
+
+    from distbelief.distributed.sandblaster.gradient import BatchGradient
+
+    original = BatchGradient._collect
+    killed = []
+
+    def collect(self, round_):
+        if round_ == 4 and not killed:  # before the replicas push the round's gradients
+            killed.append(round_)
+            ray.kill(self.store.store.shards[1], no_restart=False)
+        return original(self, round_)
+
+    monkeypatch.setattr(BatchGradient, "_collect", collect)
+    summary, records, x = distributed_run(config(replicas=2, ps_shards=2, portions=8),
+                                          tmp_path / "run")
+    assert killed and summary["shard_failures"] == 1 and summary["iterations_repeated"] == 1
+    assert_same_iterates(records, x, reference)
+    failures = [r for r in read_jsonl(tmp_path / "run/metrics.jsonl") if r["kind"] == "failure"]
+    assert [f["actor"] for f in failures] == ["shard"] and failures[0]["repeated"]
+
+
+def test_a_shard_gone_for_good_stops_the_run_in_one_line_and_keeps_the_checkpoint(tmp_path):
     import ray
 
     from distbelief.errors import DistbeliefError

@@ -77,7 +77,7 @@ class ShardActor:
         with warnings.catch_warnings():  # Ray's own property trips its deprecation warning
             warnings.simplefilter("ignore")
             self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
-        self.shard, self.restored_version = None, None
+        self.shard, self.restored_version, self.buffers = None, None, {}
         if self.reconstructed:
             self._build(None)
             self.restored_version = self.shard.restore(self.sender.restore())
@@ -104,8 +104,9 @@ class ShardActor:
              source=None) -> dict:
         reply = self.shard.push(tensor_view(update), base_version, steps, tuple(errors),
                                 None if source is None else tuple(source))
-        if self.shard.snapshot_due():
-            self.sender.send(self.shard.snapshot())
+        if self.shard.snapshot_due() and not self.sender.busy():
+            # Into the same arrays every time: the sender has handed the last ones to Ray.
+            self.sender.send(self.shard.snapshot(self.buffers))
         return reply
 
     def push_pull(self, update: np.ndarray, base_version: int, steps: int, errors,

@@ -137,13 +137,25 @@ class ParameterShard:
 
     # --- snapshots -----------------------------------------------------------------------
 
-    def snapshot(self) -> dict:
+    def snapshot(self, out: dict | None = None) -> dict:
         """The whole state as numpy arrays and plain values, copied now; its "order" is the
-        version (what `keeper.SnapshotKeeper` keeps the newest of)."""
+        version (what `keeper.SnapshotKeeper` keeps the newest of). With `out` the arrays are
+        copied into `out`'s (made there the first time): a fresh 100 MB array costs its page
+        faults, several times the copy itself, on every snapshot."""
         self.last_snapshot, self.snapshot_version = self.clock(), self.version
-        copy = (lambda t: None if t is None else t.numpy().copy())
+        out = {} if out is None else out
+
+        def copy(name: str, t: torch.Tensor | None):
+            if t is None:
+                return None
+            if name not in out or out[name].shape != tuple(t.shape):
+                out[name] = np.empty(tuple(t.shape), dtype=np.float32)
+            np.copyto(out[name], t.numpy())
+            return out[name]
+
         return {"index": self.index, "lo": self.lo, "hi": self.hi, "rule": self.rule,
-                "order": self.version, "w": copy(self.w), "opt_state": copy(self.opt_state),
+                "order": self.version, "w": copy("w", self.w),
+                "opt_state": copy("opt_state", self.opt_state),
                 "version": self.version, "steps": self.steps,
                 "schedule": self.schedule.state_dict(), "rejected": self.rejected,
                 "staleness": dict(self.staleness), "applied": dict(self.applied)}

@@ -8,17 +8,18 @@ or checkpoints the model. Each objective evaluation is one round of `BatchGradie
 `distributed.sandblaster` for the protocol and why every portion counts exactly once). The run
 directory, cadence, signals, failure book and summary are the shared `RunLifecycle`'s.
 
-Run directory (on top of the single-process layout, see `engine/rundir.py`):
+Run directory (on top of the single-process layout, see `engine/rundir.py`): a checkpoint is
+one generation, published by checkpoints/manifest.json once all its files are written:
 
-    checkpoints/last.pt          the model at the last checkpoint, loadable by `distbelief eval`
-    checkpoints/sandblaster.pt   the coordinator's state: iteration, batch, L-BFGS scalars, clock
-    checkpoints/vectors-K.pt     shard K's slices of x, g, d and the history pairs
+    checkpoints/gen-N/sandblaster.pt   the coordinator's state: iteration, batch, L-BFGS scalars
+    checkpoints/gen-N/vectors-K.pt     shard K's slices of x, g, d and the history pairs
+    checkpoints/gen-N/last.pt          the model at x; checkpoints/last.pt is a copy of it
 
-`--resume` reloads the shards' vectors and the coordinator's scalars, so a resumed run retraces
-an uninterrupted one. Shards write their own snapshots (the coordinator never holds the
-vectors), so on a multi-node cluster the run directory must be on storage every node sees. If
-the vector snapshots are missing or from another iteration than sandblaster.pt (a crash between
-the writes), the run continues from last.pt's parameters with an empty history instead.
+`--resume` gives the shards their vectors back and restores the coordinator's scalars, so a
+resumed run retraces an uninterrupted one. Only the driver writes. Between checkpoints, at the
+start of every iteration, each shard sends the vectors written since the last one to the keeper
+on the driver's node; a lost shard is restarted by Ray from them (on another node if its node
+is gone), the others go back to them, and the iteration is repeated (`recovery`).
 """
 
 from __future__ import annotations
@@ -55,24 +56,28 @@ SAME = ("model", "data", "ps_shards", "history", "dtype")  # fixed for a run's l
 
 
 class TimedStore:
-    """A store that adds the time spent in its commands to `seconds` (coordinator overhead)."""
+    """A store that adds the time spent in its shard calls (command lists, the vectors sent to
+    the keeper each iteration) to `seconds`: the coordinator's overhead."""
 
     def __init__(self, store: RayShards):
         self.store, self.seconds, self.calls = store, 0.0, 0
 
     def run(self, commands):
+        return self._timed(self.store.run, commands)
+
+    def call(self, method: str, *args) -> list:
+        return self._timed(self.store.call, method, *args)
+
+    def _timed(self, fn, *args):
         start = time.perf_counter()
         try:
-            return self.store.run(commands)
+            return fn(*args)
         finally:
             self.seconds += time.perf_counter() - start
             self.calls += 1
 
     def read(self, name):
         return self.store.read(name)
-
-    def call(self, method: str, *args) -> list:
-        return self.store.call(method, *args)
 
 
 class SandblasterObjective:
@@ -240,11 +245,11 @@ class SandblasterTrainer:
     def _iterate(self) -> None:
         """One L-BFGS iteration, logged with where its time went; repeated if a shard is lost
         on the way (`recovery`)."""
+        counts = Counter(self.life.counters)
+        began, store_before = time.perf_counter(), self.store.seconds
         self.start_of.mark(self.iteration, self.optimizer, self.objective)
         while True:
             self.gradient.won_now = Counter()
-            counts = Counter(self.life.counters)
-            began, store_before = time.perf_counter(), self.store.seconds
             try:
                 record = self.optimizer.step()
                 break
@@ -330,4 +335,5 @@ class SandblasterTrainer:
             "portions_per_replica": [won[r] for r in range(c.cluster.replicas)],
             **{k: counters[k] for k in ("portions_computed", "portions_recomputed",
                                         "backup_tasks", "backup_wasted", "replica_failures",
-                                        "replica_restarts")}}
+                                        "replica_restarts", "shard_failures",
+                                        "iterations_repeated")}}

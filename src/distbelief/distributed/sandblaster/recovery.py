@@ -15,6 +15,7 @@ from distbelief.distributed.runtime import ShardLost
 from distbelief.errors import DistbeliefError
 
 RESTART_TIMEOUT_S = 120.0  # how long Ray may take to restart a lost shard
+GRACE_S = 5.0  # how long a shard that reads as dead for good is given to read as restarting
 
 
 class IterationStart:
@@ -53,11 +54,15 @@ class IterationStart:
                       f"iteration {self.iteration}, which is repeated")
 
     def _rollback(self, lost: ShardLost) -> list:
-        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        start = time.monotonic()
         while True:
             try:
                 return self.store.call("rollback")
-            except ShardLost:
-                if time.monotonic() > deadline:
+            except ShardLost as again:
+                # Calls to a shard Ray is restarting fail at once until it answers; one that
+                # is gone for good fails otherwise (after a moment: its death takes time to
+                # reach every caller).
+                waited = time.monotonic() - start
+                if waited > RESTART_TIMEOUT_S or (not again.restarting and waited > GRACE_S):
                     raise lost from None
-                time.sleep(0.2)  # Ray is restarting it: its calls fail until it answers
+                time.sleep(0.2)

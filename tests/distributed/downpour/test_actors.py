@@ -1,0 +1,69 @@
+"""Downpour's shard actor on a real local Ray: killed, Ray restarts it from the keeper's
+snapshot, and the pushes Ray retries are applied once."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from distbelief.distributed.downpour import ParameterShard
+from distbelief.distributed.downpour.actors import ShardActor
+from distbelief.distributed.session import DriverSession
+from distbelief.engine.config import TrainConfig
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def config():
+    return TrainConfig().replace(lr=0.1, momentum=0.9, weight_decay=0.0, milestones=(100,),
+                                 iterations=1000, snapshot_every_s=1000.0)
+
+
+def until(check, timeout_s=60.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except ray.exceptions.RayActorError:
+            pass
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_a_killed_shard_comes_back_with_its_snapshot_and_applies_retried_pushes_once():
+    session = DriverSession()
+    session.start()  # Ray runs already (the module's cluster): the keeper only
+    try:
+        [strategy] = session.place_shards(1)
+        shard = ShardActor.options(name=session.name("shard-0"), max_restarts=1,
+                                   max_task_retries=-1, scheduling_strategy=strategy).remote(
+            0, 0, 8, 6, config(), session.keeper_name)
+        session.shards = [shard]
+        ray.get(shard.start.remote(np.arange(8, dtype=np.float32)))
+        pushes = [(np.full(8, float(i), dtype=np.float32), (1, "replica-1", i))
+                  for i in range(1, 5)]
+        for update, source in pushes[:2]:
+            ray.get(shard.push.remote(update, 0, 1, (), source))
+        snapshot = ray.get(shard.snapshot.remote())  # on its way to the keeper too
+        until(lambda: ray.get(session.keeper.orders.remote()).get("shard-0") == 2)
+        ray.get(shard.push.remote(*pushes[2][:1], 0, 1, (), pushes[2][1]))  # lost with it
+        ray.kill(shard, no_restart=False)
+        status = until(lambda: (st := ray.get(shard.status.remote()))["reconstructed"] and st)
+        values, version = ray.get(shard.pull.remote())
+        assert status["restored_version"] == version == 2
+        assert np.array_equal(values, snapshot["w"])
+        # Ray retries what was in flight: push 2 (in the snapshot) is skipped, 3 and 4 applied.
+        replies = [ray.get(shard.push.remote(u, 0, 1, (), src)) for u, src in pushes[1:]]
+        assert [r.get("duplicate", False) for r in replies] == [True, False, False]
+        reference = ParameterShard(0, 0, 8, 6, torch.arange(8.0), config())
+        for update, source in pushes:
+            reference.push(torch.from_numpy(update), 0, source=source)
+        values, version = ray.get(shard.pull.remote())
+        assert version == reference.version == 4
+        assert np.array_equal(values, reference.w.numpy())
+    finally:
+        session.close()
