@@ -13,20 +13,28 @@ from __future__ import annotations
 import numpy as np
 
 
-def _own(value, held=None):
-    """`value` with its arrays copied out of the object store, into the arrays of `held` (the
-    same place in the snapshot held before) where their shapes match: a fresh 100 MB array
-    costs its page faults, several times the copy, on every snapshot."""
+def _own(value, held=None, pool: list | None = None):
+    """`value` with its arrays copied out of the object store: into the array at the same place
+    in the snapshot held before, or one of `pool`, when its shape matches, else a new one. A
+    fresh 100 MB array costs its page faults, several times the copy, on every snapshot."""
     if isinstance(value, np.ndarray):
-        if isinstance(held, np.ndarray) and held.shape == value.shape and \
-                held.dtype == value.dtype:
-            np.copyto(held, value)
-            return held
-        return np.array(value, copy=True)
+        target = held if _fits(held, value) else None
+        if target is None and pool:
+            i = next((i for i, a in enumerate(pool) if _fits(a, value)), None)
+            target = None if i is None else pool.pop(i)
+        if target is None:
+            return np.array(value, copy=True)
+        np.copyto(target, value)
+        return target
     if isinstance(value, dict):
         held = held if isinstance(held, dict) else {}
-        return {k: _own(v, held.get(k)) for k, v in value.items()}
+        return {k: _own(v, held.get(k), pool) for k, v in value.items()}
     return value
+
+
+def _fits(array, value: np.ndarray) -> bool:
+    return isinstance(array, np.ndarray) and array.shape == value.shape and \
+        array.dtype == value.dtype
 
 
 class SnapshotKeeper:
@@ -42,14 +50,22 @@ class SnapshotKeeper:
         held = self.snapshots.get(key)
         if held is not None and held["order"] > snapshot["order"]:
             return False
-        snapshot = _own(snapshot, held)
         if snapshot.get("delta"):
-            before = held["slots"] if held is not None else {}
-            snapshot["slots"] = {n: snapshot["slots"][n] if n in snapshot["slots"] else before[n]
-                                 for n in snapshot["names"]}
-            snapshot["delta"] = False
+            snapshot = self._merged(held, snapshot)
+        else:
+            snapshot = _own(snapshot, held)
         self.snapshots[key] = snapshot
         return True
+
+    @staticmethod
+    def _merged(held: dict | None, delta: dict) -> dict:
+        before = held["slots"] if held is not None else {}
+        # Arrays of vectors that are gone (freed history pairs) hold the new ones.
+        pool = [a for n, a in before.items() if n not in delta["names"]]
+        slots = {n: _own(delta["slots"][n], before.get(n), pool) if n in delta["slots"]
+                 else before[n] for n in delta["names"]}
+        return {**{k: v for k, v in delta.items() if k != "slots"}, "slots": slots,
+                "delta": False}
 
     def get(self, key: str) -> dict | None:
         return self.snapshots.get(key)

@@ -74,7 +74,8 @@ class VectorShard(VectorSlots):
 
     def snapshot(self, iteration: int, delta: bool = False) -> dict:
         """This shard's vectors (not the round's accumulator) at the start of L-BFGS iteration
-        `iteration`, as numpy copies; with `delta`, only those written since the last snapshot
+        `iteration`, as numpy views of them: serialize it (an actor's reply or argument) before
+        the next command changes them. With `delta`, only those written since the last delta
         ("names" lists them all: `keeper.SnapshotKeeper` merges the rest from the one it holds).
         Its "order" is the iteration."""
         names = [n for n in self.slots if n != "acc"]
@@ -83,7 +84,7 @@ class VectorShard(VectorSlots):
             chosen, self.dirty = [n for n in names if n in self.dirty], set()
         return {"index": self.index, "lo": self.lo, "hi": self.hi, "order": iteration,
                 "iteration": iteration, "names": names, "delta": delta,
-                "slots": {n: self.slots[n].numpy().copy() for n in chosen}}
+                "slots": {n: self.slots[n].numpy() for n in chosen}}
 
     def restore(self, state: dict) -> int:
         """Continue from a snapshot of this same slice (numpy arrays or tensors); returns the
