@@ -8,22 +8,15 @@ import pytest
 from distbelief.distributed import DownpourTrainer
 from distbelief.engine.rundir import read_jsonl
 from distbelief.recipes import get_recipe
+from support.cluster import three_nodes
 
 ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    yield cluster
-    cluster.shutdown()
+    with three_nodes() as cluster:
+        yield cluster
 
 
 def test_shards_and_replicas_spread_across_nodes(cluster, tmp_path):

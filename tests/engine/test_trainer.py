@@ -99,7 +99,7 @@ def test_resume_extends_a_finished_run(tmp_path):
     assert record["config"]["iterations"] == 15 and "resumed" in record
 
 
-def test_nothing_is_written_before_training_and_a_run_killed_before_its_first_checkpoint_starts_over(
+def test_nothing_written_before_training_and_a_run_killed_before_a_checkpoint_starts_over(
         tmp_path):
     Trainer(digits_config(), tmp_path / "run")  # built, never trained: no run directory yet
     assert not (tmp_path / "run").exists()
