@@ -61,8 +61,10 @@ def ray_cluster():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level="ERROR")
+    # "local": a new Ray of our own, never one a RAY_ADDRESS or /tmp/ray/ray_current_cluster
+    # (another test cluster, another user on this machine) points at.
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             _node_ip_address="127.0.0.1", logging_level="ERROR")
     start_ray()  # no-op here: the driver must reuse this cluster, not start its own
     yield ray
     ray.shutdown()
