@@ -126,18 +126,10 @@ def _default_out(config) -> str:
 
 def _trainer(config, out: str, args: argparse.Namespace):
     """The scheme that trains `config` (its mode), ready to `fit()`."""
-    from distbelief.engine import Trainer
+    from distbelief.api import scheme_for
 
-    if config.mode == "single":
-        if args.address or args.dashboard:
-            raise ConfigError("--address and --dashboard apply to --mode downpour and "
-                              "sandblaster")
-        return Trainer(config, out, resume=args.resume, progress=not args.quiet)
-    from distbelief.distributed import DownpourTrainer, SandblasterTrainer
-
-    kind = DownpourTrainer if config.mode == "downpour" else SandblasterTrainer
-    return kind(config, out, resume=args.resume, progress=not args.quiet, address=args.address,
-                dashboard=args.dashboard)
+    return scheme_for(config, out, resume=args.resume, progress=not args.quiet,
+                      address=args.address, dashboard=args.dashboard)
 
 
 def _summary_line(config, summary: dict, out: str) -> str:

@@ -20,7 +20,7 @@ def test_only_the_runtime_and_the_actor_modules_import_ray():
 
 def test_the_cores_and_the_engine_import_without_ray():
     code = ("import sys\n"
-            "import distbelief.cli, distbelief.engine, distbelief.distributed\n"
+            "import distbelief.cli, distbelief.engine, distbelief.distributed, distbelief.api\n"
             "import distbelief.distributed.downpour, distbelief.distributed.sandblaster\n"
             "import distbelief.distributed.placement, distbelief.distributed.server_model\n"
             "assert 'ray' not in sys.modules, 'ray was imported'\n")

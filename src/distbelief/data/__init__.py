@@ -20,6 +20,7 @@ from distbelief.data.arrays import (ImageArrays, download_cifar10, load_cifar10,
                                     make_synthetic, split_off, write_cifar_batch)
 from distbelief.data.augment import (epoch_permutation, pca_lighting, random_crop, random_flip,
                                      step_generator)
+from distbelief.data.tensors import TensorEvalSource, TensorTrainStream
 from distbelief.errors import ConfigError, DataError
 
 __all__ = ["DataBundle", "build_data", "ImageArrays", "load_digits", "load_cifar10",
@@ -82,6 +83,11 @@ class ArrayTrainStream(TrainStream):
         self.augment, self.pad, self.flip = augment, pad, flip
         self.batches_per_epoch = len(data) // batch_size  # the last partial batch is dropped
         self._epoch, self._perm = None, None
+
+    def inputs(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The images at `index`, normalized, unaugmented, in `dtype` (Sandblaster's
+        portions)."""
+        return self.images[index].to(dtype).div_(255).sub_(self.mean)
 
     def batch(self, iteration: int) -> Batch:
         epoch, k = divmod(iteration, self.batches_per_epoch)
@@ -196,6 +202,8 @@ def build_data(config, device: torch.device, stats: dict | None = None,
     c = config
     if c.data == "imagenet":
         return _build_folder(c, device, stats, part)
+    if c.user is not None:
+        return _build_tensors(c, device, part)
     if c.data == "digits":
         train, test, classes = load_digits()
     elif c.data == "cifar10":
@@ -229,6 +237,28 @@ def _check_shape(mean: torch.Tensor, shape) -> None:
     if tuple(mean.shape) != tuple(shape):
         raise DataError(f"the data's images are {tuple(shape)} but the checkpoint's mean image "
                         f"is {tuple(mean.shape)}: different data than the model was trained on")
+
+
+def _build_tensors(c, device, part) -> DataBundle:
+    """The splits given to `distbelief.fit` (`c.user`); without a test split, the training
+    split is evaluated (as "train")."""
+    user = c.user
+    train = user.train
+    index = data_part(len(train), part)
+    if index is not None:
+        train = train.subset(index)
+    if c.channels_last and train.inputs.dim() != 4:
+        raise ConfigError(f"--channels-last needs 4-d inputs (N x C x H x W); these are "
+                          f"{train.inputs.dim()}-d")
+    evaluated = {"test": user.test} if user.test is not None else {"train": user.train}
+    stream = TensorTrainStream(train, c.batch_size or len(train), c.seed + (part or (0,))[0],
+                               device)
+    return DataBundle(
+        name="custom", num_classes=user.num_classes,
+        in_chans=train.inputs.shape[1] if train.inputs.dim() > 1 else 1,
+        train_size=len(train), stats={}, train=stream,
+        splits={k: TensorEvalSource(v, c.eval_batch_size, device)
+                for k, v in evaluated.items()})
 
 
 def _build_folder(c, device, stats, part) -> DataBundle:

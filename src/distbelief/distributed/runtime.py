@@ -124,6 +124,12 @@ def ray_session(address: str | None, dashboard: bool):
             ray.shutdown()
 
 
+def pickle_by_value(module) -> None:
+    """Ship `module`'s functions and classes to the workers by value rather than by name
+    (for a user's module that the workers cannot import)."""
+    ray.cloudpickle.register_pickle_by_value(module)
+
+
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail fast on a host:port nobody listens on (ray.init would retry for a minute)."""
     host, sep, port = address.rpartition(":")

@@ -35,6 +35,7 @@ MODES = ("single", "downpour", "sandblaster")
 DISTRIBUTED_MODES = ("downpour", "sandblaster")
 LINE_SEARCHES = ("strong_wolfe", "none")
 DTYPES = ("float32", "float64")
+CUSTOM = "custom"  # model and data given through the Python API (engine.user)
 PORTIONS_PER_REPLICA = 16  # default --portions: many more portions than replicas
 
 
@@ -185,6 +186,9 @@ class TrainConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     downpour: DownpourConfig = field(default_factory=DownpourConfig)
     sandblaster: SandblasterConfig = field(default_factory=SandblasterConfig)
+    # A model and data given to distbelief.fit (engine.user.UserParts); with model and data
+    # "custom". Not a setting: never a flag, never in config.yaml, not compared.
+    user: object = field(default=None, compare=False, repr=False, metadata={"internal": True})
 
     def __post_init__(self):
         validate(self)
@@ -205,7 +209,7 @@ class TrainConfig:
     def replace(self, **changes) -> "TrainConfig":
         """A copy with `changes` (flat field names, or whole sections by their names) applied
         and validated; unknown names are a `ConfigError`."""
-        unknown = sorted(set(changes) - set(field_types()) - set(SECTIONS))
+        unknown = sorted(set(changes) - set(field_types()) - set(SECTIONS) - {"user"})
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
         top = {k: v for k, v in changes.items() if k in SECTIONS or section_of(k) is None}
@@ -220,7 +224,10 @@ class TrainConfig:
         def plain(values: dict) -> dict:
             return {k: plain(v) if isinstance(v, dict) else list(v) if isinstance(v, tuple)
                     else v for k, v in values.items()}
-        return plain(dataclasses.asdict(self))
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if not f.metadata.get("internal")}
+        return plain({k: dataclasses.asdict(v) if k in SECTIONS else v
+                      for k, v in values.items()})
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -264,7 +271,7 @@ def _fields() -> dict[str, tuple[str | None, dataclasses.Field, type, bool]]:
     for section, cls in ((None, TrainConfig), *SECTIONS.items()):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if section is None and f.name in SECTIONS:
+            if (section is None and f.name in SECTIONS) or f.metadata.get("internal"):
                 continue
             hint = hints[f.name]
             args = typing.get_args(hint)
@@ -312,7 +319,9 @@ _AT_LEAST_ONE = ("portions", "replica_cpus")  # None: chosen by the run
 
 def validate(c: TrainConfig) -> None:
     """Raise `ConfigError` naming the first impossible value or combination in `c`."""
-    check_choice("dataset", c.data, DATASETS)
+    _check_user(c)
+    if c.data != CUSTOM:
+        check_choice("dataset", c.data, DATASETS)
     check_choice("device", c.device, DEVICES)
     check_choice("warmup mode", c.warmup_mode, WARMUP_MODES)
     check_choice("optimizer", c.optimizer, OPTIMIZERS)
@@ -323,6 +332,18 @@ def validate(c: TrainConfig) -> None:
         check_choice("shortcut option", c.shortcut, ("A", "B", "C"))
     _check_ranges(c)
     _check_rules(c)
+
+
+def _check_user(c: TrainConfig) -> None:
+    """Model and data "custom" are exactly those of a config that carries them (`user`)."""
+    custom = (c.model == CUSTOM, c.data == CUSTOM, c.user is not None)
+    if any(custom) and not all(custom):
+        raise ConfigError("model and data 'custom' are the ones given to distbelief.fit(model, "
+                          "train_data, ...); resume or evaluate such a run through the Python "
+                          "API with the same model")
+    if c.user is not None and c.val_split:
+        raise ConfigError("--val-split applies to the named datasets; give distbelief.fit a "
+                          "test_data")
 
 
 def _check_ranges(c: TrainConfig) -> None:

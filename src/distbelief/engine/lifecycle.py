@@ -156,6 +156,7 @@ class RunLifecycle:
         self.clock = Stopwatch()
         self.last_train: dict = {}
         self.last_eval: dict | None = None
+        self.evaluated: torch.nn.Module | None = None  # the model of the last evaluation
         self.stop_requested = False
         self.stop_signal: int | None = None
         self.resuming = False
@@ -234,7 +235,7 @@ class RunLifecycle:
                 self.begin(scheme)
                 scheme.train()
                 results = self.last_eval
-                if results is None or results["test"]["iteration"] != scheme.position:
+                if results is None or _main(results)["iteration"] != scheme.position:
                     results = self.evaluate(scheme)
                 return self.summary(scheme, results)
             finally:
@@ -313,28 +314,34 @@ class RunLifecycle:
                             bf16=c.bf16)}
             results[split] = r
             self.log(r)
+        main = _main(results)
         self.say(f"iteration {scheme.position}/{c.iterations} ({self.wall_s:.1f} s): "
-                 f"{scheme.progress_text()}, test error {results['test']['error']:.2%}")
-        self.last_eval = results
+                 f"{scheme.progress_text()}, {main['split']} error {main['error']:.2%}")
+        self.last_eval, self.evaluated = results, model
         return results
 
     def summary(self, scheme: Scheme, results: dict) -> dict:
         """The summary: what every mode reports, then the scheme's own entries (which may
         replace them); written to summary.json."""
-        c, test = scheme.config, results["test"]
+        c = scheme.config
         summary = {
             "recipe": c.recipe, "model": c.model, "data": c.data,
             "device": str(scheme.device), "mode": c.mode, "iterations": scheme.position,
             "examples": scheme.examples,
             "epochs": round(scheme.examples / scheme.data.train_size, 3),
-            "test_error": test["error"], "test_accuracy": 1 - test["error"],
-            "test_top5_error": test["top5_error"], "test_loss": test["loss"],
             "train_error": self.last_train.get("error"),
             "train_loss": self.last_train.get("loss"), "wall_s": round(self.wall_s, 3),
             "images_per_s": round(scheme.examples / max(self.wall_s, 1e-9), 1),
             **scheme.summary()}
-        if "val" in results:
-            summary["val_error"] = results["val"]["error"]
+        if "test" in results:
+            test = results["test"]
+            summary.update(test_error=test["error"], test_accuracy=1 - test["error"],
+                           test_top5_error=test["top5_error"], test_loss=test["loss"])
+        # Other splits: "val" (--val-split); "train", evaluated in full when a run through
+        # the Python API has no test data (it replaces the running training averages).
+        for split in results.keys() - {"test"}:
+            summary[f"{split}_error"] = results[split]["error"]
+            summary[f"{split}_loss"] = results[split]["loss"]
         if self.run is not None:
             self.run.write_summary(summary)
         return summary
@@ -421,3 +428,9 @@ class FailureBook:
                        "restored_version": restored_version})
         self.life.say(f"shard {k} failed and was restarted from its snapshot at version "
                       f"{restored_version} (at least {lost} updates lost)")
+
+
+def _main(results: dict) -> dict:
+    """The evaluation the progress line and the end of a run go by: the test split's, else
+    the only one there is (a run through the Python API without test data: "train")."""
+    return results["test"] if "test" in results else next(iter(results.values()))

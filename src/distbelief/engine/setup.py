@@ -35,7 +35,11 @@ def set_determinism(deterministic: bool, device: torch.device) -> None:
 
 def build_model(config, data, device: torch.device | None = None) -> torch.nn.Module:
     """`config.model` for `data`'s classes and channels (a `DataBundle`); with `device`, moved
-    there and in the configured memory format (`place_model`)."""
+    there and in the configured memory format (`place_model`). A config carrying a model given
+    to `distbelief.fit` (`config.user`) builds that one."""
+    if config.user is not None:
+        model = config.user.model()
+        return model if device is None else place_model(model, config, device)
     options = {"shortcut": config.shortcut} if config.shortcut else {}
     if config.hidden is not None:
         options["hidden"] = config.hidden

@@ -23,7 +23,7 @@ class LocalBatchObjective:
     def __init__(self, config, device: torch.device | str = "cpu"):
         self.config, self.device = config, torch.device(device)
         data = build_data(config, self.device)
-        self.images, self.labels, self.mean = data.train.images, data.train.labels, data.train.mean
+        self.stream, self.labels = data.train, data.train.labels
         self.train_size = data.train_size
         self.full_batch = config.batch_size == 0 or config.batch_size >= self.train_size
         self.dtype = getattr(torch, config.sandblaster.dtype)
@@ -38,7 +38,7 @@ class LocalBatchObjective:
                               self.batch).to(self.device)
         self.flat.load(x)
         self.model.zero_grad(set_to_none=True)
-        inputs = self.images[index].to(self.dtype).div_(255).sub_(self.mean)
+        inputs = self.stream.inputs(index, self.dtype)
         loss = F.cross_entropy(self.model(inputs), self.labels[index], reduction="sum")
         loss.backward()
         wd, b = self.config.weight_decay, len(index)

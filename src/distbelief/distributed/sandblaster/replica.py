@@ -34,7 +34,7 @@ class SandblasterReplica:
         self.straggler_delay = straggler_delay
         data = build_data(config, self.device, stats=stats)
         stream = data.train
-        self.images, self.labels, self.mean = stream.images, stream.labels, stream.mean
+        self.stream, self.labels = stream, stream.labels
         self.train_size = data.train_size
         self.dtype = getattr(torch, config.sandblaster.dtype)
         self.model = build_model(config, data, self.device).to(self.dtype)
@@ -88,7 +88,7 @@ class SandblasterReplica:
         if fetch:
             self.flat.load(self.client.pull("x"))
         index = self._indices(batch, portion).to(self.device)
-        x = self.images[index].to(self.dtype).div_(255).sub_(self.mean)
+        x = self.stream.inputs(index, self.dtype)
         self.model.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.model(x), self.labels[index], reduction="sum")
         loss.backward()

@@ -1,0 +1,120 @@
+"""Data given as tensors or a torch `Dataset` through the Python API (`distbelief.fit`): any
+inputs (images, feature vectors, frames), integer class labels.
+
+The split is materialized once as two tensors, which travel with the run's config to every
+replica (an actor rebuilds its data from the config, as it does for the named datasets). The
+training stream has the array datasets' semantics: a fixed permutation per epoch drawn from
+(seed, epoch), so batch i is a pure function of (seed, i) and a run resumes anywhere; no
+normalization or augmentation is applied (the inputs are used as given).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from distbelief.data.augment import epoch_permutation
+from distbelief.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TensorSplit:
+    """One labelled split: `inputs` (N x ...) float32 and `labels` (N,) int64."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "TensorSplit":
+        return TensorSplit(self.inputs[index], self.labels[index])
+
+
+def as_split(data, name: str) -> TensorSplit:
+    """`data` (an (inputs, labels) pair of tensors or a map-style `Dataset` of such pairs) as a
+    `TensorSplit`.
+
+    Raises:
+        ConfigError: `data` is empty, not (input, label) pairs, or its labels are not integers.
+    """
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
+            isinstance(t, torch.Tensor) for t in data):
+        inputs, labels = data
+    elif hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(
+            data, (str, bytes)):
+        inputs, labels = _stack(data, name)
+    else:
+        raise ConfigError(f"{name} must be a map-style torch Dataset of (input, label) pairs or "
+                          f"an (inputs, labels) pair of tensors, got {type(data).__name__}")
+    if len(inputs) == 0:
+        raise ConfigError(f"{name} is empty")
+    if len(inputs) != len(labels):
+        raise ConfigError(f"{name} has {len(inputs)} inputs but {len(labels)} labels")
+    if labels.is_floating_point() or labels.is_complex() or labels.dim() != 1:
+        raise ConfigError(f"{name}: labels must be one integer class index per example, got "
+                          f"{labels.dtype} of shape {tuple(labels.shape)}")
+    return TensorSplit(inputs.detach().float().cpu().contiguous(),
+                       labels.detach().long().cpu().contiguous())
+
+
+def _stack(dataset, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    n = len(dataset)
+    if n == 0:
+        raise ConfigError(f"{name} is empty")
+    try:
+        pairs = [dataset[i] for i in range(n)]
+        inputs = torch.stack([torch.as_tensor(x) for x, _ in pairs])
+        labels = torch.as_tensor([int(y) for _, y in pairs])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"{name}: items must be (input, label) pairs of equal-shaped inputs "
+                          f"and integer labels ({str(e).splitlines()[0][:120]})") from None
+    return inputs, labels
+
+
+class TensorTrainStream:
+    """Endless training batches of a `TensorSplit` on `device`, one permutation per epoch."""
+
+    def __init__(self, split: TensorSplit, batch_size: int, seed: int, device: torch.device):
+        if len(split) < batch_size:
+            raise ConfigError(f"--batch-size {batch_size} exceeds the {len(split)} training "
+                              f"examples")
+        self.features, self.labels = split.inputs.to(device), split.labels.to(device)
+        self.batch_size, self.seed, self.device = batch_size, seed, device
+        self.batches_per_epoch = len(split) // batch_size  # the last partial batch is dropped
+        self._epoch, self._perm = None, None
+
+    def inputs(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The inputs at `index`, as the model sees them (Sandblaster's portions)."""
+        return self.features[index].to(dtype)
+
+    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, k = divmod(iteration, self.batches_per_epoch)
+        if epoch != self._epoch:
+            perm = epoch_permutation(len(self.labels), self.seed, epoch)
+            self._epoch, self._perm = epoch, perm.to(self.device)
+        index = self._perm[k * self.batch_size:(k + 1) * self.batch_size]
+        return self.features[index], self.labels[index]
+
+    def batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        iteration = start
+        while True:
+            yield self.batch(iteration)
+            iteration += 1
+
+
+class TensorEvalSource:
+    """A `TensorSplit` in evaluation batches of `batch_size` on `device`."""
+
+    def __init__(self, split: TensorSplit, batch_size: int, device: torch.device):
+        self.split, self.batch_size, self.device = split, batch_size, device
+        self.size = len(split)
+
+    def batches(self, views: str = "center", scales=()):
+        if views != "center":
+            raise ConfigError("10-crop and multi-scale testing apply to imagenet data only")
+        for lo in range(0, self.size, self.batch_size):
+            yield (self.split.inputs[lo:lo + self.batch_size].to(self.device),
+                   self.split.labels[lo:lo + self.batch_size].to(self.device))

@@ -1,0 +1,119 @@
+"""The Python API in one process: your own module and data, `load`, `evaluate`, bad
+arguments. No Ray here (tests/api/test_fit_ray.py runs the distributed modes)."""
+
+import re
+
+import pytest
+import torch
+from support.api import wine
+
+import distbelief
+from distbelief import ConfigError
+from distbelief.cli import main
+
+FAST = dict(iterations=150, batch_size=16, lr=0.05, eval_every=50, log_every=25)
+
+
+class Frames(torch.nn.Module):
+    """A user's own module: not a registered model, any input shape."""
+
+    def __init__(self, features: int = 13, classes: int = 3):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(features, 32), torch.nn.ReLU())
+        self.head = torch.nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_a_module_trains_in_place_and_its_run_loads_back(tmp_path):
+    (x, y), test = wine()
+    torch.manual_seed(0)
+    model = Frames()
+    before = [p.detach().clone() for p in model.parameters()]
+    summary = distbelief.fit(model, (x, y), test_data=test, run_dir=tmp_path / "run", **FAST)
+    assert summary["iterations"] == 150 and summary["model"] == "custom"
+    assert summary["test_accuracy"] >= 0.9, summary
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # The module now holds the trained weights: evaluating it gives the run's own numbers.
+    again = distbelief.evaluate(model, test)
+    assert again["loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
+    loaded = distbelief.load(tmp_path / "run", model=Frames)
+    torch.testing.assert_close(loaded(test[0]), model.eval()(test[0]))
+
+
+def test_a_factory_and_a_dataset_without_test_data_evaluate_the_training_split():
+    (x, y), _ = wine()
+    data = torch.utils.data.TensorDataset(x, y)
+    summary = distbelief.fit(lambda: Frames(), data, seed=3, **FAST)
+    assert "test_accuracy" not in summary
+    assert 0 <= summary["train_error"] <= 0.1, summary  # a full pass, not the running mean
+    # Seeded: the factory is called after torch.manual_seed(seed), so a rerun is the same run.
+    rerun = distbelief.fit(lambda: Frames(), data, seed=3, **FAST)
+    assert rerun["train_loss"] == summary["train_loss"]
+
+
+class Pairs(torch.utils.data.Dataset):
+    """A map-style dataset of (numpy array, int) pairs."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x.numpy(), y.tolist()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def test_any_map_style_dataset_of_pairs_is_taken():
+    (x, y), (tx, ty) = wine()
+    summary = distbelief.fit(Frames(), Pairs(x, y), test_data=Pairs(tx, ty), **FAST)
+    assert summary["test_accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize("model, data, message", [
+    ("resnet20", None, "must be a torch.nn.Module"),
+    (Frames(), ([], []), "is empty"),
+    (Frames(), "labels", "map-style torch Dataset"),
+    (Frames(classes=2), None, "has labels 0..2 but the model has 2 outputs"),
+    (Frames(features=5), None, "cannot take train_data's inputs of shape (13,)"),
+    (Frames(), "float labels", "labels must be one integer class index"),
+])
+def test_bad_arguments_are_one_config_error_and_write_nothing(tmp_path, model, data, message):
+    train = wine()[0]
+    if data == "float labels":
+        data = (train[0], train[1].float())
+    elif data == ([], []):
+        data = torch.utils.data.TensorDataset(torch.zeros(0, 13), torch.zeros(0))
+    data = train if data is None else data
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        distbelief.fit(model, data, run_dir=tmp_path / "run", **FAST)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_setting_is_named():
+    with pytest.raises(ConfigError, match="unknown config field.*learning_rate"):
+        distbelief.fit(Frames(), wine()[0], learning_rate=0.1)
+
+
+def test_the_command_line_refuses_an_api_run_in_one_line(tmp_path, capsys):
+    distbelief.fit(Frames(), wine()[0], run_dir=tmp_path / "run", **FAST)
+    assert main(["train", "--resume", "--out", str(tmp_path / "run"), "--quiet"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "given to distbelief.fit" in err[0], err
+    with pytest.raises(distbelief.CheckpointError, match="pass it as load"):
+        distbelief.load(tmp_path / "run")
+
+
+def test_load_rebuilds_a_named_model_from_its_run(tmp_path):
+    from distbelief.engine import Trainer
+
+    config = distbelief.get_recipe("digits").replace(iterations=4, batch_size=16, eval_every=4)
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.fit()
+    model = distbelief.load(tmp_path / "run")
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(model(x), trainer.model.eval()(x))
+    assert "resnet20" in distbelief.list_models()
+    assert isinstance(distbelief.create_model("resnet20"), torch.nn.Module)

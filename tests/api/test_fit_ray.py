@@ -1,0 +1,50 @@
+"""The Python API in the distributed modes, on a module Ray of two CPUs: a user's module and
+tensors through Downpour and Sandblaster, and the example script (its module class defined in
+the script, shipped to the replicas by value)."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from support.api import wine
+
+import distbelief
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def mlp():
+    return torch.nn.Sequential(torch.nn.Linear(13, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+
+
+def test_downpour_trains_a_user_module_on_tensors(tmp_path):
+    train, test = wine()
+    torch.manual_seed(0)
+    model = mlp()
+    summary = distbelief.fit(model, train, test_data=test, mode="downpour", replicas=2,
+                             ps_shards=2, iterations=300, batch_size=16, lr=0.05,
+                             eval_every=100, log_every=50, run_dir=tmp_path / "run")
+    assert summary["mode"] == "downpour" and summary["iterations"] == 300
+    assert summary["shard_updates"] == [300, 300] and summary["test_accuracy"] >= 0.9, summary
+    assert distbelief.evaluate(model, test)["loss"] == pytest.approx(summary["test_loss"],
+                                                                     rel=1e-6)
+
+
+def test_sandblaster_trains_a_user_factory_on_tensors():
+    train, test = wine()
+    summary = distbelief.fit(mlp, train, test_data=test, mode="sandblaster", replicas=2,
+                             ps_shards=2, batch_size=0, iterations=30, lr=1.0, eval_every=10)
+    assert summary["mode"] == "sandblaster" and summary["test_accuracy"] >= 0.9, summary
+    assert summary["batch_images"] == len(train[1])
+
+
+def test_the_example_trains_its_own_class_with_downpour():
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "own_model.py")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = done.stdout.strip().splitlines()[-1]
+    accuracy = float(line.split("test accuracy ")[1].split("%")[0])
+    assert line.startswith("downpour:") and accuracy >= 90, line
