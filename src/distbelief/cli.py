@@ -208,6 +208,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from distbelief.engine.weights import export_state_dict
+
+    count, caveat = export_state_dict(args.run, args.torchvision)
+    if caveat:
+        print(f"distbelief: note: {caveat}", file=sys.stderr)
+    print(f"wrote {args.torchvision}: {count} tensors, a torchvision-format state dict "
+          f"(load_state_dict(torch.load(...)) or --init-from)")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from distbelief.plot import plot_runs
 
@@ -281,6 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to evaluate (default: auto, whatever the training used)")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a run's model as a torchvision-format state dict",
+                       description="Write the model of a run directory (its checkpoints/"
+                                   "last.pt) or of a checkpoint file as a plain state dict "
+                                   "with torchvision's module names: the ImageNet ResNets load "
+                                   "into torchvision.models.resnetNN with strict=True, and any "
+                                   "model into a run with --init-from.")
+    p.add_argument("run", metavar="RUN", help="a run directory or a checkpoint .pt file")
+    p.add_argument("--torchvision", required=True, metavar="OUT.pt",
+                   help="the file to write (never overwritten)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="training and test error curves of runs (Fig. 6 style)",
                        description="Plot training (dashed) and test (bold) error against "

@@ -113,6 +113,12 @@ class TrainConfig:
     model: str = _opt("registered model name (see 'distbelief models')", default="resnet20")
     shortcut: str | None = _opt("shortcut option A, B or C (default: the family's)", default=None)
     hidden: int | None = _opt("mlp: hidden units (default 256)", default=None)
+    variant: str | None = _opt("ImageNet ResNets: where a bottleneck strides, 'paper' (the "
+                               "first 1x1 conv, the default) or 'v1.5' (the 3x3 conv, as "
+                               "torchvision's resnet50 ... 152)", default=None)
+    init_from: str | None = _opt("start from the weights in this file: a torchvision-format "
+                                 "state dict (names to tensors, as 'distbelief export' writes), "
+                                 "loaded strictly", default=None)
     # Data
     data: str = _opt("dataset: digits, cifar10, imagenet or synthetic", default="digits")
     data_dir: str | None = _opt("dataset folder (cifar10: cifar-10-batches-py, imagenet: the "
@@ -330,6 +336,8 @@ def validate(c: TrainConfig) -> None:
     check_choice("dtype", c.sandblaster.dtype, DTYPES)
     if c.shortcut is not None:
         check_choice("shortcut option", c.shortcut, ("A", "B", "C"))
+    if c.variant is not None:
+        check_choice("bottleneck variant", c.variant, ("paper", "v1.5"))
     _check_ranges(c)
     _check_rules(c)
 

@@ -43,6 +43,10 @@ def build_model(config, data, device: torch.device | None = None) -> torch.nn.Mo
     options = {"shortcut": config.shortcut} if config.shortcut else {}
     if config.hidden is not None:
         options["hidden"] = config.hidden
+    if config.variant is not None:
+        if model_info(config.model).family != "imagenet":
+            raise ConfigError(f"--variant applies to the ImageNet ResNets, not {config.model}")
+        options["variant"] = config.variant
     if model_info(config.model).sized:  # dense models flatten images of the data's size
         options["input_size"] = tuple(data.stats["mean"].shape[1:])
     model = create_model(config.model, num_classes=data.num_classes, in_chans=data.in_chans,

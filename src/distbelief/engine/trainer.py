@@ -29,6 +29,7 @@ from distbelief.engine.evaluate import evaluate
 from distbelief.engine.lifecycle import Diverged, RunLifecycle, TrainingInterrupted
 from distbelief.engine.schedule import LRSchedule
 from distbelief.engine.setup import build_model, place_model, resolve_device, set_determinism
+from distbelief.engine.weights import load_init
 from distbelief.errors import CheckpointError
 from distbelief.optim import ADAGRAD_EPS
 
@@ -116,7 +117,7 @@ class Trainer:
         self.data = build_data(config, self.device,
                                stats=saved["data_stats"] if saved else None)
         self.config = config = resolve(config, self.data.train_size)
-        self.model = build_model(config, self.data, self.device)
+        self.model = load_init(build_model(config, self.data, self.device), config)
         self.optimizer = build_optimizer(config, self.model)
         self.schedule = LRSchedule(config)
         self.iteration = 0

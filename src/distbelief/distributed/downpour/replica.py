@@ -42,6 +42,7 @@ from distbelief.distributed.downpour.shard import ParameterShard
 from distbelief.distributed.flat import FlatModel, all_finite, model_vector
 from distbelief.distributed.pending import Done, Part
 from distbelief.engine.setup import build_model, resolve_device, set_determinism
+from distbelief.engine.weights import load_init
 
 
 class LocalClient:
@@ -220,6 +221,7 @@ class DownpourReplica:
 
 def initial_vector(config, data) -> tuple[torch.Tensor, int]:
     """The model's initial [parameters; buffers] vector for `config.seed`, as the
-    single-process trainer initializes it (torch.manual_seed(seed), then the model)."""
+    single-process trainer initializes it (torch.manual_seed(seed), then the model, then
+    --init-from's weights)."""
     torch.manual_seed(config.seed)
-    return model_vector(build_model(config, data))
+    return model_vector(load_init(build_model(config, data), config))

@@ -48,6 +48,7 @@ from distbelief.engine.checkpoint import load_checkpoint
 from distbelief.engine.config import TrainConfig, batch_images, resolve
 from distbelief.engine.lifecycle import Diverged, FailureBook, RunLifecycle
 from distbelief.engine.setup import build_model, has_batchnorm
+from distbelief.engine.weights import load_init
 from distbelief.optim import shard_bounds
 from distbelief.optim.lbfgs import LBFGS
 
@@ -125,7 +126,7 @@ class SandblasterTrainer:
         cpu = torch.device("cpu")
         data = build_data(config, cpu, stats=saved["data_stats"] if saved else None)
         torch.manual_seed(config.seed)
-        model = build_model(config, data, cpu)
+        model = load_init(build_model(config, data, cpu), config)
         if saved:  # the parameters of the last checkpoint, in case the vectors are unusable
             model.load_state_dict(load_checkpoint(self.life.run.state_file("last"))["model"])
         vector, n_params = model_vector(model)

@@ -13,6 +13,7 @@ from distbelief.data import build_data
 from distbelief.distributed.flat import FlatModel
 from distbelief.distributed.sandblaster.portions import batch_indices
 from distbelief.engine.setup import build_model
+from distbelief.engine.weights import load_init
 
 
 class LocalBatchObjective:
@@ -28,7 +29,7 @@ class LocalBatchObjective:
         self.full_batch = config.batch_size == 0 or config.batch_size >= self.train_size
         self.dtype = getattr(torch, config.sandblaster.dtype)
         torch.manual_seed(config.seed)
-        self.model = build_model(config, data, self.device).to(self.dtype)
+        self.model = load_init(build_model(config, data, self.device), config).to(self.dtype)
         self.flat = FlatModel(self.model)
         self.initial = self.flat.vector(self.dtype)
         self.batch = 0
