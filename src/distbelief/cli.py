@@ -93,7 +93,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args: argparse.Namespace):
-    from distbelief.engine.config import coerce, field_types
+    from distbelief.engine.config import MISSING_PARTS, MissingParts, coerce, field_types
     from distbelief.engine.rundir import RunDir
     from distbelief.recipes import get_recipe
 
@@ -109,6 +109,8 @@ def _config_from_args(args: argparse.Namespace):
         if args.out is None:
             raise ConfigError("--resume needs --out RUN_DIR, the run to continue")
         base = RunDir(args.out).read_config()
+        if isinstance(base.user, MissingParts):
+            raise ConfigError(MISSING_PARTS)
         if overrides.get("mode", base.mode) != base.mode:
             raise CheckpointError(f"{args.out} holds a {base.mode} run; resume it with "
                                   f"--mode {base.mode}")

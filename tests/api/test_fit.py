@@ -131,3 +131,21 @@ def test_the_fine_tuning_example_loads_torchvision_weights_and_learns():
     line = done.stdout.strip().splitlines()[-1]
     accuracy = float(line.split("test accuracy ")[1].split("%")[0])
     assert "after 60 iterations" in line and accuracy >= 50, line  # 78% here; chance 10%
+
+
+def test_a_run_resumes_through_the_api_and_plots_from_the_command_line(tmp_path):
+    (x, y), test = wine()
+    run = tmp_path / "run"
+    settings = dict(FAST, checkpoint_every=50)
+    first = distbelief.fit(lambda: Frames(), (x, y), test_data=test, run_dir=run,
+                           **{**settings, "iterations": 100})
+    summary = distbelief.fit(lambda: Frames(), (x, y), test_data=test, run_dir=run,
+                             resume=True, **settings)
+    assert first["iterations"] == 100 and summary["iterations"] == 150
+    from distbelief.engine.rundir import read_jsonl
+
+    trained = [r["iteration"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert trained == [25, 50, 75, 100, 125, 150]  # none repeated, none lost
+    assert main(["plot", str(run), "-o", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert main(["eval", "--checkpoint", str(run / "checkpoints" / "last.pt")]) == 2

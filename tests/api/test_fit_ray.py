@@ -26,11 +26,19 @@ def test_downpour_trains_a_user_module_on_tensors(tmp_path):
     model = mlp()
     summary = distbelief.fit(model, train, test_data=test, mode="downpour", replicas=2,
                              ps_shards=2, iterations=300, batch_size=16, lr=0.05,
-                             eval_every=100, log_every=50, run_dir=tmp_path / "run")
+                             eval_every=100, log_every=50, run_dir=tmp_path / "run",
+                             tensorboard=True)
     assert summary["mode"] == "downpour" and summary["iterations"] == 300
     assert summary["shard_updates"] == [300, 300] and summary["test_accuracy"] >= 0.9, summary
     assert distbelief.evaluate(model, test)["loss"] == pytest.approx(summary["test_loss"],
                                                                      rel=1e-6)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    board.Reload()
+    tags = set(board.Tags()["scalars"])
+    assert {"train/loss", "train/staleness_mean", "shard/1/updates_per_s", "test/error"} <= tags
+    assert [e.step for e in board.Scalars("train/loss")] == [50, 100, 150, 200, 250, 300]
 
 
 def test_sandblaster_trains_a_user_factory_on_tensors():

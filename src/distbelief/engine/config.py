@@ -185,6 +185,9 @@ class TrainConfig:
                                         "killed outright loses at most this window",
                                         default=300.0)
     eval_batch_size: int = _opt("images per evaluation batch", default=500)
+    tensorboard: bool = _opt("also write TensorBoard event files into RUN_DIR/tensorboard "
+                             "(loss, error, lr, images/s, staleness, per-shard updates/s)",
+                             default=False)
     mode: str = _opt("single (one process), downpour (asynchronous replicas and a sharded "
                      "parameter server on Ray) or sandblaster (L-BFGS driven from a coordinator, "
                      "batch gradients from replicas, vectors on the shards)", default="single")
@@ -248,7 +251,8 @@ class TrainConfig:
         unknown = sorted(set(flat) - set(field_types()))
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
-        return cls().replace(**{k: coerce(k, v) for k, v in flat.items()})
+        user = MissingParts() if flat.get("model") == CUSTOM else None
+        return cls().replace(**{k: coerce(k, v) for k, v in flat.items()}, user=user)
 
 
 def _flag(name: str) -> str:
@@ -342,13 +346,27 @@ def validate(c: TrainConfig) -> None:
     _check_rules(c)
 
 
+class MissingParts:
+    """The model and data of a run made through `distbelief.fit`, read back from disk without
+    them: the config reads (plots, mode checks); building the model or data says what to do."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise ConfigError(MISSING_PARTS)
+
+
+MISSING_PARTS = ("this run's model and data were given to distbelief.fit; resume or evaluate it "
+                 "through the Python API with the same model (fit(..., resume=True), "
+                 "load(run, model=...))")
+
+
 def _check_user(c: TrainConfig) -> None:
     """Model and data "custom" are exactly those of a config that carries them (`user`)."""
     custom = (c.model == CUSTOM, c.data == CUSTOM, c.user is not None)
     if any(custom) and not all(custom):
         raise ConfigError("model and data 'custom' are the ones given to distbelief.fit(model, "
-                          "train_data, ...); resume or evaluate such a run through the Python "
-                          "API with the same model")
+                          "train_data, ...); the command line trains the named ones")
     if c.user is not None and c.val_split:
         raise ConfigError("--val-split applies to the named datasets; give distbelief.fit a "
                           "test_data")

@@ -42,6 +42,7 @@ from distbelief.engine.checkpoint import atomic_write, load_checkpoint, save_che
 from distbelief.engine.config import TrainConfig
 from distbelief.engine.evaluate import evaluate
 from distbelief.engine.rundir import RunDir
+from distbelief.engine.tensorboard import EventWriter, check_available
 from distbelief.errors import CheckpointError, ConfigError, DistbeliefError
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -162,6 +163,7 @@ class RunLifecycle:
         self.resuming = False
         self.saved: dict | None = None
         self.begun = False
+        self.events: EventWriter | None = None  # --tensorboard
 
     # --- opening --------------------------------------------------------------------------
 
@@ -177,6 +179,10 @@ class RunLifecycle:
             CheckpointError: the run is of another mode, was trained with other values of the
                 fields in `same`, or its checkpoint is unreadable."""
         self.resuming = resume
+        if config.tensorboard:
+            if self.run is None:
+                raise ConfigError("--tensorboard needs a run directory")
+            check_available()
         self.saved = self._open(config, resume, same)
         if self.saved is not None:
             self.load_state_dict(self.saved)
@@ -215,6 +221,10 @@ class RunLifecycle:
             self.begun = True
             return
         self.begun = True
+        if scheme.config.tensorboard:
+            # A resumed run's events after its checkpoint are hidden, as its records are dropped.
+            self.events = EventWriter(self.run.path / "tensorboard",
+                                      purge_step=scheme.position + 1 if self.resuming else None)
         if not self.resuming:
             self.run.create(scheme.config, str(scheme.device))
             return
@@ -240,6 +250,8 @@ class RunLifecycle:
                 return self.summary(scheme, results)
             finally:
                 scheme.close()
+                if self.events is not None:
+                    self.events.close()
 
     def request_stop(self) -> None:
         """Ask the scheme to stop after its current unit of work and checkpoint (safe from a
@@ -290,6 +302,8 @@ class RunLifecycle:
     def log(self, record: dict) -> None:
         if self.run is not None:
             self.run.log(record)
+        if self.events is not None:
+            self.events.write(record)
 
     def log_train(self, record: dict) -> None:
         """Log a training record and keep it for the summary and the checkpoint."""
