@@ -38,11 +38,13 @@ def fit(model, train_data, *, test_data=None, mode: str = "single",
     Args:
         model: a `torch.nn.Module` (training starts from its weights, and it ends holding the
             trained ones) or a function of no arguments returning a fresh module (called after
-            `torch.manual_seed(seed)`). Its output is N x classes scores.
+            `torch.manual_seed(seed)`). Its output is N x classes scores (N x D values with
+            `loss="mse"`).
         train_data, test_data: map-style `torch.utils.data.Dataset`s of (input, label) pairs,
-            or (inputs, labels) pairs of tensors; labels are class indices. Without
-            `test_data` the training data is evaluated (summary keys `train_error`,
-            `train_loss`); with it, `test_error`, `test_accuracy`, `test_loss`.
+            or (inputs, labels) pairs of tensors; labels are class indices (real targets of
+            N or N x D values with `loss="mse"`). Without `test_data` the training data is
+            evaluated (summary keys `train_error`, `train_loss`); with it, `test_loss` and for
+            a classifier `test_error`, `test_accuracy`, `test_top5_error`.
         mode: "single", "downpour" or "sandblaster" (a model without BatchNorm).
         run_dir: where the run's config, metrics and checkpoints go (None: nowhere).
         resume: continue the run in `run_dir` (same model and data).
@@ -76,12 +78,13 @@ def make_config(model, train_data, test_data=None, *, mode: str = "single",
     Raises:
         ConfigError: see `fit`."""
     build = _factory(model)
-    train = as_split(train_data, "train_data")
-    test = None if test_data is None else as_split(test_data, "test_data")
+    classify = settings.get("loss", "cross_entropy") == "cross_entropy"
+    train = as_split(train_data, "train_data", classify)
+    test = None if test_data is None else as_split(test_data, "test_data", classify)
     classes = _outputs(build, train)
     for name, split in (("train_data", train), ("test_data", test)):
         if split is not None:
-            _check_labels(name, split, classes)
+            (_check_labels if classify else _check_targets)(name, split, classes)
     parts = UserParts(build=build, train=train, test=test, num_classes=classes)
     return TrainConfig().replace(recipe="python", model=CUSTOM, data=CUSTOM, user=parts,
                                  mode=mode, **settings)
@@ -155,20 +158,29 @@ def _check_labels(name: str, split: TensorSplit, classes: int) -> None:
                           f"(labels are class indices 0..{classes - 1})")
 
 
-def evaluate(model, data, *, batch_size: int = 500, device: str = "cpu") -> dict:
+def _check_targets(name: str, split: TensorSplit, outputs: int) -> None:
+    values = split.labels.view(len(split), -1).shape[1]
+    if values != outputs:
+        raise ConfigError(f"{name} has {values} target value(s) per example but the model has "
+                          f"{outputs} outputs")
+
+
+def evaluate(model, data, *, loss: str = "cross_entropy", batch_size: int = 500,
+             device: str = "cpu") -> dict:
     """Top-1 and top-5 error, mean cross-entropy loss and accuracy of `model` (a module, or a
-    run directory or checkpoint as `load` takes) on `data` (as `fit` takes)."""
+    run directory or checkpoint as `load` takes) on `data` (as `fit` takes); with
+    `loss="mse"` the mean squared error as "loss" (errors None, no accuracy)."""
     from distbelief.engine.evaluate import evaluate as run_evaluation
     from distbelief.engine.setup import resolve_device
 
     module = model if isinstance(model, torch.nn.Module) else load(model)
-    split = as_split(data, "data")
+    split = as_split(data, "data", classes=loss == "cross_entropy")
     where = resolve_device(device)
     module = module.to(where).eval()
     batches = ((split.inputs[i:i + batch_size].to(where), split.labels[i:i + batch_size].to(where))
                for i in range(0, len(split), batch_size))
-    result = run_evaluation(module, batches)
-    return {**result, "accuracy": 1 - result["error"]}
+    result = run_evaluation(module, batches, loss=loss)
+    return result if result["error"] is None else {**result, "accuracy": 1 - result["error"]}
 
 
 def load(path: str | os.PathLike, model=None) -> torch.nn.Module:

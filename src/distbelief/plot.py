@@ -25,6 +25,9 @@ def run_curves(run_dir: str | os.PathLike, x: str = "iterations") -> dict:
     if not run.metrics_file.is_file():
         raise ConfigError(f"{run.path} is not a run directory (no metrics.jsonl)")
     config = run.read_config() if run.config_file.exists() else None
+    if config is not None and config.loss == "mse":
+        raise ConfigError(f"{run.path} is a regression run (--loss mse): it has no error "
+                          f"curves; its losses are in metrics.jsonl (and --tensorboard)")
     records = read_jsonl(run.metrics_file)
 
     def position(r: dict):

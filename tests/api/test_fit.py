@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from support.api import wine
+from support.api import diabetes, regressor, wine
 
 import distbelief
 from distbelief import ConfigError
@@ -149,3 +149,28 @@ def test_a_run_resumes_through_the_api_and_plots_from_the_command_line(tmp_path)
     assert main(["plot", str(run), "-o", str(tmp_path / "curves.png")]) == 0
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert main(["eval", "--checkpoint", str(run / "checkpoints" / "last.pt")]) == 2
+
+
+def test_a_regression_model_s_loss_falls_and_no_error_rate_is_reported(tmp_path):
+    train, test = diabetes()
+    torch.manual_seed(0)
+    model = regressor()
+    before = distbelief.evaluate(model, test, loss="mse")["loss"]  # ~1: standardized targets
+    summary = distbelief.fit(model, train, test_data=test, loss="mse", iterations=300,
+                             batch_size=32, lr=0.02, eval_every=100, log_every=50,
+                             run_dir=tmp_path / "run")
+    assert summary["test_loss"] < 0.7 * before, (before, summary["test_loss"])
+    assert not {"test_error", "test_accuracy"} & set(summary) and summary["train_error"] is None
+    after = distbelief.evaluate(model, test, loss="mse")
+    assert after["loss"] == pytest.approx(summary["test_loss"]) and "accuracy" not in after
+    assert main(["plot", str(tmp_path / "run"), "-o", str(tmp_path / "x.png")]) == 2
+
+
+def test_regression_targets_must_match_the_outputs():
+    (x, y), _ = diabetes()
+    with pytest.raises(ConfigError, match="2 target value.*1 outputs"):
+        distbelief.fit(regressor(), (x, torch.stack([y, y], 1)), loss="mse", **FAST)
+    with pytest.raises(ConfigError, match="loss='mse'"):
+        distbelief.fit(regressor(), (x, y), **FAST)  # float labels for a classifier
+    with pytest.raises(ConfigError, match="--loss mse needs real-valued targets"):
+        distbelief.get_recipe("digits").replace(loss="mse")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from support.api import wine
+from support.api import diabetes, regressor, wine
 
 import distbelief
 
@@ -56,3 +56,21 @@ def test_the_example_trains_its_own_class_with_downpour():
     line = done.stdout.strip().splitlines()[-1]
     accuracy = float(line.split("test accuracy ")[1].split("%")[0])
     assert line.startswith("downpour:") and accuracy >= 90, line
+
+
+@pytest.mark.parametrize("mode, settings", [
+    # Momentum 0.5 as in the digits-downpour recipe: with the default 0.9 two asynchronous
+    # replicas diverge on this problem (how Downpour copes with staleness is another issue's).
+    ("downpour", dict(replicas=2, ps_shards=2, batch_size=32, iterations=300, lr=0.02,
+                      momentum=0.5)),
+    ("sandblaster", dict(replicas=2, ps_shards=2, batch_size=0, iterations=20, lr=1.0)),
+])
+def test_regression_trains_in_the_distributed_modes(mode, settings):
+    train, test = diabetes()
+    torch.manual_seed(0)
+    model = regressor()
+    before = distbelief.evaluate(model, test, loss="mse")["loss"]
+    summary = distbelief.fit(model, train, test_data=test, loss="mse", mode=mode,
+                             eval_every=100, **settings)
+    assert summary["mode"] == mode and "test_error" not in summary
+    assert summary["test_loss"] < 0.75 * before, (before, summary["test_loss"])

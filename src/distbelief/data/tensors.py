@@ -1,5 +1,5 @@
 """Data given as tensors or a torch `Dataset` through the Python API (`distbelief.fit`): any
-inputs (images, feature vectors, frames), integer class labels.
+inputs (images, feature vectors, frames), integer class labels (or real targets, --loss mse).
 
 The split is materialized once as two tensors, which travel with the run's config to every
 replica (an actor rebuilds its data from the config, as it does for the named datasets). The
@@ -33,19 +33,21 @@ class TensorSplit:
         return TensorSplit(self.inputs[index], self.labels[index])
 
 
-def as_split(data, name: str) -> TensorSplit:
+def as_split(data, name: str, classes: bool = True) -> TensorSplit:
     """`data` (an (inputs, labels) pair of tensors or a map-style `Dataset` of such pairs) as a
-    `TensorSplit`.
+    `TensorSplit`: labels are class indices, or with `classes` False real-valued targets (N or
+    N x D, kept as float32).
 
     Raises:
-        ConfigError: `data` is empty, not (input, label) pairs, or its labels are not integers.
+        ConfigError: `data` is empty, not (input, label) pairs, or its class labels are not
+            integers.
     """
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(
             isinstance(t, torch.Tensor) for t in data):
         inputs, labels = data
     elif hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(
             data, (str, bytes)):
-        inputs, labels = _stack(data, name)
+        inputs, labels = _stack(data, name, classes)
     else:
         raise ConfigError(f"{name} must be a map-style torch Dataset of (input, label) pairs or "
                           f"an (inputs, labels) pair of tensors, got {type(data).__name__}")
@@ -53,24 +55,30 @@ def as_split(data, name: str) -> TensorSplit:
         raise ConfigError(f"{name} is empty")
     if len(inputs) != len(labels):
         raise ConfigError(f"{name} has {len(inputs)} inputs but {len(labels)} labels")
+    inputs = inputs.detach().float().cpu().contiguous()
+    if not classes:
+        if labels.is_complex():
+            raise ConfigError(f"{name}: targets must be real numbers, got {labels.dtype}")
+        return TensorSplit(inputs, labels.detach().float().cpu().contiguous())
     if labels.is_floating_point() or labels.is_complex() or labels.dim() != 1:
         raise ConfigError(f"{name}: labels must be one integer class index per example, got "
-                          f"{labels.dtype} of shape {tuple(labels.shape)}")
-    return TensorSplit(inputs.detach().float().cpu().contiguous(),
-                       labels.detach().long().cpu().contiguous())
+                          f"{labels.dtype} of shape {tuple(labels.shape)} (regression: "
+                          f"loss='mse')")
+    return TensorSplit(inputs, labels.detach().long().cpu().contiguous())
 
 
-def _stack(dataset, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _stack(dataset, name: str, classes: bool) -> tuple[torch.Tensor, torch.Tensor]:
     n = len(dataset)
     if n == 0:
         raise ConfigError(f"{name} is empty")
     try:
         pairs = [dataset[i] for i in range(n)]
         inputs = torch.stack([torch.as_tensor(x) for x, _ in pairs])
-        labels = torch.as_tensor([int(y) for _, y in pairs])
+        labels = (torch.as_tensor([int(y) for _, y in pairs]) if classes else
+                  torch.stack([torch.as_tensor(y, dtype=torch.float32) for _, y in pairs]))
     except (TypeError, ValueError, RuntimeError) as e:
         raise ConfigError(f"{name}: items must be (input, label) pairs of equal-shaped inputs "
-                          f"and integer labels ({str(e).splitlines()[0][:120]})") from None
+                          f"and labels ({str(e).splitlines()[0][:120]})") from None
     return inputs, labels
 
 

@@ -141,6 +141,9 @@ class TrainConfig:
     synthetic_shape: tuple[int, ...] = _opt("synthetic: image shape C,H,W", default=(3, 32, 32))
     synthetic_classes: int = _opt("synthetic: number of classes", default=10)
     # Optimization
+    loss: str = _opt("training loss: cross_entropy (classification) or mse (regression, mean "
+                     "squared error: only for a model and data given to distbelief.fit)",
+                     default="cross_entropy")
     optimizer: str = _opt("update rule: sgd (with --momentum) or adagrad (per-parameter lr = "
                           "--lr / sqrt(sum of squared gradients); momentum unused)", default="sgd")
     batch_size: int = _opt("images per iteration (per replica and step with --mode downpour; "
@@ -335,6 +338,7 @@ def validate(c: TrainConfig) -> None:
     check_choice("device", c.device, DEVICES)
     check_choice("warmup mode", c.warmup_mode, WARMUP_MODES)
     check_choice("optimizer", c.optimizer, OPTIMIZERS)
+    check_choice("loss", c.loss, ("cross_entropy", "mse"))
     check_choice("mode", c.mode, MODES)
     check_choice("line search", c.sandblaster.line_search, LINE_SEARCHES)
     check_choice("dtype", c.sandblaster.dtype, DTYPES)
@@ -367,6 +371,11 @@ def _check_user(c: TrainConfig) -> None:
     if any(custom) and not all(custom):
         raise ConfigError("model and data 'custom' are the ones given to distbelief.fit(model, "
                           "train_data, ...); the command line trains the named ones")
+    if c.loss == "mse" and c.user is None:
+        raise ConfigError("--loss mse needs real-valued targets: the named datasets have class "
+                          "labels; give distbelief.fit a model and data")
+    if c.loss == "mse" and c.warmup_until_error is not None:
+        raise ConfigError("--warmup-until-error needs an error rate: --loss cross_entropy")
     if c.user is not None and c.val_split:
         raise ConfigError("--val-split applies to the named datasets; give distbelief.fit a "
                           "test_data")

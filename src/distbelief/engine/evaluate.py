@@ -7,6 +7,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from distbelief.engine.losses import get_loss
+
 
 def topk_wrong(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """Number of rows whose label is not among the `k` highest scores (a 0-d tensor)."""
@@ -24,14 +26,17 @@ def _forward(model, x, channels_last: bool, bf16: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable, *, channels_last: bool = False,
-             bf16: bool = False) -> dict:
-    """Mean cross-entropy, top-1 and top-5 error (fractions) and the image count.
+             bf16: bool = False, loss: str = "cross_entropy") -> dict:
+    """Mean cross-entropy, top-1 and top-5 error (fractions) and the image count; with
+    `loss="mse"` (regression) the mean squared error as "loss", and errors None.
 
     A batch's x is B x C x H x W (one view), B x V x C x H x W (V views of each image) or a list
     of views of one image in different sizes. Several views are combined by averaging their
     softmax (Sec. 3.4), and the loss is the negative log of that average. The model is put in
     eval mode and restored to its previous mode afterwards.
     """
+    if loss != "cross_entropy":
+        return _evaluate_regression(model, batches, channels_last, bf16, get_loss(loss))
     was_training = model.training
     model.eval()
     loss = wrong1 = wrong5 = 0.0
@@ -60,3 +65,16 @@ def evaluate(model: torch.nn.Module, batches: Iterable, *, channels_last: bool =
     count = max(count, 1)
     return {"loss": loss / count, "error": wrong1 / count, "top5_error": wrong5 / count,
             "images": count}
+
+
+def _evaluate_regression(model, batches, channels_last: bool, bf16: bool, loss_fn) -> dict:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for x, y in batches:
+            total += float(loss_fn(_forward(model, x, channels_last, bf16), y, reduction="sum"))
+            count += len(y)
+    finally:
+        model.train(was_training)
+    return {"loss": total / max(count, 1), "error": None, "top5_error": None, "images": count}

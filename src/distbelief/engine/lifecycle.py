@@ -41,6 +41,7 @@ import torch
 from distbelief.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from distbelief.engine.config import TrainConfig
 from distbelief.engine.evaluate import evaluate
+from distbelief.engine.losses import error_text
 from distbelief.engine.rundir import RunDir
 from distbelief.engine.tensorboard import EventWriter, check_available
 from distbelief.errors import CheckpointError, ConfigError, DistbeliefError
@@ -325,12 +326,12 @@ class RunLifecycle:
             r = {"kind": "eval", "split": split, "iteration": scheme.position,
                  "examples": scheme.examples, "wall_s": round(self.wall_s, 3),
                  **evaluate(model, source.batches(), channels_last=c.channels_last,
-                            bf16=c.bf16)}
+                            bf16=c.bf16, loss=c.loss)}
             results[split] = r
             self.log(r)
         main = _main(results)
         self.say(f"iteration {scheme.position}/{c.iterations} ({self.wall_s:.1f} s): "
-                 f"{scheme.progress_text()}, {main['split']} error {main['error']:.2%}")
+                 f"{scheme.progress_text()}, {error_text(main, main['split'])}")
         self.last_eval, self.evaluated = results, model
         return results
 
@@ -349,8 +350,10 @@ class RunLifecycle:
             **scheme.summary()}
         if "test" in results:
             test = results["test"]
-            summary.update(test_error=test["error"], test_accuracy=1 - test["error"],
-                           test_top5_error=test["top5_error"], test_loss=test["loss"])
+            summary["test_loss"] = test["loss"]
+            if test["error"] is not None:  # a classifier (--loss mse has no error rate)
+                summary.update(test_error=test["error"], test_accuracy=1 - test["error"],
+                               test_top5_error=test["top5_error"])
         # Other splits: "val" (--val-split); "train", evaluated in full when a run through
         # the Python API has no test data (it replaces the running training averages).
         for split in results.keys() - {"test"}:

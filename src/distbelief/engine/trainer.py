@@ -20,13 +20,13 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from distbelief.data import build_data
 from distbelief.engine.checkpoint import load_checkpoint
 from distbelief.engine.config import TrainConfig, resolve
 from distbelief.engine.evaluate import evaluate
 from distbelief.engine.lifecycle import Diverged, RunLifecycle, TrainingInterrupted
+from distbelief.engine.losses import error_text, get_loss
 from distbelief.engine.schedule import LRSchedule
 from distbelief.engine.setup import build_model, place_model, resolve_device, set_determinism
 from distbelief.engine.weights import load_init
@@ -72,11 +72,10 @@ class _Window:
         self.start, self.paused_s = time.perf_counter(), 0.0
 
     @torch.no_grad()
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        wrong = (logits.argmax(1) != y).sum()
-        self.loss += loss.detach().float() * len(y)
+    def add(self, loss: torch.Tensor, wrong: torch.Tensor, images: int) -> torch.Tensor:
+        self.loss += loss.detach().float() * images
         self.wrong += wrong
-        self.seen += len(y)
+        self.seen += images
         return wrong
 
     @contextlib.contextmanager
@@ -120,6 +119,7 @@ class Trainer:
         self.model = load_init(build_model(config, self.data, self.device), config)
         self.optimizer = build_optimizer(config, self.model)
         self.schedule = LRSchedule(config)
+        self.loss = get_loss(config.loss)
         self.iteration = 0
         self.train_s = 0.0  # of the wall time, in training steps (no evaluation or checkpoints)
         if saved:
@@ -156,7 +156,7 @@ class Trainer:
         return self.model
 
     def progress_text(self) -> str:
-        return f"train error {self.life.last_train.get('error', float('nan')):.2%}"
+        return error_text(self.life.last_train, "train")
 
     def summary(self) -> dict:
         per_epoch = self.data.train.batches_per_epoch
@@ -179,7 +179,7 @@ class Trainer:
     def evaluate(self, split: str = "test", views: str = "center", scales=()) -> dict:
         c = self.config
         return evaluate(self.model, self.data.splits[split].batches(views, scales),
-                        channels_last=c.channels_last, bf16=c.bf16)
+                        channels_last=c.channels_last, bf16=c.bf16, loss=c.loss)
 
     def checkpoint_state(self) -> dict:
         """The training state (the lifecycle adds the config, clock and last record)."""
@@ -239,11 +239,11 @@ class Trainer:
             group["lr"] = lr
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
             logits = self.model(x)
-            loss = F.cross_entropy(logits, y)
+            loss = self.loss(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        wrong = window.add(loss, logits, y)
+        wrong = window.add(loss, self.loss.wrong(logits, y), len(y))
         if self.schedule.needs_error:
             self.schedule.observe(self.iteration, float(wrong) / len(y))
         self.iteration += 1
@@ -264,12 +264,13 @@ class Trainer:
         self.train_s += seconds
         record = {"kind": "train", "iteration": it,
                   "epoch": round(it / self.data.train.batches_per_epoch, 4), "loss": loss,
-                  "error": float(window.wrong) / window.seen, "lr": lr,
+                  "error": float(window.wrong) / window.seen if self.loss.classifies else None,
+                  "lr": lr,
                   "images_per_s": round(window.seen / seconds, 1),
                   "wall_s": round(self.life.wall_s, 3)}
         self.life.log_train(record)
-        bar.set_postfix({"loss": f"{loss:.3f}", "error": f"{record['error']:.2%}",
-                         "img/s": f"{record['images_per_s']:.0f}"}, refresh=False)
+        bar.set_postfix({"loss": f"{loss:.3f}", "img/s": f"{record['images_per_s']:.0f}"},
+                        refresh=False)
         window.reset()
 
     def _params_finite(self) -> bool:

@@ -46,6 +46,7 @@ from distbelief.distributed.session import DriverSession
 from distbelief.engine.checkpoint import load_checkpoint
 from distbelief.engine.config import TrainConfig, resolve
 from distbelief.engine.lifecycle import Diverged, FailureBook, RunLifecycle
+from distbelief.engine.losses import error_text
 from distbelief.errors import CheckpointError
 from distbelief.optim import shard_bounds
 
@@ -180,7 +181,7 @@ class DownpourTrainer:
         return self.server.load(server_vector(self.session.shards))
 
     def progress_text(self) -> str:
-        return f"train error {self.life.last_train.get('error', float('nan')):.2%}"
+        return error_text(self.life.last_train, "train")
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -195,7 +196,7 @@ class DownpourTrainer:
             self.session.replicas, self.monitor.book, lost=shard_lost(c),
             position=lambda: self.steps, on_recovered=work.resume,
             on_failure=lambda r, tags, restarted: self._replica_failed(work, r, tags, restarted))
-        cadence, window = life.cadences(c, self.steps), ChunkWindow(c.cluster.replicas)
+        cadence, window = life.cadences(c, self.steps), ChunkWindow(c.cluster.replicas, c.loss == "cross_entropy")
         released = work.completed >= c.downpour.warmstart_steps
         life.clock.start()
         try:
@@ -206,7 +207,7 @@ class DownpourTrainer:
                 released = released or self._release()
                 if cadence.log.due(self.steps) or (not calls.inflight and window.sums["steps"]):
                     self._log_train(window)
-                    window = ChunkWindow(c.cluster.replicas)
+                    window = ChunkWindow(c.cluster.replicas, c.loss == "cross_entropy")
                     cadence.log.done(self.steps)
                 self._hand_out(work, calls)
                 self._evaluate_and_checkpoint(cadence)

@@ -15,8 +15,9 @@ FAILURE_COUNTS = ("replica_failures", "replica_restarts", "replica_steps_lost",
 class ChunkWindow:
     """The replicas' chunk metrics since the last training record."""
 
-    def __init__(self, replicas: int):
+    def __init__(self, replicas: int, classifies: bool = True):
         self.sums, self.per_replica = Counter(), [(0, 0.0)] * replicas
+        self.classifies = classifies  # else (--loss mse) there is no error rate
         self.start = time.perf_counter()
 
     def add(self, r: int, m: dict) -> None:
@@ -29,7 +30,8 @@ class ChunkWindow:
         time split and throughput, the shards' rows and mean staleness."""
         sums, images = self.sums, max(self.sums["images"], 1)
         seconds = max(time.perf_counter() - self.start, 1e-9)
-        return {"loss": sums["loss_sum"] / images, "error": sums["wrong"] / images,
+        return {"loss": sums["loss_sum"] / images,
+                "error": sums["wrong"] / images if self.classifies else None,
                 "lr": statuses[0]["lr"], "images_per_s": round(sums["images"] / seconds, 1),
                 **{k: round(sums[k], 3) for k in TIME_PARTS}, "rejected": sums["rejected"],
                 "shards": shards,

@@ -35,12 +35,12 @@ import uuid
 from collections import deque
 
 import torch
-import torch.nn.functional as F
 
 from distbelief.data import build_data
 from distbelief.distributed.downpour.shard import ParameterShard
 from distbelief.distributed.flat import FlatModel, all_finite, model_vector
 from distbelief.distributed.pending import Done, Part
+from distbelief.engine.losses import get_loss
 from distbelief.engine.setup import build_model, resolve_device, set_determinism
 from distbelief.engine.weights import load_init
 
@@ -85,6 +85,7 @@ class DownpourReplica:
         self.model = build_model(config, self.data, self.device)
         self.model.train()
         self.flat = FlatModel(self.model)
+        self.loss = get_loss(config.loss)
         self.n_buffers = self.flat.n_buffers
         self.versions: list[int] | None = None  # shard versions of the parameters in use
         self.buffer_base: torch.Tensor | None = None  # buffers when last fetched or pushed
@@ -196,11 +197,11 @@ class DownpourReplica:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
                 logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                loss = self.loss(logits, y)
             model.zero_grad(set_to_none=True)
             loss.backward()
             gradient = self.flat.gradient()
-            wrong = int((logits.argmax(1) != y).sum())  # syncs the device: the push needs it
+            wrong = int(self.loss.wrong(logits, y))  # syncs the device: the push needs it
             if self.accum is None:
                 self.accum, self.accum_versions = gradient, list(self.versions)
             else:

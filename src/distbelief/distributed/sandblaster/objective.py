@@ -7,11 +7,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from distbelief.data import build_data
 from distbelief.distributed.flat import FlatModel
 from distbelief.distributed.sandblaster.portions import batch_indices
+from distbelief.engine.losses import get_loss
 from distbelief.engine.setup import build_model
 from distbelief.engine.weights import load_init
 
@@ -31,6 +31,7 @@ class LocalBatchObjective:
         torch.manual_seed(config.seed)
         self.model = load_init(build_model(config, data, self.device), config).to(self.dtype)
         self.flat = FlatModel(self.model)
+        self.loss = get_loss(config.loss)
         self.initial = self.flat.vector(self.dtype)
         self.batch = 0
 
@@ -40,7 +41,7 @@ class LocalBatchObjective:
         self.flat.load(x)
         self.model.zero_grad(set_to_none=True)
         inputs = self.stream.inputs(index, self.dtype)
-        loss = F.cross_entropy(self.model(inputs), self.labels[index], reduction="sum")
+        loss = self.loss(self.model(inputs), self.labels[index], reduction="sum")
         loss.backward()
         wd, b = self.config.weight_decay, len(index)
         grad = self.flat.gradient(self.dtype).cpu() / b + wd * x

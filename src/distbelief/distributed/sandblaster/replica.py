@@ -7,11 +7,11 @@ import threading
 import time
 
 import torch
-import torch.nn.functional as F
 
 from distbelief.data import build_data
 from distbelief.distributed.flat import FlatModel
 from distbelief.distributed.sandblaster.portions import batch_indices, portion_indices
+from distbelief.engine.losses import get_loss
 from distbelief.engine.setup import build_model
 
 
@@ -39,6 +39,7 @@ class SandblasterReplica:
         self.dtype = getattr(torch, config.sandblaster.dtype)
         self.model = build_model(config, data, self.device).to(self.dtype)
         self.flat = FlatModel(self.model)
+        self.loss = get_loss(config.loss)
         self.lock = threading.Lock()  # compute and flush threads share the fields below
         self.round = None
         self.pending = None  # (round, portion, gradient, solo) awaiting its verdict
@@ -90,7 +91,7 @@ class SandblasterReplica:
         index = self._indices(batch, portion).to(self.device)
         x = self.stream.inputs(index, self.dtype)
         self.model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.model(x), self.labels[index], reduction="sum")
+        loss = self.loss(self.model(x), self.labels[index], reduction="sum")
         loss.backward()
         loss = loss.detach()
         grad = self.flat.gradient(self.dtype).cpu()
