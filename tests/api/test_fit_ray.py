@@ -49,13 +49,15 @@ def test_sandblaster_trains_a_user_factory_on_tensors():
     assert summary["batch_images"] == len(train[1])
 
 
-def test_the_example_trains_its_own_class_with_downpour():
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "own_model.py")],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+@pytest.mark.parametrize("mode", ["downpour", "sandblaster"])
+def test_the_example_trains_its_own_class(mode):
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "own_model.py"),
+                           "--mode", mode], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     line = done.stdout.strip().splitlines()[-1]
     accuracy = float(line.split("test accuracy ")[1].split("%")[0])
-    assert line.startswith("downpour:") and accuracy >= 90, line
+    assert line.startswith(f"{mode}:") and accuracy >= 90, line
 
 
 @pytest.mark.parametrize("mode, settings", [
