@@ -48,6 +48,10 @@ def main() -> None:
         settings = dict(batch_size=16, iterations=300, lr=0.05)
     if args.mode != "single":
         settings.update(replicas=2, ps_shards=2)
+    if args.mode == "downpour":
+        # As the digits-downpour recipe: asynchronous replicas add momentum of their own, and
+        # with the default 0.9 on top Downpour can diverge when replicas are slow (stale).
+        settings.update(momentum=0.5)
     model = WineNet()
     summary = distbelief.fit(model, train, test_data=test, mode=args.mode, run_dir=args.out,
                              eval_every=100, log_every=50, **settings)

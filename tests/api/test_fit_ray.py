@@ -25,7 +25,7 @@ def test_downpour_trains_a_user_module_on_tensors(tmp_path):
     torch.manual_seed(0)
     model = mlp()
     summary = distbelief.fit(model, train, test_data=test, mode="downpour", replicas=2,
-                             ps_shards=2, iterations=300, batch_size=16, lr=0.05,
+                             ps_shards=2, iterations=300, batch_size=16, lr=0.05, momentum=0.5,
                              eval_every=100, log_every=50, run_dir=tmp_path / "run",
                              tensorboard=True)
     assert summary["mode"] == "downpour" and summary["iterations"] == 300
