@@ -77,6 +77,9 @@ def make_config(model, train_data, test_data=None, *, mode: str = "single",
 
     Raises:
         ConfigError: see `fit`."""
+    reserved = sorted({"model", "data", "user"} & settings.keys())
+    if reserved:
+        raise ConfigError(f"{', '.join(reserved)}: given by fit's arguments, not as settings")
     build = _factory(model)
     classify = settings.get("loss", "cross_entropy") == "cross_entropy"
     train = as_split(train_data, "train_data", classify)
@@ -86,8 +89,8 @@ def make_config(model, train_data, test_data=None, *, mode: str = "single",
         if split is not None:
             (_check_labels if classify else _check_targets)(name, split, classes)
     parts = UserParts(build=build, train=train, test=test, num_classes=classes)
-    return TrainConfig().replace(recipe="python", model=CUSTOM, data=CUSTOM, user=parts,
-                                 mode=mode, **settings)
+    settings.setdefault("recipe", "python")
+    return TrainConfig().replace(model=CUSTOM, data=CUSTOM, user=parts, mode=mode, **settings)
 
 
 def scheme_for(config: TrainConfig, run_dir, *, resume: bool = False, progress: bool = False,
@@ -110,8 +113,9 @@ def scheme_for(config: TrainConfig, run_dir, *, resume: bool = False, progress: 
 
 def _factory(model):
     if isinstance(model, torch.nn.Module):
-        # Every process starts from a copy of this module's weights.
-        return functools.partial(copy.deepcopy, model)
+        # Every process starts from a copy of this module's weights, kept on the CPU: that is
+        # what travels to Ray's actors (placed on their own devices by the run).
+        return functools.partial(copy.deepcopy, copy.deepcopy(model).cpu())
     if callable(model):
         return model
     raise ConfigError(f"model must be a torch.nn.Module or a function returning one, got "
@@ -165,18 +169,16 @@ def _check_targets(name: str, split: TensorSplit, outputs: int) -> None:
                           f"{outputs} outputs")
 
 
-def evaluate(model, data, *, loss: str = "cross_entropy", batch_size: int = 500,
-             device: str = "cpu") -> dict:
+def evaluate(model, data, *, loss: str = "cross_entropy", batch_size: int = 500) -> dict:
     """Top-1 and top-5 error, mean cross-entropy loss and accuracy of `model` (a module, or a
-    run directory or checkpoint as `load` takes) on `data` (as `fit` takes); with
-    `loss="mse"` the mean squared error as "loss" (errors None, no accuracy)."""
+    run directory or checkpoint as `load` takes) on `data` (as `fit` takes), on the device
+    the model is on; with `loss="mse"` the mean squared error as "loss" (errors None, no
+    accuracy). The module is left as it was (device, train or eval mode)."""
     from distbelief.engine.evaluate import evaluate as run_evaluation
-    from distbelief.engine.setup import resolve_device
 
     module = model if isinstance(model, torch.nn.Module) else load(model)
     split = as_split(data, "data", classes=loss == "cross_entropy")
-    where = resolve_device(device)
-    module = module.to(where).eval()
+    where = next(module.parameters(), torch.empty(0)).device
     batches = ((split.inputs[i:i + batch_size].to(where), split.labels[i:i + batch_size].to(where))
                for i in range(0, len(split), batch_size))
     result = run_evaluation(module, batches, loss=loss)
@@ -185,8 +187,9 @@ def evaluate(model, data, *, loss: str = "cross_entropy", batch_size: int = 500,
 
 def load(path: str | os.PathLike, model=None) -> torch.nn.Module:
     """The trained model of a run directory (its checkpoints/last.pt) or of a checkpoint file,
-    on the CPU in eval mode. A run trained through `fit` needs its `model` (a module or the
-    factory) to load the weights into; a named model is rebuilt from the checkpoint.
+    in eval mode (a named model on the CPU). A run trained through `fit` needs its `model` (a
+    module or the factory) to load the weights into; a named model is rebuilt from the
+    checkpoint.
 
     Raises:
         CheckpointError: no checkpoint there, or it does not fit the model."""

@@ -196,7 +196,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           f"(choose from {', '.join(data.splits)})")
     views = "tencrop" if args.ten_crop else "multiscale" if scales else "center"
     result = evaluate(model, data.splits[args.split].batches(views, scales),
-                      channels_last=config.channels_last, bf16=config.bf16)
+                      channels_last=config.channels_last, bf16=config.bf16,
+                      views=views == "tencrop")
     result.update(model=config.model, data=config.data, split=args.split, views=views,
                   scales=list(scales), accuracy=1 - result["error"])
     if args.json:

@@ -174,3 +174,36 @@ def test_regression_targets_must_match_the_outputs():
         distbelief.fit(regressor(), (x, y), **FAST)  # float labels for a classifier
     with pytest.raises(ConfigError, match="--loss mse needs real-valued targets"):
         distbelief.get_recipe("digits").replace(loss="mse")
+
+
+def test_numpy_pairs_dataset_labels_and_odd_shapes_are_read_or_refused_in_one_line():
+    (x, y), test = wine()
+    summary = distbelief.fit(Frames(), (x.numpy(), y.numpy()), test_data=test, **FAST)
+    assert summary["test_accuracy"] >= 0.9  # a pair of numpy arrays, as scikit-learn gives
+    floats = [(x[i], 0.7) for i in range(len(y))]
+    with pytest.raises(ConfigError, match="labels must be one integer class index"):
+        distbelief.fit(Frames(), floats, **FAST)  # refused, never truncated to class 0
+    with pytest.raises(ConfigError, match="one row per example"):
+        distbelief.fit(Frames(), (x, torch.tensor(1)), **FAST)
+    with pytest.raises(ConfigError, match="given by fit's arguments"):
+        distbelief.fit(Frames(), (x, y), data="digits", **FAST)
+
+
+def test_evaluate_leaves_the_module_as_it_was_and_5d_inputs_are_not_views():
+    class Clips(torch.nn.Module):  # N x C x T x H x W inputs: one clip each, not 10 crops
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(1, 4, 3, padding=1)
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.conv(x).mean((2, 3, 4)))
+
+    x = torch.randn(32, 1, 4, 6, 6)
+    y = (x.mean((1, 2, 3, 4)) > 0).long()
+    model = Clips().train()
+    result = distbelief.evaluate(model, (x, y))
+    assert result["images"] == 32 and model.training
+    summary = distbelief.fit(model, (x, y), test_data=(x, y), iterations=20, batch_size=8,
+                             lr=0.05, eval_every=10, log_every=10)
+    assert summary["test_loss"] > 0 and summary["iterations"] == 20

@@ -105,3 +105,16 @@ def test_exporting_the_paper_s_bottleneck_variant_says_torchvision_computes_othe
     assert "paper's variant" in err and "--variant v1.5" in err
     with pytest.raises(ConfigError, match="--variant applies to the ImageNet ResNets"):
         Trainer(get_recipe("digits").replace(variant="v1.5"))
+
+
+def test_a_resume_does_not_need_the_init_file_again(digits_run, tmp_path):
+    weights = tmp_path / "r20.pt"
+    export_state_dict(digits_run, weights)
+    run = tmp_path / "run"
+    config = get_recipe("digits").replace(batch_size=16, eval_every=3, init_from=str(weights))
+    Trainer(config.replace(iterations=3), run).fit()
+    weights.unlink()  # moved away: the checkpoint holds the weights now
+    summary = Trainer(config.replace(iterations=6), run, resume=True).fit()
+    assert summary["iterations"] == 6
+    with pytest.raises(CheckpointError, match="--variant"):
+        Trainer(config.replace(iterations=9, variant="paper"), run, resume=True)

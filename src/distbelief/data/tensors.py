@@ -43,14 +43,21 @@ def as_split(data, name: str, classes: bool = True) -> TensorSplit:
             integers.
     """
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(
-            isinstance(t, torch.Tensor) for t in data):
-        inputs, labels = data
+            isinstance(t, torch.Tensor) or hasattr(t, "__array__") for t in data):
+        try:  # tensors or numpy arrays
+            inputs, labels = (torch.as_tensor(t) for t in data)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"{name}: cannot read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:120]}) as tensors") from None
     elif hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(
             data, (str, bytes)):
         inputs, labels = _stack(data, name, classes)
     else:
         raise ConfigError(f"{name} must be a map-style torch Dataset of (input, label) pairs or "
                           f"an (inputs, labels) pair of tensors, got {type(data).__name__}")
+    if inputs.dim() == 0 or labels.dim() == 0:
+        raise ConfigError(f"{name}: inputs and labels need one row per example, got shapes "
+                          f"{tuple(inputs.shape)} and {tuple(labels.shape)}")
     if len(inputs) == 0:
         raise ConfigError(f"{name} is empty")
     if len(inputs) != len(labels):
@@ -74,9 +81,10 @@ def _stack(dataset, name: str, classes: bool) -> tuple[torch.Tensor, torch.Tenso
     try:
         pairs = [dataset[i] for i in range(n)]
         inputs = torch.stack([torch.as_tensor(x) for x, _ in pairs])
-        labels = (torch.as_tensor([int(y) for _, y in pairs]) if classes else
-                  torch.stack([torch.as_tensor(y, dtype=torch.float32) for _, y in pairs]))
-    except (TypeError, ValueError, RuntimeError) as e:
+        # As given: a float label is refused by the caller's check, never truncated.
+        labels = (torch.as_tensor([torch.as_tensor(y).item() for _, y in pairs]) if classes
+                  else torch.stack([torch.as_tensor(y, dtype=torch.float32) for _, y in pairs]))
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as e:
         raise ConfigError(f"{name}: items must be (input, label) pairs of equal-shaped inputs "
                           f"and labels ({str(e).splitlines()[0][:120]})") from None
     return inputs, labels

@@ -26,12 +26,13 @@ def _forward(model, x, channels_last: bool, bf16: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable, *, channels_last: bool = False,
-             bf16: bool = False, loss: str = "cross_entropy") -> dict:
+             bf16: bool = False, loss: str = "cross_entropy", views: bool = False) -> dict:
     """Mean cross-entropy, top-1 and top-5 error (fractions) and the image count; with
     `loss="mse"` (regression) the mean squared error as "loss", and errors None.
 
-    A batch's x is B x C x H x W (one view), B x V x C x H x W (V views of each image) or a list
-    of views of one image in different sizes. Several views are combined by averaging their
+    A batch's x is B x C x H x W (one view), with `views` B x V x C x H x W (V views of each
+    image; without it a 5-d x is one input each, say a clip), or a list of views of one image
+    in different sizes. Several views are combined by averaging their
     softmax (Sec. 3.4), and the loss is the negative log of that average. The model is put in
     eval mode and restored to its previous mode afterwards.
     """
@@ -43,7 +44,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable, *, channels_last: bool =
     count = 0
     try:
         for x, y in batches:
-            if isinstance(x, list) or x.dim() == 5:
+            if isinstance(x, list) or (views and x.dim() == 5):
                 if isinstance(x, list):
                     probs = torch.stack([_forward(model, v, channels_last, bf16).softmax(1)
                                          for v in x]).mean(0)

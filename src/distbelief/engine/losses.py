@@ -38,8 +38,10 @@ class MeanSquared:
     @staticmethod
     def __call__(scores: torch.Tensor, targets: torch.Tensor,
                  reduction: str = "mean") -> torch.Tensor:
-        per_example = (scores.float() - targets.view_as(scores)).pow(2).flatten(1).mean(1) \
-            if scores.dim() > 1 else (scores.float() - targets.view_as(scores)).pow(2)
+        # float32 at least (bf16 autocast outputs), float64 kept (Sandblaster's dtype).
+        scores = scores if scores.dtype == torch.float64 else scores.float()
+        squared = (scores - targets.to(scores.dtype).view_as(scores)).pow(2)
+        per_example = squared.flatten(1).mean(1) if squared.dim() > 1 else squared
         return per_example.sum() if reduction == "sum" else per_example.mean()
 
     @staticmethod

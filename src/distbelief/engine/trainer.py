@@ -109,14 +109,16 @@ class Trainer:
                  resume: bool = False, progress: bool = False):
         config = config.replace(mode="single")
         self.life = RunLifecycle(run_dir, mode="single", state=STATE, progress=progress)
-        saved = self.life.open(config, resume, same=("model",))
+        saved = self.life.open(config, resume, same=("model", "variant"))
         self.device = resolve_device(config.device)
         set_determinism(config.deterministic, self.device)
         torch.manual_seed(config.seed)
         self.data = build_data(config, self.device,
                                stats=saved["data_stats"] if saved else None)
         self.config = config = resolve(config, self.data.train_size)
-        self.model = load_init(build_model(config, self.data, self.device), config)
+        self.model = build_model(config, self.data, self.device)
+        if not saved:  # a resumed run's weights come from its checkpoint
+            load_init(self.model, config)
         self.optimizer = build_optimizer(config, self.model)
         self.schedule = LRSchedule(config)
         self.loss = get_loss(config.loss)
@@ -179,7 +181,8 @@ class Trainer:
     def evaluate(self, split: str = "test", views: str = "center", scales=()) -> dict:
         c = self.config
         return evaluate(self.model, self.data.splits[split].batches(views, scales),
-                        channels_last=c.channels_last, bf16=c.bf16, loss=c.loss)
+                        channels_last=c.channels_last, bf16=c.bf16, loss=c.loss,
+                        views=views == "tencrop")
 
     def checkpoint_state(self) -> dict:
         """The training state (the lifecycle adds the config, clock and last record)."""

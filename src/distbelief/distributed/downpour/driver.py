@@ -51,7 +51,7 @@ from distbelief.errors import CheckpointError
 from distbelief.optim import shard_bounds
 
 STATE = "downpour"  # checkpoints/downpour.pt
-SAME = ("model", "replicas", "ps_shards", "optimizer", "data")  # fixed for a run's life
+SAME = ("model", "variant", "replicas", "ps_shards", "optimizer", "data")  # fixed for a run's life
 CHUNK_STEPS = 10  # replica steps per work request (WorkQueue)
 QUEUED_CHUNKS = 2  # chunks queued per replica, so it keeps training while the driver is busy
 POLL_S = 0.5  # longest wait for a result before the driver checks its clocks
@@ -105,7 +105,9 @@ class DownpourTrainer:
         torch.manual_seed(config.seed)
         data = build_data(config, torch.device("cpu"),
                           stats=saved["data_stats"] if saved else None)
-        self.initial, self.n_params = initial_vector(config, data)
+        # A resumed run's shards restore their snapshots: --init-from is not read again.
+        self.initial, self.n_params = initial_vector(
+            config.replace(init_from=None) if saved else config, data)
         self.config = config = resolve(config, data.train_size, values=self.initial.numel())
         self.bounds = shard_bounds(self.initial.numel(), config.cluster.ps_shards)
         self.server = ServerModel(config, data, torch.device("cpu"))  # evaluates, checkpoints

@@ -53,7 +53,7 @@ from distbelief.optim import shard_bounds
 from distbelief.optim.lbfgs import LBFGS
 
 STATE = "sandblaster"  # checkpoints/sandblaster.pt
-SAME = ("model", "data", "ps_shards", "history", "dtype")  # fixed for a run's life
+SAME = ("model", "variant", "data", "ps_shards", "history", "dtype")  # fixed for a run's life
 
 
 class TimedStore:
@@ -126,7 +126,9 @@ class SandblasterTrainer:
         cpu = torch.device("cpu")
         data = build_data(config, cpu, stats=saved["data_stats"] if saved else None)
         torch.manual_seed(config.seed)
-        model = load_init(build_model(config, data, cpu), config)
+        model = build_model(config, data, cpu)
+        if not saved:  # a resumed run's parameters come from its checkpoint
+            load_init(model, config)
         if saved:  # the parameters of the last checkpoint, in case the vectors are unusable
             model.load_state_dict(load_checkpoint(self.life.run.state_file("last"))["model"])
         vector, n_params = model_vector(model)
