@@ -198,7 +198,8 @@ class DownpourTrainer:
             self.session.replicas, self.monitor.book, lost=shard_lost(c),
             position=lambda: self.steps, on_recovered=work.resume,
             on_failure=lambda r, tags, restarted: self._replica_failed(work, r, tags, restarted))
-        cadence, window = life.cadences(c, self.steps), ChunkWindow(c.cluster.replicas, c.loss == "cross_entropy")
+        classifies = c.loss == "cross_entropy"
+        cadence, window = life.cadences(c, self.steps), ChunkWindow(c.cluster.replicas, classifies)
         released = work.completed >= c.downpour.warmstart_steps
         life.clock.start()
         try:
@@ -209,7 +210,7 @@ class DownpourTrainer:
                 released = released or self._release()
                 if cadence.log.due(self.steps) or (not calls.inflight and window.sums["steps"]):
                     self._log_train(window)
-                    window = ChunkWindow(c.cluster.replicas, c.loss == "cross_entropy")
+                    window = ChunkWindow(c.cluster.replicas, classifies)
                     cadence.log.done(self.steps)
                 self._hand_out(work, calls)
                 self._evaluate_and_checkpoint(cadence)
