@@ -155,7 +155,7 @@ def test_evaluate_averages_softmax_over_views():
     model = _Linear()
     x = torch.randn(6, 2, 4, 1, 1)  # 6 images, 2 views each
     y = torch.tensor([0, 1, 2, 0, 1, 2])
-    result = evaluate(model, [(x, y)])
+    result = evaluate(model, [(x, y)], views=True)
     with torch.no_grad():
         probs = model(x.flatten(0, 1)).softmax(1).view(6, 2, 3).mean(1)
     assert result["error"] == pytest.approx(float((probs.argmax(1) != y).float().mean()))
