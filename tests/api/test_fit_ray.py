@@ -20,11 +20,12 @@ def mlp():
     return torch.nn.Sequential(torch.nn.Linear(13, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
 
 
-def test_downpour_trains_a_user_module_on_tensors(tmp_path):
+def test_downpour_trains_a_user_module_on_a_tensor_dataset(tmp_path):
     train, test = wine()
     torch.manual_seed(0)
     model = mlp()
-    summary = distbelief.fit(model, train, test_data=test, mode="downpour", replicas=2,
+    data = torch.utils.data.TensorDataset(*train)
+    summary = distbelief.fit(model, data, test_data=test, mode="downpour", replicas=2,
                              ps_shards=2, iterations=300, batch_size=16, lr=0.05, momentum=0.5,
                              eval_every=100, log_every=50, run_dir=tmp_path / "run",
                              tensorboard=True)
@@ -41,9 +42,10 @@ def test_downpour_trains_a_user_module_on_tensors(tmp_path):
     assert [e.step for e in board.Scalars("train/loss")] == [50, 100, 150, 200, 250, 300]
 
 
-def test_sandblaster_trains_a_user_factory_on_tensors():
+def test_sandblaster_trains_a_user_factory_on_a_tensor_dataset():
     train, test = wine()
-    summary = distbelief.fit(mlp, train, test_data=test, mode="sandblaster", replicas=2,
+    data = torch.utils.data.TensorDataset(*train)
+    summary = distbelief.fit(mlp, data, test_data=test, mode="sandblaster", replicas=2,
                              ps_shards=2, batch_size=0, iterations=30, lr=1.0, eval_every=10)
     assert summary["mode"] == "sandblaster" and summary["test_accuracy"] >= 0.9, summary
     assert summary["batch_images"] == len(train[1])
