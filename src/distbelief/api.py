@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import torch
 
 from distbelief.data.tensors import TensorSplit, as_split
-from distbelief.engine.checkpoint import load_checkpoint
+from distbelief.engine.checkpoint import load_checkpoint, load_model_state
 from distbelief.engine.config import CUSTOM, TrainConfig
 from distbelief.engine.user import UserParts
 from distbelief.errors import CheckpointError, ConfigError
@@ -210,10 +210,6 @@ def load(path: str | os.PathLike, model=None) -> torch.nn.Module:
             shape = SimpleNamespace(num_classes=ckpt["num_classes"], in_chans=ckpt["in_chans"],
                                     stats=ckpt["data_stats"])
             module = build_model(config, shape)
-        module.load_state_dict(ckpt["model"])
     except KeyError as e:
         raise CheckpointError(f"{file} lacks {e}; not a training checkpoint") from None
-    except RuntimeError as e:
-        raise CheckpointError(f"{file} does not fit the model "
-                              f"({str(e).splitlines()[0][:160]})") from None
-    return module.eval()
+    return load_model_state(module, ckpt, file, "the model").eval()

@@ -229,13 +229,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="distbelief", description=(
-        "Deep residual networks (He et al., 2015) trained DistBelief-style (Dean et al., 2012)."))
-    parser.add_argument("--version", action="version", version=f"distbelief {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                parser_class=_Parser)
-
+def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list the model zoo with parameter and multiply-add counts",
                        description="List registered models with parameters and multiply-adds "
                                    "(MACs) of one forward pass at the family's native input size.")
@@ -248,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.set_defaults(func=cmd_models)
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model with a recipe, overriding any field",
                        description="Train a model on one device, or on Ray with --mode "
                                    "downpour (asynchronous SGD replicas and a sharded parameter "
@@ -277,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint (single view, 10-crop or multi-scale)",
                        description="Evaluate a checkpoint on the test split of its data or "
                                    "of --data / --data-dir.")
@@ -296,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a run's model as a torchvision-format state dict",
                        description="Write the model of a run directory (its checkpoints/"
                                    "last.pt) or of a checkpoint file as a plain state dict "
@@ -307,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the file to write (never overwritten)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_plot(sub) -> None:
     p = sub.add_parser("plot", help="training and test error curves of runs (Fig. 6 style)",
                        description="Plot training (dashed) and test (bold) error against "
                                    "iterations, wall time or images for one or more run "
@@ -319,6 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="x axis: iterations (Fig. 6), wall-clock seconds or images processed "
                         "(DistBelief Fig. 4, to compare single-process and Downpour runs)")
     p.set_defaults(func=cmd_plot)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="distbelief", description=(
+        "Deep residual networks (He et al., 2015) trained DistBelief-style (Dean et al., 2012)."))
+    parser.add_argument("--version", action="version", version=f"distbelief {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+    _add_models(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_export(sub)
+    _add_plot(sub)
     return parser
 
 

@@ -68,3 +68,18 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} has checkpoint version {state.get('version')}; "
                               f"this distbelief reads version {VERSION}")
     return state
+
+
+def load_model_state(model: torch.nn.Module, ckpt: dict, file, name: str) -> torch.nn.Module:
+    """`model` loaded with the parameters of checkpoint `ckpt` (read from `file`).
+
+    Raises:
+        CheckpointError: `ckpt` has no model, or its tensors do not fit `name`."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except KeyError as e:
+        raise CheckpointError(f"{file} lacks {e}; not a training checkpoint") from None
+    except RuntimeError as e:
+        raise CheckpointError(f"{file} does not fit {name} "
+                              f"({str(e).splitlines()[0][:160]})") from None
+    return model

@@ -336,29 +336,8 @@ class RunLifecycle:
         return results
 
     def summary(self, scheme: Scheme, results: dict) -> dict:
-        """The summary: what every mode reports, then the scheme's own entries (which may
-        replace them); written to summary.json."""
-        c = scheme.config
-        summary = {
-            "recipe": c.recipe, "model": c.model, "data": c.data,
-            "device": str(scheme.device), "mode": c.mode, "iterations": scheme.position,
-            "examples": scheme.examples,
-            "epochs": round(scheme.examples / scheme.data.train_size, 3),
-            "train_error": self.last_train.get("error"),
-            "train_loss": self.last_train.get("loss"), "wall_s": round(self.wall_s, 3),
-            "images_per_s": round(scheme.examples / max(self.wall_s, 1e-9), 1),
-            **scheme.summary()}
-        if "test" in results:
-            test = results["test"]
-            summary["test_loss"] = test["loss"]
-            if test["error"] is not None:  # a classifier (--loss mse has no error rate)
-                summary.update(test_error=test["error"], test_accuracy=1 - test["error"],
-                               test_top5_error=test["top5_error"])
-        # Other splits: "val" (--val-split); "train", evaluated in full when a run through
-        # the Python API has no test data (it replaces the running training averages).
-        for split in results.keys() - {"test"}:
-            summary[f"{split}_error"] = results[split]["error"]
-            summary[f"{split}_loss"] = results[split]["loss"]
+        """The run's summary (`run_summary`), written to summary.json."""
+        summary = run_summary(scheme, results, self.last_train, self.wall_s)
         if self.run is not None:
             self.run.write_summary(summary)
         return summary
@@ -445,6 +424,33 @@ class FailureBook:
                        "restored_version": restored_version})
         self.life.say(f"shard {k} failed and was restarted from its snapshot at version "
                       f"{restored_version} (at least {lost} updates lost)")
+
+
+def run_summary(scheme: Scheme, results: dict, last_train: dict, wall_s: float) -> dict:
+    """What every mode reports (from the scheme, the last evaluations `results` and training
+    record `last_train`), then the scheme's own entries, which may replace them."""
+    c = scheme.config
+    summary = {
+        "recipe": c.recipe, "model": c.model, "data": c.data,
+        "device": str(scheme.device), "mode": c.mode, "iterations": scheme.position,
+        "examples": scheme.examples,
+        "epochs": round(scheme.examples / scheme.data.train_size, 3),
+        "train_error": last_train.get("error"),
+        "train_loss": last_train.get("loss"), "wall_s": round(wall_s, 3),
+        "images_per_s": round(scheme.examples / max(wall_s, 1e-9), 1),
+        **scheme.summary()}
+    if "test" in results:
+        test = results["test"]
+        summary["test_loss"] = test["loss"]
+        if test["error"] is not None:  # a classifier (--loss mse has no error rate)
+            summary.update(test_error=test["error"], test_accuracy=1 - test["error"],
+                           test_top5_error=test["top5_error"])
+    # Other splits: "val" (--val-split); "train", evaluated in full when a run through
+    # the Python API has no test data (it replaces the running training averages).
+    for split in results.keys() - {"test"}:
+        summary[f"{split}_error"] = results[split]["error"]
+        summary[f"{split}_loss"] = results[split]["loss"]
+    return summary
 
 
 def _main(results: dict) -> dict:

@@ -22,7 +22,7 @@ import time
 import torch
 
 from distbelief.data import build_data
-from distbelief.engine.checkpoint import load_checkpoint
+from distbelief.engine.checkpoint import load_checkpoint, load_model_state
 from distbelief.engine.config import TrainConfig, resolve
 from distbelief.engine.evaluate import evaluate
 from distbelief.engine.lifecycle import Diverged, RunLifecycle, TrainingInterrupted
@@ -301,13 +301,9 @@ def load_for_eval(checkpoint: str | os.PathLike, overrides: dict | None = None):
                 f"{checkpoint} was trained on {ckpt['num_classes']} classes of "
                 f"{ckpt['in_chans']}-channel images; this data has {data.num_classes} of "
                 f"{data.in_chans}")
-        model = build_model(config, data)
-        model.load_state_dict(ckpt["model"])
     except KeyError as e:
         raise CheckpointError(f"{checkpoint} lacks {e}; not a training checkpoint") from None
-    except RuntimeError as e:
-        raise CheckpointError(f"{checkpoint} does not fit {config.model} "
-                              f"({str(e).splitlines()[0][:160]})") from None
+    model = load_model_state(build_model(config, data), ckpt, checkpoint, config.model)
     return place_model(model, config, device), data, config
 
 
