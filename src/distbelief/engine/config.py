@@ -173,6 +173,9 @@ class TrainConfig:
     channels_last: bool = _opt("channels-last memory format (faster on CPU and on tensor cores)",
                                default=False)
     bf16: bool = _opt("bfloat16 autocast for forward and loss", default=False)
+    compile: bool = _opt("single mode: compile the training step with torch.compile (on CUDA "
+                         "as CUDA graphs, mode reduce-overhead: the small CIFAR nets are "
+                         "launch-bound); the first steps pay the compilation", default=False)
     deterministic: bool = _opt("deterministic algorithms: repeatable run to run on CPU",
                                default=False)
     seed: int = _opt("seed of initialization, data order and augmentation", default=0)
@@ -423,6 +426,8 @@ def _check_rules(c: TrainConfig) -> None:
                           f"--iterations {c.iterations}")
     if c.data in ("cifar10", "imagenet") and not c.data_dir:
         raise ConfigError(f"dataset {c.data} needs --data-dir")
+    if c.compile and c.mode != "single":
+        raise ConfigError("--compile applies to --mode single")
     if c.mode == "sandblaster" and c.data == "imagenet":
         raise ConfigError("--mode sandblaster needs an in-memory dataset (digits, cifar10 or "
                           "synthetic): portions index the training split")

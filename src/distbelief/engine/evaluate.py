@@ -40,32 +40,36 @@ def evaluate(model: torch.nn.Module, batches: Iterable, *, channels_last: bool =
         return _evaluate_regression(model, batches, channels_last, bf16, get_loss(loss))
     was_training = model.training
     model.eval()
-    loss = wrong1 = wrong5 = 0.0
-    count = 0
+    # Sums stay on the device until the end: one host sync per evaluation, not per batch.
+    sums, count = [], 0
     try:
         for x, y in batches:
             if isinstance(x, list) or (views and x.dim() == 5):
-                if isinstance(x, list):
-                    probs = torch.stack([_forward(model, v, channels_last, bf16).softmax(1)
-                                         for v in x]).mean(0)
-                else:
-                    b, v = x.shape[:2]
-                    out = _forward(model, x.flatten(0, 1), channels_last, bf16)
-                    probs = out.softmax(1).view(b, v, -1).mean(1)
-                scores = probs
-                batch_loss = F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum")
+                scores = _view_probs(model, x, channels_last, bf16)
+                batch_loss = F.nll_loss(scores.clamp_min(1e-12).log(), y, reduction="sum")
             else:
                 scores = _forward(model, x, channels_last, bf16)
                 batch_loss = F.cross_entropy(scores, y, reduction="sum")
-            loss += float(batch_loss)
-            wrong1 += float(topk_wrong(scores, y, 1))
-            wrong5 += float(topk_wrong(scores, y, 5))
+            sums.append(torch.stack([batch_loss.double(), topk_wrong(scores, y, 1).double(),
+                                     topk_wrong(scores, y, 5).double()]))
             count += len(y)
     finally:
         model.train(was_training)
+    loss, wrong1, wrong5 = (torch.stack(sums).sum(0).tolist() if sums else (0.0, 0.0, 0.0))
     count = max(count, 1)
     return {"loss": loss / count, "error": wrong1 / count, "top5_error": wrong5 / count,
             "images": count}
+
+
+def _view_probs(model, x, channels_last: bool, bf16: bool) -> torch.Tensor:
+    """The softmax averaged over the views of each image (a list of differently sized views,
+    or B x V x C x H x W)."""
+    if isinstance(x, list):
+        return torch.stack([_forward(model, v, channels_last, bf16).softmax(1)
+                            for v in x]).mean(0)
+    b, v = x.shape[:2]
+    out = _forward(model, x.flatten(0, 1), channels_last, bf16)
+    return out.softmax(1).view(b, v, -1).mean(1)
 
 
 def _evaluate_regression(model, batches, channels_last: bool, bf16: bool, loss_fn) -> dict:

@@ -25,6 +25,7 @@ from distbelief.data import build_data
 from distbelief.engine.checkpoint import load_checkpoint, load_model_state
 from distbelief.engine.config import TrainConfig, resolve
 from distbelief.engine.evaluate import evaluate
+from distbelief.engine.fast import CompiledStep, tensor_lr
 from distbelief.engine.lifecycle import Diverged, RunLifecycle, TrainingInterrupted
 from distbelief.engine.losses import error_text, get_loss
 from distbelief.engine.schedule import LRSchedule
@@ -126,6 +127,10 @@ class Trainer:
         self.train_s = 0.0  # of the wall time, in training steps (no evaluation or checkpoints)
         if saved:
             self._restore(saved)
+        self.compiled = None
+        if config.compile:
+            tensor_lr(self.optimizer, self.device)
+            self.compiled = CompiledStep(self.model, self.optimizer, self.device)
 
     def _restore(self, saved: dict) -> None:
         try:
@@ -238,14 +243,18 @@ class Trainer:
         if c.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         lr = self.schedule.lr_at(self.iteration)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        forward = self.compiled.forward if self.compiled else self.model
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
-            logits = self.model(x)
+            logits = forward(x)
             loss = self.loss(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        if self.compiled:
+            self.compiled.update(lr)
+        else:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
         wrong = window.add(loss, self.loss.wrong(logits, y), len(y))
         if self.schedule.needs_error:
             self.schedule.observe(self.iteration, float(wrong) / len(y))
