@@ -7,18 +7,21 @@ The Python API (imported on first use, so that `import distbelief` stays light):
     load(run_dir_or_checkpoint, model=None) -> torch.nn.Module
     create_model(name, **options), list_models(family=None): the model zoo
     get_recipe(name, model=None) -> TrainConfig, TrainConfig: the paper's recipes and settings
+    reproduce(experiment, out, budget="short", ...) -> results: the paper's tables and figures
+    layer_responses(model, batches) -> per-layer response stds (Fig. 7)
 """
 
 from distbelief.errors import CheckpointError, ConfigError, DataError, DistbeliefError
 
 __version__ = "0.1.0"
 __all__ = ["CheckpointError", "ConfigError", "DataError", "DistbeliefError", "TrainConfig",
-           "__version__", "create_model", "evaluate", "fit", "get_recipe", "list_models",
-           "load"]
+           "__version__", "create_model", "evaluate", "fit", "get_recipe", "layer_responses",
+           "list_models", "load", "reproduce"]
 
 _LAZY = {"fit": "distbelief.api", "evaluate": "distbelief.api", "load": "distbelief.api",
          "create_model": "distbelief.models", "list_models": "distbelief.models",
-         "get_recipe": "distbelief.recipes", "TrainConfig": "distbelief.engine.config"}
+         "get_recipe": "distbelief.recipes", "TrainConfig": "distbelief.engine.config",
+         "reproduce": "distbelief.paper", "layer_responses": "distbelief.paper"}
 
 
 def __getattr__(name: str):

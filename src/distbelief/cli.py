@@ -229,6 +229,64 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from distbelief.engine import load_for_eval
+    from distbelief.paper.responses import layer_responses, sorted_stds
+
+    overrides = {k: v for k, v in (("data_dir", args.data_dir),
+                                   ("eval_batch_size", args.batch_size)) if v is not None}
+    overrides["device"] = args.device or "auto"
+    model, data, config = load_for_eval(args.checkpoint, overrides)
+    if args.split not in data.splits:
+        raise ConfigError(f"this data has no {args.split!r} split "
+                          f"(choose from {', '.join(data.splits)})")
+    try:
+        rows = layer_responses(model, data.splits[args.split].batches(),
+                               channels_last=config.channels_last)
+    except ValueError as e:
+        raise ConfigError(f"{config.model}: {e}") from None
+    if args.json:
+        print(json.dumps({"model": config.model, "split": args.split, "layers": rows,
+                          "sorted": sorted_stds(rows)}, indent=2))
+        return 0
+    ranks = {id(r): i + 1 for i, r in enumerate(sorted(rows, key=lambda r: -r["std"]))}
+    print(f"{config.model}: std of each 3x3 layer's response (after BN, before ReLU or "
+          f"addition) on the {args.split} split")
+    print(f"{'index':>5}  {'layer':<18} {'std':>8}  {'rank':>4}")
+    for r in rows:
+        print(f"{r['index']:>5}  {r['layer']:<18} {r['std']:>8.4f}  {ranks[id(r)]:>4}")
+    mean = sum(r["std"] for r in rows) / len(rows)
+    print(f"mean {mean:.4f} over {len(rows)} layers")
+    return 0
+
+
+def _parse_models(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from distbelief.engine import TrainingInterrupted
+    from distbelief.paper import reproduce
+
+    def say(line: str) -> None:
+        print(f"reproduce {args.experiment}: {line}", file=sys.stderr, flush=True)
+
+    try:
+        results = reproduce(args.experiment, args.out, budget=args.budget, data=args.data,
+                            data_dir=args.data_dir, device=args.device,
+                            models=_parse_models(args.models), parallel=args.parallel,
+                            compile=args.compile, bf16=args.bf16, seed=args.seed, say=say,
+                            progress=not args.quiet)
+    except TrainingInterrupted as e:
+        print(f"distbelief: {e}", file=sys.stderr)
+        return 128 + e.signum if e.signum else EXIT_INTERRUPTED
+    for check in results["checks"]:
+        print(f"{'holds' if check['holds'] else 'does NOT hold'}: {check['claim']}"
+              + (f" ({check['detail']})" if check["detail"] else ""))
+    print(f"report: {results['report']}")
+    return 0
+
+
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list the model zoo with parameter and multiply-add counts",
                        description="List registered models with parameters and multiply-adds "
@@ -323,6 +381,58 @@ def _add_plot(sub) -> None:
     p.set_defaults(func=cmd_plot)
 
 
+def _add_analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="analyses of a trained model (Fig. 7 layer responses)",
+                       description="Analyses of a trained model.")
+    kinds = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS",
+                             parser_class=_Parser)
+    r = kinds.add_parser("responses", help="std of each 3x3 layer's response (Fig. 7)",
+                         description="The standard deviation of each 3x3 layer's output after "
+                                     "its BN, before the ReLU or the shortcut addition, over a "
+                                     "split, per layer in the original order with its rank by "
+                                     "magnitude (He et al., 2015, Fig. 7).")
+    r.add_argument("--checkpoint", required=True, metavar="FILE", help="a checkpoint .pt file")
+    r.add_argument("--split", default="test", help="test (default) or val")
+    r.add_argument("--data-dir", metavar="DIR", help="dataset folder (default: the checkpoint's)")
+    r.add_argument("--batch-size", type=int, metavar="N", help="images per batch")
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
+    r.add_argument("--json", action="store_true", help="print a JSON object")
+    r.set_defaults(func=cmd_analyze)
+
+
+def _add_reproduce(sub) -> None:
+    p = sub.add_parser("reproduce", help="run one of the paper's experiments and write a report",
+                       description="Train what an experiment needs (runs in OUT/runs, shared "
+                                   "by the experiments; finished ones are skipped, unfinished "
+                                   "ones resumed) and write OUT/EXPERIMENT/report.md with our "
+                                   "numbers and figures beside the paper's. table1: parameters "
+                                   "and multiply-adds; table6: CIFAR-10 ResNets; fig6: error "
+                                   "curves of plain nets and ResNets; fig7: layer responses; "
+                                   "downpour: DistBelief Fig. 4 at reduced scale.")
+    p.add_argument("experiment", choices=("table1", "table6", "fig6", "fig7", "downpour"),
+                   metavar="EXPERIMENT", help="table1, table6, fig6, fig7 or downpour")
+    p.add_argument("--out", default="reproduction", metavar="DIR",
+                   help="output folder (default: reproduction)")
+    p.add_argument("--budget", default="short", choices=("short", "full"),
+                   help="short (default): a scaled-down schedule, minutes on a laptop CPU, "
+                        "shows orderings; full: the paper's schedule")
+    p.add_argument("--data", choices=("digits", "cifar10"),
+                   help="default: digits for short, cifar10 for full")
+    p.add_argument("--data-dir", default="data/cifar-10-batches-py", metavar="DIR",
+                   help="the CIFAR-10 folder (default: data/cifar-10-batches-py)")
+    p.add_argument("--models", metavar="NAME,NAME,...",
+                   help="train only these of the experiment's models")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--parallel", type=int, default=1, metavar="K",
+                   help="trainings side by side (processes; several small nets on one GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="the GPU fast path: compiled training steps (CUDA graphs on CUDA)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_reproduce)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="distbelief", description=(
         "Deep residual networks (He et al., 2015) trained DistBelief-style (Dean et al., 2012)."))
@@ -334,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_export(sub)
     _add_plot(sub)
+    _add_analyze(sub)
+    _add_reproduce(sub)
     return parser
 
 

@@ -148,6 +148,9 @@ class RunDir:
                 if line.get("iteration", 0) <= iteration]
         atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
 
+    def read_summary(self) -> dict:
+        return json.loads(self.summary_file.read_text())
+
     def write_summary(self, summary: dict) -> None:
         atomic_write_text(self.summary_file, json.dumps(summary, indent=2) + "\n")
 

@@ -1,0 +1,39 @@
+"""What each budget trains: the paper's recipe unchanged for full, scaled down for short."""
+
+import pytest
+
+from distbelief.errors import ConfigError
+from distbelief.recipes import get_recipe
+from distbelief.paper.budgets import Options, check_models, run_config
+
+
+def test_full_is_the_papers_recipe():
+    options = Options(budget="full", data_dir="/data/cifar")
+    assert options.dataset == "cifar10" and options.tag == "full-cifar10"
+    for model in ("resnet20", "resnet110"):
+        got = run_config(model, options)
+        want = get_recipe("cifar10-paper", model).replace(data_dir="/data/cifar")
+        # Only the run's bookkeeping differs: every field of the recipe itself is the paper's.
+        assert got.replace(recipe=want.recipe) == want
+    assert run_config("resnet110", options).warmup_until_error == 0.8
+
+
+def test_short_scales_the_schedule_down():
+    digits = run_config("plain56", Options())
+    assert (digits.data, digits.iterations, digits.milestones, digits.batch_size) == (
+        "digits", 600, (400, 500), 64)
+    cifar = run_config("resnet20", Options(data="cifar10", data_dir="d"))
+    assert (cifar.iterations, cifar.milestones, cifar.batch_size, cifar.lr, cifar.pad) == (
+        2000, (1000, 1500), 128, 0.1, 4)
+    fast = run_config("resnet20", Options(compile=True, bf16=True, device="cpu", seed=3))
+    assert (fast.compile, fast.bf16, fast.device, fast.seed) == (True, True, "cpu", 3)
+
+
+def test_bad_options_are_one_line_errors():
+    with pytest.raises(ConfigError, match="budget"):
+        Options(budget="medium")
+    with pytest.raises(ConfigError, match="data"):
+        Options(data="mnist")
+    with pytest.raises(ConfigError, match="fig7 trains plain20, resnet20; --models resnet32"):
+        check_models(("resnet32",), ("plain20", "resnet20"), "fig7")
+    assert check_models(None, ("a", "b"), "x") == ("a", "b")
