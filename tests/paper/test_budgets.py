@@ -37,3 +37,8 @@ def test_bad_options_are_one_line_errors():
     with pytest.raises(ConfigError, match="fig7 trains plain20, resnet20; --models resnet32"):
         check_models(("resnet32",), ("plain20", "resnet20"), "fig7")
     assert check_models(None, ("a", "b"), "x") == ("a", "b")
+    assert check_models(("b", "b", "a"), ("a", "b"), "x") == ("b", "a")  # one run each
+
+
+def test_the_seed_is_part_of_the_run_names():
+    assert Options(seed=2).tag == "short-digits-seed2" and Options().tag == "short-digits"

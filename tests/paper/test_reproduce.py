@@ -12,6 +12,7 @@ import pytest
 
 from distbelief.cli import main
 from distbelief.engine.rundir import read_jsonl
+from distbelief.errors import ConfigError
 from distbelief.paper import reproduce
 from distbelief.paper.runner import Runner, RunSpec
 from distbelief.recipes import get_recipe
@@ -35,6 +36,8 @@ def test_table1_is_exact(tmp_path, capsys):
     (["reproduce", "fig6", "--models", "resnet999"], "fig6 trains plain20"),
     (["reproduce", "fig6", "--parallel", "0"], "--parallel must be a positive"),
     (["reproduce", "downpour", "--models", "resnet20"], "--models does not apply"),
+    (["reproduce", "fig7", "--data", "cifar10", "--data-dir", "/nonexistent"],
+     "CIFAR-10 folder /nonexistent does not exist"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
     out = tmp_path / "out"
@@ -46,6 +49,13 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, messag
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("keep me")
+    assert main(["reproduce", "table1", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "keep me"
 
 
 def test_fig6_and_fig7_short_show_the_papers_orderings(tmp_path):
@@ -94,7 +104,7 @@ def test_parallel_runs_stop_on_sigterm_and_continue_on_rerun(tmp_path):
         "from distbelief.recipes import get_recipe\n"
         "from distbelief.paper.runner import RunSpec\n"
         "def specs():\n"
-        "    c = get_recipe('digits').replace(iterations=150, milestones=(), log_every=5,\n"
+        "    c = get_recipe('digits').replace(iterations=300, milestones=(), log_every=5,\n"
         "        eval_every=0, checkpoint_every=10, device='cpu')\n"
         "    return [RunSpec('a', c), RunSpec('b', c.replace(model='plain20'))]\n")
     runs = tmp_path / "runs"
@@ -109,7 +119,8 @@ def test_parallel_runs_stop_on_sigterm_and_continue_on_rerun(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert "run the same command again" in err and "Traceback" not in err
-    assert not any((runs / n / "summary.json").exists() for n in "ab")
+    # At least one run was stopped mid-way (the other may have finished meanwhile).
+    assert not all((runs / n / "summary.json").exists() for n in "ab"), out
     done = subprocess.run([sys.executable, "-c", RUNNER_SCRIPT, str(runs)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -117,8 +128,16 @@ def test_parallel_runs_stop_on_sigterm_and_continue_on_rerun(tmp_path):
         train = [r["iteration"] for r in read_jsonl(runs / name / "metrics.jsonl")
                  if r["kind"] == "train"]
         # Resumed: every record once (the stop adds one at its checkpoint), none lost.
-        assert train == sorted(set(train)) and set(range(5, 151, 5)) <= set(train)
-        assert json.loads((runs / name / "summary.json").read_text())["iterations"] == 150
+        assert train == sorted(set(train)) and set(range(5, 301, 5)) <= set(train)
+        assert json.loads((runs / name / "summary.json").read_text())["iterations"] == 300
+
+
+def test_a_run_directory_with_other_settings_is_refused_not_mixed(tmp_path):
+    Runner(tmp_path, say=lambda line: None).run([_spec("x", 10)])
+    summary = (tmp_path / "x" / "summary.json").read_text()
+    with pytest.raises(ConfigError, match="x was trained with lr 0.1, not 0.05"):
+        Runner(tmp_path).run([RunSpec("x", _spec("x", 10).config.replace(lr=0.05))])
+    assert (tmp_path / "x" / "summary.json").read_text() == summary
 
 
 def test_a_failing_run_is_named_and_the_others_finish(tmp_path):

@@ -17,6 +17,11 @@ def topk_wrong(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tens
     return (~hit).sum()
 
 
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of sums over a whole split: float64, except where the device has none (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _forward(model, x, channels_last: bool, bf16: bool) -> torch.Tensor:
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -50,8 +55,9 @@ def evaluate(model: torch.nn.Module, batches: Iterable, *, channels_last: bool =
             else:
                 scores = _forward(model, x, channels_last, bf16)
                 batch_loss = F.cross_entropy(scores, y, reduction="sum")
-            sums.append(torch.stack([batch_loss.double(), topk_wrong(scores, y, 1).double(),
-                                     topk_wrong(scores, y, 5).double()]))
+            dtype = sum_dtype(y.device)
+            sums.append(torch.stack([t.to(dtype) for t in (
+                batch_loss, topk_wrong(scores, y, 1), topk_wrong(scores, y, 5))]))
             count += len(y)
     finally:
         model.train(was_training)

@@ -1,7 +1,8 @@
 """The compiled training step (`--compile`): the GPU fast path of the small CIFAR nets.
 
 ResNet-20 at batch 128 is launch-bound on a modern GPU: ~10 ms per eager step of which the
-arithmetic is a fraction (2 ms as one CUDA graph, measured on an H200). `--compile` runs the
+arithmetic is a fraction (2 ms as one CUDA graph; the issue's figures from an H200, not yet
+measured with this code: the CUDA-graph mode has only run on CPUs here). `--compile` runs the
 model's forward and backward through `torch.compile` (on CUDA with mode "reduce-overhead", i.e.
 CUDA graphs; on the CPU the default inductor mode, so the same code path runs and is tested
 without a GPU) and the optimizer's update through a compiled `step` whose learning rate is a

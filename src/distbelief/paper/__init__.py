@@ -55,6 +55,12 @@ def reproduce(experiment: str, out: str | os.PathLike = "reproduction", *,
     kind = EXPERIMENTS[experiment]
     specs = kind.specs(options)  # every config is built, and so validated, before any run
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if specs and options.dataset == "cifar10" and not Path(data_dir).is_dir():
+        raise ConfigError(f"CIFAR-10 folder {data_dir} does not exist; give --data-dir (the "
+                          f"official cifar-10-batches-py folder; 'distbelief train --data "
+                          f"cifar10 --download' fetches it)")
     Runner(out / "runs", parallel, say, progress).run(specs)
     report = kind.report(options, out / "runs", out / experiment)
     path = report.write(out / experiment)

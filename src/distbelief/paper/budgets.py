@@ -47,8 +47,9 @@ class Options:
 
     @property
     def tag(self) -> str:
-        """What a run directory's name says about its schedule: 'short-digits'."""
-        return f"{self.budget}-{self.dataset}"
+        """What a run directory's name says about its schedule and seed: 'short-digits',
+        'full-cifar10-seed2'."""
+        return f"{self.budget}-{self.dataset}" + (f"-seed{self.seed}" if self.seed else "")
 
 
 def run_config(model: str, options: Options) -> TrainConfig:
@@ -72,9 +73,10 @@ def run_config(model: str, options: Options) -> TrainConfig:
 
 
 def check_models(models, allowed: tuple[str, ...], experiment: str) -> tuple[str, ...]:
-    """`models` (default `allowed`), each one of `allowed`."""
+    """`models` (default `allowed`), each one of `allowed`, each once."""
     if models is None:
         return allowed
+    models = tuple(dict.fromkeys(models))
     wrong = [m for m in models if m not in allowed]
     if wrong or not models:
         raise ConfigError(f"{experiment} trains {', '.join(allowed)}; --models "

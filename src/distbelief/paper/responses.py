@@ -11,6 +11,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from distbelief.engine.evaluate import sum_dtype
+
 
 def response_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
     """(name, BN) of every 3x3 convolution whose very next leaf module is a BatchNorm2d, in
@@ -28,8 +30,8 @@ def response_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
 
 
 class _Moments:
-    """Sum, sum of squares and count of one layer's outputs, kept on the device in float64 so
-    that the whole test set is summed without a host sync per batch."""
+    """Sum, sum of squares and count of one layer's outputs, kept on the device (in float64
+    where it has it) so that the whole test set is summed without a host sync per batch."""
 
     def __init__(self):
         self.sum = self.squares = None
@@ -37,7 +39,7 @@ class _Moments:
 
     def __call__(self, module, inputs, output) -> None:
         # Reduce at once: a BasicBlock adds its shortcut into this very tensor in place.
-        x = output.detach().double()
+        x = output.detach().to(sum_dtype(output.device))
         if self.sum is None:
             self.sum, self.squares = x.sum(), (x * x).sum()
         else:
