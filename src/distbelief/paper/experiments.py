@@ -77,18 +77,27 @@ class Table1:
         return report
 
 
-class Table6:
-    name, title = "table6", "Table 6: CIFAR-10 test error of the ResNets"
-    models = tuple(PAPER_TABLE6)
-    default = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+class ModelRuns:
+    """An experiment that trains one run per model: `models` (those --models may name) and
+    `default` (those trained without --models; None: all of `models`)."""
+
+    name: str
+    models: tuple[str, ...]
+    default: tuple[str, ...] | None = None
 
     def chosen(self, options: Options) -> tuple[str, ...]:
-        if options.models is None:
+        if options.models is None and self.default is not None:
             return self.default
         return check_models(options.models, self.models, self.name)
 
     def specs(self, options: Options) -> list[RunSpec]:
         return model_specs(self.chosen(options), options)
+
+
+class Table6(ModelRuns):
+    name, title = "table6", "Table 6: CIFAR-10 test error of the ResNets"
+    models = tuple(PAPER_TABLE6)
+    default = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 
     def report(self, options: Options, runs: Path, folder: Path) -> Report:
         report = Report(self.title, budget_note(options),
@@ -113,16 +122,10 @@ class Table6:
         return report
 
 
-class Fig6:
+class Fig6(ModelRuns):
     name, title = "fig6", "Fig. 6: training and test error of plain nets and ResNets"
     models = ("plain20", "plain32", "plain44", "plain56", "resnet20", "resnet32", "resnet44",
               "resnet56", "resnet110")
-
-    def chosen(self, options: Options) -> tuple[str, ...]:
-        return check_models(options.models, self.models, self.name)
-
-    def specs(self, options: Options) -> list[RunSpec]:
-        return model_specs(self.chosen(options), options)
 
     def report(self, options: Options, runs: Path, folder: Path) -> Report:
         report = Report(self.title, budget_note(options),
@@ -177,15 +180,9 @@ def _residual_checks(values: dict[str, float], verb: str, detail: str) -> list[C
     return checks
 
 
-class Fig7:
+class Fig7(ModelRuns):
     name, title = "fig7", "Fig. 7: standard deviations of the layer responses"
     models = ("plain20", "plain56", "resnet20", "resnet56", "resnet110")
-
-    def chosen(self, options: Options) -> tuple[str, ...]:
-        return check_models(options.models, self.models, self.name)
-
-    def specs(self, options: Options) -> list[RunSpec]:
-        return model_specs(self.chosen(options), options)
 
     def report(self, options: Options, runs: Path, folder: Path) -> Report:
         report = Report(self.title, budget_note(options),
