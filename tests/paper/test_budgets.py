@@ -27,6 +27,8 @@ def test_short_scales_the_schedule_down():
         2000, (1000, 1500), 128, 0.1, 4)
     fast = run_config("resnet20", Options(compile=True, bf16=True, device="cpu", seed=3))
     assert (fast.compile, fast.bf16, fast.device, fast.seed) == (True, True, "cpu", 3)
+    assert fast.channels_last  # the fast path's layout, also on a recipe that leaves it off
+    assert run_config("resnet20", Options(data="cifar10", data_dir="d", compile=True)).channels_last
 
 
 def test_bad_options_are_one_line_errors():
