@@ -100,10 +100,11 @@ def scheme_for(config: TrainConfig, run_dir, *, resume: bool = False, progress: 
     from distbelief.engine import Trainer
 
     if config.mode == "single":
-        if address or dashboard:
+        if (address or dashboard) and config.cluster.partitions == 1:
             raise ConfigError("--address and --dashboard apply to --mode downpour and "
-                              "sandblaster")
-        return Trainer(config, run_dir, resume=resume, progress=progress)
+                              "sandblaster, and to --partitions")
+        return Trainer(config, run_dir, resume=resume, progress=progress, address=address,
+                       dashboard=dashboard)
     from distbelief.distributed import DownpourTrainer, SandblasterTrainer
 
     kind = DownpourTrainer if config.mode == "downpour" else SandblasterTrainer

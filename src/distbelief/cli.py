@@ -58,6 +58,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         model_info(name)  # fail on a bad name before spending time on the others
     options = {"shortcut": args.shortcut, "variant": args.variant}
     options = {k: v for k, v in options.items() if v is not None}
+    if args.partitions is not None:
+        return _print_split(names, args, options)
     rows = [summarize(name, input_size=args.input_size, **options) for name in names]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -66,8 +68,30 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_split(names: list[str], args: argparse.Namespace, options: dict) -> int:
+    """`models NAME --partitions P`: how each model is cut (model parallelism)."""
+    from distbelief.distributed.pipeline.partition import split_table
+
+    rows = [row for name in names
+            for row in split_table(name, args.partitions, args.input_size, **options)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ("model", "partition", "units", "params", "MACs", "share")
+    total = {}
+    for r in rows:
+        total[r["model"]] = total.get(r["model"], 0) + r["macs"]
+    lines = [(r["model"], str(r["partition"]), r["units"], f"{r['params']:,}",
+              _format_count(r["macs"]), f"{r['macs'] / max(total[r['model']], 1):.0%}")
+             for r in rows]
+    widths = [max(len(c) for c in col) for col in zip(header, *lines)]
+    fmt = "  ".join(f"{{:{a}{w}}}" for a, w in zip("<><>>>", widths))
+    print("\n".join(fmt.format(*line).rstrip() for line in (header, *lines)))
+    return 0
+
+
 _GROUPS = {None: "config overrides (default: the recipe's value)",
-           "cluster": "distributed modes: replicas and shards (--mode downpour, sandblaster)",
+           "cluster": "distributed modes: replicas, shards and partitions (model parallelism)",
            "downpour": "Downpour SGD (--mode downpour)",
            "sandblaster": "Sandblaster L-BFGS (--mode sandblaster)"}
 
@@ -143,6 +167,9 @@ def _summary_line(config, summary: dict, out: str) -> str:
             how.append(f"converged: {summary['converged']}")
     elif config.mode == "downpour":
         how = [f"Downpour, {config.cluster.replicas} replicas, {config.cluster.ps_shards} shards"]
+    if config.cluster.partitions > 1:
+        how.append(f"{config.cluster.partitions} partitions x {config.cluster.micro_batches} "
+                   f"micro-batches")
     if config.optimizer != "sgd" and config.mode != "sandblaster":
         how.append(config.optimizer)
     return (f"{config.model} on {config.data}{' (' + ', '.join(how) + ')' if how else ''}: "
@@ -297,6 +324,9 @@ def _add_models(sub) -> None:
     p.add_argument("--variant", help="bottleneck stride placement: paper or v1.5 (default paper)")
     p.add_argument("--input-size", type=int, metavar="PX",
                    help="square input side for the MAC count (default: 32 CIFAR, 224 ImageNet)")
+    p.add_argument("--partitions", type=int, metavar="P",
+                   help="show how the model is cut into P partitions for model parallelism "
+                        "(units, parameters and MACs per partition)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.set_defaults(func=cmd_models)
 

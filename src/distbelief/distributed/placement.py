@@ -59,14 +59,15 @@ def largest_share(capacities: list[float], count: int, cap: float) -> float:
     return math.floor(low / RESOURCE_UNIT) * RESOURCE_UNIT
 
 
-def replica_shape(config, nodes: list[Node]) -> ReplicaShape:
-    """Each replica's reservation for `config` on these nodes: GPUs when the config asks for
-    them (or `auto` finds some), as many CPUs as every replica can have at once, and
-    `--replica-cpus` threads (default: what it reserved, at least one).
+def replica_shape(config, nodes: list[Node], count: int | None = None) -> ReplicaShape:
+    """Each replica's reservation for `config` on these nodes (or each of `count` actors:
+    default the replicas): GPUs when the config asks for them (or `auto` finds some), as many
+    CPUs as every one can have at once, and `--replica-cpus` threads (default: what it
+    reserved, at least one).
 
     Raises:
         ConfigError: --device cuda on a cluster without GPUs."""
-    replicas, requested = config.cluster.replicas, config.cluster.replica_cpus
+    replicas, requested = count or config.cluster.replicas, config.cluster.replica_cpus
     gpu_nodes = [n for n in nodes if n.gpus > 0]
     if config.device == "cuda" and not gpu_nodes:
         raise ConfigError("--device cuda but the Ray cluster has no GPUs")

@@ -155,11 +155,11 @@ def nodes() -> list[Node]:
             for n in ray.nodes() if n["Alive"]]
 
 
-def replica_options(config) -> tuple[dict, ReplicaShape]:
-    """Ray options for the replicas of `config` (`placement.replica_shape` on this cluster's
-    nodes, spread over them, restarted up to --max-restarts, no task retries), and the
-    shape."""
-    shape = replica_shape(config, nodes())
+def replica_options(config, count: int | None = None) -> tuple[dict, ReplicaShape]:
+    """Ray options for the replicas of `config`, or `count` actors of that kind
+    (`placement.replica_shape` on this cluster's nodes, spread over them, restarted up to
+    --max-restarts, no task retries), and the shape."""
+    shape = replica_shape(config, nodes(), count)
     return {"num_cpus": shape.num_cpus, "num_gpus": shape.num_gpus,
             "max_restarts": config.cluster.max_restarts, "max_task_retries": 0,
             "scheduling_strategy": "SPREAD"}, shape

@@ -56,6 +56,12 @@ class ClusterConfig:
     replica_cpus: int | None = _opt("downpour, sandblaster: CPU threads per replica (default: "
                                     "as many as the replicas can each have on the cluster's "
                                     "nodes)", default=None)
+    partitions: int = _opt("single, downpour: model parallelism, each replica's model cut into "
+                           "P parts, each a Ray actor computing its layers (see 'distbelief "
+                           "models NAME --partitions P')", default=1)
+    micro_batches: int = _opt("with --partitions: micro-batches per batch, pipelined through "
+                              "the partitions (each normalised on its own by BatchNorm)",
+                              default=1)
 
 
 @dataclass(frozen=True)
@@ -323,8 +329,8 @@ def coerce(name: str, value):
 
 _POSITIVE = ("batch_size", "iterations", "eval_batch_size", "log_every", "crop_size",
              "scale_min", "scale_max", "test_size", "synthetic_size", "synthetic_classes",
-             "stats_samples", "replicas", "ps_shards", "n_fetch", "n_push", "max_in_flight",
-             "push_every", "history")
+             "stats_samples", "replicas", "ps_shards", "partitions", "micro_batches", "n_fetch",
+             "n_push", "max_in_flight", "push_every", "history")
 _NON_NEGATIVE = ("val_split", "pad", "momentum", "weight_decay", "warmup_iterations",
                  "eval_every", "checkpoint_every", "lighting", "num_workers", "lr_decay",
                  "warmstart_steps", "eval_interval_s", "checkpoint_interval_s", "max_restarts",
@@ -428,9 +434,25 @@ def _check_rules(c: TrainConfig) -> None:
         raise ConfigError(f"dataset {c.data} needs --data-dir")
     if c.compile and c.mode != "single":
         raise ConfigError("--compile applies to --mode single")
+    _check_partitions(c)
     if c.mode == "sandblaster" and c.data == "imagenet":
         raise ConfigError("--mode sandblaster needs an in-memory dataset (digits, cifar10 or "
                           "synthetic): portions index the training split")
+
+
+def _check_partitions(c: TrainConfig) -> None:
+    parts = c.cluster.partitions
+    if c.cluster.micro_batches > 1 and parts == 1:
+        raise ConfigError("--micro-batches applies with --partitions 2 or more")
+    if parts == 1:
+        return
+    if c.mode == "sandblaster":
+        raise ConfigError("--partitions applies to --mode single and downpour")
+    if c.compile:
+        raise ConfigError("--compile applies to an unpartitioned model (--partitions 1)")
+    if c.cluster.micro_batches > c.batch_size:
+        raise ConfigError(f"--micro-batches {c.cluster.micro_batches} exceeds --batch-size "
+                          f"{c.batch_size}")
 
 
 def batch_images(c: TrainConfig, train_size: int) -> int:

@@ -107,11 +107,15 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
-                 resume: bool = False, progress: bool = False):
+                 resume: bool = False, progress: bool = False, address: str | None = None,
+                 dashboard: bool = False):
         config = config.replace(mode="single")
         self.life = RunLifecycle(run_dir, mode="single", state=STATE, progress=progress)
         saved = self.life.open(config, resume, same=("model", "variant"))
-        self.device = resolve_device(config.device)
+        partitioned = config.cluster.partitions > 1
+        # Partitioned, the driver's model is only evaluated and checkpointed (on the CPU);
+        # the partition actors get their devices from Ray.
+        self.device = resolve_device("cpu" if partitioned else config.device)
         set_determinism(config.deterministic, self.device)
         torch.manual_seed(config.seed)
         self.data = build_data(config, self.device,
@@ -127,10 +131,15 @@ class Trainer:
         self.train_s = 0.0  # of the wall time, in training steps (no evaluation or checkpoints)
         if saved:
             self._restore(saved)
-        self.compiled = None
+        self.compiled = self.pipeline = self._synced_at = None
         if config.compile:
             tensor_lr(self.optimizer, self.device)
             self.compiled = CompiledStep(self.model, self.optimizer, self.device)
+        if partitioned:
+            from distbelief.distributed.pipeline.runner import PipelineRunner
+
+            sample = self.data.train.batches(0).__next__()[0][:1]
+            self.pipeline = PipelineRunner(config, self.model, sample, address, dashboard)
 
     def _restore(self, saved: dict) -> None:
         try:
@@ -154,12 +163,25 @@ class Trainer:
         return self.iteration * self.config.batch_size
 
     def start(self) -> None:
-        pass
+        if self.pipeline is not None:
+            self.placed = self.pipeline.start(self.optimizer, build_optimizer)
+
+    def _sync(self) -> None:
+        """Partitioned: bring the partitions' weights and optimizer states home (once per
+        iteration)."""
+        if self.pipeline is not None and self._synced_at != self.iteration:
+            self.pipeline.gather(self.optimizer)
+            self._synced_at = self.iteration
 
     def train(self) -> None:
+        if self.pipeline is not None:  # where each partition went (the run directory exists)
+            self.life.log({"kind": "cluster", "iteration": self.iteration, "partitions": [
+                {**info, "units": part.describe(), "macs": part.macs}
+                for info, part in zip(self.placed, self.pipeline.parts)]})
         self.train_until(self.config.iterations)
 
     def eval_model(self) -> torch.nn.Module:
+        self._sync()
         return self.model
 
     def progress_text(self) -> str:
@@ -171,7 +193,8 @@ class Trainer:
                 "images_per_s": round(self.examples / max(self.train_s, 1e-9), 1)}
 
     def close(self) -> None:
-        pass
+        if self.pipeline is not None:
+            self.pipeline.close()
 
     # --- running ----------------------------------------------------------------------------
 
@@ -191,6 +214,7 @@ class Trainer:
 
     def checkpoint_state(self) -> dict:
         """The training state (the lifecycle adds the config, clock and last record)."""
+        self._sync()
         epoch, batch = divmod(self.iteration, self.data.train.batches_per_epoch)
         return {"iteration": self.iteration,
                 # Batch i is a function of (seed, i); the position is recorded for readers.
@@ -240,9 +264,12 @@ class Trainer:
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, window: _Window) -> float:
         c, opt = self.config, self.optimizer
+        lr = self.schedule.lr_at(self.iteration)
+        if self.pipeline is not None:  # the partitions choose their own memory format
+            loss, wrong = self.pipeline.step(x, y, lr)
+            return self._count(lr, torch.tensor(loss), torch.tensor(wrong), y, window)
         if c.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        lr = self.schedule.lr_at(self.iteration)
         forward = self.compiled.forward if self.compiled else self.model
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
             logits = forward(x)
@@ -255,7 +282,11 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.step()
-        wrong = window.add(loss, self.loss.wrong(logits, y), len(y))
+        return self._count(lr, loss, self.loss.wrong(logits, y), y, window)
+
+    def _count(self, lr: float, loss: torch.Tensor, wrong: torch.Tensor, y: torch.Tensor,
+               window: _Window) -> float:
+        wrong = window.add(loss, wrong, len(y))
         if self.schedule.needs_error:
             self.schedule.observe(self.iteration, float(wrong) / len(y))
         self.iteration += 1
@@ -280,12 +311,15 @@ class Trainer:
                   "lr": lr,
                   "images_per_s": round(window.seen / seconds, 1),
                   "wall_s": round(self.life.wall_s, 3)}
+        if self.pipeline is not None:
+            record["pipeline"] = self.pipeline.metrics()
         self.life.log_train(record)
         bar.set_postfix({"loss": f"{loss:.3f}", "img/s": f"{record['images_per_s']:.0f}"},
                         refresh=False)
         window.reset()
 
     def _params_finite(self) -> bool:
+        self._sync()
         return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
 
 

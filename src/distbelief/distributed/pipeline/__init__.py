@@ -1,0 +1,17 @@
+"""Model parallelism inside a replica (Dean et al., 2012, Sec. 3): a model cut into P parts,
+each a Ray actor computing its layers, activations travelling forward and gradients backward
+between them through Ray's object store, M micro-batches in flight (GPipe's fill-drain).
+
+    partition.py   the partitioner: contiguous parts balanced by multiply-adds (no Ray)
+    stage.py       Stage: one part's forward, backward and update (no Ray)
+    schedule.py    Pipeline: one training step as calls to the stages (no Ray)
+    actors.py      StageActor: a Stage in its own process
+    runner.py      PipelineRunner: a single-mode replica's partitions (`--partitions P`)
+"""
+
+from distbelief.distributed.pipeline.partition import Part, Plan, partition, split_table
+from distbelief.distributed.pipeline.schedule import Pipeline, local_pipeline, micro_batches
+from distbelief.distributed.pipeline.stage import Stage
+
+__all__ = ["Part", "Pipeline", "Plan", "Stage", "local_pipeline", "micro_batches", "partition",
+           "split_table"]

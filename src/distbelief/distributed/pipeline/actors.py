@@ -1,0 +1,73 @@
+"""The partition actor: a thin Ray wrapper around `Stage`, where the logic lives and is tested
+without Ray. Activations and gradients cross between actors as numpy arrays, which Ray moves
+through its shared-memory object store (or inline when small) without pickling their bytes;
+an argument that is another actor's result (an object reference) is fetched by Ray itself,
+directly from the node that holds it, never through the driver."""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import torch
+
+from distbelief.distributed.pipeline.stage import Stage
+from distbelief.distributed.runtime import node_id, tensor_view
+from distbelief.engine.losses import get_loss
+from distbelief.engine.setup import set_determinism
+
+
+def _tensor(value):
+    return tensor_view(value) if isinstance(value, np.ndarray) else value
+
+
+def _array(value):
+    if value is None:
+        return None
+    return value.detach().float().cpu().numpy() if value.dtype == torch.bfloat16 else \
+        value.detach().cpu().numpy()
+
+
+@ray.remote
+class StageActor:
+    """Partition `index` of `count` in its own process: its module (only its own part of the
+    model), its optimizer (`optimizer` builds one over the module's parameters; its state
+    `optimizer_state` in the part's numbering), `threads` CPU threads on `device`."""
+
+    def __init__(self, index: int, count: int, module, config, threads: int, device: str,
+                 optimizer=None, optimizer_state: dict | None = None):
+        torch.set_num_threads(threads)
+        device = torch.device(device)
+        set_determinism(config.deterministic, device)
+        module = module.to(device)
+        has_params = any(True for _ in module.parameters())
+        opt = optimizer(config, module) if optimizer is not None and has_params else None
+        self.stage = Stage(index, count, module, get_loss(config.loss), opt, device=device,
+                           channels_last=config.channels_last, bf16=config.bf16)
+        if optimizer_state is not None and opt is not None:
+            opt.load_state_dict(optimizer_state)
+
+    def zero_grad(self) -> None:
+        self.stage.zero_grad()
+
+    def forward(self, micro: int, x, train: bool = True):
+        return _array(self.stage.forward(micro, _tensor(x), train))
+
+    def forward_loss(self, micro: int, x, y, weight: float):
+        return self.stage.forward_loss(micro, _tensor(x), _tensor(y), weight)
+
+    def backward(self, micro: int, grad=None):
+        return _array(self.stage.backward(micro, None if grad is None else _tensor(grad)))
+
+    def update(self, lr: float) -> None:
+        self.stage.update(lr)
+
+    def take_times(self) -> dict:
+        return self.stage.take_times()
+
+    def state(self) -> dict:
+        return self.stage.state()
+
+    def info(self) -> dict:
+        params = sum(p.numel() for p in self.stage.module.parameters())
+        return {"partition": self.stage.index, "node": node_id(), "params": params,
+                "device": str(self.stage.device), "threads": torch.get_num_threads()}

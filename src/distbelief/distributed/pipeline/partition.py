@@ -1,0 +1,165 @@
+"""The partitioner: a model cut into P contiguous parts along its natural boundaries, balanced
+by multiply-adds (Dean et al., 2012, Sec. 3: "the model is partitioned ... each machine is
+responsible for a part of the model"). No Ray here.
+
+Units are the pieces a model may be cut between:
+
+- a ResNet (anything with `stages()`): the stem, every residual block, the head;
+- an `nn.Sequential`: each of its children;
+- anything else is one unit, so it cannot be cut (a clear error asks for one of the above).
+
+Each part is an `nn.Sequential` of its units, sharing their modules with the model (nothing is
+copied), so running the parts in order computes the model's `forward`, and a part's
+`parameters()` are a contiguous run of the model's `parameters()` (the units are the model's
+modules in registration order): part p holds the model's parameters offset_p .. offset_p+n_p-1,
+which is how optimizer states move between the whole model and its parts.
+
+Balance. The cut minimizes the largest part's cost, a unit's cost being its forward
+multiply-adds plus one (so units without any still count): the classic linear partition,
+solved exactly by dynamic programming. The largest part is then at most the mean part plus the
+costliest unit (`Plan.bound`), the tolerance the tests hold it to. Backward costs about twice
+the forward for every layer with weights, so balancing the forward balances the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from distbelief.errors import ConfigError
+
+
+@dataclass
+class Part:
+    """Part `index` of a cut model: its units' names, the module computing them, its size."""
+
+    index: int
+    names: list[str]
+    module: nn.Sequential
+    params: int  # parameter elements
+    macs: int  # forward multiply-adds per example
+    offset: int  # index of its first tensor in the model's parameters()
+
+    @property
+    def n_tensors(self) -> int:
+        return sum(1 for _ in self.module.parameters())
+
+    def describe(self) -> str:
+        first, last = self.names[0], self.names[-1]
+        return first if first == last else f"{first} .. {last}"
+
+
+def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's cuttable pieces in order, named as in the model (module doc)."""
+    if hasattr(model, "stages"):
+        out = []
+        for name, stage in model.stages():
+            if name in ("stem", "head"):
+                out.append((name, stage))
+            else:  # a stage of residual blocks: each block is a unit
+                out.extend((f"{name}.{i}", block) for i, block in enumerate(stage))
+        return out
+    if isinstance(model, nn.Sequential):
+        return list(model.named_children())
+    return [(type(model).__name__, model)]
+
+
+def unit_costs(pieces: list[tuple[str, nn.Module]], sample: torch.Tensor) -> list[int]:
+    """Forward multiply-adds of each unit on `sample` (one example, batch dimension 1), counted
+    as it flows through the units in order; BatchNorm statistics are left untouched."""
+    costs, x = [], sample
+    modes = [m.training for _, m in pieces]
+    try:
+        for _, module in pieces:
+            module.eval()
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                x = module(x)
+            costs.append(counter.get_total_flops() // 2)
+    finally:
+        for (_, module), mode in zip(pieces, modes):
+            module.train(mode)
+    return costs
+
+
+def linear_partition(costs: list[int], parts: int) -> list[int]:
+    """Where to cut `costs` into `parts` non-empty contiguous runs minimizing the largest sum:
+    the start index of every run but the first. Exact (dynamic programming, O(parts n^2))."""
+    n = len(costs)
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][i]: the smallest largest sum cutting the first i units into k runs.
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0
+    for k in range(1, parts + 1):
+        for i in range(k, n - (parts - k) + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    starts, i = [], n
+    for k in range(parts, 1, -1):
+        i = cut[k][i]
+        starts.append(i)
+    return starts[::-1]
+
+
+@dataclass
+class Plan:
+    parts: list[Part]
+    unit_costs: list[int]
+
+    @property
+    def bound(self) -> float:
+        """The balance guarantee: no part costs more than this (mean part + costliest unit)."""
+        costs = [c + 1 for c in self.unit_costs]
+        return sum(costs) / len(self.parts) + max(costs)
+
+
+def partition(model: nn.Module, parts: int, sample: torch.Tensor) -> Plan:
+    """`model` cut into `parts` contiguous parts balanced by multiply-adds, measured on `sample`
+    (one example with its batch dimension, on the model's device).
+
+    Raises:
+        ConfigError: fewer units than parts (the message says how many there are)."""
+    pieces = units(model)
+    if parts < 1:
+        raise ConfigError(f"--partitions must be positive, got {parts}")
+    if parts > len(pieces):
+        what = ("it is one unit: give an nn.Sequential or a ResNet" if len(pieces) == 1
+                else f"it has {len(pieces)} units ({', '.join(n for n, _ in pieces[:8])}"
+                     f"{' ...' if len(pieces) > 8 else ''})")
+        raise ConfigError(f"cannot cut the model into {parts} partitions: {what}")
+    costs = unit_costs(pieces, sample)
+    bounds = [0, *linear_partition([c + 1 for c in costs], parts), len(pieces)]
+    out, offset = [], 0
+    for p, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        module = nn.Sequential(*(m for _, m in pieces[lo:hi]))
+        part = Part(p, [n for n, _ in pieces[lo:hi]], module,
+                    sum(t.numel() for t in module.parameters()), sum(costs[lo:hi]), offset)
+        offset += part.n_tensors
+        out.append(part)
+    return Plan(out, costs)
+
+
+def split_table(name: str, parts: int, input_size: int | None = None, **kwargs) -> list[dict]:
+    """`distbelief models NAME --partitions P`: one row per part of the registered model
+    `name` (its units, parameters and multiply-adds), measured on the meta device (no memory,
+    no compute)."""
+    from distbelief.models import create_model, model_info
+
+    info = model_info(name)
+    size = info.input_size if input_size is None else input_size
+    if info.sized:
+        kwargs = {**kwargs, "input_size": size}
+    with torch.device("meta"):
+        model = create_model(name, **kwargs)
+        sample = torch.zeros(1, kwargs.get("in_chans", 3), size, size)
+    plan = partition(model, parts, sample)
+    return [{"model": name, "partition": p.index, "units": p.describe(), "params": p.params,
+             "macs": p.macs} for p in plan.parts]

@@ -1,0 +1,98 @@
+"""The partitioner: every parameter in exactly one part, contiguous, balanced within the stated
+bound, and the parts in order compute the model."""
+
+import pytest
+import torch
+from torch import nn
+
+from distbelief.distributed.pipeline.partition import (linear_partition, partition, split_table,
+                                                       units)
+from distbelief.errors import ConfigError
+from distbelief.models import create_model
+
+
+def brute_force(costs, parts):
+    """The smallest largest run over every way of cutting (small inputs only)."""
+    from itertools import combinations
+
+    best = None
+    for cuts in combinations(range(1, len(costs)), parts - 1):
+        edges = [0, *cuts, len(costs)]
+        worst = max(sum(costs[a:b]) for a, b in zip(edges, edges[1:]))
+        best = worst if best is None else min(best, worst)
+    return best
+
+
+@pytest.mark.parametrize("costs,parts", [([5, 1, 1, 1, 5], 2), ([1, 2, 3, 4, 5, 6], 3),
+                                         ([9, 1, 1, 1, 1, 1, 1, 9], 4), ([3, 3, 3], 3)])
+def test_linear_partition_is_optimal(costs, parts):
+    starts = linear_partition(costs, parts)
+    edges = [0, *starts, len(costs)]
+    assert len(edges) == parts + 1 and all(a < b for a, b in zip(edges, edges[1:]))
+    assert max(sum(costs[a:b]) for a, b in zip(edges, edges[1:])) == brute_force(costs, parts)
+
+
+@pytest.mark.parametrize("name,parts", [("resnet20", 2), ("resnet20", 3), ("resnet56", 4),
+                                        ("resnet18", 4), ("plain20", 5)])
+def test_every_parameter_in_exactly_one_contiguous_part(name, parts):
+    model = create_model(name, num_classes=10)
+    size = 32 if name != "resnet18" else 64
+    plan = partition(model, parts, torch.zeros(1, 3, size, size))
+    assert len(plan.parts) == parts
+    whole = [id(p) for p in model.parameters()]
+    cut = [id(p) for part in plan.parts for p in part.module.parameters()]
+    assert cut == whole  # each exactly once, in the model's order
+    offsets = [part.offset for part in plan.parts]
+    assert offsets == [sum(pt.n_tensors for pt in plan.parts[:i]) for i in range(parts)]
+    assert sum(p.params for p in plan.parts) == sum(p.numel() for p in model.parameters())
+    # Balanced: no part above the mean part plus the costliest unit.
+    assert max(p.macs + len(p.names) for p in plan.parts) <= plan.bound
+    assert sum(p.macs for p in plan.parts) == sum(plan.unit_costs)
+
+
+def test_parts_in_order_compute_the_model():
+    model = create_model("resnet20", num_classes=10).eval()
+    plan = partition(model, 3, torch.zeros(1, 3, 32, 32))
+    x = torch.randn(4, 3, 32, 32)
+    y = x
+    for part in plan.parts:
+        y = part.module(y)
+    assert torch.equal(y, model(x))
+    assert plan.parts[0].names[0] == "stem" and plan.parts[-1].names[-1] == "head"
+
+
+def test_units_of_a_resnet_are_stem_blocks_head():
+    names = [n for n, _ in units(create_model("resnet20"))]
+    assert names == ["stem", *[f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)], "head"]
+
+
+def test_a_model_that_is_one_unit_cannot_be_cut():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    with pytest.raises(ConfigError, match="one unit"):
+        partition(Net(), 2, torch.zeros(1, 4))
+    with pytest.raises(ConfigError, match="4 units"):
+        partition(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU()), 5,
+                  torch.zeros(1, 4))
+
+
+def test_balance_follows_the_multiply_adds():
+    # One big layer and three small ones: the big one gets a part to itself.
+    model = nn.Sequential(nn.Linear(64, 512), nn.Linear(512, 8), nn.Linear(8, 8),
+                          nn.Linear(8, 8))
+    plan = partition(model, 2, torch.zeros(1, 64))
+    assert [p.names for p in plan.parts] == [["0"], ["1", "2", "3"]]
+
+
+def test_split_table_is_measured_on_the_meta_device():
+    rows = split_table("resnet152", 4)
+    assert [r["partition"] for r in rows] == [0, 1, 2, 3]
+    assert sum(r["params"] for r in rows) == 60_192_808  # torchvision's resnet152
+    macs = [r["macs"] for r in rows]
+    assert max(macs) / (sum(macs) / 4) < 1.1  # 50 blocks: a fine enough grain to balance

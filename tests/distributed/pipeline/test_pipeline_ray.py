@@ -1,0 +1,102 @@
+"""Single mode with --partitions on a local Ray: each partition a Stage actor. The pipeline
+equals the single-process trainer (M = 1 with BatchNorm; M = 4 on a BatchNorm-free model), its
+checkpoints are ordinary ones (resumable with another --partitions), each actor holds only its
+part, and a partition that dies stops the run with one line."""
+
+import threading
+
+import pytest
+import torch
+
+from distbelief.engine import Trainer, load_checkpoint
+from distbelief.engine.rundir import read_jsonl
+from distbelief.errors import DistbeliefError
+from support.downpour import digits_config
+
+
+def config(**kw):
+    # One thread per partition, and the reference on one thread: CPU kernels sum in an order
+    # that depends on the thread count, and 12 steps amplify a last-bit difference to 1e-4.
+    settings = dict(mode="single", iterations=12, milestones=(6,), log_every=4, eval_every=0,
+                    checkpoint_every=0, channels_last=False, replica_cpus=1)
+    return digits_config(**{**settings, **kw})
+
+
+def reference_run(c, until=12) -> Trainer:
+    """The single-process trainer of `c` (unpartitioned) after `until` steps, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = Trainer(c.replace(partitions=1, micro_batches=1))
+        reference.train_until(until)
+    finally:
+        torch.set_num_threads(threads)
+    return reference
+
+
+def assert_same_model(a: dict, b: dict, atol=1e-6):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name].float(), a[name].float(), rtol=0, atol=atol,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("parts,micro,model", [(2, 1, "resnet20"), (3, 1, "resnet20"),
+                                               (3, 4, "mlp")])
+def test_partitioned_replica_equals_the_trainer(ray_cluster, tmp_path, parts, micro, model):
+    c = config(model=model, partitions=parts, micro_batches=micro)
+    summary = Trainer(c, tmp_path / "run").fit()
+    reference = reference_run(c)
+    saved = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    assert saved["iteration"] == 12
+    assert_same_model(reference.model.state_dict(), saved["model"])
+    # The optimizer state is the whole model's, as the trainer writes it.
+    ref_opt, opt = reference.optimizer.state_dict(), saved["optimizer"]
+    assert sorted(opt["state"]) == sorted(ref_opt["state"])
+    for i in ref_opt["state"]:
+        torch.testing.assert_close(opt["state"][i]["momentum_buffer"],
+                                   ref_opt["state"][i]["momentum_buffer"], rtol=0, atol=1e-6)
+    records = read_jsonl(tmp_path / "run/metrics.jsonl")
+    cluster = next(r for r in records if r["kind"] == "cluster")
+    params = [p["params"] for p in cluster["partitions"]]
+    assert len(params) == parts and sum(params) == sum(
+        p.numel() for p in reference.model.parameters())
+    train = [r for r in records if r["kind"] == "train"]
+    pipe = train[-1]["pipeline"]
+    assert pipe["partitions"] == parts and 0 <= pipe["bubble"] < 1
+    assert all(b > 0 for b in pipe["bytes_per_step"][:-1])  # every stage but the last sends
+    assert summary["iterations"] == 12
+
+
+def test_a_partitioned_checkpoint_resumes_with_other_partitions(ray_cluster, tmp_path):
+    c = config(checkpoint_every=6)
+    stopper = Trainer(c.replace(partitions=2), tmp_path / "run")
+    stopper.start()
+    stopper.life.begin(stopper)
+    stopper.train_until(6)
+    stopper.close()
+    Trainer(c.replace(partitions=3), tmp_path / "run", resume=True).fit()
+    reference = reference_run(c)
+    assert_same_model(reference.model.state_dict(),
+                      load_checkpoint(tmp_path / "run/checkpoints/last.pt")["model"])
+
+
+def test_a_partition_that_dies_stops_the_run_with_one_line(ray_cluster, tmp_path):
+    import ray
+
+    trainer = Trainer(config(partitions=2, iterations=400), tmp_path / "run")
+
+    def kill_one():
+        while trainer.iteration < 3:
+            threading.Event().wait(0.05)
+        info = ray.get(trainer.pipeline.session.replicas[1].info.remote())
+        assert info["partition"] == 1
+        ray.kill(trainer.pipeline.session.replicas[1], no_restart=True)
+
+    killer = threading.Thread(target=kill_one)
+    killer.start()
+    with pytest.raises(DistbeliefError, match=r"partition actor\(s\) 1 died.*--resume"):
+        trainer.fit()
+    killer.join()
+    assert trainer.iteration < 400
+    assert trainer.pipeline.session.replicas == []  # released
