@@ -74,3 +74,28 @@ def all_finite(t: torch.Tensor) -> bool:
     """Whether every element is finite. A finite sum proves it (NaN and Inf propagate) in one
     fast pass; only a sum that overflowed or is NaN needs the exact elementwise check."""
     return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+
+
+class BlockFlat:
+    """A partitioned model as the server's flat vector: the blocks of its parts one after the
+    other, each [its parameters; its buffers] (a `FlatModel` of the part), so that every part's
+    values are one contiguous run of the vector and shards can be aligned to parts. The
+    interface is `FlatModel`'s where the driver needs it (`vector`, `load`)."""
+
+    def __init__(self, modules: list[torch.nn.Module]):
+        self.blocks = [FlatModel(m) for m in modules]
+        self.n_params = sum(b.n_params for b in self.blocks)
+        self.n_buffers = sum(b.n_buffers for b in self.blocks)
+        self.sizes = [b.n_params + b.n_buffers for b in self.blocks]
+
+    @torch.no_grad()
+    def vector(self) -> torch.Tensor:
+        return torch.cat([b.vector() for b in self.blocks])
+
+    @torch.no_grad()
+    def load(self, vector: torch.Tensor) -> None:
+        if vector.numel() != sum(self.sizes):
+            raise ValueError(f"vector of {vector.numel()} elements for a model of "
+                             f"{sum(self.sizes)}")
+        for block, piece in zip(self.blocks, vector.split(self.sizes)):
+            block.load(piece)

@@ -311,7 +311,9 @@ class ReplicaCalls:
     and would otherwise count one death many times.
 
     A call that raised inside its replica goes to `on_error(r, tag, error)` (`remote_error`;
-    `lost` is the message for a shard that is gone), which raises it unless told otherwise.
+    `lost` is the message for a shard that is gone), which raises it unless told otherwise;
+    an error with a true `replica_failure` attribute (a partition of the replica died) counts
+    as the replica's death.
     """
 
     def __init__(self, actors: list, book, *, lost: str, position, on_failure,
@@ -350,7 +352,11 @@ class ReplicaCalls:
                 try:
                     done.append((r, tag, ray.get(ref)))
                 except RayTaskError as e:
-                    self.on_error(r, tag, remote_error(e, self.lost))
+                    error = remote_error(e, self.lost)
+                    if getattr(error, "replica_failure", False):
+                        self._died(r, tag, error)  # a part of the replica died: the same
+                    else:
+                        self.on_error(r, tag, error)
                 except RayActorError as e:
                     self._died(r, tag, e)
         return done
@@ -371,6 +377,8 @@ class ReplicaCalls:
             time.sleep(0.05)
             self.recovering[self.actors[r].info.remote()] = r
         except RayActorError as e:  # it died again while restarting: a new failure
+            self._died(r, None, e)
+        except RayTaskError as e:  # a part of it is gone for good (partitioned replicas)
             self._died(r, None, e)
         else:
             self.on_recovered(r)

@@ -18,20 +18,21 @@ from distbelief.engine.setup import build_model
 
 class ServerModel:
     """`config.model` for `data` (or `model`, built for them), on `device`, to be loaded with
-    server vectors."""
+    server vectors laid out by `flat_of(model)` (default `FlatModel`)."""
 
     def __init__(self, config, data: DataBundle, device: torch.device,
-                 model: torch.nn.Module | None = None):
+                 model: torch.nn.Module | None = None, flat_of=FlatModel):
         self.config, self.data, self.device = config, data, device
         self.model = build_model(config, data, device) if model is None else model.to(device)
-        self.flat = FlatModel(self.model)
+        self.flat_of = flat_of  # the server vector's layout over a model (BlockFlat: parts)
+        self.flat = flat_of(self.model)
 
     def move_to(self, device: torch.device) -> None:
         """Evaluate on `device` from now on (its own copy of the evaluation data)."""
         if device != self.device:
             self.data = build_data(self.config, device, stats=self.data.stats)
             self.model = self.model.to(device)
-            self.flat, self.device = FlatModel(self.model), device
+            self.flat, self.device = self.flat_of(self.model), device
 
     def load(self, vector: torch.Tensor) -> torch.nn.Module:
         """The model at `vector` ([parameters; buffers])."""

@@ -25,6 +25,7 @@ class DriverSession:
         self.keeper = self.group = None
         self.shards: list = []
         self.replicas: list = []
+        self.stages: list = []  # partitioned replicas' partition actors
         self._exit = contextlib.ExitStack()
 
     def name(self, what: str) -> str:
@@ -41,8 +42,8 @@ class DriverSession:
         return strategies
 
     def close(self) -> None:
-        kill(self.replicas + self.shards + ([self.keeper] if self.keeper else []))
-        self.replicas, self.shards, self.keeper = [], [], None
+        kill(self.replicas + self.stages + self.shards + ([self.keeper] if self.keeper else []))
+        self.replicas, self.stages, self.shards, self.keeper = [], [], [], None
         if self.group is not None:
             remove_placement(self.group)
             self.group = None

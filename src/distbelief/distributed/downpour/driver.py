@@ -39,6 +39,10 @@ from distbelief.distributed.downpour.records import (TIME_PARTS, ChunkWindow, Sh
                                                      summary_entries)
 from distbelief.distributed.downpour.replica import initial_vector
 from distbelief.distributed.downpour.work import WorkQueue
+from distbelief.distributed.flat import BlockFlat, FlatModel
+from distbelief.distributed.pipeline.partition import ShardSlot
+from distbelief.distributed.pipeline.setup import (partition_summary, server_layout,
+                                                   start_partitioned)
 from distbelief.distributed.runtime import (ReplicaCalls, get, granted_device, replica_options,
                                             wait_started)
 from distbelief.distributed.server_model import ServerModel, as_tensors
@@ -51,7 +55,8 @@ from distbelief.errors import CheckpointError
 from distbelief.optim import shard_bounds
 
 STATE = "downpour"  # checkpoints/downpour.pt
-SAME = ("model", "variant", "replicas", "ps_shards", "optimizer", "data")  # fixed for a run's life
+# Fixed for a run's life.
+SAME = ("model", "variant", "replicas", "ps_shards", "partitions", "optimizer", "data")
 CHUNK_STEPS = 10  # replica steps per work request (WorkQueue)
 QUEUED_CHUNKS = 2  # chunks queued per replica, so it keeps training while the driver is busy
 POLL_S = 0.5  # longest wait for a result before the driver checks its clocks
@@ -106,11 +111,19 @@ class DownpourTrainer:
         data = build_data(config, torch.device("cpu"),
                           stats=saved["data_stats"] if saved else None)
         # A resumed run's shards restore their snapshots: --init-from is not read again.
-        self.initial, self.n_params = initial_vector(
-            config.replace(init_from=None) if saved else config, data)
+        start_config = config.replace(init_from=None) if saved else config
+        self.plan, flat_of = None, FlatModel
+        if config.cluster.partitions > 1:  # shards aligned to the parts (pipeline.replica)
+            self.initial, self.plan, self.slots = server_layout(start_config, data)
+            flat_of = self._block_flat
+        else:
+            self.initial, n_params = initial_vector(start_config, data)
+            self.slots = [ShardSlot(0, lo, hi, n_params) for lo, hi in
+                          shard_bounds(self.initial.numel(), config.cluster.ps_shards)]
         self.config = config = resolve(config, data.train_size, values=self.initial.numel())
-        self.bounds = shard_bounds(self.initial.numel(), config.cluster.ps_shards)
-        self.server = ServerModel(config, data, torch.device("cpu"))  # evaluates, checkpoints
+        self.bounds = [(s.lo, s.hi) for s in self.slots]
+        # The driver's model: evaluates and checkpoints.
+        self.server = ServerModel(config, data, torch.device("cpu"), flat_of=flat_of)
         self.data, self.device = data, self.server.device
         n = config.cluster.replicas
         self.positions, self.steps = [0] * n, 0  # each replica's completed steps, and all
@@ -122,6 +135,9 @@ class DownpourTrainer:
             self.replica_seconds = list(saved["replica_seconds"])
             self.time_split.update(saved["time_split"])
         self.resumed_shards = saved is not None
+
+    def _block_flat(self, model: torch.nn.Module) -> BlockFlat:
+        return BlockFlat(self.plan.modules_of(model))
 
     # --- the Scheme protocol (engine.lifecycle) -------------------------------------------
 
@@ -158,9 +174,9 @@ class DownpourTrainer:
         session.shards = [
             ShardActor.options(name=name, max_restarts=c.cluster.max_restarts,
                                max_task_retries=-1, scheduling_strategy=strategy).remote(
-                k, lo, hi, self.n_params, c, session.keeper_name)
-            for k, ((lo, hi), name, strategy) in enumerate(
-                zip(self.bounds, self.shard_names, session.place_shards(c.cluster.ps_shards)))]
+                k, slot.lo, slot.hi, slot.param_end, c, session.keeper_name)
+            for k, (slot, name, strategy) in enumerate(
+                zip(self.slots, self.shard_names, session.place_shards(len(self.slots))))]
         # Replicas start (a few seconds each) while the shards load; work waits for both.
         if self.resumed_shards:
             self.shards_started = [s.start.remote(state=load_snapshot(self.life.run, k))
@@ -171,6 +187,10 @@ class DownpourTrainer:
 
     def _start_replicas(self) -> None:
         c = self.config
+        if self.plan is not None:
+            self.shape = start_partitioned(self.session, c, self.plan, self.slots,
+                                           self.shard_names, self.data)
+            return
         options, self.shape = replica_options(c)
         self.session.replicas = [ReplicaActor.options(**options).remote(
             r, c, self.shard_names, self.bounds, self.data.stats, self.shape.threads,
@@ -302,8 +322,12 @@ class DownpourTrainer:
 
     def summary(self) -> dict:
         c = self.config
-        return {"replicas": c.cluster.replicas, "ps_shards": c.cluster.ps_shards,
-                "optimizer": c.optimizer, "n_fetch": c.downpour.n_fetch,
-                "n_push": c.downpour.n_push,
-                **summary_entries(self._poll_shards(), self.life.counters, self.replica_images,
-                                  self.replica_seconds, self.time_split, self.life.wall_s)}
+        statuses = self._poll_shards()
+        out = {"replicas": c.cluster.replicas, "ps_shards": c.cluster.ps_shards,
+               "optimizer": c.optimizer, "n_fetch": c.downpour.n_fetch,
+               "n_push": c.downpour.n_push,
+               **summary_entries(statuses, self.life.counters, self.replica_images,
+                                 self.replica_seconds, self.time_split, self.life.wall_s)}
+        if self.plan is not None:
+            out.update(partition_summary(statuses, self.slots, c.cluster.partitions))
+        return out

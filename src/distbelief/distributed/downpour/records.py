@@ -19,11 +19,30 @@ class ChunkWindow:
         self.sums, self.per_replica = Counter(), [(0, 0.0)] * replicas
         self.classifies = classifies  # else (--loss mse) there is no error rate
         self.start = time.perf_counter()
+        self.partitions: list[Counter] = []  # partitioned replicas: sums per partition
 
     def add(self, r: int, m: dict) -> None:
         images, seconds = self.per_replica[r]
         self.per_replica[r] = (images + m["images"], seconds + m["seconds"])
-        self.sums.update({k: v for k, v in m.items() if k not in ("replica", "start", "diverged")})
+        self.sums.update({k: v for k, v in m.items()
+                          if k not in ("replica", "start", "diverged", "partitions")})
+        for p, stage in enumerate(m.get("partitions", [])):
+            if p == len(self.partitions):
+                self.partitions.append(Counter())
+            self.partitions[p].update(stage)
+
+    def partition_record(self) -> dict:
+        """Per partition over the window (all replicas together): compute, fetch and push
+        waits, bytes handed on per step; and the bubble, the share of the partitions' time
+        (replica seconds x partitions) not spent computing."""
+        steps = max(self.sums["steps"], 1)
+        compute = [c["compute_s"] for c in self.partitions]
+        busy = sum(s for _, s in self.per_replica) * len(compute)
+        return {"compute_s": [round(c, 3) for c in compute],
+                "fetch_wait_s": [round(c["fetch_wait_s"], 3) for c in self.partitions],
+                "push_wait_s": [round(c["push_wait_s"], 3) for c in self.partitions],
+                "bytes_per_step": [c["bytes_out"] // steps for c in self.partitions],
+                "bubble": round(1 - sum(compute) / max(busy, 1e-9), 4)}
 
     def record(self, statuses: list[dict], shards: list[dict]) -> dict:
         """The training record's window entries: mean loss and error, images/s, the replicas'
@@ -37,7 +56,8 @@ class ChunkWindow:
                 "shards": shards,
                 "replica_images_per_s": [round(i / s, 1) if s else 0.0
                                          for i, s in self.per_replica],
-                "staleness_mean": mean_staleness(staleness(statuses))}
+                "staleness_mean": mean_staleness(staleness(statuses)),
+                **({"partitions": self.partition_record()} if self.partitions else {})}
 
 
 class ShardMonitor:

@@ -46,10 +46,11 @@ from distbelief.engine.weights import load_init
 
 
 class LocalClient:
-    """The server client over in-process `ParameterShard`s: each call completes at once."""
+    """The server client over in-process `ParameterShard`s: each call completes at once.
+    `offset`: where the client's slice of the server vector starts (a partition's block)."""
 
-    def __init__(self, shards: list[ParameterShard]):
-        self.shards = shards
+    def __init__(self, shards: list[ParameterShard], offset: int = 0):
+        self.shards, self.offset = shards, offset
 
     def fetch(self) -> Done:
         return Done(self._pull())
@@ -60,33 +61,26 @@ class LocalClient:
 
     def push(self, vector: torch.Tensor, base_versions: list[int], steps: int,
              errors: tuple[float, ...], pull: bool = False, source: tuple | None = None) -> Done:
-        replies = [s.push(vector[s.lo:s.hi], v, steps, errors, source)
+        o = self.offset
+        replies = [s.push(vector[s.lo - o:s.hi - o], v, steps, errors, source)
                    for s, v in zip(self.shards, base_versions)]
         return Done((replies, self._pull()) if pull else replies)
 
 
-class DownpourReplica:
-    """Replica `index` of `config.cluster.replicas`, computing on `device` (default:
-    config.device).
+class Exchange:
+    """One replica's (or one partition's) traffic with the parameter server over `flat` (a
+    `FlatModel`: its parameters and buffers are the server vector, or this partition's slice
+    of it, that `client` reaches): fetches installed at step boundaries, gradients accumulated
+    and pushed every n_push steps, at most `max_in_flight` pushes outstanding (module doc).
 
-    `run(start, steps)` trains its steps start .. start+steps-1 (batch i of its data slice is a
-    pure function of (seed, index, i), so a restarted replica resumes at any step) and returns
-    that chunk's metrics. Pushes may still be in flight when it returns; `drain()` waits for
-    them.
+    `fetch(step, metrics)` before a step's compute; `add(gradient, error)` after it, then
+    `push_due(step)` / `push(step, metrics)`; `drain()` at the end. `source_index` names the
+    pushes' source for the shards' exactly-once check (unique among the server's clients).
     """
 
-    def __init__(self, index: int, config, client, stats: dict | None = None,
-                 device: torch.device | None = None):
-        self.index, self.config, self.client = index, config, client
-        self.device = device or resolve_device(config.device)
-        set_determinism(config.deterministic, self.device)
-        self.data = build_data(config, self.device, stats=stats,
-                               part=(index, config.cluster.replicas))
-        self.model = build_model(config, self.data, self.device)
-        self.model.train()
-        self.flat = FlatModel(self.model)
-        self.loss = get_loss(config.loss)
-        self.n_buffers = self.flat.n_buffers
+    def __init__(self, source_index: int, config, client, flat: FlatModel):
+        self.source_index, self.config, self.client, self.flat = source_index, config, client, flat
+        self.n_buffers = flat.n_buffers
         self.versions: list[int] | None = None  # shard versions of the parameters in use
         self.buffer_base: torch.Tensor | None = None  # buffers when last fetched or pushed
         self.pending_fetch = None
@@ -95,13 +89,10 @@ class DownpourReplica:
         self.accum: torch.Tensor | None = None  # gradient accumulated since the last push
         self.accum_versions: list[int] | None = None  # versions of its oldest gradient
         self.accum_errors: list[float] = []
-        self._stream, self._position = None, None
         # A push's source: shards skip one they applied already (a retry after a restart).
         self.incarnation, self.sequence = uuid.uuid4().hex, 0
 
-    # --- parameters in and gradients out -----------------------------------------------------
-
-    def _install(self, fetched) -> None:
+    def install(self, fetched) -> None:
         vector, versions = fetched
         n_params = vector.numel() - self.n_buffers
         server_buffers = vector[n_params:].clone()
@@ -113,7 +104,18 @@ class DownpourReplica:
         self.buffer_base = server_buffers
         self.versions = list(versions)
 
-    def _push(self, step: int, metrics: dict) -> None:
+    def add(self, gradient: torch.Tensor, error: float) -> None:
+        """Accumulate one step's gradient (and its training error, for the shards' warmup)."""
+        if self.accum is None:
+            self.accum, self.accum_versions = gradient, list(self.versions)
+        else:
+            self.accum += gradient
+        self.accum_errors.append(error)
+
+    def push_due(self, step: int) -> bool:
+        return (step + 1) % self.config.downpour.n_push == 0
+
+    def push(self, step: int, metrics: dict) -> None:
         buffers_now = self.flat.buffer_vector()
         vector = torch.cat([self.accum.cpu(), buffers_now - self.buffer_base])
         self.buffer_base = buffers_now
@@ -129,7 +131,7 @@ class DownpourReplica:
         pull = self.pending_fetch is None and (step + 1) % self.config.downpour.n_fetch == 0
         self.sequence += 1
         pending = self.client.push(vector, versions, steps, errors, pull=pull,
-                                   source=(self.index, self.incarnation, self.sequence))
+                                   source=(self.source_index, self.incarnation, self.sequence))
         metrics["pushes"] += 1
         if pull:
             self.pending_fetch, self.fetched_for = Part(pending, 1), step + 1
@@ -153,7 +155,9 @@ class DownpourReplica:
             self._count_reply(self.in_flight.popleft().result(), metrics)
         return metrics
 
-    def _fetch(self, step: int, metrics: dict) -> None:
+    def fetch(self, step: int, metrics: dict) -> None:
+        """Before step `step`: issue a fetch when one is due, install one that has arrived
+        (wait for it when there are no parameters yet, or without overlap)."""
         c = self.config
         due = self.versions is None or step % c.downpour.n_fetch == 0
         if due and self.pending_fetch is None and self.fetched_for != step:
@@ -164,12 +168,55 @@ class DownpourReplica:
         if self.versions is None or not c.downpour.overlap:
             # Nothing to compute with yet (or no overlap): wait for the parameters.
             wait_start = time.perf_counter()
-            self._install(self.pending_fetch.result())
+            self.install(self.pending_fetch.result())
             self.pending_fetch = None
             metrics["fetch_wait_s"] += time.perf_counter() - wait_start
         elif self.pending_fetch.done():  # overlap: install whatever has arrived
-            self._install(self.pending_fetch.result())
+            self.install(self.pending_fetch.result())
             self.pending_fetch = None
+
+
+def chunk_metrics(replica: int, start: int, steps: int) -> dict:
+    """A chunk's metrics before its first step (`DownpourReplica.run`)."""
+    return {"replica": replica, "start": start, "steps": steps, "images": 0, "loss_sum": 0.0,
+            "wrong": 0, "compute_s": 0.0, "fetch_wait_s": 0.0, "push_wait_s": 0.0,
+            "fetches": 0, "pushes": 0, "rejected": 0}
+
+
+class DownpourReplica:
+    """Replica `index` of `config.cluster.replicas`, computing on `device` (default:
+    config.device).
+
+    `run(start, steps)` trains its steps start .. start+steps-1 (batch i of its data slice is a
+    pure function of (seed, index, i), so a restarted replica resumes at any step) and returns
+    that chunk's metrics. Pushes may still be in flight when it returns; `drain()` waits for
+    them.
+    """
+
+    def __init__(self, index: int, config, client, stats: dict | None = None,
+                 device: torch.device | None = None):
+        self.index, self.config = index, config
+        self.device = device or resolve_device(config.device)
+        set_determinism(config.deterministic, self.device)
+        self.data = build_data(config, self.device, stats=stats,
+                               part=(index, config.cluster.replicas))
+        self.model = build_model(config, self.data, self.device)
+        self.model.train()
+        self.flat = FlatModel(self.model)
+        self.loss = get_loss(config.loss)
+        self.exchange = Exchange(index, config, client, self.flat)
+        self._stream, self._position = None, None
+
+    @property
+    def in_flight(self) -> deque:
+        return self.exchange.in_flight
+
+    def _install(self, fetched) -> None:
+        self.exchange.install(fetched)
+
+    def drain(self) -> dict:
+        """Wait for every outstanding push; returns {"rejected": pushes the server refused}."""
+        return self.exchange.drain()
 
     # --- training ----------------------------------------------------------------------
 
@@ -183,14 +230,12 @@ class DownpourReplica:
         """Train steps start .. start+steps-1; returns the chunk's metrics: steps, images,
         loss_sum and wrong (sums over images), seconds, compute_s, fetch_wait_s, push_wait_s,
         fetches, pushes, rejected (pushes refused by a shard)."""
-        c, model = self.config, self.model
-        metrics = {"replica": self.index, "start": start, "steps": steps, "images": 0,
-                   "loss_sum": 0.0, "wrong": 0, "compute_s": 0.0, "fetch_wait_s": 0.0,
-                   "push_wait_s": 0.0, "fetches": 0, "pushes": 0, "rejected": 0}
+        c, model, exchange = self.config, self.model, self.exchange
+        metrics = chunk_metrics(self.index, start, steps)
         begin = time.perf_counter()
         batches = self._batches(start)
         for step in range(start, start + steps):
-            self._fetch(step, metrics)
+            exchange.fetch(step, metrics)
             compute_start = time.perf_counter()
             x, y = next(batches)
             if c.channels_last:
@@ -200,19 +245,14 @@ class DownpourReplica:
                 loss = self.loss(logits, y)
             model.zero_grad(set_to_none=True)
             loss.backward()
-            gradient = self.flat.gradient()
             wrong = int(self.loss.wrong(logits, y))  # syncs the device: the push needs it
-            if self.accum is None:
-                self.accum, self.accum_versions = gradient, list(self.versions)
-            else:
-                self.accum += gradient
-            self.accum_errors.append(wrong / len(y))
+            exchange.add(self.flat.gradient(), wrong / len(y))
             metrics["loss_sum"] += float(loss.detach()) * len(y)
             metrics["wrong"] += wrong
             metrics["images"] += len(y)
             metrics["compute_s"] += time.perf_counter() - compute_start
-            if (step + 1) % c.downpour.n_push == 0:
-                self._push(step, metrics)
+            if exchange.push_due(step):
+                exchange.push(step, metrics)
         self._position = start + steps
         metrics["seconds"] = time.perf_counter() - begin
         if not math.isfinite(metrics["loss_sum"]):

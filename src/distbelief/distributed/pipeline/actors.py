@@ -10,10 +10,33 @@ import numpy as np
 import ray
 import torch
 
+import time
+
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from distbelief.distributed.downpour.actors import RayClient
+from distbelief.distributed.pipeline.replica import PartitionedReplica, ServerStage
 from distbelief.distributed.pipeline.stage import Stage
-from distbelief.distributed.runtime import node_id, tensor_view
+from distbelief.distributed.runtime import START_TIMEOUT_S, node_id, tensor_view
 from distbelief.engine.losses import get_loss
 from distbelief.engine.setup import set_determinism
+from distbelief.errors import DistbeliefError
+
+
+class PartitionLost(DistbeliefError):
+    """A partition actor of a replica died during a call; Ray restarts it (its values come
+    back from the server), and the replica's step is retried."""
+
+    replica_failure = True  # runtime.ReplicaCalls counts it as the replica's death
+
+
+def caller(actors: list):
+    """`call(p, method, *args)` for the pipeline schedule: submit to actor p, tensors sent as
+    numpy arrays (object references pass as they are)."""
+    def call(p: int, method: str, *args):
+        args = [a.numpy() if isinstance(a, torch.Tensor) else a for a in args]
+        return getattr(actors[p], method).remote(*args)
+    return call
 
 
 def _tensor(value):
@@ -34,10 +57,16 @@ class StageActor:
     `optimizer_state` in the part's numbering), `threads` CPU threads on `device`."""
 
     def __init__(self, index: int, count: int, module, config, threads: int, device: str,
-                 optimizer=None, optimizer_state: dict | None = None):
+                 optimizer=None, optimizer_state: dict | None = None, server=None):
         torch.set_num_threads(threads)
         device = torch.device(device)
         set_determinism(config.deterministic, device)
+        if server is not None:  # Downpour: (its shards' names, their bounds in its block, r)
+            names, bounds, replica = server
+            client = RayClient([ray.get_actor(n) for n in names], bounds)
+            self.stage = ServerStage(index, count, module, get_loss(config.loss), config,
+                                     client, replica, device)
+            return
         module = module.to(device)
         has_params = any(True for _ in module.parameters())
         opt = optimizer(config, module) if optimizer is not None and has_params else None
@@ -64,6 +93,18 @@ class StageActor:
     def take_times(self) -> dict:
         return self.stage.take_times()
 
+    def begin(self, step: int) -> None:
+        self.stage.begin(step)
+
+    def finish(self, step: int, error: float) -> None:
+        self.stage.finish(step, error)
+
+    def take_metrics(self) -> dict:
+        return self.stage.take_metrics()
+
+    def drain(self) -> dict:
+        return self.stage.drain()
+
     def state(self) -> dict:
         return self.stage.state()
 
@@ -71,3 +112,41 @@ class StageActor:
         params = sum(p.numel() for p in self.stage.module.parameters())
         return {"partition": self.stage.index, "node": node_id(), "params": params,
                 "device": str(self.stage.device), "threads": torch.get_num_threads()}
+
+
+@ray.remote(num_cpus=0)
+class PartitionedReplicaActor:
+    """A Downpour replica's head (`PartitionedReplica`): its data slice and the schedule; its
+    partitions are `StageActor`s found by name (handles among constructor arguments would pin
+    them, which Ray warns makes restarts fragile)."""
+
+    def __init__(self, index: int, config, stage_names: list[str], stats: dict):
+        self.stages = [ray.get_actor(name) for name in stage_names]
+        self.replica = PartitionedReplica(index, config, caller(self.stages), self._get,
+                                          len(self.stages), stats=stats)
+
+    def _get(self, refs):
+        try:
+            return ray.get(refs)
+        except RayActorError:
+            raise PartitionLost(f"a partition of replica {self.replica.index} died; Ray "
+                                f"restarts it and its steps are handed out again") from None
+
+    def run(self, start: int, steps: int) -> dict:
+        return self.replica.run(start, steps)
+
+    def drain(self) -> dict:
+        return self.replica.drain()
+
+    def info(self) -> dict:
+        """Once every partition answers (waiting while Ray restarts one)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                parts = ray.get([s.info.remote() for s in self.stages])
+                break
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        return {"replica": self.replica.index, "node": node_id(), "partitions": parts}

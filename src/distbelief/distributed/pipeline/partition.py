@@ -113,6 +113,15 @@ def linear_partition(costs: list[int], parts: int) -> list[int]:
 class Plan:
     parts: list[Part]
     unit_costs: list[int]
+    bounds: list[int]  # the parts' first units, and the number of units
+
+    def modules_of(self, model: nn.Module) -> list[nn.Sequential]:
+        """The same cut of another instance of the model (a meta copy, the driver's copy)."""
+        pieces = units(model)
+        if len(pieces) != self.bounds[-1]:
+            raise ValueError(f"a model of {len(pieces)} units, cut for {self.bounds[-1]}")
+        return [nn.Sequential(*(m for _, m in pieces[lo:hi]))
+                for lo, hi in zip(self.bounds, self.bounds[1:])]
 
     @property
     def bound(self) -> float:
@@ -144,7 +153,7 @@ def partition(model: nn.Module, parts: int, sample: torch.Tensor) -> Plan:
                     sum(t.numel() for t in module.parameters()), sum(costs[lo:hi]), offset)
         offset += part.n_tensors
         out.append(part)
-    return Plan(out, costs)
+    return Plan(out, costs, bounds)
 
 
 def split_table(name: str, parts: int, input_size: int | None = None, **kwargs) -> list[dict]:
@@ -163,3 +172,44 @@ def split_table(name: str, parts: int, input_size: int | None = None, **kwargs) 
     plan = partition(model, parts, sample)
     return [{"model": name, "partition": p.index, "units": p.describe(), "params": p.params,
              "macs": p.macs} for p in plan.parts]
+
+
+@dataclass(frozen=True)
+class ShardSlot:
+    """Where parameter-server shard k lies in a partitioned server vector: w[lo:hi) inside
+    part `part`'s block, whose parameters end at `param_end` (buffers follow)."""
+
+    part: int
+    lo: int
+    hi: int
+    param_end: int
+
+
+def aligned_shards(blocks: list[tuple[int, int]], shards: int) -> list[ShardSlot]:
+    """`shards` shards over parts whose blocks hold (parameters, buffers) elements: every part
+    with values gets at least one shard and the rest go by size (largest remainder), and no
+    shard straddles two parts; within a part its shards are balanced by size
+    (`optim.shard_bounds`). A part without values (a flatten, an activation) gets none.
+
+    Raises:
+        ConfigError: fewer shards than parts with values."""
+    from distbelief.optim import shard_bounds
+
+    sizes = [p + b for p, b in blocks]
+    owners = [i for i, size in enumerate(sizes) if size]
+    if shards < len(owners):
+        raise ConfigError(f"--ps-shards {shards} is below the {len(owners)} partitions with "
+                          f"parameters: every partition talks to shards of its own")
+    extra = shards - len(owners)
+    share = {i: extra * sizes[i] / sum(sizes) for i in owners}
+    counts = {i: 1 + int(x) for i, x in share.items()}
+    by_remainder = sorted(owners, key=lambda i: int(share[i]) - share[i])
+    for i in by_remainder[:shards - sum(counts.values())]:
+        counts[i] += 1
+    slots, offset = [], 0
+    for part, ((n_params, _), size) in enumerate(zip(blocks, sizes)):
+        if size:
+            slots.extend(ShardSlot(part, offset + lo, offset + hi, offset + n_params)
+                         for lo, hi in shard_bounds(size, min(counts[part], size)))
+        offset += size
+    return slots

@@ -17,7 +17,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from distbelief.distributed.pipeline.actors import StageActor
+from distbelief.distributed.pipeline.actors import StageActor, caller
 from distbelief.distributed.pipeline.partition import partition
 from distbelief.distributed.pipeline.schedule import Pipeline
 from distbelief.distributed.pipeline.stage import optimizer_join, optimizer_slice
@@ -57,10 +57,8 @@ class PipelineRunner:
             part.index, count, part.module, c, shape.threads, shape.device, build_optimizer,
             optimizer_slice(full, part.offset, part.n_tensors)) for part in self.parts]
         info = wait_started(self.session.replicas, shape)
-        actors = self.session.replicas
-        self.pipeline = Pipeline(lambda p, method, *args: getattr(actors[p], method).remote(
-            *[a.numpy() if isinstance(a, torch.Tensor) else a for a in args]), self._get,
-            count, c.cluster.micro_batches)
+        self.pipeline = Pipeline(caller(self.session.replicas), self._get, count,
+                                 c.cluster.micro_batches)
         return info
 
     def _get(self, refs):

@@ -35,6 +35,12 @@ class Pipeline:
     def submit_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> list:
         """Every call of one training step at `lr` (fill-drain); returns the results of the
         last stage's losses followed by the stages' updates."""
+        losses = self.submit_passes(x, y)
+        return losses + [self.call(p, "update", lr) for p in range(self.count)]
+
+    def submit_passes(self, x: torch.Tensor, y: torch.Tensor) -> list:
+        """The forward and backward passes of a step (gradients zeroed first, accumulated over
+        the micro-batches); returns the results of the last stage's losses."""
         call, last = self.call, self.count - 1
         zeroed = [call(p, "zero_grad") for p in range(self.count)]
         losses = []
@@ -49,7 +55,7 @@ class Pipeline:
             for p in reversed(range(last)):
                 g = call(p, "backward", m, g)
         del zeroed  # ordered before the forward passes on each stage; nothing to wait for
-        return losses + [call(p, "update", lr) for p in range(self.count)]
+        return losses
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[float, int]:
         """One training step: (the batch's mean loss, misclassified images), once every stage

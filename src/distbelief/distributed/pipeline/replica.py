@@ -1,0 +1,127 @@
+"""Downpour with model parallelism (Dean et al., 2012, Fig. 2): a replica whose model is cut
+into partitions, each fetching and pushing only its own parameters from the shards that hold
+them. No Ray here.
+
+    ServerStage         a `Stage` whose parameters come from its own shards and whose
+                        gradients go back to them (an `Exchange` over its part alone)
+    PartitionedReplica  the replica's head: its slice of the data and the pipeline schedule;
+                        it holds no parameters
+
+A step of a partitioned replica: every stage `begin`s (installs the parameters its last fetch
+brought, or issues the fetch that is due), the forward and backward passes run through the
+stages (`Pipeline.submit_passes`), then every stage `finish`es: it adds its gradient to the
+push it is accumulating and pushes when --n-push steps have passed, without waiting. So each
+partition talks to the server on its own, at its own pace, and the server's shards see the
+pushes of P x R partitions; staleness is measured per shard, hence per partition.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from distbelief.data import build_data
+from distbelief.distributed.downpour.replica import Exchange, chunk_metrics
+from distbelief.distributed.flat import FlatModel
+from distbelief.distributed.pipeline.schedule import Pipeline
+from distbelief.distributed.pipeline.stage import Stage
+
+STAGE_METRICS = ("compute_s", "fetch_wait_s", "push_wait_s", "bytes_out", "fetches", "pushes",
+                 "rejected")
+
+
+class ServerStage(Stage):
+    """Stage `index` of `count` of replica `replica`, whose part's values live on the shards
+    `client` reaches (its slice of the server vector, `BlockFlat` order). A module built on the
+    meta device is allocated here (its values come with the first fetch)."""
+
+    def __init__(self, index: int, count: int, module: torch.nn.Module, loss, config, client,
+                 replica: int, device: torch.device = torch.device("cpu")):
+        if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+            module = module.to_empty(device=device)
+        super().__init__(index, count, module, loss, None, device=device,
+                         channels_last=config.channels_last, bf16=config.bf16)
+        self.flat = FlatModel(self.module)
+        has_values = self.flat.n_params + self.flat.n_buffers > 0
+        self.exchange = Exchange(replica, config, client, self.flat) if has_values else None
+        self.metrics = dict.fromkeys(STAGE_METRICS, 0)
+
+    def begin(self, step: int) -> None:
+        """Before step `step`: the parameters its fetches bring (`Exchange.fetch`)."""
+        if self.exchange is not None:
+            self.exchange.fetch(step, self.metrics)
+
+    def finish(self, step: int, error: float) -> None:
+        """After step `step`'s backward: accumulate the gradient, push when due."""
+        if self.exchange is None:
+            return
+        start = time.perf_counter()
+        gradient = self.flat.gradient() if self.flat.params else torch.zeros(0)
+        self.exchange.add(gradient, error)
+        self.compute_s += time.perf_counter() - start
+        if self.exchange.push_due(step):
+            self.exchange.push(step, self.metrics)
+
+    def take_metrics(self) -> dict:
+        """Since the last call: compute seconds, fetch and push waits, bytes handed on to the
+        next stage, fetches, pushes and rejected pushes (then reset)."""
+        out = {**self.metrics, **self.take_times()}
+        self.metrics = dict.fromkeys(STAGE_METRICS, 0)
+        return out
+
+    def drain(self) -> dict:
+        return self.exchange.drain() if self.exchange is not None else {"rejected": 0}
+
+
+class PartitionedReplica:
+    """Replica `index` of `config.cluster.replicas` over `count` stages reached through `call`
+    (`pipeline.schedule`), `resolve` turning results into values. `run(start, steps)` returns
+    the chunk's metrics as `DownpourReplica.run` does, plus "partitions": each stage's
+    `take_metrics`; `drain()` waits for every stage's pushes."""
+
+    def __init__(self, index: int, config, call, resolve, count: int,
+                 stats: dict | None = None):
+        self.index, self.config, self.call, self.resolve = index, config, call, resolve
+        self.count = count
+        self.data = build_data(config, torch.device("cpu"), stats=stats,
+                               part=(index, config.cluster.replicas))
+        self.pipeline = Pipeline(call, resolve, count, config.cluster.micro_batches)
+        self._stream, self._position = None, None
+
+    def _batches(self, start: int):
+        if self._position != start:
+            self._stream = self.data.train.batches(start)
+        self._position = start
+        return self._stream
+
+    def run(self, start: int, steps: int) -> dict:
+        metrics = chunk_metrics(self.index, start, steps)
+        begin = time.perf_counter()
+        batches = self._batches(start)
+        for step in range(start, start + steps):
+            for p in range(self.count):
+                self.call(p, "begin", step)
+            x, y = next(batches)
+            losses = self.resolve(self.pipeline.submit_passes(x, y))
+            loss, wrong = sum(v for v, _ in losses), sum(w for _, w in losses)
+            for p in range(self.count):  # not waited for: the next step's calls queue behind
+                self.call(p, "finish", step, wrong / len(y))
+            metrics["loss_sum"] += loss * len(y)
+            metrics["wrong"] += wrong
+            metrics["images"] += len(y)
+        self._position = start + steps
+        stages = self.resolve([self.call(p, "take_metrics") for p in range(self.count)])
+        for key in ("compute_s", "fetch_wait_s", "push_wait_s", "fetches", "pushes", "rejected"):
+            metrics[key] = sum(s[key] for s in stages)
+        metrics["partitions"] = stages
+        metrics["seconds"] = time.perf_counter() - begin
+        if not math.isfinite(metrics["loss_sum"]):
+            metrics["diverged"] = True
+        return metrics
+
+    def drain(self) -> dict:
+        drained = self.resolve([self.call(p, "drain") for p in range(self.count)])
+        return {"rejected": sum(d["rejected"] for d in drained)}
+

@@ -1,0 +1,73 @@
+"""The Downpour driver's side of partitioned replicas: the server's layout over the parts,
+starting the partition actors and the replicas' heads, and the summary's per-partition
+entries. The driver (`downpour.driver`) calls these when --partitions is above 1."""
+
+from __future__ import annotations
+
+import torch
+
+from distbelief.distributed.downpour.records import mean_staleness, staleness
+from distbelief.distributed.pipeline.actors import PartitionedReplicaActor, StageActor
+from distbelief.distributed.pipeline.partition import Plan, ShardSlot
+from distbelief.distributed.runtime import replica_options
+from distbelief.engine.setup import build_model
+
+
+def server_layout(config, data):
+    """A partitioned Downpour run's start: (the initial server vector, the plan, the shards'
+    slots). The model is initialized as the single-process trainer initializes it
+    (`downpour.replica.initial_vector`), cut by the partitioner (measured on one training
+    example) and laid out part after part (`flat.BlockFlat`); the shards are aligned to the
+    parts (`partition.aligned_shards`).
+
+    Raises:
+        ConfigError: the model cannot be cut so, or fewer shards than parts."""
+    from distbelief.distributed.flat import BlockFlat
+    from distbelief.distributed.pipeline.partition import aligned_shards, partition
+    from distbelief.engine.setup import build_model
+    from distbelief.engine.weights import load_init
+
+    torch.manual_seed(config.seed)
+    model = load_init(build_model(config, data), config)
+    sample = next(data.train.batches(0))[0][:1]
+    plan = partition(model, config.cluster.partitions, sample)
+    flat = BlockFlat(plan.modules_of(model))
+    slots = aligned_shards([(b.n_params, b.n_buffers) for b in flat.blocks],
+                           config.cluster.ps_shards)
+    return flat.vector(), plan, slots
+
+
+def start_partitioned(session, config, plan: Plan, slots: list[ShardSlot],
+                      shard_names: list[str], data):
+    """Start R x P partition actors (each reaching only the shards of its part) and R heads
+    into `session` (`session.stages`, `session.replicas`); returns the partitions' shape. The
+    parts travel built on the meta device: their values come from the shards."""
+    c = config
+    parts, replicas = c.cluster.partitions, c.cluster.replicas
+    options, shape = replica_options(c, count=replicas * parts)
+    with torch.device("meta"):
+        modules = plan.modules_of(build_model(c, data))
+    sizes = [sum(t.numel() for t in [*m.parameters(), *m.buffers()]) for m in modules]
+    offsets = [sum(sizes[:p]) for p in range(parts)]
+    servers = [([shard_names[k] for k, s in enumerate(slots) if s.part == p],
+                [(s.lo - offsets[p], s.hi - offsets[p]) for s in slots if s.part == p])
+               for p in range(parts)]
+    names = [[session.name(f"stage-{r}-{p}") for p in range(parts)] for r in range(replicas)]
+    session.stages = [
+        StageActor.options(name=names[r][p], **options).remote(
+            p, parts, modules[p], c, shape.threads, shape.device, server=(*servers[p], r))
+        for r in range(replicas) for p in range(parts)]
+    session.replicas = [PartitionedReplicaActor.options(
+        max_restarts=c.cluster.max_restarts, max_task_retries=0).remote(
+        r, c, names[r], data.stats) for r in range(replicas)]
+    return shape
+
+
+def partition_summary(statuses: list[dict], slots: list[ShardSlot], parts: int) -> dict:
+    """The summary's model-parallel entries: which partition each shard serves, and the mean
+    staleness of each partition's pushes (measured by its shards)."""
+    return {"partitions": parts, "shard_partitions": [s.part for s in slots],
+            "partition_staleness_mean": [
+                mean_staleness(staleness([st for st in statuses
+                                          if slots[st["shard"]].part == p]))
+                for p in range(parts)]}
