@@ -32,6 +32,18 @@ def test_models_options_reach_the_model(capsys):
     assert row["macs"] > 4.09e9 and row["params"] > 25_557_032
 
 
+def test_models_partitions_table_and_json(capsys):
+    assert main(["models", "resnet20", "--partitions", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["model", "partition", "units", "params", "MACs", "share"]
+    assert [line.split()[1] for line in lines[1:]] == ["0", "1", "2"]
+    assert lines[1].split()[2] == "stem" and lines[-1].split()[4] == "head"
+    assert main(["models", "resnet20", "--partitions", "3", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert sum(r["params"] for r in rows) == 269_722
+    assert sum(r["macs"] for r in rows) == 40_551_040
+
+
 def exit_code(argv):
     """main's exit code, whether it returns one or argparse exits."""
     try:
@@ -47,6 +59,12 @@ def exit_code(argv):
     (["models", "resnet20", "--input-size", "0"], "input size must be a positive"),
     (["models", "--family", "mnist"], "invalid choice: 'mnist'"),
     (["nosuchcommand"], "invalid choice: 'nosuchcommand'"),
+    (["models", "resnet20", "--partitions", "12"], "cannot cut the model into 12 partitions"),
+    (["train", "--partitions", "2", "--mode", "sandblaster"],
+     "--partitions applies to --mode single and downpour"),
+    (["train", "--micro-batches", "2"], "--micro-batches applies with --partitions 2 or more"),
+    (["train", "--partitions", "2", "--micro-batches", "500", "--batch-size", "64"],
+     "--micro-batches 500 exceeds --batch-size 64"),
     ([], "the following arguments are required: COMMAND"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):

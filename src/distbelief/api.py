@@ -61,7 +61,7 @@ def fit(model, train_data, *, test_data=None, mode: str = "single",
         TrainingInterrupted: Ctrl-C or SIGTERM (checkpointed; `resume=True` continues).
     """
     config = make_config(model, train_data, test_data, mode=mode, **settings)
-    if config.distributed:
+    if config.distributed or config.cluster.partitions > 1:  # the model travels to actors
         _ship_by_value(type(model) if isinstance(model, torch.nn.Module) else model)
     scheme = scheme_for(config, run_dir, resume=resume, progress=progress, address=address)
     summary = scheme.fit()

@@ -78,3 +78,16 @@ def test_regression_trains_in_the_distributed_modes(mode, settings):
                              eval_every=100, **settings)
     assert summary["mode"] == mode and "test_error" not in summary
     assert summary["test_loss"] < 0.75 * before, (before, summary["test_loss"])
+
+
+def test_fit_cuts_a_user_sequential_into_partitions(tmp_path):
+    train, test = wine()
+    torch.manual_seed(0)
+    model = mlp()
+    summary = distbelief.fit(model, torch.utils.data.TensorDataset(*train), test_data=test,
+                             partitions=2, micro_batches=2, iterations=300, batch_size=16,
+                             lr=0.05, eval_every=100, log_every=50, run_dir=tmp_path / "run")
+    assert summary["mode"] == "single" and summary["test_accuracy"] >= 0.9, summary
+    # The module given ends holding the trained weights, gathered from the partitions.
+    assert distbelief.evaluate(model, test)["loss"] == pytest.approx(summary["test_loss"],
+                                                                     rel=1e-6)

@@ -38,6 +38,12 @@ def test_records_become_tagged_scalars():
     assert scalars(test) == [("test/loss", 1.5), ("test/error", 0.5), ("test/top5_error", 0.1)]
     assert scalars({**test, "split": "train"})[0] == ("train/eval_loss", 1.5)
     assert scalars({"kind": "failure", "iteration": 3, "restarted": True}) == []
+    pipeline = {"kind": "train", "iteration": 8, "pipeline": {
+        "partitions": 2, "bubble": 0.25, "compute_s": [1.5, 2.0], "bytes_per_step": [64, 0]}}
+    assert sorted(scalars(pipeline)) == sorted([
+        ("partition/partitions", 2.0), ("partition/bubble", 0.25),
+        ("partition/0/compute_s", 1.5), ("partition/1/compute_s", 2.0),
+        ("partition/0/bytes_per_step", 64.0), ("partition/1/bytes_per_step", 0.0)])
 
 
 def test_a_run_writes_what_metrics_jsonl_holds(tmp_path):

@@ -149,6 +149,14 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def peak_memory() -> int:
+    """This process's peak resident memory in bytes (what an actor has needed at most)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux counts KiB
+
+
 def nodes() -> list[Node]:
     """The cluster's live nodes and their CPUs and GPUs."""
     return [Node(n["NodeID"], n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0))

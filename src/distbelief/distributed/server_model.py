@@ -23,16 +23,30 @@ class ServerModel:
     def __init__(self, config, data: DataBundle, device: torch.device,
                  model: torch.nn.Module | None = None, flat_of=FlatModel):
         self.config, self.data, self.device = config, data, device
-        self.model = build_model(config, data, device) if model is None else model.to(device)
         self.flat_of = flat_of  # the server vector's layout over a model (BlockFlat: parts)
-        self.flat = flat_of(self.model)
+        self._model = None if model is None else model.to(device)
+        self._flat = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """Built on first use: a run that is never evaluated nor checkpointed (a benchmark of a
+        model as large as the server) never holds a whole copy on the driver."""
+        if self._model is None:
+            self._model = build_model(self.config, self.data, self.device)
+        return self._model
+
+    @property
+    def flat(self):
+        if self._flat is None:
+            self._flat = self.flat_of(self.model)
+        return self._flat
 
     def move_to(self, device: torch.device) -> None:
         """Evaluate on `device` from now on (its own copy of the evaluation data)."""
         if device != self.device:
             self.data = build_data(self.config, device, stats=self.data.stats)
-            self.model = self.model.to(device)
-            self.flat, self.device = self.flat_of(self.model), device
+            self._model = None if self._model is None else self._model.to(device)
+            self._flat, self.device = None, device
 
     def load(self, vector: torch.Tensor) -> torch.nn.Module:
         """The model at `vector` ([parameters; buffers])."""

@@ -118,7 +118,8 @@ class TrainConfig:
     # Model
     model: str = _opt("registered model name (see 'distbelief models')", default="resnet20")
     shortcut: str | None = _opt("shortcut option A, B or C (default: the family's)", default=None)
-    hidden: int | None = _opt("mlp: hidden units (default 256)", default=None)
+    hidden: int | None = _opt("mlp, deep_mlp: hidden units (default 256, 1024)",
+                              default=None)
     variant: str | None = _opt("ImageNet ResNets: where a bottleneck strides, 'paper' (the "
                                "first 1x1 conv, the default) or 'v1.5' (the 3x3 conv, as "
                                "torchvision's resnet50 ... 152)", default=None)

@@ -5,6 +5,7 @@ Tags, at the record's iteration:
     train/loss, train/error, train/lr, train/images_per_s, train/staleness_mean, ... every
         number of a training record (train/replica_images_per_s/R for lists);
     shard/K/updates_per_s, shard/K/bytes_per_s, shard/K/version: Downpour's shards;
+    partition/bubble, partition/P/compute_s, partition/P/bytes_per_step, ...: --partitions;
     test/loss, test/error, test/top5_error (val/..., train/... for the other splits
         evaluated; their names differ from the running training averages': eval_loss, ...).
 
@@ -41,8 +42,21 @@ def scalars(record: dict) -> list[tuple[str, float]]:
         elif key == "shards" and isinstance(value, list):
             out += [(f"shard/{row['shard']}/{k}", float(v)) for row in value
                     for k, v in row.items() if k != "shard" and _number(v)]
+        elif key in ("pipeline", "partitions") and isinstance(value, dict):
+            out += _partition_scalars(value)
         elif isinstance(value, list) and all(_number(v) for v in value):
             out += [(f"train/{key}/{i}", float(v)) for i, v in enumerate(value)]
+    return out
+
+
+def _partition_scalars(value: dict) -> list[tuple[str, float]]:
+    """partition/bubble, and partition/P/compute_s ... for each partition P."""
+    out = []
+    for k, v in value.items():
+        if _number(v):
+            out.append((f"partition/{k}", float(v)))
+        elif isinstance(v, list):
+            out += [(f"partition/{i}/{k}", float(x)) for i, x in enumerate(v) if _number(x)]
     return out
 
 

@@ -1,4 +1,5 @@
-"""Models without BatchNorm for smooth objectives: softmax regression and a small MLP.
+"""Models without BatchNorm for smooth objectives: softmax regression and a small MLP; and a
+deep wide MLP, large enough at --hidden 16384 (1.07B parameters) to need model parallelism.
 
 Sandblaster L-BFGS (Dean et al., 2012) optimizes one deterministic batch objective per
 iteration; these models make that objective a smooth function of the parameters alone (no
@@ -31,3 +32,15 @@ def mlp(num_classes: int = 10, in_chans: int = 3, input_size=32, hidden: int = 2
     """Multilayer perceptron: flattened image, one tanh hidden layer of `hidden` units."""
     return nn.Sequential(nn.Flatten(), nn.Linear(_features(in_chans, input_size), hidden),
                          nn.Tanh(), nn.Linear(hidden, num_classes))
+
+
+@register_model("dense", depth=6)
+def deep_mlp(num_classes: int = 10, in_chans: int = 3, input_size=32,
+             hidden: int = 1024) -> nn.Module:
+    """Deep wide MLP: five ReLU layers of `hidden` units (--hidden 16384: 1.07B parameters)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = _features(in_chans, input_size)
+    for _ in range(5):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, num_classes))

@@ -21,7 +21,7 @@ import torch
 from distbelief.distributed.downpour.replica import DownpourReplica
 from distbelief.distributed.downpour.shard import ParameterShard
 from distbelief.distributed.runtime import (RayPending, SnapshotSender, join_slices, node_id,
-                                            tensor_view)
+                                            peak_memory, tensor_view)
 
 
 def _join_pulls(pulled: list) -> tuple[torch.Tensor, list[int]]:
@@ -123,7 +123,8 @@ class ShardActor:
     def status(self) -> dict:
         return {**self.shard.stats(), "incarnation": self.incarnation,
                 "reconstructed": self.reconstructed, "restored_version": self.restored_version,
-                "snapshots_sent": self.sender.sent, "node": node_id()}
+                "snapshots_sent": self.sender.sent, "node": node_id(),
+                "peak_memory": peak_memory()}
 
 
 @ray.remote

@@ -166,6 +166,7 @@ class DownpourTrainer:
         self._start_shards()
         self._start_replicas()
         get(self.shards_started)
+        self.initial = self.shards_started = None  # from here on the values live on the shards
         self.placed = wait_started(self.session.replicas, self.shape)
 
     def _start_shards(self) -> None:

@@ -116,9 +116,12 @@ class Exchange:
         return (step + 1) % self.config.downpour.n_push == 0
 
     def push(self, step: int, metrics: dict) -> None:
-        buffers_now = self.flat.buffer_vector()
-        vector = torch.cat([self.accum.cpu(), buffers_now - self.buffer_base])
-        self.buffer_base = buffers_now
+        if self.n_buffers:
+            buffers_now = self.flat.buffer_vector()
+            vector = torch.cat([self.accum.cpu(), buffers_now - self.buffer_base])
+            self.buffer_base = buffers_now
+        else:  # no statistics to add: the gradient itself, without a copy
+            vector = self.accum.cpu()
         steps, errors = len(self.accum_errors), tuple(self.accum_errors)
         versions = self.accum_versions
         self.accum, self.accum_versions, self.accum_errors = None, None, []

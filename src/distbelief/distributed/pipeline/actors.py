@@ -17,7 +17,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from distbelief.distributed.downpour.actors import RayClient
 from distbelief.distributed.pipeline.replica import PartitionedReplica, ServerStage
 from distbelief.distributed.pipeline.stage import Stage
-from distbelief.distributed.runtime import START_TIMEOUT_S, node_id, tensor_view
+from distbelief.distributed.runtime import START_TIMEOUT_S, node_id, peak_memory, tensor_view
 from distbelief.engine.losses import get_loss
 from distbelief.engine.setup import set_determinism
 from distbelief.errors import DistbeliefError
@@ -111,7 +111,8 @@ class StageActor:
     def info(self) -> dict:
         params = sum(p.numel() for p in self.stage.module.parameters())
         return {"partition": self.stage.index, "node": node_id(), "params": params,
-                "device": str(self.stage.device), "threads": torch.get_num_threads()}
+                "device": str(self.stage.device), "threads": torch.get_num_threads(),
+                "peak_memory": peak_memory()}
 
 
 @ray.remote(num_cpus=0)

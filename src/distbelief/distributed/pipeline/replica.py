@@ -47,6 +47,18 @@ class ServerStage(Stage):
         has_values = self.flat.n_params + self.flat.n_buffers > 0
         self.exchange = Exchange(replica, config, client, self.flat) if has_values else None
         self.metrics = dict.fromkeys(STAGE_METRICS, 0)
+        self.n_push = config.downpour.n_push
+        # The parameters' gradients are views of one flat vector, into which backward
+        # accumulates in place: the push sends it as it is, no flattening copy (at a billion
+        # parameters, each copy is gigabytes).
+        self.gradient = torch.zeros(self.flat.n_params, device=device)
+        with torch.no_grad():
+            for p, view in zip(self.flat.params, self.gradient.split(
+                    [p.numel() for p in self.flat.params])):
+                p.grad = view.view_as(p)
+
+    def zero_grad(self) -> None:
+        self.gradient.zero_()  # in place: the parameters' gradients stay views of it
 
     def begin(self, step: int) -> None:
         """Before step `step`: the parameters its fetches bring (`Exchange.fetch`)."""
@@ -58,8 +70,8 @@ class ServerStage(Stage):
         if self.exchange is None:
             return
         start = time.perf_counter()
-        gradient = self.flat.gradient() if self.flat.params else torch.zeros(0)
-        self.exchange.add(gradient, error)
+        # Pushed at once when every step pushes; else kept across the next steps' zeroing.
+        self.exchange.add(self.gradient if self.n_push == 1 else self.gradient.clone(), error)
         self.compute_s += time.perf_counter() - start
         if self.exchange.push_due(step):
             self.exchange.push(step, self.metrics)

@@ -1,0 +1,104 @@
+"""Pipeline efficiency: a replica cut into P partitions on P cores (one thread each) against one
+process on the same P cores, for M micro-batches per batch, with the measured bubble against
+GPipe's ideal (P - 1) / (M + P - 1); and the time to move boundary activations of each size
+between two actors through Ray, against the bytes.
+
+All runs train ResNet-20 on synthetic 3x32x32 images (batch --batch, no evaluation) for
+--steps steps after a warm-up; images/s of the training loop and the ratio to the single
+process measured in the same run.
+
+    python benchmarks/bench_pipeline.py [--partitions 2] [--micro 1,2,4,8] [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+import ray
+import torch
+
+from distbelief.distributed.runtime import start_ray
+from distbelief.engine import Trainer
+from distbelief.engine.config import TrainConfig
+
+
+def images_per_s(trainer: Trainer, steps: int) -> float:
+    trainer.train_until(trainer.iteration + 3)  # warm-up: allocations, first transfers
+    if trainer.pipeline is not None:
+        trainer.pipeline.metrics()  # the bubble of the measured steps only
+    start = time.perf_counter()
+    trainer.train_until(trainer.iteration + steps)
+    return steps * trainer.config.batch_size / (time.perf_counter() - start)
+
+
+@ray.remote(num_cpus=0)
+class Sender:
+    def make(self, n: int) -> np.ndarray:
+        return np.ones(n, dtype=np.float32)
+
+
+@ray.remote(num_cpus=0)
+class Receiver:
+    def take(self, array: np.ndarray) -> float:
+        return float(array[-1])
+
+
+def transfer_times(sizes: list[int], repeats: int = 20) -> list[tuple[int, float]]:
+    """Seconds to hand an array from one actor to another (made by the first, read by the
+    second, the driver passing only the reference), per size in bytes."""
+    sender, receiver = Sender.remote(), Receiver.remote()
+    out = []
+    for size in sizes:
+        ray.get(receiver.take.remote(sender.make.remote(size // 4)))
+        start = time.perf_counter()
+        for _ in range(repeats):
+            ray.get(receiver.take.remote(sender.make.remote(size // 4)))
+        out.append((size, (time.perf_counter() - start) / repeats))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--partitions", type=int, default=2)
+    parser.add_argument("--micro", default="1,2,4,8")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=128)
+    args = parser.parse_args()
+    p = args.partitions
+    base = TrainConfig().replace(
+        recipe="bench", model="resnet20", data="synthetic", synthetic_size=4096,
+        batch_size=args.batch, iterations=10_000, eval_every=0, checkpoint_every=0,
+        log_every=10_000, device="cpu", channels_last=False, replica_cpus=1)
+    print(f"# {platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"ray {ray.__version__}; {time.strftime('%Y-%m-%d')}; resnet20, synthetic 3x32x32, "
+          f"batch {args.batch}, {args.steps} steps, {p} partitions of 1 thread each")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(p)  # the single process gets the partitions' cores
+    single = images_per_s(Trainer(base), args.steps)
+    torch.set_num_threads(threads)
+    print(f"{'run':<28} {'images/s':>9} {'ratio':>6} {'bubble':>7} {'ideal':>6}")
+    print(f"{'single process, ' + str(p) + ' threads':<28} {single:>9.0f} {1:>6.2f}")
+    start_ray()
+    for m in map(int, args.micro.split(",")):
+        trainer = Trainer(base.replace(partitions=p, micro_batches=m))
+        trainer.start()
+        try:
+            rate = images_per_s(trainer, args.steps)
+            pipe = trainer.pipeline.metrics()
+        finally:
+            trainer.close()
+        ideal = (p - 1) / (m + p - 1)
+        print(f"{f'{p} partitions x {m} micro':<28} {rate:>9.0f} {rate / single:>6.2f} "
+              f"{pipe['bubble']:>7.2f} {ideal:>6.2f}   bytes/step {pipe['bytes_per_step']}")
+    print("boundary activations between two actors through Ray:")
+    for size, seconds in transfer_times([64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]):
+        print(f"  {size / 2**20:>7.2f} MiB  {seconds * 1e3:>7.2f} ms  "
+              f"{size / seconds / 2**30:>6.2f} GiB/s")
+
+
+if __name__ == "__main__":
+    main()
