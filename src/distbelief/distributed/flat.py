@@ -90,7 +90,9 @@ class BlockFlat:
 
     @torch.no_grad()
     def vector(self) -> torch.Tensor:
-        return torch.cat([b.vector() for b in self.blocks])
+        # One concatenation of every tensor: no per-block copies on the way.
+        return torch.cat([t.reshape(-1).float().cpu() for b in self.blocks
+                          for t in b.params + b.buffers])
 
     @torch.no_grad()
     def load(self, vector: torch.Tensor) -> None:

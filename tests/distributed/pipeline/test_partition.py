@@ -96,3 +96,22 @@ def test_split_table_is_measured_on_the_meta_device():
     assert sum(r["params"] for r in rows) == 60_192_808  # torchvision's resnet152
     macs = [r["macs"] for r in rows]
     assert max(macs) / (sum(macs) / 4) < 1.1  # 50 blocks: a fine enough grain to balance
+
+
+def test_a_module_used_twice_is_a_unit_each_time():
+    act = nn.ReLU()
+    model = nn.Sequential(nn.Linear(4, 8), act, nn.Linear(8, 8), act, nn.Linear(8, 2))
+    assert [n for n, _ in units(model)] == ["0", "1", "2", "3", "4"]
+    plan = partition(model, 3, torch.zeros(1, 4))
+    x = torch.randn(5, 4)
+    y = x
+    for part in plan.parts:
+        y = part.module(y)
+    assert torch.equal(y, model(x))
+
+
+def test_a_parameter_shared_by_two_parts_is_refused():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), shared)
+    with pytest.raises(ConfigError, match="shared by two partitions"):
+        partition(model, 3, torch.zeros(1, 4))

@@ -17,8 +17,9 @@ from distbelief.errors import ConfigError
 from support.downpour import digits_config, make_shards
 
 
-@pytest.mark.parametrize("blocks,shards", [([(100, 10), (300, 0)], 2), ([(100, 10), (300, 0)], 5),
-                                           ([(5, 0), (0, 0), (50, 4), (1, 0)], 4)])
+@pytest.mark.parametrize("blocks,shards", [
+    ([(100, 10), (300, 0)], 2), ([(100, 10), (300, 0)], 5),
+    ([(5, 0), (0, 0), (50, 4), (1, 0)], 4), ([(1, 0), (10, 0)], 8)])
 def test_shards_are_aligned_to_parts(blocks, shards):
     slots = aligned_shards(blocks, shards)
     assert len(slots) == shards
@@ -68,9 +69,10 @@ def local_partitioned(config, data):
         stages
 
 
-@pytest.mark.parametrize("parts,micro", [(2, 1), (3, 1)])
-def test_one_partitioned_replica_equals_one_whole_replica(parts, micro):
-    config = digits_config(partitions=parts, micro_batches=micro, ps_shards=parts + 1)
+@pytest.mark.parametrize("parts,channels_last", [(2, False), (3, True)])
+def test_one_partitioned_replica_equals_one_whole_replica(parts, channels_last):
+    # Channels-last: the gradients (views of the pushed vector) stay in the server's order.
+    config = digits_config(partitions=parts, ps_shards=parts + 1, channels_last=channels_last)
     data = build_data(config, torch.device("cpu"))
     replica, shards, stages = local_partitioned(config, data)
     metrics = replica.run(0, 8)
@@ -91,3 +93,28 @@ def test_one_partitioned_replica_equals_one_whole_replica(parts, micro):
     # A partition holds only its own part.
     assert [sum(p.numel() for p in st.module.parameters()) for st in stages] == \
         [p.params for p in plan.parts]
+
+
+def test_a_failed_chunk_leaves_nothing_behind():
+    config = digits_config(partitions=2, ps_shards=2, n_push=2)
+    data = build_data(config, torch.device("cpu"))
+    replica, shards, stages = local_partitioned(config, data)
+    replica.run(0, 3)  # pushes after step 1; step 2's gradient waits for the next push
+    assert all(s.exchange.accum is not None for s in stages)
+
+    def died(*args):
+        raise RuntimeError("partition died")
+
+    stages[1].forward_loss = died
+    with pytest.raises(RuntimeError, match="died"):
+        replica.run(3, 2)
+    assert stages[0].saved  # its forward ran: activations left behind
+    del stages[1].forward_loss
+    with pytest.raises(RuntimeError, match="died"):  # a chunk queued before the driver knew
+        replica.run(3, 2)
+    replica.recover()
+    assert all(s.exchange.accum is None and not s.saved for s in stages)
+    versions = [s.version for s in shards]
+    # Step 3 trained again: its push holds it alone (step 2's gradient went with the failure).
+    assert replica.run(3, 2)["pushes"] == 2
+    assert [s.version for s in shards] == [v + 1 for v in versions]

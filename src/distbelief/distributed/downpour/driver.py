@@ -38,6 +38,7 @@ from distbelief.distributed.downpour.actors import ReplicaActor, ShardActor, ser
 from distbelief.distributed.downpour.records import (TIME_PARTS, ChunkWindow, ShardMonitor,
                                                      summary_entries)
 from distbelief.distributed.downpour.replica import initial_vector
+from distbelief.distributed.downpour.shard import shard_lost
 from distbelief.distributed.downpour.work import WorkQueue
 from distbelief.distributed.flat import BlockFlat, FlatModel
 from distbelief.distributed.pipeline.partition import ShardSlot
@@ -72,11 +73,6 @@ def check_snapshots(run, shards: int) -> None:
     if missing:
         raise CheckpointError(f"{run.path} lacks the snapshot of shard(s) "
                               f"{', '.join(map(str, missing))}")
-
-
-def shard_lost(config) -> str:
-    return (f"a parameter-server shard is gone (it failed more than --max-restarts "
-            f"{config.cluster.max_restarts} times); --resume continues from the last checkpoint")
 
 
 def load_snapshot(run, k: int) -> dict:
@@ -114,7 +110,7 @@ class DownpourTrainer:
         start_config = config.replace(init_from=None) if saved else config
         self.plan, flat_of = None, FlatModel
         if config.cluster.partitions > 1:  # shards aligned to the parts (pipeline.replica)
-            self.initial, self.plan, self.slots = server_layout(start_config, data)
+            self.initial, self.plan, self.slots = server_layout(start_config, data, saved)
             flat_of = self._block_flat
         else:
             self.initial, n_params = initial_vector(start_config, data)
@@ -318,8 +314,8 @@ class DownpourTrainer:
         self.life.save_generation(self.config, {
             "positions": self.positions, "steps": self.steps,
             "replica_images": self.replica_images, "replica_seconds": self.replica_seconds,
-            "time_split": dict(self.time_split), "data_stats": self.data.stats}, files,
-            self.steps)
+            "time_split": dict(self.time_split), "data_stats": self.data.stats,
+            "partition_bounds": self.plan.bounds if self.plan else None}, files, self.steps)
 
     def summary(self) -> dict:
         c = self.config

@@ -104,13 +104,20 @@ class Exchange:
         self.buffer_base = server_buffers
         self.versions = list(versions)
 
-    def add(self, gradient: torch.Tensor, error: float) -> None:
-        """Accumulate one step's gradient (and its training error, for the shards' warmup)."""
+    def add(self, gradient: torch.Tensor, error: float, copy: bool = False) -> None:
+        """Accumulate one step's gradient (and its training error, for the shards' warmup);
+        `copy`: the first is copied (the caller reuses `gradient`'s memory before the push)."""
         if self.accum is None:
-            self.accum, self.accum_versions = gradient, list(self.versions)
+            self.accum = gradient.clone() if copy else gradient
+            self.accum_versions = list(self.versions)
         else:
             self.accum += gradient
         self.accum_errors.append(error)
+
+    def reset(self) -> None:
+        """Drop the gradient accumulated since the last push (its steps will be trained
+        again: the chunk they belong to failed)."""
+        self.accum, self.accum_versions, self.accum_errors = None, None, []
 
     def push_due(self, step: int) -> bool:
         return (step + 1) % self.config.downpour.n_push == 0

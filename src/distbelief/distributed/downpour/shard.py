@@ -36,6 +36,12 @@ from distbelief.optim import adagrad_update, sgd_update
 STALENESS_CAP = 64  # staleness histogram: larger values are counted under 64
 
 
+def shard_lost(config) -> str:
+    """The one line for a shard that is gone for good."""
+    return (f"a parameter-server shard is gone (it failed more than --max-restarts "
+            f"{config.cluster.max_restarts} times); --resume continues from the last checkpoint")
+
+
 class ParameterShard:
     """Owns w[lo:hi) of the server vector and applies every push on arrival.
 

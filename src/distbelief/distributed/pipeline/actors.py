@@ -12,9 +12,10 @@ import torch
 
 import time
 
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from distbelief.distributed.downpour.actors import RayClient
+from distbelief.distributed.downpour.shard import shard_lost
 from distbelief.distributed.pipeline.replica import PartitionedReplica, ServerStage
 from distbelief.distributed.pipeline.stage import Stage
 from distbelief.distributed.runtime import START_TIMEOUT_S, node_id, peak_memory, tensor_view
@@ -105,6 +106,9 @@ class StageActor:
     def drain(self) -> dict:
         return self.stage.drain()
 
+    def reset(self) -> None:
+        self.stage.reset()
+
     def state(self) -> dict:
         return self.stage.state()
 
@@ -122,6 +126,7 @@ class PartitionedReplicaActor:
     them, which Ray warns makes restarts fragile)."""
 
     def __init__(self, index: int, config, stage_names: list[str], stats: dict):
+        self.config = config
         self.stages = [ray.get_actor(name) for name in stage_names]
         self.replica = PartitionedReplica(index, config, caller(self.stages), self._get,
                                           len(self.stages), stats=stats)
@@ -129,9 +134,28 @@ class PartitionedReplicaActor:
     def _get(self, refs):
         try:
             return ray.get(refs)
-        except RayActorError:
+        except (RayActorError, RayTaskError) as e:
+            error = e
+        if self._partition_down():
             raise PartitionLost(f"a partition of replica {self.replica.index} died; Ray "
-                                f"restarts it and its steps are handed out again") from None
+                                f"restarts it and its steps are handed out again")
+        cause = error.cause if isinstance(error, RayTaskError) else error
+        if isinstance(cause, DistbeliefError):
+            raise cause
+        if isinstance(cause, RayActorError):  # the partitions live: a shard is gone for good
+            raise DistbeliefError(shard_lost(self.config))
+        raise error
+
+    def _partition_down(self) -> bool:
+        """Whether a partition is dead or restarting (a busy one answers in time)."""
+        for stage in self.stages:
+            try:
+                ray.get(stage.info.remote(), timeout=60)
+            except RayActorError:
+                return True
+            except ray.exceptions.GetTimeoutError:
+                continue
+        return False
 
     def run(self, start: int, steps: int) -> dict:
         return self.replica.run(start, steps)
@@ -140,7 +164,8 @@ class PartitionedReplicaActor:
         return self.replica.drain()
 
     def info(self) -> dict:
-        """Once every partition answers (waiting while Ray restarts one)."""
+        """Once every partition answers (waiting while Ray restarts one), and what a failed
+        chunk left on them is dropped: the driver's ping before it hands out work again."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             try:
@@ -150,4 +175,5 @@ class PartitionedReplicaActor:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
+        self.replica.recover()  # what a failed chunk left on the partitions goes
         return {"replica": self.replica.index, "node": node_id(), "partitions": parts}

@@ -53,8 +53,9 @@ class Part:
 
 
 def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's cuttable pieces in order, named as in the model (module doc)."""
-    if hasattr(model, "stages"):
+    """The model's cuttable pieces in order, named as in the model (module doc). A module that
+    appears twice (an activation reused) is a unit each time it appears."""
+    if callable(getattr(type(model), "stages", None)):
         out = []
         for name, stage in model.stages():
             if name in ("stem", "head"):
@@ -63,8 +64,24 @@ def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
                 out.extend((f"{name}.{i}", block) for i, block in enumerate(stage))
         return out
     if isinstance(model, nn.Sequential):
-        return list(model.named_children())
+        # Not named_children(), which skips a module seen before.
+        return [(name, m) for name, m in model._modules.items() if m is not None]
     return [(type(model).__name__, model)]
+
+
+def check_disjoint(model: nn.Module, modules: list[nn.Module]) -> None:
+    """Raise `ConfigError` unless the parts' parameters, in order, are exactly the model's,
+    each in one part: a parameter shared by two parts (a layer used twice, tied weights) would
+    be trained twice, and optimizer states would land on the wrong parameters."""
+    owner: dict[int, int] = {}
+    for p, module in enumerate(modules):
+        for t in module.parameters():
+            if owner.setdefault(id(t), p) != p:
+                raise ConfigError("cannot cut this model: a parameter is shared by two "
+                                  "partitions (a layer used twice, tied weights)")
+    if [id(t) for m in modules for t in m.parameters()] != [id(t) for t in model.parameters()]:
+        raise ConfigError("cannot cut this model: its parameters are not in the order its "
+                          "layers run (give an nn.Sequential or a ResNet)")
 
 
 def unit_costs(pieces: list[tuple[str, nn.Module]], sample: torch.Tensor) -> list[int]:
@@ -147,8 +164,9 @@ def partition(model: nn.Module, parts: int, sample: torch.Tensor) -> Plan:
     costs = unit_costs(pieces, sample)
     bounds = [0, *linear_partition([c + 1 for c in costs], parts), len(pieces)]
     out, offset = [], 0
-    for p, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
-        module = nn.Sequential(*(m for _, m in pieces[lo:hi]))
+    modules = [nn.Sequential(*(m for _, m in pieces[lo:hi])) for lo, hi in zip(bounds, bounds[1:])]
+    check_disjoint(model, modules)
+    for p, ((lo, hi), module) in enumerate(zip(zip(bounds, bounds[1:]), modules)):
         part = Part(p, [n for n, _ in pieces[lo:hi]], module,
                     sum(t.numel() for t in module.parameters()), sum(costs[lo:hi]), offset)
         offset += part.n_tensors
@@ -202,14 +220,18 @@ def aligned_shards(blocks: list[tuple[int, int]], shards: int) -> list[ShardSlot
                           f"parameters: every partition talks to shards of its own")
     extra = shards - len(owners)
     share = {i: extra * sizes[i] / sum(sizes) for i in owners}
-    counts = {i: 1 + int(x) for i, x in share.items()}
+    counts = {i: min(1 + int(x), sizes[i]) for i, x in share.items()}  # a shard holds >= 1
     by_remainder = sorted(owners, key=lambda i: int(share[i]) - share[i])
-    for i in by_remainder[:shards - sum(counts.values())]:
-        counts[i] += 1
+    while sum(counts.values()) < shards:
+        room = [i for i in by_remainder if counts[i] < sizes[i]]
+        if not room:
+            raise ConfigError(f"--ps-shards {shards} exceeds the model's {sum(sizes)} values")
+        for i in room[:shards - sum(counts.values())]:
+            counts[i] += 1
     slots, offset = [], 0
     for part, ((n_params, _), size) in enumerate(zip(blocks, sizes)):
         if size:
             slots.extend(ShardSlot(part, offset + lo, offset + hi, offset + n_params)
-                         for lo, hi in shard_bounds(size, min(counts[part], size)))
+                         for lo, hi in shard_bounds(size, counts[part]))
         offset += size
     return slots

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import torch
 
@@ -51,14 +52,25 @@ class ServerStage(Stage):
         # The parameters' gradients are views of one flat vector, into which backward
         # accumulates in place: the push sends it as it is, no flattening copy (at a billion
         # parameters, each copy is gigabytes).
+        # In the server's (logical) order, whatever the parameters' memory format: the vector
+        # is pushed as it is. (A channels-last weight then has a gradient of another layout;
+        # accumulation in place is still exact.)
+        warnings.filterwarnings("ignore", message="grad and param do not obey the gradient")
         self.gradient = torch.zeros(self.flat.n_params, device=device)
         with torch.no_grad():
             for p, view in zip(self.flat.params, self.gradient.split(
                     [p.numel() for p in self.flat.params])):
-                p.grad = view.view_as(p)
+                p.grad = view.view(p.shape)
 
     def zero_grad(self) -> None:
         self.gradient.zero_()  # in place: the parameters' gradients stay views of it
+        self.saved.clear()
+
+    def reset(self) -> None:
+        """After a failed chunk: no activations, no accumulated gradient left of it."""
+        self.zero_grad()
+        if self.exchange is not None:
+            self.exchange.reset()
 
     def begin(self, step: int) -> None:
         """Before step `step`: the parameters its fetches bring (`Exchange.fetch`)."""
@@ -70,8 +82,8 @@ class ServerStage(Stage):
         if self.exchange is None:
             return
         start = time.perf_counter()
-        # Pushed at once when every step pushes; else kept across the next steps' zeroing.
-        self.exchange.add(self.gradient if self.n_push == 1 else self.gradient.clone(), error)
+        # Pushed at once when every step pushes; else copied before the next step zeroes it.
+        self.exchange.add(self.gradient, error, copy=self.n_push > 1)
         self.compute_s += time.perf_counter() - start
         if self.exchange.push_due(step):
             self.exchange.push(step, self.metrics)
@@ -90,8 +102,13 @@ class ServerStage(Stage):
 class PartitionedReplica:
     """Replica `index` of `config.cluster.replicas` over `count` stages reached through `call`
     (`pipeline.schedule`), `resolve` turning results into values. `run(start, steps)` returns
-    the chunk's metrics as `DownpourReplica.run` does, plus "partitions": each stage's
-    `take_metrics`; `drain()` waits for every stage's pushes."""
+    the chunk's metrics as `DownpourReplica.run` does (the time split averaged over the
+    partitions), plus "partitions": each stage's `take_metrics`; `drain()` waits for every
+    stage's pushes.
+
+    A chunk that raises (a partition died) leaves the replica failed: later chunks raise at
+    once (they were queued before the driver knew), until `recover()` has every stage drop
+    what is left of it (activations, the gradient accumulated since its last push)."""
 
     def __init__(self, index: int, config, call, resolve, count: int,
                  stats: dict | None = None):
@@ -101,6 +118,11 @@ class PartitionedReplica:
                                part=(index, config.cluster.replicas))
         self.pipeline = Pipeline(call, resolve, count, config.cluster.micro_batches)
         self._stream, self._position = None, None
+        self.failed: BaseException | None = None
+
+    def recover(self) -> None:
+        self.resolve([self.call(p, "reset") for p in range(self.count)])
+        self.failed = None
 
     def _batches(self, start: int):
         if self._position != start:
@@ -109,23 +131,35 @@ class PartitionedReplica:
         return self._stream
 
     def run(self, start: int, steps: int) -> dict:
+        if self.failed is not None:
+            raise self.failed
+        try:
+            return self._run(start, steps)
+        except BaseException as e:
+            self.failed, self._position = e, None  # the stream is somewhere in the chunk
+            raise
+
+    def _run(self, start: int, steps: int) -> dict:
         metrics = chunk_metrics(self.index, start, steps)
         begin = time.perf_counter()
         batches = self._batches(start)
+        exchanges = []  # begin / finish: not waited for, but their errors must surface
         for step in range(start, start + steps):
-            for p in range(self.count):
-                self.call(p, "begin", step)
+            exchanges += [self.call(p, "begin", step) for p in range(self.count)]
             x, y = next(batches)
             losses = self.resolve(self.pipeline.submit_passes(x, y))
             loss, wrong = sum(v for v, _ in losses), sum(w for _, w in losses)
-            for p in range(self.count):  # not waited for: the next step's calls queue behind
-                self.call(p, "finish", step, wrong / len(y))
+            # The next step's calls queue behind these on each stage.
+            exchanges += [self.call(p, "finish", step, wrong / len(y)) for p in range(self.count)]
             metrics["loss_sum"] += loss * len(y)
             metrics["wrong"] += wrong
             metrics["images"] += len(y)
+        stages = self.resolve(exchanges + [self.call(p, "take_metrics")
+                                           for p in range(self.count)])[len(exchanges):]
         self._position = start + steps
-        stages = self.resolve([self.call(p, "take_metrics") for p in range(self.count)])
-        for key in ("compute_s", "fetch_wait_s", "push_wait_s", "fetches", "pushes", "rejected"):
+        for key in ("compute_s", "fetch_wait_s", "push_wait_s"):  # per partition, on average
+            metrics[key] = sum(s[key] for s in stages) / self.count
+        for key in ("fetches", "pushes", "rejected"):
             metrics[key] = sum(s[key] for s in stages)
         metrics["partitions"] = stages
         metrics["seconds"] = time.perf_counter() - begin

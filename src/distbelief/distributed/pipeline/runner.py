@@ -65,12 +65,15 @@ class PipelineRunner:
         try:
             return ray.get(refs)
         except ray.exceptions.RayTaskError as e:
-            raise remote_error(e, None) from None
+            # A call whose argument came from a dead partition fails with the death as cause.
+            if not isinstance(e.cause, RayActorError):
+                raise remote_error(e, None) from None
         except RayActorError:
-            dead = self._dead()
-            raise DistbeliefError(
-                f"partition actor(s) {', '.join(map(str, dead)) or '?'} died; their weights "
-                f"since the last checkpoint are lost: --resume continues from it") from None
+            pass
+        dead = self._dead()
+        raise DistbeliefError(
+            f"partition actor(s) {', '.join(map(str, dead)) or '?'} died; their weights since "
+            f"the last checkpoint are lost: --resume continues from it")
 
     def _dead(self) -> list[int]:
         dead = []

@@ -7,13 +7,16 @@ from __future__ import annotations
 import torch
 
 from distbelief.distributed.downpour.records import mean_staleness, staleness
+from distbelief.distributed.flat import BlockFlat
 from distbelief.distributed.pipeline.actors import PartitionedReplicaActor, StageActor
-from distbelief.distributed.pipeline.partition import Plan, ShardSlot
+from distbelief.distributed.pipeline.partition import Plan, ShardSlot, aligned_shards, partition
 from distbelief.distributed.runtime import replica_options
 from distbelief.engine.setup import build_model
+from distbelief.engine.weights import load_init
+from distbelief.errors import CheckpointError
 
 
-def server_layout(config, data):
+def server_layout(config, data, saved: dict | None = None):
     """A partitioned Downpour run's start: (the initial server vector, the plan, the shards'
     slots). The model is initialized as the single-process trainer initializes it
     (`downpour.replica.initial_vector`), cut by the partitioner (measured on one training
@@ -21,20 +24,21 @@ def server_layout(config, data):
     parts (`partition.aligned_shards`).
 
     Raises:
-        ConfigError: the model cannot be cut so, or fewer shards than parts."""
-    from distbelief.distributed.flat import BlockFlat
-    from distbelief.distributed.pipeline.partition import aligned_shards, partition
-    from distbelief.engine.setup import build_model
-    from distbelief.engine.weights import load_init
-
+        ConfigError: the model cannot be cut so, or fewer shards than parts.
+        CheckpointError: `saved` (the state a run resumes from) was cut elsewhere."""
     torch.manual_seed(config.seed)
     model = load_init(build_model(config, data), config)
     sample = next(data.train.batches(0))[0][:1]
     plan = partition(model, config.cluster.partitions, sample)
+    if saved is not None and saved.get("partition_bounds") not in (None, plan.bounds):
+        raise CheckpointError(f"the run's model was cut at units {saved['partition_bounds']}, "
+                              f"this one at {plan.bounds}: the shards' snapshots do not fit")
     flat = BlockFlat(plan.modules_of(model))
     slots = aligned_shards([(b.n_params, b.n_buffers) for b in flat.blocks],
                            config.cluster.ps_shards)
-    return flat.vector(), plan, slots
+    vector = flat.vector()
+    model.to("meta")  # the plan keeps the parts' modules: free their values (now the vector's)
+    return vector, plan, slots
 
 
 def start_partitioned(session, config, plan: Plan, slots: list[ShardSlot],

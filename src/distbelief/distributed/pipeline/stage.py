@@ -114,6 +114,7 @@ class Stage:
 
     def zero_grad(self) -> None:
         self.module.zero_grad(set_to_none=True)
+        self.saved.clear()  # a step cut short (a failure elsewhere) leaves activations behind
 
     def update(self, lr: float) -> None:
         """One optimizer step at learning rate `lr` with the accumulated gradients."""
@@ -134,15 +135,27 @@ class Stage:
     # --- state in the whole model's terms ------------------------------------------------
 
     def state(self) -> dict:
-        """The module's state_dict (CPU tensors) and the optimizer's state."""
+        """The module's state_dict and the optimizer's state, as CPU tensors (the driver may
+        have no GPU, or another one)."""
         return {"module": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
-                "optimizer": None if self.optimizer is None else self.optimizer.state_dict()}
+                "optimizer": None if self.optimizer is None else _to_cpu(
+                    self.optimizer.state_dict())}
 
     def load_state(self, state: dict) -> None:
         with torch.no_grad():
             self.module.load_state_dict(state["module"])
         if state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value
 
 
 def optimizer_slice(full: dict, offset: int, count: int) -> dict:
