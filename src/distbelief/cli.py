@@ -352,12 +352,12 @@ def _add_train(sub) -> None:
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar or evaluation lines: only the summary line")
     p.add_argument("--address", metavar="RAY_ADDRESS",
-                   help="--mode downpour or sandblaster: join this Ray cluster (host:port or "
-                        "'auto'; default: "
-                        "start a local Ray on 127.0.0.1 and stop it at the end)")
+                   help="--mode downpour or sandblaster, or --partitions: join this Ray cluster "
+                        "(host:port or 'auto'; default: start a local Ray on 127.0.0.1 and "
+                        "stop it at the end)")
     p.add_argument("--dashboard", action="store_true",
-                   help="--mode downpour or sandblaster: start the local Ray with its "
-                        "dashboard (needs 'pip install ray[default]')")
+                   help="--mode downpour or sandblaster, or --partitions: start the local Ray "
+                        "with its dashboard (needs 'pip install ray[default]')")
     _add_config_options(p)
     p.set_defaults(func=cmd_train)
 

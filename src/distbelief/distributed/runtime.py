@@ -257,6 +257,31 @@ def get(refs, lost: str | None = None):
         raise ShardLost(lost, restarting=isinstance(e, ActorUnavailableError)) from None
 
 
+def get_unless_dead(refs, actors: list, message):
+    """ray.get(refs); when a call failed because an actor died (its own, or the one whose
+    result it took as argument), `DistbeliefError(message(dead))`, `dead` being the indices of
+    the `actors` that no longer answer."""
+    try:
+        return ray.get(refs)
+    except RayTaskError as e:
+        if not isinstance(e.cause, RayActorError):
+            raise remote_error(e, None) from None
+    except RayActorError:
+        pass
+    raise DistbeliefError(message(dead_actors(actors)))
+
+
+def dead_actors(actors: list, timeout_s: float = 10.0) -> list[int]:
+    """Indices of the actors that do not answer a ping within `timeout_s`."""
+    dead = []
+    for i, actor in enumerate(actors):
+        try:
+            ray.get(actor.info.remote(), timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - any failure to answer means gone
+            dead.append(i)
+    return dead
+
+
 def remote_error(error: RayTaskError, lost: str | None) -> BaseException:
     """The error to raise for a call that raised inside an actor: our own errors as they are
     (one line for the user), an actor it called being gone as `ShardLost(lost)`, anything else

@@ -53,9 +53,9 @@ class ClusterConfig:
                           "of the parameters (sandblaster: of every L-BFGS vector)", default=1)
     max_restarts: int = _opt("downpour, sandblaster: restarts allowed per replica (downpour: and "
                              "per shard) after a failure", default=3)
-    replica_cpus: int | None = _opt("downpour, sandblaster: CPU threads per replica (default: "
-                                    "as many as the replicas can each have on the cluster's "
-                                    "nodes)", default=None)
+    replica_cpus: int | None = _opt("downpour, sandblaster, --partitions: CPU threads per "
+                                    "replica or partition actor (default: as many as they can "
+                                    "each have on the cluster's nodes)", default=None)
     partitions: int = _opt("single, downpour: model parallelism, each replica's model cut into "
                            "P parts, each a Ray actor computing its layers (see 'distbelief "
                            "models NAME --partitions P')", default=1)

@@ -138,7 +138,7 @@ class Trainer:
         if partitioned:
             from distbelief.distributed.pipeline.runner import PipelineRunner
 
-            sample = self.data.train.batches(0).__next__()[0][:1]
+            sample = next(self.data.train.batches(0))[0][:1]  # one example, to cut by cost
             self.pipeline = PipelineRunner(config, self.model, sample, address, dashboard)
 
     def _restore(self, saved: dict) -> None:
@@ -189,8 +189,12 @@ class Trainer:
 
     def summary(self) -> dict:
         per_epoch = self.data.train.batches_per_epoch
-        return {"epochs": round(self.iteration / per_epoch, 3), "train_s": round(self.train_s, 3),
-                "images_per_s": round(self.examples / max(self.train_s, 1e-9), 1)}
+        out = {"epochs": round(self.iteration / per_epoch, 3), "train_s": round(self.train_s, 3),
+               "images_per_s": round(self.examples / max(self.train_s, 1e-9), 1)}
+        if self.pipeline is not None:
+            c = self.config.cluster
+            out.update(partitions=c.partitions, micro_batches=c.micro_batches)
+        return out
 
     def close(self) -> None:
         if self.pipeline is not None:

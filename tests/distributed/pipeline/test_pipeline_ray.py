@@ -66,6 +66,7 @@ def test_partitioned_replica_equals_the_trainer(ray_cluster, tmp_path, parts, mi
     assert pipe["partitions"] == parts and 0 <= pipe["bubble"] < 1
     assert all(b > 0 for b in pipe["bytes_per_step"][:-1])  # every stage but the last sends
     assert summary["iterations"] == 12
+    assert (summary["partitions"], summary["micro_batches"]) == (parts, micro)
 
 
 def test_a_partitioned_checkpoint_resumes_with_other_partitions(ray_cluster, tmp_path):

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import time
 
-import ray
 import torch
-from ray.exceptions import RayActorError
 
 from distbelief.distributed.pipeline.actors import StageActor, caller
 from distbelief.distributed.pipeline.partition import partition
 from distbelief.distributed.pipeline.schedule import Pipeline
 from distbelief.distributed.pipeline.stage import optimizer_join, optimizer_slice
-from distbelief.distributed.runtime import remote_error, replica_options, wait_started
+from distbelief.distributed.runtime import get_unless_dead, replica_options, wait_started
 from distbelief.distributed.session import DriverSession
 from distbelief.engine.config import TrainConfig
-from distbelief.errors import DistbeliefError
 
 
 class PipelineRunner:
@@ -62,27 +59,9 @@ class PipelineRunner:
         return info
 
     def _get(self, refs):
-        try:
-            return ray.get(refs)
-        except ray.exceptions.RayTaskError as e:
-            # A call whose argument came from a dead partition fails with the death as cause.
-            if not isinstance(e.cause, RayActorError):
-                raise remote_error(e, None) from None
-        except RayActorError:
-            pass
-        dead = self._dead()
-        raise DistbeliefError(
+        return get_unless_dead(refs, self.session.replicas, lambda dead: (
             f"partition actor(s) {', '.join(map(str, dead)) or '?'} died; their weights since "
-            f"the last checkpoint are lost: --resume continues from it")
-
-    def _dead(self) -> list[int]:
-        dead = []
-        for p, actor in enumerate(self.session.replicas):
-            try:
-                ray.get(actor.info.remote(), timeout=10)
-            except Exception:  # noqa: BLE001 - any failure to answer means gone
-                dead.append(p)
-        return dead
+            f"the last checkpoint are lost: --resume continues from it"))
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[float, int]:
         """One training step (`Pipeline.step`)."""
