@@ -1,15 +1,21 @@
-"""A model no single worker holds: a deep MLP of --hidden 16384 (1.07 billion parameters,
-4.3 GB in float32) trained for a few Downpour steps with every replica cut into P partitions
+"""A model no single worker holds: a deep MLP of --hidden 15810 (1.0 billion parameters,
+4.0 GB in float32) trained for a few Downpour steps with every replica cut into P partitions
 and the server into K shards aligned to them, on this one machine.
 
-Reported per partition actor and per shard: the parameters it holds and its peak resident
-memory, next to the model's total; the driver's peak; seconds per step. Each partition should
-hold about 1/P of the parameters, each shard about 1/K. Momentum and weight decay are off (the
-shards then keep no optimizer state beside the values), the run directory is none and nothing
-is evaluated: the driver never builds the whole model after the start, where it initializes
-the values once as the single-process trainer would.
+Reported per partition actor and per shard: the parameters it holds, its private resident
+memory at the end (its own tensors: a partition's values and gradients, a shard's slice) and
+its peak resident memory (which also counts the pages of Ray's shared object store it touched:
+the pushes and pulls), next to the model's total; the driver's; seconds per step. Each
+partition should hold about 1/P of the parameters, each shard about 1/K.
 
-    python benchmarks/bench_big_model.py [--hidden 16384] [--partitions 4] [--shards 4]
+What has to fit in the machine's memory is the server's copy (on the shards), each partition's
+values and gradients, and the pushes and pulls in flight in Ray's object store. So momentum
+and weight decay are off (the shards keep no optimizer state beside the values), shard
+snapshots are off (--snapshot-every-s 0: no second copy of the server at the keeper), there is
+no run directory and nothing is evaluated: after the start, where it initializes the values
+once as the single-process trainer would, the driver never holds the whole model.
+
+    python benchmarks/bench_big_model.py [--hidden 15810] [--partitions 4] [--shards 4]
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import ray
 import torch
 
 from distbelief.distributed import DownpourTrainer
-from distbelief.distributed.runtime import peak_memory, start_ray
+from distbelief.distributed.runtime import memory, start_ray
 from distbelief.engine.config import TrainConfig
 
 GB = 1e9
@@ -31,7 +37,7 @@ GB = 1e9
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=16384)
+    parser.add_argument("--hidden", type=int, default=15810)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--replicas", type=int, default=1)
@@ -42,7 +48,7 @@ def main() -> None:
         replicas=args.replicas, partitions=args.partitions, ps_shards=args.shards,
         iterations=args.steps, batch_size=32, lr=1e-4, momentum=0.0, weight_decay=0.0,
         eval_every=0, checkpoint_every=0, log_every=args.steps, device="cpu",
-        snapshot_every_s=3600.0, max_in_flight=1)
+        snapshot_every_s=0.0, max_in_flight=1)
     print(f"# {platform.node()}, {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GB:.1f} GB RAM, "
           f"torch {torch.__version__}, ray {ray.__version__}; {time.strftime('%Y-%m-%d')}")
@@ -69,14 +75,14 @@ def report(trainer, n_params: int, seconds: float, steps: int, startup_s: float)
     shards = ray.get([s.status.remote() for s in trainer.session.shards])
     print(f"start-up {startup_s:.1f} s; {steps} steps in {seconds:.1f} s "
           f"({seconds / steps:.2f} s per step)")
-    print(f"{'actor':<22} {'parameters':>15} {'share':>6} {'peak memory':>12}")
-    for info in stages:
-        print(f"{'partition ' + str(info['partition']):<22} {info['params']:>15,} "
-              f"{info['params'] / n_params:>6.1%} {info['peak_memory'] / GB:>9.2f} GB")
-    for st in shards:
-        print(f"{'shard ' + str(st['shard']):<22} {st['elements']:>15,} "
-              f"{st['elements'] / n_params:>6.1%} {st['peak_memory'] / GB:>9.2f} GB")
-    print(f"{'driver':<22} {'':>15} {'':>6} {peak_memory() / GB:>9.2f} GB")
+    print(f"{'actor':<14} {'parameters':>13} {'share':>6} {'private GB':>11} {'peak RSS GB':>12}")
+    rows = [(f"partition {i['partition']}", i["params"], i["memory"]) for i in stages]
+    rows += [(f"shard {st['shard']}", st["elements"], st["memory"]) for st in shards]
+    rows.append(("driver", None, memory()))
+    for name, count, mem in rows:
+        held = "" if count is None else f"{count:>13,} {count / n_params:>6.1%}"
+        print(f"{name:<14} {held:>20} {mem.get('private', 0) / GB:>11.2f} "
+              f"{mem['peak'] / GB:>12.2f}")
     print(f"the whole model: {n_params * 4 / GB:.2f} GB of float32 values; shard updates "
           f"{[st['version'] for st in shards]}, all finite: {all(st['finite'] for st in shards)}")
 

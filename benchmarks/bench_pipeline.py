@@ -28,8 +28,6 @@ from distbelief.engine.config import TrainConfig
 
 def images_per_s(trainer: Trainer, steps: int) -> float:
     trainer.train_until(trainer.iteration + 3)  # warm-up: allocations, first transfers
-    if trainer.pipeline is not None:
-        trainer.pipeline.metrics()  # the bubble of the measured steps only
     start = time.perf_counter()
     trainer.train_until(trainer.iteration + steps)
     return steps * trainer.config.batch_size / (time.perf_counter() - start)
@@ -88,7 +86,7 @@ def main() -> None:
         trainer.start()
         try:
             rate = images_per_s(trainer, args.steps)
-            pipe = trainer.pipeline.metrics()
+            pipe = trainer.life.last_train["pipeline"]  # the measured steps' window
         finally:
             trainer.close()
         ideal = (p - 1) / (m + p - 1)

@@ -78,8 +78,10 @@ class DownpourConfig:
                               default=2)
     warmstart_steps: int = _opt("downpour: steps trained by one replica before the others "
                                 "start", default=0)
-    snapshot_every_s: float = _opt("downpour: seconds between a shard's snapshots to the run "
-                                   "directory", default=5.0)
+    snapshot_every_s: float = _opt("downpour: seconds between a shard's snapshots to the keeper "
+                                   "on the driver's node, from which Ray restarts a dead shard "
+                                   "(0: none, for a server too large to copy; a shard that "
+                                   "dies then ends the run)", default=5.0)
 
 
 @dataclass(frozen=True)
@@ -335,8 +337,8 @@ _POSITIVE = ("batch_size", "iterations", "eval_batch_size", "log_every", "crop_s
 _NON_NEGATIVE = ("val_split", "pad", "momentum", "weight_decay", "warmup_iterations",
                  "eval_every", "checkpoint_every", "lighting", "num_workers", "lr_decay",
                  "warmstart_steps", "eval_interval_s", "checkpoint_interval_s", "max_restarts",
-                 "straggler_delay")
-_POSITIVE_NUMBERS = ("lr", "epochs", "snapshot_every_s")  # finite, > 0, or None
+                 "straggler_delay", "snapshot_every_s")
+_POSITIVE_NUMBERS = ("lr", "epochs")  # finite, > 0, or None
 _AT_LEAST_ONE = ("portions", "replica_cpus")  # None: chosen by the run
 
 

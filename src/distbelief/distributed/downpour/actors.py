@@ -21,7 +21,8 @@ import torch
 from distbelief.distributed.downpour.replica import DownpourReplica
 from distbelief.distributed.downpour.shard import ParameterShard
 from distbelief.distributed.runtime import (RayPending, SnapshotSender, join_slices, node_id,
-                                            peak_memory, tensor_view)
+                                            memory, tensor_view)
+from distbelief.errors import DistbeliefError
 
 
 def _join_pulls(pulled: list) -> tuple[torch.Tensor, list[int]]:
@@ -68,7 +69,11 @@ class ShardActor:
     disk (the driver writes checkpoints). After a failure Ray re-runs the constructor, on any
     node (the placement group moves the shard when its node is lost), which restores the
     keeper's snapshot, so a restarted shard never needs the driver; pushes that were in flight
-    are retried by Ray and applied once (`ParameterShard`'s push sources)."""
+    are retried by Ray and applied once (`ParameterShard`'s push sources).
+
+    --snapshot-every-s 0 keeps no snapshots (a model so large that a second copy of the server
+    does not fit): a shard that dies then cannot restart, and the run stops with one line;
+    --resume continues from the last checkpoint."""
 
     def __init__(self, index: int, lo: int, hi: int, n_params: int, config, keeper_name: str):
         self.args, self.config = (index, lo, hi, n_params), config
@@ -78,9 +83,14 @@ class ShardActor:
             warnings.simplefilter("ignore")
             self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
         self.shard, self.restored_version, self.buffers = None, None, {}
+        self.snapshots = config.downpour.snapshot_every_s > 0
         if self.reconstructed:
+            snapshot = self.sender.restore()
+            if snapshot is None:  # snapshots off: no restart (Ray reports the shard dead)
+                raise DistbeliefError(f"shard {index} has no snapshot to restart from "
+                                      f"(--snapshot-every-s 0)")
             self._build(None)
-            self.restored_version = self.shard.restore(self.sender.restore())
+            self.restored_version = self.shard.restore(snapshot)
 
     def _build(self, values) -> None:
         index, lo, hi, n_params = self.args
@@ -93,7 +103,8 @@ class ShardActor:
         self._build(values)
         if state is not None:
             self.shard.restore(state)
-        self.sender.send_now(self.shard.snapshot())
+        if self.snapshots:
+            self.sender.send_now(self.shard.snapshot())
         return self.shard.version
 
     def pull(self) -> tuple[np.ndarray, int]:
@@ -104,7 +115,7 @@ class ShardActor:
              source=None) -> dict:
         reply = self.shard.push(tensor_view(update), base_version, steps, tuple(errors),
                                 None if source is None else tuple(source))
-        if self.shard.snapshot_due() and not self.sender.busy():
+        if self.snapshots and self.shard.snapshot_due() and not self.sender.busy():
             # Into the same arrays every time: the sender has handed the last ones to Ray.
             self.sender.send(self.shard.snapshot(self.buffers))
         return reply
@@ -117,14 +128,15 @@ class ShardActor:
     def snapshot(self) -> dict:
         """The shard's state now (for the driver's checkpoint); the keeper gets it too."""
         snapshot = self.shard.snapshot()
-        self.sender.send(snapshot)
+        if self.snapshots:
+            self.sender.send(snapshot)
         return snapshot
 
     def status(self) -> dict:
         return {**self.shard.stats(), "incarnation": self.incarnation,
                 "reconstructed": self.reconstructed, "restored_version": self.restored_version,
                 "snapshots_sent": self.sender.sent, "node": node_id(),
-                "peak_memory": peak_memory()}
+                "memory": memory()}
 
 
 @ray.remote

@@ -162,7 +162,7 @@ class DownpourTrainer:
         self._start_shards()
         self._start_replicas()
         get(self.shards_started)
-        self.initial = self.shards_started = None  # from here on the values live on the shards
+        self.shards_started = None
         self.placed = wait_started(self.session.replicas, self.shape)
 
     def _start_shards(self) -> None:
@@ -181,6 +181,8 @@ class DownpourTrainer:
         else:
             self.shards_started = [s.start.remote(self.initial[lo:hi].numpy())
                                    for s, (lo, hi) in zip(session.shards, self.bounds)]
+        # Ray copied the values into its object store: the shards hold them from here on.
+        self.initial = None
 
     def _start_replicas(self) -> None:
         c = self.config

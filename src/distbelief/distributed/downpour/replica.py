@@ -23,8 +23,9 @@ The replica talks to the server through a client with two methods, `fetch()` and
 result (`distributed.pending`); the client slices full vectors into shard slices. When a push
 is followed by a fetch at the next step, the two travel as one call per shard (`pull=True`: the
 shard applies the push and returns its values), which saves a round trip without changing what
-the replica sees. `LocalClient` calls in-process shards directly (tests);
-`downpour.actors.RayClient` calls shard actors.
+the replica sees (for pushes under 64 MiB; a larger push and its fetch go as two calls, so that
+Ray's object store never holds both at once). `LocalClient` calls in-process shards directly
+(tests); `downpour.actors.RayClient` calls shard actors.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ from distbelief.distributed.pending import Done, Part
 from distbelief.engine.losses import get_loss
 from distbelief.engine.setup import build_model, resolve_device, set_determinism
 from distbelief.engine.weights import load_init
+
+
+COMBINE_BELOW_BYTES = 64 << 20  # a push and the next fetch travel as one call below this
 
 
 class LocalClient:
@@ -137,8 +141,11 @@ class Exchange:
             # slice of the model moves without the others.
             metrics["rejected"] += 1
             return
-        # The next step fetches: let this push bring the parameters back (one call, not two).
-        pull = self.pending_fetch is None and (step + 1) % self.config.downpour.n_fetch == 0
+        # The next step fetches: let this push bring the parameters back (one call, not two),
+        # unless the push is large: then the round trip saved is little against the transfer,
+        # and one call would hold the push and the values in Ray's object store at once.
+        pull = (self.pending_fetch is None and (step + 1) % self.config.downpour.n_fetch == 0
+                and vector.numel() * vector.element_size() < COMBINE_BELOW_BYTES)
         self.sequence += 1
         pending = self.client.push(vector, versions, steps, errors, pull=pull,
                                    source=(self.source_index, self.incarnation, self.sequence))

@@ -18,7 +18,7 @@ from distbelief.distributed.downpour.actors import RayClient
 from distbelief.distributed.downpour.shard import shard_lost
 from distbelief.distributed.pipeline.replica import PartitionedReplica, ServerStage
 from distbelief.distributed.pipeline.stage import Stage
-from distbelief.distributed.runtime import START_TIMEOUT_S, node_id, peak_memory, tensor_view
+from distbelief.distributed.runtime import START_TIMEOUT_S, node_id, memory, tensor_view
 from distbelief.engine.losses import get_loss
 from distbelief.engine.setup import set_determinism
 from distbelief.errors import DistbeliefError
@@ -116,7 +116,7 @@ class StageActor:
         params = sum(p.numel() for p in self.stage.module.parameters())
         return {"partition": self.stage.index, "node": node_id(), "params": params,
                 "device": str(self.stage.device), "threads": torch.get_num_threads(),
-                "peak_memory": peak_memory()}
+                "memory": memory()}
 
 
 @ray.remote(num_cpus=0)
