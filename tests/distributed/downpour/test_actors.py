@@ -67,3 +67,32 @@ def test_a_killed_shard_comes_back_with_its_snapshot_and_applies_retried_pushes_
         assert np.array_equal(values, reference.w.numpy())
     finally:
         session.close()
+
+
+def test_without_snapshots_nothing_reaches_the_keeper_and_a_killed_shard_stays_dead():
+    session = DriverSession()
+    session.start()
+    try:
+        [strategy] = session.place_shards(1)
+        shard = ShardActor.options(name=session.name("shard-0"), max_restarts=1,
+                                   max_task_retries=0, scheduling_strategy=strategy).remote(
+            0, 0, 8, 6, config().replace(snapshot_every_s=0.0), session.keeper_name)
+        session.shards = [shard]
+        ray.get(shard.start.remote(np.arange(8, dtype=np.float32)))
+        ray.get(shard.push.remote(np.ones(8, dtype=np.float32), 0, 1, (), (1, "r", 1)))
+        assert ray.get(shard.snapshot.remote())["version"] == 1  # for the driver's checkpoint
+        assert ray.get(session.keeper.orders.remote()) == {}  # no second copy of the server
+        ray.kill(shard, no_restart=False)
+        deadline = time.monotonic() + 60
+        while True:  # the old incarnation may still answer; a new one never does
+            try:
+                assert not ray.get(shard.status.remote())["reconstructed"]
+            except ray.exceptions.ActorDiedError as e:
+                assert "no snapshot to restart from" in str(e)
+                break
+            except ray.exceptions.ActorUnavailableError:
+                pass
+            assert time.monotonic() < deadline, "the shard neither died nor answered"
+            time.sleep(0.1)
+    finally:
+        session.close()
