@@ -1,17 +1,16 @@
 """The partition actor: a thin Ray wrapper around `Stage`, where the logic lives and is tested
 without Ray. Activations and gradients cross between actors as numpy arrays, which Ray moves
-through its shared-memory object store (or inline when small) without pickling their bytes;
-an argument that is another actor's result (an object reference) is fetched by Ray itself,
-directly from the node that holds it, never through the driver."""
+through its shared-memory object store without pickling their bytes; an argument that is
+another actor's result (an object reference) is fetched by Ray itself from the node that holds
+it (results under 100 KiB travel inline, through the caller)."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import ray
 import torch
-
-import time
-
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from distbelief.distributed.downpour.actors import RayClient

@@ -49,12 +49,10 @@ class ServerStage(Stage):
         self.exchange = Exchange(replica, config, client, self.flat) if has_values else None
         self.metrics = dict.fromkeys(STAGE_METRICS, 0)
         self.n_push = config.downpour.n_push
-        # The parameters' gradients are views of one flat vector, into which backward
-        # accumulates in place: the push sends it as it is, no flattening copy (at a billion
-        # parameters, each copy is gigabytes).
-        # In the server's (logical) order, whatever the parameters' memory format: the vector
-        # is pushed as it is. (A channels-last weight then has a gradient of another layout;
-        # accumulation in place is still exact.)
+        # The parameters' gradients are views of one flat vector, in the server's (logical)
+        # order, into which backward accumulates in place: the push sends it as it is, no
+        # flattening copy (at a billion parameters, each copy is gigabytes). A channels-last
+        # weight then has a gradient of another layout; accumulation in place is still exact.
         warnings.filterwarnings("ignore", message="grad and param do not obey the gradient")
         self.gradient = torch.zeros(self.flat.n_params, device=device)
         with torch.no_grad():

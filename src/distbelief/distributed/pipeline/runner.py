@@ -27,8 +27,9 @@ from distbelief.engine.config import TrainConfig
 class PipelineRunner:
     """`model` cut into `config.cluster.partitions` parts (`partition.partition`, measured on
     `sample`, one example), trained by stage actors with `config.cluster.micro_batches`
-    micro-batches per step. `start(optimizer)` places the actors with the model's current
-    weights and `optimizer`'s state; `close()` releases them."""
+    micro-batches per step. `start(optimizer, build_optimizer)` places the actors with the
+    model's current weights and `optimizer`'s state (each part's optimizer made by
+    `build_optimizer(config, module)`); `close()` releases them."""
 
     def __init__(self, config: TrainConfig, model: torch.nn.Module, sample: torch.Tensor,
                  address: str | None = None, dashboard: bool = False):

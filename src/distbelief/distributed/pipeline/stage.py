@@ -12,9 +12,9 @@ by b_m / B, so the gradients summed over micro-batches are those of the whole ba
 the stage chain computes exactly what one process would).
 
 `update(lr)` applies the stage's own optimizer (the same rule the single-process trainer
-builds, over this part's parameters only); `optimizer_state` and `load_optimizer_state` speak
-the whole model's optimizer-state numbering, shifted by the part's offset, so checkpoints are
-ordinary single-process checkpoints.
+builds, over this part's parameters only). `optimizer_slice` and `optimizer_join` translate
+between the whole model's optimizer-state numbering and a part's (shifted by the part's
+offset), so a partitioned run's checkpoints are ordinary single-process checkpoints.
 """
 
 from __future__ import annotations
@@ -46,10 +46,6 @@ class Stage:
         self.saved: dict[int, tuple] = {}  # micro-batch -> (input leaf, output or loss)
         self.compute_s = 0.0  # seconds spent computing since the last `take_times`
         self.bytes_out = 0  # activation and gradient bytes handed on
-
-    @property
-    def last(self) -> bool:
-        return self.index == self.count - 1
 
     def _input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the leaf whose gradient backward hands on, the tensor the layers read)."""
@@ -140,12 +136,6 @@ class Stage:
         return {"module": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
                 "optimizer": None if self.optimizer is None else _to_cpu(
                     self.optimizer.state_dict())}
-
-    def load_state(self, state: dict) -> None:
-        with torch.no_grad():
-            self.module.load_state_dict(state["module"])
-        if state.get("optimizer") is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
 
 
 def _to_cpu(value):
