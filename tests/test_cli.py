@@ -81,3 +81,13 @@ def test_installed_command_reports_bad_input_without_traceback():
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr == "distbelief: error: invalid shortcut option 'Z'; choose one of: 'A', 'B', 'C'\n"
+
+
+def test_fewer_shards_than_partitions_is_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--mode", "downpour", "--partitions", "2", "--ps-shards", "1",
+            "--out", str(out)]
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--ps-shards 1 is below the 2 partitions" in err, err
+    assert not out.exists()

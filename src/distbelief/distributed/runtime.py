@@ -282,14 +282,17 @@ def get_unless_dead(refs, actors: list, message):
     raise DistbeliefError(message(dead_actors(actors)))
 
 
-def dead_actors(actors: list, timeout_s: float = 10.0) -> list[int]:
-    """Indices of the actors that do not answer a ping within `timeout_s`."""
+def dead_actors(actors: list, timeout_s: float = 60.0) -> list[int]:
+    """Indices of the actors that are dead or restarting (a ping fails); one still busy after
+    `timeout_s` counts as alive."""
     dead = []
     for i, actor in enumerate(actors):
         try:
             ray.get(actor.info.remote(), timeout=timeout_s)
-        except Exception:  # noqa: BLE001 - any failure to answer means gone
+        except RayActorError:
             dead.append(i)
+        except ray.exceptions.GetTimeoutError:
+            pass
     return dead
 
 

@@ -394,20 +394,8 @@ class LBFGS:
         while not done and ls_iter < self.max_ls:
             if abs(bracket[1] - bracket[0]) * d_max < self.tolerance_change:
                 break
-            t = cubic_interpolate(bracket[0], bracket_f[0], bracket_gtd[0],
-                                  bracket[1], bracket_f[1], bracket_gtd[1])
-            # A trial too close to an end of the bracket makes little progress: after two such
-            # trials (or one outside the bracket) move it to 0.1 of the bracket's width inside.
-            top, bottom = max(bracket), min(bracket)
-            eps = 0.1 * (top - bottom)
-            if min(top - t, t - bottom) < eps:
-                if insufficient_progress or t >= top or t <= bottom:
-                    t = top - eps if abs(t - top) < abs(t - bottom) else bottom + eps
-                    insufficient_progress = False
-                else:
-                    insufficient_progress = True
-            else:
-                insufficient_progress = False
+            t, insufficient_progress = zoom_point(bracket, bracket_f, bracket_gtd,
+                                                  insufficient_progress)
             f_new, g_new, gtd_new = trial(t)
             ls_iter += 1
             if f_new > f + c1 * t * gtd or f_new >= bracket_f[low]:
@@ -425,3 +413,20 @@ class LBFGS:
             keep(*bracket_g)
         keep(bracket_g[low])
         return bracket_f[low], bracket_g[low], bracket[low]
+
+
+def zoom_point(bracket: list[float], bracket_f: list[float], bracket_gtd: list[float],
+               insufficient_progress: bool) -> tuple[float, bool]:
+    """The zoom phase's next trial step in the bracket (cubic interpolation of its ends), and
+    whether it made insufficient progress. A trial too close to an end of the bracket makes
+    little progress: after two such trials (or one outside the bracket) it is moved to 0.1 of
+    the bracket's width inside."""
+    t = cubic_interpolate(bracket[0], bracket_f[0], bracket_gtd[0],
+                          bracket[1], bracket_f[1], bracket_gtd[1])
+    top, bottom = max(bracket), min(bracket)
+    eps = 0.1 * (top - bottom)
+    if min(top - t, t - bottom) >= eps:
+        return t, False
+    if insufficient_progress or t >= top or t <= bottom:
+        return (top - eps if abs(t - top) < abs(t - bottom) else bottom + eps), False
+    return t, True

@@ -277,9 +277,13 @@ class DownpourReplica:
         return metrics
 
 
-def initial_vector(config, data) -> tuple[torch.Tensor, int]:
-    """The model's initial [parameters; buffers] vector for `config.seed`, as the
-    single-process trainer initializes it (torch.manual_seed(seed), then the model, then
-    --init-from's weights)."""
+def initial_model(config, data) -> torch.nn.Module:
+    """The model for `config.seed` as the single-process trainer initializes it
+    (torch.manual_seed(seed), then the model, then --init-from's weights)."""
     torch.manual_seed(config.seed)
-    return model_vector(load_init(build_model(config, data), config))
+    return load_init(build_model(config, data), config)
+
+
+def initial_vector(config, data) -> tuple[torch.Tensor, int]:
+    """The initial model's [parameters; buffers] vector (`initial_model`)."""
+    return model_vector(initial_model(config, data))

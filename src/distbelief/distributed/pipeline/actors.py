@@ -17,7 +17,8 @@ from distbelief.distributed.downpour.actors import RayClient
 from distbelief.distributed.downpour.shard import shard_lost
 from distbelief.distributed.pipeline.replica import PartitionedReplica, ServerStage
 from distbelief.distributed.pipeline.stage import Stage
-from distbelief.distributed.runtime import START_TIMEOUT_S, node_id, memory, tensor_view
+from distbelief.distributed.runtime import (START_TIMEOUT_S, dead_actors, memory, node_id,
+                                            tensor_view)
 from distbelief.engine.losses import get_loss
 from distbelief.engine.setup import set_determinism
 from distbelief.errors import DistbeliefError
@@ -135,7 +136,7 @@ class PartitionedReplicaActor:
             return ray.get(refs)
         except (RayActorError, RayTaskError) as e:
             error = e
-        if self._partition_down():
+        if dead_actors(self.stages):  # a partition is dead or restarting
             raise PartitionLost(f"a partition of replica {self.replica.index} died; Ray "
                                 f"restarts it and its steps are handed out again")
         cause = error.cause if isinstance(error, RayTaskError) else error
@@ -144,17 +145,6 @@ class PartitionedReplicaActor:
         if isinstance(cause, RayActorError):  # the partitions live: a shard is gone for good
             raise DistbeliefError(shard_lost(self.config))
         raise error
-
-    def _partition_down(self) -> bool:
-        """Whether a partition is dead or restarting (a busy one answers in time)."""
-        for stage in self.stages:
-            try:
-                ray.get(stage.info.remote(), timeout=60)
-            except RayActorError:
-                return True
-            except ray.exceptions.GetTimeoutError:
-                continue
-        return False
 
     def run(self, start: int, steps: int) -> dict:
         return self.replica.run(start, steps)

@@ -7,27 +7,26 @@ from __future__ import annotations
 import torch
 
 from distbelief.distributed.downpour.records import mean_staleness, staleness
+from distbelief.distributed.downpour.replica import initial_model
 from distbelief.distributed.flat import BlockFlat
 from distbelief.distributed.pipeline.actors import PartitionedReplicaActor, StageActor
 from distbelief.distributed.pipeline.partition import Plan, ShardSlot, aligned_shards, partition
 from distbelief.distributed.runtime import replica_options
 from distbelief.engine.setup import build_model
-from distbelief.engine.weights import load_init
 from distbelief.errors import CheckpointError
 
 
 def server_layout(config, data, saved: dict | None = None):
     """A partitioned Downpour run's start: (the initial server vector, the plan, the shards'
     slots). The model is initialized as the single-process trainer initializes it
-    (`downpour.replica.initial_vector`), cut by the partitioner (measured on one training
+    (`downpour.replica.initial_model`), cut by the partitioner (measured on one training
     example) and laid out part after part (`flat.BlockFlat`); the shards are aligned to the
     parts (`partition.aligned_shards`).
 
     Raises:
         ConfigError: the model cannot be cut so, or fewer shards than parts.
         CheckpointError: `saved` (the state a run resumes from) was cut elsewhere."""
-    torch.manual_seed(config.seed)
-    model = load_init(build_model(config, data), config)
+    model = initial_model(config, data)
     sample = next(data.train.batches(0))[0][:1]
     plan = partition(model, config.cluster.partitions, sample)
     if saved is not None and saved.get("partition_bounds") not in (None, plan.bounds):
