@@ -31,8 +31,9 @@ DATASETS = ("digits", "cifar10", "imagenet", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
 WARMUP_MODES = ("constant", "linear")
 OPTIMIZERS = ("sgd", "adagrad")
-MODES = ("single", "downpour", "sandblaster")
-DISTRIBUTED_MODES = ("downpour", "sandblaster")
+STALENESS_RULES = ("none", "lr", "momentum", "dc")  # distributed.downpour.rules
+MODES = ("single", "downpour", "sandblaster", "sync")
+DISTRIBUTED_MODES = ("downpour", "sandblaster", "sync")
 LINE_SEARCHES = ("strong_wolfe", "none")
 DTYPES = ("float32", "float64")
 CUSTOM = "custom"  # model and data given through the Python API (engine.user)
@@ -48,12 +49,15 @@ class ClusterConfig:
     """The distributed modes' actors: how many, how big, how often they may be restarted."""
 
     replicas: int = _opt("downpour: model replicas, each with its own slice of the training "
-                         "data; sandblaster: replicas computing batch portions", default=1)
+                         "data; sandblaster: replicas computing batch portions; sync: "
+                         "workers, each computing --batch-size rows of every step's global "
+                         "batch", default=1)
     ps_shards: int = _opt("downpour, sandblaster: parameter-server shards, each owning a slice "
                           "of the parameters (sandblaster: of every L-BFGS vector)", default=1)
     max_restarts: int = _opt("downpour, sandblaster: restarts allowed per replica (downpour: and "
-                             "per shard) after a failure", default=3)
-    replica_cpus: int | None = _opt("downpour, sandblaster, --partitions: CPU threads per "
+                             "per shard) after a failure; sync: restarts of the worker group",
+                             default=3)
+    replica_cpus: int | None = _opt("downpour, sandblaster, sync, --partitions: CPU threads per "
                                     "replica or partition actor (default: as many as they can "
                                     "each have on the cluster's nodes)", default=None)
     partitions: int = _opt("single, downpour: model parallelism, each replica's model cut into "
@@ -76,6 +80,12 @@ class DownpourConfig:
                          "every fetch and push waits, as in the parity tests)", default=True)
     max_in_flight: int = _opt("downpour: pushes a replica may have outstanding before it waits",
                               default=2)
+    staleness_rule: str = _opt("downpour: how shards apply a stale gradient: momentum (the "
+                               "recipe's momentum less the ~1-1/N asynchrony adds, Mitliagkas "
+                               "2016), lr (lr / staleness, Zhang 2016), dc (delay compensation, "
+                               "Zheng 2017), none (Dean 2012); combined with +, as "
+                               "momentum+lr", default="momentum")
+    dc_lambda: float = _opt("downpour: lambda of --staleness-rule dc", default=0.04)
     warmstart_steps: int = _opt("downpour: steps trained by one replica before the others "
                                 "start", default=0)
     snapshot_every_s: float = _opt("downpour: seconds between a shard's snapshots to the keeper "
@@ -205,7 +215,9 @@ class TrainConfig:
                              default=False)
     mode: str = _opt("single (one process), downpour (asynchronous replicas and a sharded "
                      "parameter server on Ray) or sandblaster (L-BFGS driven from a coordinator, "
-                     "batch gradients from replicas, vectors on the shards)", default="single")
+                     "batch gradients from replicas, vectors on the shards) or sync (synchronous "
+                     "data parallelism on Ray Train: --replicas workers, gradients averaged "
+                     "every step)", default="single")
     # Sections of the distributed modes
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     downpour: DownpourConfig = field(default_factory=DownpourConfig)
@@ -337,7 +349,7 @@ _POSITIVE = ("batch_size", "iterations", "eval_batch_size", "log_every", "crop_s
 _NON_NEGATIVE = ("val_split", "pad", "momentum", "weight_decay", "warmup_iterations",
                  "eval_every", "checkpoint_every", "lighting", "num_workers", "lr_decay",
                  "warmstart_steps", "eval_interval_s", "checkpoint_interval_s", "max_restarts",
-                 "straggler_delay", "snapshot_every_s")
+                 "straggler_delay", "snapshot_every_s", "dc_lambda")
 _POSITIVE_NUMBERS = ("lr", "epochs")  # finite, > 0, or None
 _AT_LEAST_ONE = ("portions", "replica_cpus")  # None: chosen by the run
 
@@ -354,6 +366,8 @@ def validate(c: TrainConfig) -> None:
     check_choice("mode", c.mode, MODES)
     check_choice("line search", c.sandblaster.line_search, LINE_SEARCHES)
     check_choice("dtype", c.sandblaster.dtype, DTYPES)
+    for rule in c.downpour.staleness_rule.split("+"):
+        check_choice("staleness rule", rule, STALENESS_RULES)
     if c.shortcut is not None:
         check_choice("shortcut option", c.shortcut, ("A", "B", "C"))
     if c.variant is not None:
@@ -449,7 +463,7 @@ def _check_partitions(c: TrainConfig) -> None:
         raise ConfigError("--micro-batches applies with --partitions 2 or more")
     if parts == 1:
         return
-    if c.mode == "sandblaster":
+    if c.mode in ("sandblaster", "sync"):
         raise ConfigError("--partitions applies to --mode single and downpour")
     if c.compile:
         raise ConfigError("--compile applies to an unpartitioned model (--partitions 1)")
@@ -463,6 +477,8 @@ def batch_images(c: TrainConfig, train_size: int) -> int:
     any batch at least as large)."""
     if c.mode == "sandblaster" and (c.batch_size == 0 or c.batch_size >= train_size):
         return train_size
+    if c.mode == "sync":  # --batch-size is per worker
+        return c.batch_size * c.cluster.replicas
     return c.batch_size
 
 
@@ -475,10 +491,14 @@ def resolve(c: TrainConfig, train_size: int, values: int | None = None,
     images = batch_images(c, train_size)
     if c.epochs is not None:
         c = c.replace(iterations=max(1, math.ceil(c.epochs * train_size / images)))
+    if c.mode == "sync" and images > train_size:
+        raise ConfigError(f"{c.cluster.replicas} workers with batches of {c.batch_size} "
+                          f"need more than the {train_size} training images")
     if c.mode == "downpour" and c.cluster.replicas > train_size // c.batch_size:
         raise ConfigError(f"{c.cluster.replicas} replicas with batches of {c.batch_size} "
                           f"need more than the {train_size} training images")
-    if c.distributed and values is not None and c.cluster.ps_shards > values:
+    if c.mode in ("downpour", "sandblaster") and values is not None \
+            and c.cluster.ps_shards > values:
         noun = "parameters" if c.mode == "sandblaster" else "values"
         raise ConfigError(f"--ps-shards {c.cluster.ps_shards} exceeds the model's {values} "
                           f"{noun}")

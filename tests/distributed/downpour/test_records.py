@@ -10,7 +10,7 @@ from distbelief.engine.lifecycle import FailureBook, RunLifecycle
 def status(shard, version, incarnation="a", restored=None, **kw):
     return {"shard": shard, "version": version, "incarnation": incarnation, "rejected": 0,
             "restored_version": restored, "bytes_in": 100 * version, "bytes_out": 10 * version,
-            "staleness": {0: version}, "lr": 0.1, **kw}
+            "staleness": {0: version}, "lr": 0.1, "momentum": 0.4, **kw}
 
 
 def test_a_new_incarnation_is_a_restart_that_lost_the_updates_since_its_snapshot():

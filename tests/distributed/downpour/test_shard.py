@@ -65,7 +65,7 @@ def test_non_finite_push_is_rejected_and_counted(bad):
     reply = s.push(update, 0, steps=2)
     # Refused, but its minibatches count: every shard's lr schedule stays at the same step.
     assert reply == {"accepted": False, "version": 0, "steps": 2}
-    assert torch.equal(s.w, before) and s.rejected == 1 and s.opt_state is None
+    assert torch.equal(s.w, before) and s.rejected == 1 and s.update.opt_state is None
     assert s.push(torch.ones(8), 0)["accepted"]
 
 
@@ -87,7 +87,7 @@ def test_snapshot_round_trip_continues_identically(tmp_path):
         assert b.restore(state) == 3
         for s in (a, b):
             s.push(torch.full((8,), 0.5), 1)
-        assert torch.equal(a.w, b.w) and torch.equal(a.opt_state, b.opt_state)
+        assert torch.equal(a.w, b.w) and torch.equal(a.update.opt_state, b.update.opt_state)
         assert a.stats()["staleness"] == b.stats()["staleness"]
         a.restore(snapshot)
 

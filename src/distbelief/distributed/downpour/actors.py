@@ -38,8 +38,8 @@ class RayClient:
     def __init__(self, shards: list, bounds: list[tuple[int, int]]):
         self.shards, self.bounds = shards, bounds
 
-    def fetch(self) -> RayPending:
-        return RayPending([s.pull.remote() for s in self.shards], _join_pulls)
+    def fetch(self, source: int | None = None) -> RayPending:
+        return RayPending([s.pull.remote(source) for s in self.shards], _join_pulls)
 
     def push(self, vector: torch.Tensor, base_versions: list[int], steps: int,
              errors: tuple[float, ...], pull: bool = False,
@@ -107,8 +107,8 @@ class ShardActor:
             self.sender.send_now(self.shard.snapshot())
         return self.shard.version
 
-    def pull(self) -> tuple[np.ndarray, int]:
-        w, version = self.shard.pull(copy=False)
+    def pull(self, source: int | None = None) -> tuple[np.ndarray, int]:
+        w, version = self.shard.pull(copy=False, source=source)
         return w.numpy(), version
 
     def push(self, update: np.ndarray, base_version: int, steps: int, errors,
@@ -123,7 +123,8 @@ class ShardActor:
     def push_pull(self, update: np.ndarray, base_version: int, steps: int, errors,
                   source=None):
         """`push`, then `pull`: (reply, (values, version))."""
-        return self.push(update, base_version, steps, errors, source), self.pull()
+        reply = self.push(update, base_version, steps, errors, source)
+        return reply, self.pull(None if source is None else source[0])
 
     def snapshot(self) -> dict:
         """The shard's state now (for the driver's checkpoint); the keeper gets it too."""

@@ -38,6 +38,7 @@ from distbelief.distributed.downpour.actors import ReplicaActor, ShardActor, ser
 from distbelief.distributed.downpour.records import (TIME_PARTS, ChunkWindow, ShardMonitor,
                                                      summary_entries)
 from distbelief.distributed.downpour.replica import initial_vector
+from distbelief.distributed.downpour.rules import describe
 from distbelief.distributed.downpour.shard import shard_lost
 from distbelief.distributed.downpour.work import WorkQueue
 from distbelief.distributed.flat import BlockFlat, FlatModel
@@ -156,6 +157,7 @@ class DownpourTrainer:
     def start(self) -> None:
         """Ray, then the shards (loading their snapshots on resume) and the replicas, once all
         of them are placed and answer."""
+        self.life.say(f"downpour update: {describe(self.config)}")
         self.session.start()
         self.server.move_to(granted_device())
         self.data, self.device = self.server.data, self.server.device
@@ -323,7 +325,9 @@ class DownpourTrainer:
         c = self.config
         statuses = self._poll_shards()
         out = {"replicas": c.cluster.replicas, "ps_shards": c.cluster.ps_shards,
-               "optimizer": c.optimizer, "n_fetch": c.downpour.n_fetch,
+               "optimizer": c.optimizer, "update_rule": describe(c),
+               "momentum_in_force": [st["momentum"] for st in statuses],
+               "n_fetch": c.downpour.n_fetch,
                "n_push": c.downpour.n_push,
                **summary_entries(statuses, self.life.counters, self.replica_images,
                                  self.replica_seconds, self.time_split, self.life.wall_s)}

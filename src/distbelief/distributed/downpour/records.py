@@ -51,7 +51,8 @@ class ChunkWindow:
         seconds = max(time.perf_counter() - self.start, 1e-9)
         return {"loss": sums["loss_sum"] / images,
                 "error": sums["wrong"] / images if self.classifies else None,
-                "lr": statuses[0]["lr"], "images_per_s": round(sums["images"] / seconds, 1),
+                "lr": statuses[0]["lr"], "momentum": statuses[0]["momentum"],
+                "images_per_s": round(sums["images"] / seconds, 1),
                 **{k: round(sums[k], 3) for k in TIME_PARTS}, "rejected": sums["rejected"],
                 "shards": shards,
                 "replica_images_per_s": [round(i / s, 1) if s else 0.0

@@ -18,7 +18,7 @@ A push is checked whole before it is sent: one holding NaN or Inf goes to no sha
 none) and is counted as rejected. Each push carries its source (replica, incarnation, sequence
 number), so that a shard applies it once even when Ray retries it after a restart.
 
-The replica talks to the server through a client with two methods, `fetch()` and
+The replica talks to the server through a client with two methods, `fetch(source)` and
 `push(vector, base_versions, steps, errors, pull=False, source=None)`, each returning a pending
 result (`distributed.pending`); the client slices full vectors into shard slices. When a push
 is followed by a fetch at the next step, the two travel as one call per shard (`pull=True`: the
@@ -56,11 +56,11 @@ class LocalClient:
     def __init__(self, shards: list[ParameterShard], offset: int = 0):
         self.shards, self.offset = shards, offset
 
-    def fetch(self) -> Done:
-        return Done(self._pull())
+    def fetch(self, source: int | None = None) -> Done:
+        return Done(self._pull(source))
 
-    def _pull(self) -> tuple[torch.Tensor, list[int]]:
-        pulled = [s.pull() for s in self.shards]
+    def _pull(self, source: int | None = None) -> tuple[torch.Tensor, list[int]]:
+        pulled = [s.pull(source=source) for s in self.shards]
         return torch.cat([w for w, _ in pulled]), [v for _, v in pulled]
 
     def push(self, vector: torch.Tensor, base_versions: list[int], steps: int,
@@ -68,7 +68,7 @@ class LocalClient:
         o = self.offset
         replies = [s.push(vector[s.lo - o:s.hi - o], v, steps, errors, source)
                    for s, v in zip(self.shards, base_versions)]
-        return Done((replies, self._pull()) if pull else replies)
+        return Done((replies, self._pull(source and source[0])) if pull else replies)
 
 
 class Exchange:
@@ -178,7 +178,8 @@ class Exchange:
         c = self.config
         due = self.versions is None or step % c.downpour.n_fetch == 0
         if due and self.pending_fetch is None and self.fetched_for != step:
-            self.pending_fetch, self.fetched_for = self.client.fetch(), step
+            self.pending_fetch = self.client.fetch(self.source_index)
+            self.fetched_for = step
             metrics["fetches"] += 1
         if self.pending_fetch is None:
             return

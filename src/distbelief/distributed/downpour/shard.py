@@ -28,10 +28,10 @@ from collections import Counter
 import numpy as np
 import torch
 
+from distbelief.distributed.downpour.rules import StaleUpdate
 from distbelief.distributed.flat import all_finite
 from distbelief.engine.schedule import LRSchedule
 from distbelief.errors import CheckpointError
-from distbelief.optim import adagrad_update, sgd_update
 
 STALENESS_CAP = 64  # staleness histogram: larger values are counted under 64
 
@@ -47,7 +47,8 @@ class ParameterShard:
 
     Gradient elements (those below `n_params`) are updated by the configured rule: SGD with
     momentum, weight decay and the recipe's lr schedule, or Adagrad (per-parameter step
-    gamma / sqrt(sum of squared gradients)). Buffer elements get pushed deltas added.
+    gamma / sqrt(sum of squared gradients)), with --staleness-rule's correction for the push's
+    staleness (`downpour.rules`). Buffer elements get pushed deltas added.
 
     `version` counts applied pushes; a push states the version its gradient was computed
     from, so `version - base_version` is its staleness. `steps` counts the minibatch gradients
@@ -72,8 +73,7 @@ class ParameterShard:
         self.config = config
         self.rule = config.optimizer
         self.schedule = LRSchedule(config)
-        self.opt_state: torch.Tensor | None = (
-            torch.zeros(self.split) if self.rule == "adagrad" else None)
+        self.update = StaleUpdate(config, self.split)
         self.version = self.steps = self.rejected = self.duplicates = 0
         self.bytes_in = self.bytes_out = 0
         self.staleness: Counter[int] = Counter()
@@ -84,11 +84,12 @@ class ParameterShard:
 
     # --- the two operations replicas use ---------------------------------------------------
 
-    def pull(self, copy: bool = True) -> tuple[torch.Tensor, int]:
+    def pull(self, copy: bool = True, source: int | None = None) -> tuple[torch.Tensor, int]:
         """(this shard's values, the version they are at). With `copy` False, the live tensor:
         read it before the next push (an actor's return value is serialized at once, which is
-        the copy)."""
+        the copy). `source`: the replica fetching (delay compensation keeps what it got)."""
         self.bytes_out += self.w.numel() * 4
+        self.update.remember(source, self.version, self.w[:self.split])
         return (self.w.clone() if copy else self.w), self.version
 
     def push(self, update: torch.Tensor, base_version: int, steps: int = 1,
@@ -110,8 +111,9 @@ class ParameterShard:
             self.rejected += 1
             self._count(steps, errors)
             return {"accepted": False, "version": self.version, "steps": self.steps}
-        self.staleness[min(max(self.version - base_version, 0), STALENESS_CAP)] += 1
-        self._apply(update)
+        staleness = max(self.version - base_version, 0)
+        self.staleness[min(staleness, STALENESS_CAP)] += 1
+        self._apply(update, staleness, None if source is None else source[0], base_version)
         self._count(steps, errors)
         self.version += 1
         return {"accepted": True, "version": self.version, "steps": self.steps}
@@ -125,15 +127,10 @@ class ParameterShard:
         self.applied[replica] = (incarnation, sequence)
         return False
 
-    def _apply(self, update: torch.Tensor) -> None:
-        lr = self.schedule.lr_at(self.steps)
-        w, g = self.w[:self.split], update[:self.split]
-        c = self.config
-        if self.rule == "adagrad":
-            adagrad_update(w, g, self.opt_state, lr, c.weight_decay)
-        else:
-            self.opt_state = sgd_update(w, g, self.opt_state, lr, c.momentum, c.weight_decay,
-                                        c.nesterov)
+    def _apply(self, update: torch.Tensor, staleness: int, replica: int | None,
+               base_version: int) -> None:
+        self.update.apply(self.w[:self.split], update[:self.split],
+                          self.schedule.lr_at(self.steps), staleness, replica, base_version)
         self.w[self.split:].add_(update[self.split:])
 
     def _count(self, steps: int, errors: tuple[float, ...]) -> None:
@@ -161,8 +158,9 @@ class ParameterShard:
 
         return {"index": self.index, "lo": self.lo, "hi": self.hi, "rule": self.rule,
                 "order": self.version, "w": copy("w", self.w),
-                "opt_state": copy("opt_state", self.opt_state),
-                "version": self.version, "steps": self.steps,
+                "opt_state": copy("opt_state", self.update.opt_state),
+                "mean_staleness": self.update.mean_staleness, "version": self.version,
+                "steps": self.steps,
                 "schedule": self.schedule.state_dict(), "rejected": self.rejected,
                 "staleness": dict(self.staleness), "applied": dict(self.applied)}
 
@@ -182,7 +180,7 @@ class ParameterShard:
                                   f"shard is {mine}: the run used another model, shard count "
                                   f"or optimizer")
         self.w = _tensor(state["w"])
-        self.opt_state = None if state["opt_state"] is None else _tensor(state["opt_state"])
+        self.update.load_state_dict(state, _tensor)
         self.version, self.steps = state["version"], state["steps"]
         self.schedule.load_state_dict(state["schedule"])
         self.rejected = state["rejected"]
@@ -196,7 +194,10 @@ class ParameterShard:
                 "elements": self.w.numel(), "rejected": self.rejected,
                 "duplicates": self.duplicates, "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out, "staleness": dict(sorted(self.staleness.items())),
-                "lr": self.schedule.lr_at(self.steps), "snapshot_version": self.snapshot_version,
+                "lr": self.schedule.lr_at(self.steps), "momentum": self.update.momentum(),
+                "mean_staleness": self.update.mean_staleness,
+                "uncompensated": self.update.uncompensated,
+                "snapshot_version": self.snapshot_version,
                 "finite": bool(math.isfinite(float(self.w.sum())))}
 
 

@@ -1,0 +1,144 @@
+"""How a Downpour shard applies a stale gradient. Plain Python: no Ray here.
+
+A push's staleness tau is the number of updates the shard applied between the version the
+gradient was computed from and its arrival (`ParameterShard.push`). The recipe's rule (SGD with
+momentum, or Adagrad) is then applied with one of these corrections, `--staleness-rule`:
+
+- ``none``: the gradient as if it were fresh (Dean et al., 2012).
+- ``lr``: the step divided by the gradient's staleness, lr / max(1, tau) (Zhang et al., 2016,
+  "Staleness-aware Async-SGD for Distributed Deep Learning").
+- ``momentum``: asynchrony acts as momentum of its own, about 1 - 1/N with N workers
+  (Mitliagkas et al., 2016, "Asynchrony begets momentum"). With the measured mean staleness
+  tau_bar (N - 1 in their queueing model) that is tau_bar / (tau_bar + 1); the shard applies
+  momentum max(0, momentum - tau_bar / (tau_bar + 1)), so that explicit and implicit momentum
+  together stay near the recipe's. tau_bar is a moving average over this shard's pushes that
+  starts at N - 1.
+- ``dc``: delay compensation (Zheng et al., 2017, DC-ASGD): the gradient is corrected by a
+  diagonal Taylor term to the parameters it is applied to,
+  g + lambda * g * g * (w_now - w_fetched), lambda = --dc-lambda (DC-ASGD-c). The shard keeps
+  the values each replica fetched, by version, until that replica pushes from a later one.
+
+Rules combine with "+" (``momentum+lr``: both corrections). Adagrad takes ``lr`` (its gamma is
+divided) and ``dc``; ``momentum`` leaves it unchanged, since it has no momentum to correct.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distbelief.optim import adagrad_update, sgd_update
+
+# The default, DownpourConfig.staleness_rule = "momentum", was chosen by measurement
+# (docs/benchmarks.md, "Staleness rules"): with it the unchanged recipes converge.
+STALENESS_DECAY = 0.9  # the moving average of staleness forgets with this factor per push
+
+SOURCES = {  # one per engine.config.STALENESS_RULES
+    "none": "no correction (Dean et al., 2012)",
+    "lr": "lr / staleness (Zhang et al., 2016)",
+    "momentum": "momentum less the ~1-1/N asynchrony adds (Mitliagkas et al., 2016)",
+    "dc": "delay compensation g + lambda g*g*(w - w_fetched) (Zheng et al., 2017)",
+}
+
+
+def staleness_lr(lr: float, staleness: int) -> float:
+    """Zhang et al.: the step of a gradient `staleness` updates old."""
+    return lr / max(1, staleness)
+
+
+def implicit_momentum(mean_staleness: float) -> float:
+    """Mitliagkas et al.: the momentum asynchrony adds, 1 - 1/N where N - 1 is the mean
+    staleness."""
+    return mean_staleness / (mean_staleness + 1.0)
+
+
+def corrected_momentum(momentum: float, mean_staleness: float) -> float:
+    """The explicit momentum that, with asynchrony's own, makes about `momentum` (never below 0)."""
+    return max(0.0, momentum - implicit_momentum(mean_staleness))
+
+
+def delay_compensated(g: torch.Tensor, w_now: torch.Tensor, w_fetched: torch.Tensor,
+                      lam: float) -> torch.Tensor:
+    """Zheng et al. (DC-ASGD-c): g + lam * g * g * (w_now - w_fetched), a new tensor."""
+    return g + lam * g * g * (w_now - w_fetched)
+
+
+def rules_of(config) -> set[str]:
+    """The corrections --staleness-rule names ("momentum+lr": both)."""
+    return set(config.downpour.staleness_rule.split("+")) - {"none"}
+
+
+def describe(config) -> str:
+    """The rule in force, in one line (the driver prints it)."""
+    rules = rules_of(config)
+    base = ("adagrad" if config.optimizer == "adagrad"
+            else f"sgd momentum {config.momentum:g}")
+    if "momentum" in rules and config.optimizer == "adagrad":
+        base += " (the momentum correction does not apply to adagrad)"
+    parts = [SOURCES[r] + (f", lambda {config.downpour.dc_lambda:g}" if r == "dc" else "")
+             for r in sorted(rules)] or [SOURCES["none"]]
+    return f"{base}; staleness rule {config.downpour.staleness_rule}: {'; '.join(parts)}"
+
+
+class StaleUpdate:
+    """The update a shard applies to its parameter elements, with the staleness rule.
+
+    `remember(source, version, w)` keeps the values a replica fetched (rule ``dc`` only);
+    `apply(w, g, lr, staleness, source, base_version)` updates w in place. `state_dict()` holds
+    the optimizer state and the staleness average; fetched values are not kept across a restart
+    (a push whose fetch is unknown is applied uncompensated and counted in `uncompensated`).
+    """
+
+    def __init__(self, config, n: int):
+        self.config = config
+        self.rules = rules_of(config)
+        self.opt_state: torch.Tensor | None = (
+            torch.zeros(n) if config.optimizer == "adagrad" else None)
+        self.mean_staleness = float(config.cluster.replicas - 1)
+        self.fetched: dict[int, dict[int, torch.Tensor]] = {}  # source -> version -> values
+        self.uncompensated = 0
+
+    def remember(self, source: int | None, version: int, w: torch.Tensor) -> None:
+        if "dc" not in self.rules or source is None:
+            return
+        held = self.fetched.setdefault(source, {})
+        if version not in held:
+            held[version] = w.clone()
+
+    def momentum(self) -> float:
+        """The explicit momentum the next update uses."""
+        m = self.config.momentum
+        return corrected_momentum(m, self.mean_staleness) if "momentum" in self.rules else m
+
+    def apply(self, w: torch.Tensor, g: torch.Tensor, lr: float, staleness: int,
+              source: int | None = None, base_version: int | None = None) -> None:
+        c = self.config
+        self.mean_staleness = (STALENESS_DECAY * self.mean_staleness
+                               + (1 - STALENESS_DECAY) * staleness)
+        if "lr" in self.rules:
+            lr = staleness_lr(lr, staleness)
+        if "dc" in self.rules:
+            g = self._compensate(w, g, source, base_version)
+        if c.optimizer == "adagrad":
+            adagrad_update(w, g, self.opt_state, lr, c.weight_decay)
+        else:
+            self.opt_state = sgd_update(w, g, self.opt_state, lr, self.momentum(),
+                                        c.weight_decay, c.nesterov)
+
+    def _compensate(self, w, g, source, base_version) -> torch.Tensor:
+        held = self.fetched.get(source, {})
+        w_fetched = held.get(base_version)
+        # Later pushes of this source come from this fetch or newer ones: drop the older.
+        for version in [v for v in held if base_version is not None and v < base_version]:
+            del held[version]
+        if w_fetched is None:
+            self.uncompensated += 1
+            return g
+        return delay_compensated(g, w, w_fetched, self.config.downpour.dc_lambda)
+
+    def state_dict(self) -> dict:
+        return {"opt_state": self.opt_state, "mean_staleness": self.mean_staleness}
+
+    def load_state_dict(self, state: dict, tensor) -> None:
+        """`tensor` turns a stored array into a float32 tensor of our own."""
+        self.opt_state = None if state["opt_state"] is None else tensor(state["opt_state"])
+        self.mean_staleness = float(state.get("mean_staleness", self.mean_staleness))

@@ -1,0 +1,115 @@
+"""Downpour's staleness rules, each against numbers worked out by hand for a few pushes."""
+
+import pytest
+import torch
+
+from distbelief.distributed.downpour import ParameterShard
+from distbelief.distributed.downpour.rules import (corrected_momentum, delay_compensated,
+                                                   describe, implicit_momentum, staleness_lr)
+from distbelief.engine.config import TrainConfig
+from distbelief.errors import ConfigError
+
+
+def config(**kw):
+    return TrainConfig().replace(**{"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0,
+                                    "iterations": 100, **kw})
+
+
+def shard(values, **kw):
+    values = torch.tensor(values)
+    return ParameterShard(0, 0, len(values), len(values), values, config(**kw))
+
+
+def close(t, expected):
+    torch.testing.assert_close(t, torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+def test_the_formulas():
+    assert staleness_lr(0.1, 0) == staleness_lr(0.1, 1) == 0.1
+    assert staleness_lr(0.1, 4) == 0.025
+    assert implicit_momentum(1.0) == 0.5 and implicit_momentum(3.0) == 0.75  # 1 - 1/N
+    assert corrected_momentum(0.9, 3.0) == pytest.approx(0.15)
+    assert corrected_momentum(0.5, 3.0) == 0.0  # never negative
+    g, w, w0 = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0]), torch.tensor([1.5, 0.0])
+    close(delay_compensated(g, w, w0, 0.5), [2.0 + 0.5 * 4 * -0.5, -1.0 + 0.5 * 1 * 1.0])
+
+
+def test_lr_rule_divides_each_step_by_its_staleness():
+    s = shard([1.0, 2.0], staleness_rule="lr")
+    s.push(torch.tensor([1.0, 1.0]), base_version=0)  # staleness 0: lr 0.1
+    close(s.w, [0.9, 1.9])
+    s.push(torch.tensor([1.0, -1.0]), base_version=0)  # staleness 1: lr 0.1
+    close(s.w, [0.8, 2.0])
+    s.push(torch.tensor([2.0, 2.0]), base_version=0)  # staleness 2: lr 0.05
+    close(s.w, [0.7, 1.9])
+
+
+def test_lr_rule_divides_adagrad_s_gamma():
+    s = shard([0.0], staleness_rule="lr", optimizer="adagrad", lr=1.0)
+    s.push(torch.tensor([3.0]), base_version=0)  # h = 9: w -= 1 * 3 / 3
+    s.push(torch.tensor([4.0]), base_version=0)  # staleness 1, h = 25: w -= 1 * 4 / 5
+    s.push(torch.tensor([0.0]), base_version=2)
+    s.push(torch.tensor([12.0]), base_version=0)  # staleness 3, h = 169: w -= (1/3) * 12 / 13
+    close(s.w, [-1.0 - 0.8 - 4 / 13])
+
+
+def test_momentum_rule_takes_off_what_the_measured_staleness_adds():
+    s = shard([1.0], staleness_rule="momentum", momentum=0.9, replicas=2)
+    assert s.update.mean_staleness == 1.0  # N - 1 before any push: explicit 0.9 - 0.5
+    s.push(torch.tensor([1.0]), base_version=0)  # staleness 0: mean 0.9, momentum 0.9-0.9/1.9
+    m1 = 0.9 - 0.9 / 1.9
+    close(s.w, [0.9])  # the first step has no history: v = g
+    s.push(torch.tensor([1.0]), base_version=0)  # staleness 1: mean 0.91
+    m2 = 0.9 - 0.91 / 1.91
+    v = m2 * 1.0 + 1.0
+    close(s.w, [0.9 - 0.1 * v])
+    assert s.update.momentum() == pytest.approx(m2) and m1 > m2
+    assert s.stats()["momentum"] == pytest.approx(m2)
+
+
+def test_momentum_rule_is_the_recipe_s_momentum_without_staleness():
+    """One replica that waits for every fetch and push: staleness 0, no correction (the parity
+    of one Downpour replica with the single-process trainer rests on this)."""
+    s = shard([1.0], staleness_rule="momentum", momentum=0.9, replicas=1)
+    for _ in range(3):
+        s.push(torch.tensor([1.0]), base_version=s.version)
+    assert s.update.momentum() == 0.9
+    close(s.w, [1.0 - 0.1 * (1 + 1.9 + 2.71)])
+
+
+def test_dc_rule_compensates_with_what_the_pushing_replica_fetched():
+    s = shard([1.0], staleness_rule="dc", dc_lambda=0.5)
+    for replica in (0, 1):
+        s.pull(source=replica)  # both fetch w = 1 at version 0
+    s.push(torch.tensor([1.0]), 0, source=(1, "a", 1))  # fresh: g unchanged, w = 0.9
+    close(s.w, [0.9])
+    s.push(torch.tensor([2.0]), 0, source=(0, "b", 1))  # g + 0.5 * 4 * (0.9 - 1) = 1.8
+    close(s.w, [0.9 - 0.18])
+    s.pull(source=0)  # replica 0 fetches w = 0.72 at version 2
+    s.push(torch.tensor([1.0]), 2, source=(0, "b", 2))
+    close(s.w, [0.72 - 0.1])
+    assert list(s.update.fetched[0]) == [2]  # the version-0 copy is dropped
+    s.push(torch.tensor([1.0]), 1, source=(1, "a", 2))  # a fetch the shard never served
+    close(s.w, [0.62 - 0.1])
+    assert s.update.uncompensated == 1 and s.stats()["uncompensated"] == 1
+
+
+def test_rules_survive_a_snapshot():
+    a = shard([1.0, 1.0], staleness_rule="momentum", momentum=0.9, replicas=3)
+    for base in (0, 0, 1):
+        a.push(torch.tensor([1.0, -1.0]), base_version=base)
+    b = shard([0.0, 0.0], staleness_rule="momentum", momentum=0.9, replicas=3)
+    b.restore(a.snapshot())
+    assert b.update.mean_staleness == a.update.mean_staleness
+    for s in (a, b):
+        s.push(torch.tensor([0.5, 0.5]), base_version=1)
+    assert torch.equal(a.w, b.w)
+
+
+def test_describe_names_the_rule_in_force():
+    assert "staleness rule momentum" in describe(config(momentum=0.9))
+    assert "Mitliagkas" in describe(config(momentum=0.9))
+    assert "lambda 0.04" in describe(config(staleness_rule="dc"))
+    assert "does not apply" in describe(config(staleness_rule="momentum", optimizer="adagrad"))
+    with pytest.raises(ConfigError, match="staleness rule"):
+        config(staleness_rule="stale")
