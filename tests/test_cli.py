@@ -65,6 +65,14 @@ def exit_code(argv):
     (["train", "--micro-batches", "2"], "--micro-batches applies with --partitions 2 or more"),
     (["train", "--partitions", "2", "--micro-batches", "500", "--batch-size", "64"],
      "--micro-batches 500 exceeds --batch-size 64"),
+    (["train", "--partitions", "2", "--mode", "sync"],
+     "--partitions applies to --mode single and downpour"),
+    (["train", "--mode", "sync", "--replicas", "12", "--batch-size", "128"],
+     "12 workers with batches of 128 need more than the 1437 training images"),
+    (["train", "--mode", "downpour", "--staleness-rule", "stale"],
+     "invalid staleness rule 'stale'; choose one of: 'none', 'lr', 'momentum', 'dc'"),
+    (["train", "--mode", "downpour", "--staleness-rule", "momentum+late"],
+     "invalid staleness rule 'late'"),
     ([], "the following arguments are required: COMMAND"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):

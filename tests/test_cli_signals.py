@@ -24,8 +24,10 @@ MODES = {
     "downpour": ["--recipe", "digits-downpour", "--checkpoint-every", "60"],
     "sandblaster": ["--recipe", "digits-sandblaster", "--model", "mlp", "--batch-size", "256",
                     "--checkpoint-every", "4"],
+    "sync": ["--recipe", "digits", "--mode", "sync", "--replicas", "2", "--checkpoint-every",
+             "20"],
 }
-STATE = {"single": "last", "downpour": "downpour", "sandblaster": "sandblaster"}
+STATE = {"single": "last", "downpour": "downpour", "sandblaster": "sandblaster", "sync": "last"}
 
 
 def command(out, mode, *more):
@@ -57,7 +59,8 @@ def assert_history_never_repeats(out, iterations: int):
 def test_sigterm_checkpoints_stops_quietly_and_resume_finishes(tmp_path, ray_watch, mode):
     rng = random.Random(mode)
     before = ray_watch.processes()
-    out, total = tmp_path / "run", {"single": 60, "downpour": 300, "sandblaster": 14}[mode]
+    out, total = tmp_path / "run", {"single": 60, "downpour": 300, "sandblaster": 14,
+                                  "sync": 80}[mode]
     proc = start_and_wait(out, mode, records=rng.randint(1, 3), iterations=total)
     time.sleep(rng.uniform(0, 0.5))  # anywhere: in a step, a checkpoint, an evaluation
     os.killpg(proc.pid, signal.SIGTERM)

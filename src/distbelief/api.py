@@ -45,7 +45,8 @@ def fit(model, train_data, *, test_data=None, mode: str = "single",
             N or N x D values with `loss="mse"`). Without `test_data` the training data is
             evaluated (summary keys `train_error`, `train_loss`); with it, `test_loss` and for
             a classifier `test_error`, `test_accuracy`, `test_top5_error`.
-        mode: "single", "downpour" or "sandblaster" (a model without BatchNorm).
+        mode: "single", "downpour", "sandblaster" (a model without BatchNorm) or "sync"
+            (synchronous data parallelism on Ray Train; `batch_size` per worker).
         run_dir: where the run's config, metrics and checkpoints go (None: nowhere).
         resume: continue the run in `run_dir` (same model and data).
         address: a Ray cluster to join (distributed modes); default a local Ray.
@@ -96,18 +97,19 @@ def make_config(model, train_data, test_data=None, *, mode: str = "single",
 def scheme_for(config: TrainConfig, run_dir, *, resume: bool = False, progress: bool = False,
                address: str | None = None, dashboard: bool = False):
     """The scheme that trains `config` in its mode (`Trainer`, `DownpourTrainer`,
-    `SandblasterTrainer`), ready to `fit()`."""
+    `SandblasterTrainer`, `SyncTrainer`), ready to `fit()`."""
     from distbelief.engine import Trainer
 
     if config.mode == "single":
         if (address or dashboard) and config.cluster.partitions == 1:
-            raise ConfigError("--address and --dashboard apply to --mode downpour and "
-                              "sandblaster, and to --partitions")
+            raise ConfigError("--address and --dashboard apply to --mode downpour, sandblaster "
+                              "and sync, and to --partitions")
         return Trainer(config, run_dir, resume=resume, progress=progress, address=address,
                        dashboard=dashboard)
-    from distbelief.distributed import DownpourTrainer, SandblasterTrainer
+    from distbelief.distributed import DownpourTrainer, SandblasterTrainer, SyncTrainer
 
-    kind = DownpourTrainer if config.mode == "downpour" else SandblasterTrainer
+    kind = {"downpour": DownpourTrainer, "sandblaster": SandblasterTrainer,
+            "sync": SyncTrainer}[config.mode]
     return kind(config, run_dir, resume=resume, progress=progress, address=address,
                 dashboard=dashboard)
 

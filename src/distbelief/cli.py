@@ -167,6 +167,8 @@ def _summary_line(config, summary: dict, out: str) -> str:
             how.append(f"converged: {summary['converged']}")
     elif config.mode == "downpour":
         how = [f"Downpour, {config.cluster.replicas} replicas, {config.cluster.ps_shards} shards"]
+    elif config.mode == "sync":
+        how = [f"sync, {config.cluster.replicas} workers x batch {config.batch_size}"]
     if config.cluster.partitions > 1:
         how.append(f"{config.cluster.partitions} partitions x {config.cluster.micro_batches} "
                    f"micro-batches")

@@ -3,6 +3,8 @@ shared pieces:
 
     downpour/        Downpour SGD: asynchronous replicas and a sharded parameter server
     sandblaster/     Sandblaster L-BFGS: a coordinator, batch portions, vectors on the shards
+    sync/            synchronous data parallelism on Ray Train (the baseline)
+    pipeline/        model parallelism: a replica's model cut into partitions
     flat.py          a model as the server's flat vector (no Ray)
     pending.py       the pending-call protocol between replicas and their clients (no Ray)
     placement.py     how big each actor is and where it goes (no Ray)
@@ -14,7 +16,7 @@ Each scheme's core (shards, replicas, queues) is plain Python tested without Ray
 `import ray` appears only in runtime.py and the actor modules.
 """
 
-__all__ = ["DownpourTrainer", "SandblasterTrainer"]
+__all__ = ["DownpourTrainer", "SandblasterTrainer", "SyncTrainer"]
 
 
 def __getattr__(name):
@@ -25,4 +27,7 @@ def __getattr__(name):
     if name == "SandblasterTrainer":
         from distbelief.distributed.sandblaster.coordinator import SandblasterTrainer
         return SandblasterTrainer
+    if name == "SyncTrainer":
+        from distbelief.distributed.sync.driver import SyncTrainer
+        return SyncTrainer
     raise AttributeError(name)

@@ -1,0 +1,86 @@
+"""`--mode sync` on Ray Train, on the module's local Ray of two CPUs: parity of one worker with
+the single-process trainer, a stop and --resume, and a worker killed mid-run."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from distbelief.api import scheme_for
+from distbelief.engine import Trainer, TrainingInterrupted
+from distbelief.recipes import get_recipe
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def config(**kw):
+    return get_recipe("digits").replace(**{"mode": "sync", "replica_cpus": 1, **kw})
+
+
+def records(run, kind="train"):
+    lines = (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+    return [r for r in lines if r["kind"] == kind]
+
+
+def test_one_worker_is_the_single_process_trainer(tmp_path):
+    c = config(iterations=12, log_every=4, eval_every=6, deterministic=True)
+    summary = scheme_for(c, tmp_path / "sync").fit()
+    torch.set_num_threads(1)
+    trainer = Trainer(c.replace(mode="single"))
+    alone = trainer.fit()
+    saved = torch.load(tmp_path / "sync" / "checkpoints" / "last.pt", weights_only=False)
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(saved["model"][name], value, rtol=0, atol=1e-6)
+    assert summary["test_loss"] == pytest.approx(alone["test_loss"], rel=1e-5)
+    assert summary["global_batch"] == 64 and summary["examples"] == 12 * 64
+    assert [r["iteration"] for r in records(tmp_path / "sync")] == [4, 8, 12]
+    assert [r["iteration"] for r in records(tmp_path / "sync", "eval")] == [6, 12]
+
+
+def test_two_workers_stop_on_request_and_resume(tmp_path):
+    c = config(replicas=2, iterations=60, log_every=10, eval_every=30, checkpoint_every=1000)
+    run = tmp_path / "run"
+    scheme = scheme_for(c, run)
+
+    def stop_when_training():
+        while not (run / "metrics.jsonl").is_file() or not records(run):
+            time.sleep(0.2)
+        scheme.request_stop()
+
+    threading.Thread(target=stop_when_training, daemon=True).start()
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        scheme.fit()
+    stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["iteration"]
+    assert 10 <= stopped < 60
+    summary = scheme_for(c, run, resume=True).fit()
+    assert summary["iterations"] == 60 and summary["test_accuracy"] > 0.5, summary
+    iterations = [r["iteration"] for r in records(run)]
+    assert iterations == sorted(set(iterations)) and iterations[-1] == 60  # none twice
+
+
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path):
+    import ray
+
+    c = config(replicas=2, iterations=80, log_every=5, eval_every=0, checkpoint_every=20,
+               max_restarts=2)
+    run = tmp_path / "run"
+    scheme = scheme_for(c, run)
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(summary=scheme.fit()), daemon=True)
+    worker.start()
+    while not (run / "checkpoints" / "last.pt").is_file():
+        assert worker.is_alive(), outcome
+        time.sleep(0.2)
+    status = ray.get(ray.get_actor(scheme.hub_name).status.remote())
+    os.kill(status["workers"][1], signal.SIGKILL)
+    worker.join(timeout=600)
+    summary = outcome["summary"]
+    assert summary["iterations"] == 80 and summary["worker_failures"] == 1, summary
+    failures = records(run, "failure")
+    assert len(failures) == 1 and failures[0]["iteration"] % 20 == 0
+    iterations = [r["iteration"] for r in records(run)]
+    assert iterations == sorted(set(iterations)) and iterations[-1] == 80
