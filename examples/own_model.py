@@ -1,10 +1,11 @@
-"""Your own model on your own data with Downpour SGD or Sandblaster L-BFGS.
+"""Your own model on your own data with Downpour SGD, Sandblaster L-BFGS or synchronous SGD.
 
 A small classifier of tabular data (scikit-learn's wine: 13 measurements, 3 cultivars), a
 module defined right here, trained through `distbelief.fit` in any mode:
 
     .venv/bin/python examples/own_model.py                      # Downpour, 2 replicas x 2 shards
     .venv/bin/python examples/own_model.py --mode sandblaster   # L-BFGS on the whole split
+    .venv/bin/python examples/own_model.py --mode sync          # 2 workers on Ray Train
     .venv/bin/python examples/own_model.py --mode single --out runs/wine
 
 The module's class lives in this script, so Ray ships it to the replicas by value.
@@ -38,7 +39,8 @@ def wine_splits():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", default="downpour", choices=("single", "downpour", "sandblaster"))
+    parser.add_argument("--mode", default="downpour", choices=("single", "downpour", "sandblaster",
+                                                              "sync"))
     parser.add_argument("--out", help="run directory (default: none)")
     args = parser.parse_args()
     train, test = wine_splits()
@@ -46,12 +48,10 @@ def main() -> None:
         settings = dict(batch_size=0, iterations=30, lr=1.0)
     else:
         settings = dict(batch_size=16, iterations=300, lr=0.05)
-    if args.mode != "single":
+    if args.mode == "sync":
+        settings.update(replicas=2)
+    elif args.mode != "single":  # the default momentum 0.9: the shards correct for staleness
         settings.update(replicas=2, ps_shards=2)
-    if args.mode == "downpour":
-        # As the digits-downpour recipe: asynchronous replicas add momentum of their own, and
-        # with the default 0.9 on top Downpour can diverge when replicas are slow (stale).
-        settings.update(momentum=0.5)
     model = WineNet()
     summary = distbelief.fit(model, train, test_data=test, mode=args.mode, run_dir=args.out,
                              eval_every=100, log_every=50, **settings)

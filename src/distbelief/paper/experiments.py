@@ -236,8 +236,8 @@ class Downpour:
         cluster = {"replicas": 2, "ps_shards": 2}
         configs = {
             "single": base,
-            # Momentum 0.5: asynchrony adds its own (see the digits-downpour recipe).
-            "downpour": base.replace(mode="downpour", momentum=0.5, **cluster),
+            # The recipe's momentum: the shards take off what asynchrony adds (--staleness-rule).
+            "downpour": base.replace(mode="downpour", **cluster),
             # Adagrad on the shards, as the paper's best Downpour (its rate is not SGD's).
             "downpour-adagrad": base.replace(mode="downpour", optimizer="adagrad", lr=0.05,
                                              milestones=(), **cluster),
