@@ -64,7 +64,9 @@ def ray_cluster():
     # "local": a new Ray of our own, never one a RAY_ADDRESS or /tmp/ray/ray_current_cluster
     # (another test cluster, another user on this machine) points at.
     ray.init(address="local", num_cpus=2, include_dashboard=False,
-             _node_ip_address="127.0.0.1", logging_level="ERROR")
+             _node_ip_address="127.0.0.1", logging_level="ERROR",
+             runtime_env={"worker_process_setup_hook":
+                          "distbelief.distributed.quiet.quiet_worker"})
     start_ray()  # no-op here: the driver must reuse this cluster, not start its own
     yield ray
     ray.shutdown()

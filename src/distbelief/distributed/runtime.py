@@ -49,7 +49,9 @@ def start_ray(address: str | None = None, dashboard: bool = False) -> bool:
         return False
     # Ray announces at every start that token authentication is on; it stays on, quietly.
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
-    options = {"logging_level": logging.WARNING, "log_to_driver": True}
+    options = {"logging_level": logging.WARNING, "log_to_driver": True,
+               "runtime_env": {"worker_process_setup_hook":
+                               "distbelief.distributed.quiet.quiet_worker"}}
     if address:
         check_reachable(address)
         options["address"] = address
