@@ -47,9 +47,9 @@ class SlowClient(LocalClient):
         super().__init__(shards)
         self.delay, self.log = delay, []
 
-    def fetch(self):
+    def fetch(self, source=None):
         self.log.append("fetch")
-        return Delayed(super().fetch(), self.delay, self.log)
+        return Delayed(super().fetch(source), self.delay, self.log)
 
     def push(self, *args, pull=False, source=None):
         self.log.append("push+pull" if pull else "push")
