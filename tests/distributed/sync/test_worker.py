@@ -18,6 +18,16 @@ from distbelief.recipes import get_recipe
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def _torch_as_it_was():
+    """These tests set torch's threads and determinism the way the trainer under test needs
+    them; later tests in this process must find torch as it was."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
 def config(**kw):
     return get_recipe("digits").replace(**{"mode": "sync", "iterations": 12, "log_every": 4,
                                            "eval_every": 6, "checkpoint_every": 12,
