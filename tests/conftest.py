@@ -70,3 +70,15 @@ def ray_cluster():
     start_ray()  # no-op here: the driver must reuse this cluster, not start its own
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def torch_as_it_was():
+    """For tests that set torch's threads or determinism the way the trainer under test needs
+    them: later tests in this process find torch as it was."""
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)

@@ -14,17 +14,7 @@ from distbelief.api import scheme_for
 from distbelief.engine import Trainer, TrainingInterrupted
 from distbelief.recipes import get_recipe
 
-pytestmark = pytest.mark.usefixtures("ray_cluster")
-
-
-@pytest.fixture(autouse=True)
-def _torch_as_it_was():
-    """These tests set torch's threads and determinism the way the trainer under test needs
-    them; later tests in this process must find torch as it was."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+pytestmark = pytest.mark.usefixtures("ray_cluster", "torch_as_it_was")
 
 
 def config(**kw):

@@ -18,14 +18,7 @@ from distbelief.recipes import get_recipe
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _torch_as_it_was():
-    """These tests set torch's threads and determinism the way the trainer under test needs
-    them; later tests in this process must find torch as it was."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+pytestmark = pytest.mark.usefixtures("torch_as_it_was")
 
 
 def config(**kw):
