@@ -325,9 +325,7 @@ class DownpourTrainer:
         c = self.config
         statuses = self._poll_shards()
         out = {"replicas": c.cluster.replicas, "ps_shards": c.cluster.ps_shards,
-               "optimizer": c.optimizer, "update_rule": describe(c),
-               "momentum_in_force": [st["momentum"] for st in statuses],
-               "n_fetch": c.downpour.n_fetch,
+               "optimizer": c.optimizer, "update_rule": describe(c), "n_fetch": c.downpour.n_fetch,
                "n_push": c.downpour.n_push,
                **summary_entries(statuses, self.life.counters, self.replica_images,
                                  self.replica_seconds, self.time_split, self.life.wall_s)}

@@ -127,6 +127,7 @@ def summary_entries(statuses: list[dict], counters: Counter, replica_images: lis
         **{k: counters[k] for k in FAILURE_COUNTS},
         "rejected_pushes": sum(st["rejected"] for st in statuses),
         "shard_updates": [st["version"] for st in statuses],
+        "momentum_in_force": [st["momentum"] for st in statuses],
         "shard_updates_per_s": [round(st["version"] / wall_s, 2) for st in statuses],
         "shard_bytes_per_s": [round((st["bytes_in"] + st["bytes_out"]) / wall_s, 1)
                               for st in statuses],
