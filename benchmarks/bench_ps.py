@@ -7,17 +7,23 @@ in-process memory copy of the same bytes (`torch.Tensor.copy_`), measured in the
 
     ratio = (time to copy 2 x vector bytes in memory) / (time of one push + pull round trip)
 
-1.0 would be a parameter server as fast as memcpy. Then, for the vector size given by
---small (default: ResNet-20 on 8x8 digits, 272,474 floats), the round trip is split into its
-parts: an empty actor call, putting the array into Ray's object store, the shard's update, a
-pull, a push, and a push that returns the parameters in the same call (what a replica sends
-when it fetches at the next step; also timed for the large vector).
+1.0 would be a parameter server as fast as memcpy. Each push is put into the object store once
+and the shards read their slices of it; each shard updates on --ps-threads threads (default:
+the cores shared among the shards, since the client only waits); --dtypes measures float32 and
+bfloat16 transfers (the memcpy baseline stays float32: the bytes of the model).
+
+Then, for the vector size given by --small (default: ResNet-20 on 8x8 digits, 272,474 floats),
+the round trip is split into its parts: an empty actor call, putting the array into Ray's
+object store, the shard's update, a pull, a push, and a push that returns the parameters in the
+same call (what a replica sends when it fetches at the next step; also timed for the large
+vector).
 
 Last, snapshots off the hot path: the latency of sequential pushes to one shard that
 snapshots every second (it copies its state between two pushes; a background thread sends the
 copy to the keeper) against one that never does, p50 and p99 (goal: p99 <= 1.2x).
 
     python benchmarks/bench_ps.py [--floats 25000000] [--shards 1,2,4] [--rounds 5]
+                                  [--dtypes float32,bfloat16] [--ps-threads N]
                                   [--snapshot-sizes 272474,25000000] [--pushes 300]
 """
 
@@ -37,6 +43,7 @@ from distbelief.distributed.downpour.shard import ParameterShard
 from distbelief.distributed.runtime import start_ray
 from distbelief.distributed.session import DriverSession
 from distbelief.engine.config import TrainConfig
+from distbelief.distributed.wire import WIRE_DTYPES
 from distbelief.optim import shard_bounds
 
 
@@ -94,32 +101,42 @@ def snapshot_cost(sizes: list[int], pushes: int, session) -> None:
                   f"{p99 / p99_none:>9.3f}")
 
 
+def threads_for(args, count: int) -> int:
+    """--ps-threads, or the machine's cores shared among `count` shards (the client waits)."""
+    return args.ps_threads or max(1, (os.cpu_count() or 1) // count)
+
+
 def throughput(args, config, session) -> None:
-    """Push + pull of a large vector with 1, 2, 4 shards against an in-process memcpy."""
+    """Push + pull of a large vector with 1, 2, 4 shards against an in-process memcpy, for each
+    transfer dtype."""
     values, gradient = torch.randn(args.floats), torch.randn(args.floats) * 1e-3
     copy_target = torch.empty(args.floats)
     memcpy = timed(lambda: copy_target.copy_(values), args.rounds) * 2
     mb = args.floats * 4 / 2**20
     print(f"vector: {args.floats:,} floats ({mb:.0f} MiB); in-process memcpy of push + pull "
-          f"bytes: {memcpy * 1e3:.1f} ms ({2 * mb / 1024 / memcpy:.2f} GiB/s)")
-    print(f"{'shards':>6} {'push+pull ms':>13} {'GiB/s':>7} {'ratio vs memcpy':>16} "
-          f"{'as one call ms':>15} {'ratio':>6}")
-    for count in (int(k) for k in args.shards.split(",")):
-        shards, bounds = start_shards(values, count, config, session)
-        client = RayClient(shards, bounds)
+          f"bytes (float32): {memcpy * 1e3:.1f} ms ({2 * mb / 1024 / memcpy:.2f} GiB/s)")
+    print(f"{'transfer':>9} {'shards':>6} {'threads':>7} {'push+pull ms':>13} "
+          f"{'ratio vs memcpy':>16} {'as one call ms':>15} {'ratio':>6}")
+    for dtype in args.dtypes.split(","):
+        for count in (int(k) for k in args.shards.split(",")):
+            threads = threads_for(args, count)
+            c = config.replace(ps_transfer_dtype=dtype, ps_threads=threads)
+            shards, bounds = start_shards(values, count, c, session)
+            client = RayClient(shards, bounds, WIRE_DTYPES[dtype])
+            wire = gradient.to(WIRE_DTYPES[dtype])  # what a replica makes (Exchange._vector)
 
-        def round_trip():
-            client.push(gradient, [0] * count, 1, ()).result()
-            client.fetch().result()
+            def round_trip():
+                client.push(wire, [0] * count, 1, ()).result()
+                client.fetch().result()
 
-        seconds = timed(round_trip, args.rounds)
-        # What a replica does when a push precedes a fetch: one call that returns the values.
-        combined = timed(lambda: client.push(gradient, [0] * count, 1, (), pull=True).result(),
-                         args.rounds)
-        print(f"{count:>6} {seconds * 1e3:>13.1f} {2 * mb / 1024 / seconds:>7.2f} "
-              f"{memcpy / seconds:>16.3f} {combined * 1e3:>15.1f} {memcpy / combined:>6.3f}")
-        for s in shards:
-            ray.kill(s)
+            seconds = timed(round_trip, args.rounds)
+            # A push that precedes a fetch: one call that returns the values.
+            combined = timed(lambda: client.push(wire, [0] * count, 1, (), pull=True).result(),
+                             args.rounds)
+            print(f"{dtype:>9} {count:>6} {threads:>7} {seconds * 1e3:>13.1f} "
+                  f"{memcpy / seconds:>16.3f} {combined * 1e3:>15.1f} {memcpy / combined:>6.3f}")
+            for s in shards:
+                ray.kill(s)
 
 
 def round_trip_parts(args, config, session) -> None:
@@ -151,6 +168,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--floats", type=int, default=25_000_000)
     parser.add_argument("--shards", default="1,2,4")
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="transfer dtypes (--ps-transfer-dtype) to measure")
+    parser.add_argument("--ps-threads", type=int, default=0,
+                        help="threads per shard (default: the cores shared among the shards)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--small", type=int, default=272_474)
     parser.add_argument("--snapshot-sizes", default="272474,25000000",

@@ -26,7 +26,7 @@ def test_the_cores_and_the_engine_import_without_ray():
             "import distbelief.distributed.placement, distbelief.distributed.server_model\n"
             "import distbelief.distributed.pipeline, distbelief.distributed.pipeline.replica\n"
             "import distbelief.distributed.sync.worker, distbelief.distributed.sync.hub\n"
-            "import distbelief.distributed.downpour.rules\n"
+            "import distbelief.distributed.downpour.rules, distbelief.distributed.wire\n"
             "assert 'ray' not in sys.modules, 'ray was imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

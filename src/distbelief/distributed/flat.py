@@ -36,14 +36,24 @@ class FlatModel:
 
     @torch.no_grad()
     def load(self, vector: torch.Tensor) -> None:
-        """Copy a flat [parameters; buffers] vector in (any device and memory format)."""
+        """Copy a flat [parameters; buffers] vector in (any device, memory format and float
+        dtype)."""
         if vector.numel() != self.n_params + self.n_buffers:
             raise ValueError(f"vector of {vector.numel()} elements for a model of "
                              f"{self.n_params + self.n_buffers}")
-        tensors = self.params + self.buffers
-        pieces = vector.to(tensors[0].device).split(self.sizes)
-        # copy_ casts (num_batches_tracked is int64) and writes any memory format.
-        torch._foreach_copy_(tensors, [v.view(t.shape) for v, t in zip(pieces, tensors)])
+        self.load_parts(vector[:self.n_params], vector[self.n_params:])
+
+    @torch.no_grad()
+    def load_parts(self, params: torch.Tensor, buffers: torch.Tensor) -> None:
+        """Copy the parameters' and the buffers' flat vectors in, each straight from where it
+        is (no joined copy of the two)."""
+        for tensors, sizes, vector in ((self.params, self.sizes[:len(self.params)], params),
+                                       (self.buffers, self.sizes[len(self.params):], buffers)):
+            if not tensors:
+                continue
+            pieces = vector.to(tensors[0].device).split(sizes)
+            # copy_ casts (num_batches_tracked is int64) and writes any memory format.
+            torch._foreach_copy_(tensors, [v.view(t.shape) for v, t in zip(pieces, tensors)])
 
     @torch.no_grad()
     def gradient(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -3,7 +3,7 @@ and turning Ray's errors into ours. Besides the actor modules, the only module t
 
 Vectors cross process boundaries as numpy arrays, which Ray moves through its shared-memory
 object store without pickling their bytes (a torch tensor would be pickled); what arrives is a
-read-only view of shared memory, which `tensor_view` wraps without copying.
+read-only view of shared memory, which `wire.tensor_view` wraps without copying.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import socket
 import sys
 import threading
 import time
-import warnings
 
-import numpy as np
 import ray
 import ray._private.services  # noqa: F401 - for _own_process_groups
 import torch
@@ -307,20 +305,6 @@ def remote_error(error: RayTaskError, lost: str | None) -> BaseException:
     if lost is not None and isinstance(error.cause, RayActorError):
         return ShardLost(lost)
     return error
-
-
-def tensor_view(array: np.ndarray) -> torch.Tensor:
-    """A tensor over `array` without a copy. Arrays from the object store are read-only, which
-    torch warns about; the callers only read them."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(array)
-
-
-def join_slices(arrays: list[np.ndarray]) -> torch.Tensor:
-    """A whole vector from the shards' slices. With one shard it is the (read-only) array in
-    the object store itself; callers copy out of it and never write to it."""
-    return tensor_view(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
 
 
 class RayPending:

@@ -32,6 +32,7 @@ DEVICES = ("auto", "cpu", "cuda")
 WARMUP_MODES = ("constant", "linear")
 OPTIMIZERS = ("sgd", "adagrad")
 STALENESS_RULES = ("none", "lr", "momentum", "dc")  # distributed.downpour.rules
+TRANSFER_DTYPES = ("float32", "bfloat16", "float16")  # distributed.wire
 MODES = ("single", "downpour", "sandblaster", "sync")
 DISTRIBUTED_MODES = ("downpour", "sandblaster", "sync")
 LINE_SEARCHES = ("strong_wolfe", "none")
@@ -57,6 +58,10 @@ class ClusterConfig:
     max_restarts: int = _opt("downpour, sandblaster: restarts allowed per replica (downpour: and "
                              "per shard) after a failure; sync: restarts of the worker group",
                              default=3)
+    ps_threads: int = _opt("downpour: threads each parameter-server shard updates its slice "
+                           "with. Shards reserve no CPUs (they work between the replicas' "
+                           "steps), so more than 1 pays where the replicas leave cores free",
+                           default=1)
     replica_cpus: int | None = _opt("downpour, sandblaster, sync, --partitions: CPU threads per "
                                     "replica or partition actor (default: as many as they can "
                                     "each have on the cluster's nodes)", default=None)
@@ -86,6 +91,9 @@ class DownpourConfig:
                                "Zheng 2017), none (Dean 2012); combined with +, as "
                                "momentum+lr", default="momentum")
     dc_lambda: float = _opt("downpour: lambda of --staleness-rule dc", default=0.04)
+    ps_transfer_dtype: str = _opt("downpour: the dtype pushes and pulls travel in: float32, "
+                                  "bfloat16 or float16 (half the bytes; the shards keep and "
+                                  "update float32)", default="float32")
     warmstart_steps: int = _opt("downpour: steps trained by one replica before the others "
                                 "start", default=0)
     snapshot_every_s: float = _opt("downpour: seconds between a shard's snapshots to the keeper "
@@ -344,8 +352,8 @@ def coerce(name: str, value):
 
 _POSITIVE = ("batch_size", "iterations", "eval_batch_size", "log_every", "crop_size",
              "scale_min", "scale_max", "test_size", "synthetic_size", "synthetic_classes",
-             "stats_samples", "replicas", "ps_shards", "partitions", "micro_batches", "n_fetch",
-             "n_push", "max_in_flight", "push_every", "history")
+             "stats_samples", "replicas", "ps_shards", "ps_threads", "partitions", "micro_batches",
+             "n_fetch", "n_push", "max_in_flight", "push_every", "history")
 _NON_NEGATIVE = ("val_split", "pad", "momentum", "weight_decay", "warmup_iterations",
                  "eval_every", "checkpoint_every", "lighting", "num_workers", "lr_decay",
                  "warmstart_steps", "eval_interval_s", "checkpoint_interval_s", "max_restarts",
@@ -368,6 +376,7 @@ def validate(c: TrainConfig) -> None:
     check_choice("dtype", c.sandblaster.dtype, DTYPES)
     for rule in c.downpour.staleness_rule.split("+"):
         check_choice("staleness rule", rule, STALENESS_RULES)
+    check_choice("transfer dtype", c.downpour.ps_transfer_dtype, TRANSFER_DTYPES)
     if c.shortcut is not None:
         check_choice("shortcut option", c.shortcut, ("A", "B", "C"))
     if c.variant is not None:

@@ -96,3 +96,39 @@ def test_without_snapshots_nothing_reaches_the_keeper_and_a_killed_shard_stays_d
             time.sleep(0.1)
     finally:
         session.close()
+
+
+def test_one_put_or_a_slice_per_shard_apply_the_same_push_in_the_transfer_dtype():
+    """RayClient puts a push once and every shard reads its span of it (or, across nodes, sends
+    each its slice): both equal in-process shards given the same values, in bfloat16 on the
+    way and float32 on the shards."""
+    from distbelief.distributed.downpour.actors import RayClient, server_vector
+
+    session = DriverSession()
+    session.start()
+    c = config().replace(ps_transfer_dtype="bfloat16", ps_threads=2)
+    bounds, n = [(0, 5), (5, 12)], 12
+    w0, g = torch.randn(n), torch.randn(n).to(torch.bfloat16)
+    try:
+        shards = [ShardActor.remote(k, lo, hi, 10, c, session.keeper_name)
+                  for k, (lo, hi) in enumerate(bounds)]
+        session.shards = shards
+        results = []
+        for one_put in (True, False):
+            # start() begins the shards afresh at w0.
+            ray.get([s.start.remote(w0[lo:hi].numpy()) for s, (lo, hi) in zip(shards, bounds)])
+            client = RayClient(shards, bounds, torch.bfloat16, one_put=one_put)
+            replies, (pulled, versions) = client.push(g, [0, 0], 1, (), pull=True,
+                                                      source=(0, "r", 1)).result()
+            assert [r["accepted"] for r in replies] == [True, True] and versions == [1, 1]
+            assert pulled.dtype == torch.bfloat16
+            results.append((pulled.clone(), server_vector(shards).clone()))
+        local = [ParameterShard(k, lo, hi, 10, w0[lo:hi], c) for k, (lo, hi) in enumerate(bounds)]
+        for s, (lo, hi) in zip(local, bounds):
+            s.push(g[lo:hi], 0)
+        expected = torch.cat([s.w for s in local])
+        for pulled, exact in results:
+            assert torch.equal(exact, expected)  # the driver's pull: float32, exact
+            assert torch.equal(pulled, expected.to(torch.bfloat16))
+    finally:
+        session.close()

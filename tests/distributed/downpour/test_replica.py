@@ -1,6 +1,7 @@
 """DownpourReplica without Ray: n_fetch / n_push, overlap semantics, data parts and BatchNorm
 statistics (its parity with the trainer: tests/parity/test_downpour.py)."""
 
+import pytest
 import torch
 
 from distbelief.data import build_data, data_part
@@ -121,3 +122,24 @@ def test_a_push_with_nan_in_one_slice_goes_to_no_shard():
     assert all(torch.equal(s.w, w) and (s.version, s.steps) == (v, n)
                for s, (w, v, n) in zip(servers, before))
     assert all(s.rejected == 0 for s in servers)  # none of them saw it
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_low_precision_transfer_trains_as_float32_does_to_its_precision(dtype):
+    runs = {}
+    for name in ("float32", dtype):
+        config = digits_config(ps_transfer_dtype=name, iterations=6)
+        data = build_data(config, torch.device("cpu"))
+        servers, _ = make_shards(config, data, 2)
+        start = torch.cat([s.w for s in servers])
+        client = LocalClient(servers, dtype=getattr(torch, name))
+        metrics = DownpourReplica(0, config, client, stats=data.stats).run(0, 6)
+        runs[name] = (torch.cat([s.w for s in servers]), servers[0].bytes_in,
+                      metrics["loss_sum"] / metrics["images"])
+    (exact, bytes_exact, loss_exact), (low, bytes_low, loss_low) = runs["float32"], runs[dtype]
+    assert bytes_low * 2 == bytes_exact  # half the bytes pushed
+    assert not torch.equal(low, exact)  # it did round
+    # Six steps apart by ~5% of the way they moved (measured); a lost or mis-read push would
+    # be as far as the steps themselves.
+    assert (low - exact).norm() < 0.15 * (exact - start).norm()
+    assert abs(loss_low - loss_exact) < 0.05

@@ -133,3 +133,29 @@ def test_a_retried_push_is_applied_exactly_once_across_a_restore():
 def test_a_finite_push_whose_sum_overflows_is_accepted():
     s = ParameterShard(1, 6, 8, 6, torch.zeros(2), config())
     assert s.push(torch.tensor([3e38, 3e38]), 0)["accepted"]  # sum is inf, elements are not
+
+
+def test_a_shard_on_threads_updates_bit_for_bit_as_on_one():
+    n = 5 * 65536 + 9
+    values = torch.randn(n)
+    one = ParameterShard(0, 0, n, n - 4, values, config(weight_decay=1e-4))
+    three = ParameterShard(0, 0, n, n - 4, values, config(weight_decay=1e-4, ps_threads=3))
+    for k in range(3):
+        g = torch.randn(n, generator=torch.Generator().manual_seed(k))
+        one.push(g, one.version)
+        three.push(g, three.version)
+    assert torch.equal(one.w, three.w)
+    assert torch.equal(one.update.opt_state, three.update.opt_state)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_pushes_apply_their_float32_values_and_pulls_round_once(dtype):
+    s, exact = shard(), shard()
+    g = torch.tensor([0.3, -1.7, 2.2, 0.01, 5.0, -0.5, 0.25, 0.125]).to(dtype)
+    s.push(g, 0)
+    exact.push(g.float(), 0)
+    assert torch.equal(s.w, exact.w) and s.bytes_in == 8 * 2  # kept in float32
+    pulled, version = s.pull(dtype=dtype)
+    assert pulled.dtype == dtype and version == 1
+    assert torch.equal(pulled, exact.w.to(dtype)) and s.bytes_out == 8 * 2
+    assert torch.equal(s.pull()[0], exact.w)  # float32 pulls (the driver's) stay exact

@@ -20,44 +20,65 @@ import torch
 
 from distbelief.distributed.downpour.replica import DownpourReplica
 from distbelief.distributed.downpour.shard import ParameterShard
-from distbelief.distributed.runtime import (RayPending, SnapshotSender, join_slices, node_id,
-                                            memory, tensor_view)
+from distbelief.distributed.runtime import RayPending, SnapshotSender, memory, node_id, nodes
+from distbelief.distributed.wire import decode, encode, join_slices, tensor_view, wire_dtype
 from distbelief.errors import DistbeliefError
 
 
-def _join_pulls(pulled: list) -> tuple[torch.Tensor, list[int]]:
+def _join_pulls(pulled: list, dtype: torch.dtype = torch.float32,
+                out: np.ndarray | None = None) -> tuple[torch.Tensor, list[int]]:
     """(the full vector, the shards' versions) from the shards' (slice, version) pairs."""
-    return join_slices([w for w, _ in pulled]), [v for _, v in pulled]
+    return join_slices([w for w, _ in pulled], dtype, out), [v for _, v in pulled]
 
 
 class RayClient:
     """The replicas' server client over shard actors: one call per shard, all in flight at once.
     Calls from one replica to one shard run in the order they were sent (Ray's per-caller actor
-    ordering), so a replica's fetch never overtakes its own earlier push."""
+    ordering), so a replica's fetch never overtakes its own earlier push.
 
-    def __init__(self, shards: list, bounds: list[tuple[int, int]]):
-        self.shards, self.bounds = shards, bounds
+    Vectors travel in `dtype` (--ps-transfer-dtype). A push is put into the object store once,
+    and every shard reads its slice of that one object (on one node, a view of shared memory;
+    `one_put` False sends each shard only its slice, for shards on several nodes, each of which
+    would otherwise fetch the whole vector). Fetched slices are joined into one reused array:
+    a fetched vector is valid until the next fetch's result is read."""
+
+    def __init__(self, shards: list, bounds: list[tuple[int, int]],
+                 dtype: torch.dtype = torch.float32, one_put: bool = True):
+        self.shards, self.bounds, self.dtype, self.one_put = shards, bounds, dtype, one_put
+        self.joined: np.ndarray | None = None
+
+    def _join(self, pulled: list) -> tuple[torch.Tensor, list[int]]:
+        vector, versions = _join_pulls(pulled, self.dtype, self.joined)
+        if len(pulled) > 1:
+            self.joined = vector.view(torch.int16).numpy() if self.dtype == torch.bfloat16 \
+                else vector.numpy()
+        return vector, versions
 
     def fetch(self, source: int | None = None) -> RayPending:
-        return RayPending([s.pull.remote(source) for s in self.shards], _join_pulls)
+        return RayPending([s.pull.remote(source) for s in self.shards], self._join)
 
     def push(self, vector: torch.Tensor, base_versions: list[int], steps: int,
              errors: tuple[float, ...], pull: bool = False,
              source: tuple | None = None) -> RayPending:
-        array = vector.numpy()
+        array = encode(vector.to(self.dtype))
         method = "push_pull" if pull else "push"
-        refs = [getattr(s, method).remote(array[lo:hi], v, steps, errors, source)
-                for s, (lo, hi), v in zip(self.shards, self.bounds, base_versions)]
+        if self.one_put:
+            whole = ray.put(array)  # one copy into shared memory; each shard reads a view
+            refs = [getattr(s, method).remote(whole, v, steps, errors, source, span)
+                    for s, span, v in zip(self.shards, self.bounds, base_versions)]
+        else:
+            refs = [getattr(s, method).remote(array[lo:hi], v, steps, errors, source)
+                    for s, (lo, hi), v in zip(self.shards, self.bounds, base_versions)]
         if not pull:
             return RayPending(refs, list)
         return RayPending(refs, lambda out: ([reply for reply, _ in out],
-                                             _join_pulls([pulled for _, pulled in out])))
+                                             self._join([pulled for _, pulled in out])))
 
 
 def server_vector(shards: list) -> torch.Tensor:
     """The server's current [parameters; buffers], gathered from all shards at once (read-only
-    when there is one shard)."""
-    return _join_pulls(ray.get([s.pull.remote() for s in shards]))[0]
+    when there is one shard), in float32 whatever the transfer dtype."""
+    return _join_pulls(ray.get([s.pull.remote(None, True) for s in shards]))[0]
 
 
 @ray.remote(num_cpus=0)
@@ -77,6 +98,10 @@ class ShardActor:
 
     def __init__(self, index: int, lo: int, hi: int, n_params: int, config, keeper_name: str):
         self.args, self.config = (index, lo, hi, n_params), config
+        self.dtype = wire_dtype(config)
+        # Its update runs on --ps-threads Python threads (`optim.Ranges`), never on torch's
+        # OpenMP workers, which spin on cores the replicas compute on.
+        torch.set_num_threads(1)
         self.sender = SnapshotSender(keeper_name, f"shard-{index}")
         self.incarnation = uuid.uuid4().hex  # new on every (re)start: the driver counts restarts
         with warnings.catch_warnings():  # Ray's own property trips its deprecation warning
@@ -107,13 +132,21 @@ class ShardActor:
             self.sender.send_now(self.shard.snapshot())
         return self.shard.version
 
-    def pull(self, source: int | None = None) -> tuple[np.ndarray, int]:
-        w, version = self.shard.pull(copy=False, source=source)
-        return w.numpy(), version
+    def pull(self, source: int | None = None, exact: bool = False) -> tuple[np.ndarray, int]:
+        """(values, version), in the transfer dtype unless `exact` (float32: the driver's
+        checkpoints and evaluations)."""
+        dtype = torch.float32 if exact else self.dtype
+        w, version = self.shard.pull(copy=False, source=source, dtype=dtype)
+        return encode(w), version
 
     def push(self, update: np.ndarray, base_version: int, steps: int, errors,
-             source=None) -> dict:
-        reply = self.shard.push(tensor_view(update), base_version, steps, tuple(errors),
+             source=None, span: tuple[int, int] | None = None) -> dict:
+        """Apply a push: `update` is this shard's slice, or with `span` = (lo, hi) the whole
+        pushed vector, of which this shard reads [lo, hi) (`RayClient`'s one put)."""
+        values = decode(update, self.dtype)
+        if span is not None:
+            values = values[span[0]:span[1]]
+        reply = self.shard.push(values, base_version, steps, tuple(errors),
                                 None if source is None else tuple(source))
         if self.snapshots and self.shard.snapshot_due() and not self.sender.busy():
             # Into the same arrays every time: the sender has handed the last ones to Ray.
@@ -121,9 +154,9 @@ class ShardActor:
         return reply
 
     def push_pull(self, update: np.ndarray, base_version: int, steps: int, errors,
-                  source=None):
+                  source=None, span: tuple[int, int] | None = None):
         """`push`, then `pull`: (reply, (values, version))."""
-        reply = self.push(update, base_version, steps, errors, source)
+        reply = self.push(update, base_version, steps, errors, source, span)
         return reply, self.pull(None if source is None else source[0])
 
     def snapshot(self) -> dict:
@@ -150,7 +183,8 @@ class ReplicaActor:
                  threads: int, device: str):
         torch.set_num_threads(threads)
         shards = [ray.get_actor(name) for name in shard_names]
-        self.replica = DownpourReplica(index, config, RayClient(shards, bounds), stats=stats,
+        client = RayClient(shards, bounds, wire_dtype(config), one_put=len(nodes()) == 1)
+        self.replica = DownpourReplica(index, config, client, stats=stats,
                                        device=torch.device(device))
 
     def run(self, start: int, steps: int) -> dict:

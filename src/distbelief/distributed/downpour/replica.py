@@ -41,6 +41,7 @@ from distbelief.data import build_data
 from distbelief.distributed.downpour.shard import ParameterShard
 from distbelief.distributed.flat import FlatModel, all_finite, model_vector
 from distbelief.distributed.pending import Done, Part
+from distbelief.distributed.wire import wire_dtype
 from distbelief.engine.losses import get_loss
 from distbelief.engine.setup import build_model, resolve_device, set_determinism
 from distbelief.engine.weights import load_init
@@ -51,16 +52,18 @@ COMBINE_BELOW_BYTES = 64 << 20  # a push and the next fetch travel as one call b
 
 class LocalClient:
     """The server client over in-process `ParameterShard`s: each call completes at once.
-    `offset`: where the client's slice of the server vector starts (a partition's block)."""
+    `offset`: where the client's slice of the server vector starts (a partition's block);
+    `dtype`: what pulls travel in (pushes arrive in the dtype the replica made them in)."""
 
-    def __init__(self, shards: list[ParameterShard], offset: int = 0):
-        self.shards, self.offset = shards, offset
+    def __init__(self, shards: list[ParameterShard], offset: int = 0,
+                 dtype: torch.dtype = torch.float32):
+        self.shards, self.offset, self.dtype = shards, offset, dtype
 
     def fetch(self, source: int | None = None) -> Done:
         return Done(self._pull(source))
 
     def _pull(self, source: int | None = None) -> tuple[torch.Tensor, list[int]]:
-        pulled = [s.pull(source=source) for s in self.shards]
+        pulled = [s.pull(source=source, dtype=self.dtype) for s in self.shards]
         return torch.cat([w for w, _ in pulled]), [v for _, v in pulled]
 
     def push(self, vector: torch.Tensor, base_versions: list[int], steps: int,
@@ -85,6 +88,8 @@ class Exchange:
     def __init__(self, source_index: int, config, client, flat: FlatModel):
         self.source_index, self.config, self.client, self.flat = source_index, config, client, flat
         self.n_buffers = flat.n_buffers
+        self.dtype = wire_dtype(config)
+        self.wire: torch.Tensor | None = None  # a push as it travels, reused (module doc)
         self.versions: list[int] | None = None  # shard versions of the parameters in use
         self.buffer_base: torch.Tensor | None = None  # buffers when last fetched or pushed
         self.pending_fetch = None
@@ -97,19 +102,22 @@ class Exchange:
         self.incarnation, self.sequence = uuid.uuid4().hex, 0
 
     def install(self, fetched) -> None:
+        """Load fetched (vector, versions) into the model; a copy straight from the fetched
+        vector, which may be a view of shared memory or a low-precision array."""
         vector, versions = fetched
         n_params = vector.numel() - self.n_buffers
-        server_buffers = vector[n_params:].clone()
+        server_buffers = vector[n_params:].to(torch.float32, copy=True)
+        buffers = server_buffers
         if self.buffer_base is not None and self.n_buffers:
             # Keep the statistics changes not yet pushed on top of the server's statistics.
-            unpushed = self.flat.buffer_vector() - self.buffer_base
-            vector = torch.cat([vector[:n_params], server_buffers + unpushed])
-        self.flat.load(vector)
+            buffers = server_buffers + (self.flat.buffer_vector() - self.buffer_base)
+        self.flat.load_parts(vector[:n_params], buffers)
         self.buffer_base = server_buffers
         self.versions = list(versions)
 
     def add(self, gradient: torch.Tensor, error: float, copy: bool = False) -> None:
-        """Accumulate one step's gradient (and its training error, for the shards' warmup);
+        """Accumulate one step's gradient (and its training error, for the shards' warmup: a
+        number or a 0-d tensor, read at the push);
         `copy`: the first is copied (the caller reuses `gradient`'s memory before the push)."""
         if self.accum is None:
             self.accum = gradient.clone() if copy else gradient
@@ -126,14 +134,27 @@ class Exchange:
     def push_due(self, step: int) -> bool:
         return (step + 1) % self.config.downpour.n_push == 0
 
-    def push(self, step: int, metrics: dict) -> None:
+    def _vector(self) -> torch.Tensor:
+        """The push as it travels: [accumulated gradient; buffer changes] in the transfer
+        dtype, on the CPU, written into one reused array in one pass (gradient and statistics
+        are copied, cast and moved off the device together). The client copies it into the
+        object store before `push` returns, so it can be reused at the next push."""
+        n_params = self.accum.numel()
+        if not self.n_buffers and self.dtype == self.accum.dtype and self.accum.device.type == \
+                "cpu":
+            return self.accum  # nothing to add, cast or move: the gradient itself
+        if self.wire is None:
+            self.wire = torch.empty(n_params + self.n_buffers, dtype=self.dtype)
+        self.wire[:n_params].copy_(self.accum)
         if self.n_buffers:
             buffers_now = self.flat.buffer_vector()
-            vector = torch.cat([self.accum.cpu(), buffers_now - self.buffer_base])
+            self.wire[n_params:].copy_(buffers_now - self.buffer_base)
             self.buffer_base = buffers_now
-        else:  # no statistics to add: the gradient itself, without a copy
-            vector = self.accum.cpu()
-        steps, errors = len(self.accum_errors), tuple(self.accum_errors)
+        return self.wire
+
+    def push(self, step: int, metrics: dict) -> None:
+        vector = self._vector()
+        steps, errors = len(self.accum_errors), tuple(float(e) for e in self.accum_errors)
         versions = self.accum_versions
         self.accum, self.accum_versions, self.accum_errors = None, None, []
         if not all_finite(vector):
@@ -252,6 +273,7 @@ class DownpourReplica:
         metrics = chunk_metrics(self.index, start, steps)
         begin = time.perf_counter()
         batches = self._batches(start)
+        loss_sum = wrong_sum = 0
         for step in range(start, start + steps):
             exchange.fetch(step, metrics)
             compute_start = time.perf_counter()
@@ -263,15 +285,17 @@ class DownpourReplica:
                 loss = self.loss(logits, y)
             model.zero_grad(set_to_none=True)
             loss.backward()
-            wrong = int(self.loss.wrong(logits, y))  # syncs the device: the push needs it
-            exchange.add(self.flat.gradient(), wrong / len(y))
-            metrics["loss_sum"] += float(loss.detach()) * len(y)
-            metrics["wrong"] += wrong
+            # Tensors, read at the push and the chunk's end: no wait for the device per step.
+            wrong = self.loss.wrong(logits, y)
+            exchange.add(self.flat.gradient(), wrong.double() / len(y))
+            loss_sum = loss_sum + loss.detach().double() * len(y)  # float64, as float() gave
+            wrong_sum = wrong_sum + wrong
             metrics["images"] += len(y)
             metrics["compute_s"] += time.perf_counter() - compute_start
             if exchange.push_due(step):
                 exchange.push(step, metrics)
         self._position = start + steps
+        metrics["loss_sum"], metrics["wrong"] = float(loss_sum), int(wrong_sum)
         metrics["seconds"] = time.perf_counter() - begin
         if not math.isfinite(metrics["loss_sum"]):
             metrics["diverged"] = True

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from distbelief.optim import adagrad_update, sgd_update
+from distbelief.optim import Ranges, adagrad_update, sgd_update
 
 # The default, DownpourConfig.staleness_rule = "momentum", was chosen by measurement
 # (docs/benchmarks.md, "Staleness rules"): with it the unchanged recipes converge.
@@ -88,7 +88,7 @@ class StaleUpdate:
     (a push whose fetch is unknown is applied uncompensated and counted in `uncompensated`).
     """
 
-    def __init__(self, config, n: int):
+    def __init__(self, config, n: int, threads: int = 1):
         self.config = config
         self.rules = rules_of(config)
         self.opt_state: torch.Tensor | None = (
@@ -96,6 +96,7 @@ class StaleUpdate:
         self.mean_staleness = float(config.cluster.replicas - 1)
         self.fetched: dict[int, dict[int, torch.Tensor]] = {}  # source -> version -> values
         self.uncompensated = 0
+        self.ranges = Ranges(threads)  # the update's elements, cut among the shard's threads
 
     def remember(self, source: int | None, version: int, w: torch.Tensor) -> None:
         if "dc" not in self.rules or source is None:
@@ -111,18 +112,28 @@ class StaleUpdate:
 
     def apply(self, w: torch.Tensor, g: torch.Tensor, lr: float, staleness: int,
               source: int | None = None, base_version: int | None = None) -> None:
-        c = self.config
         self.mean_staleness = (STALENESS_DECAY * self.mean_staleness
                                + (1 - STALENESS_DECAY) * staleness)
         if "lr" in self.rules:
             lr = staleness_lr(lr, staleness)
         if "dc" in self.rules:
             g = self._compensate(w, g, source, base_version)
+        self._step(w, g, lr)
+
+    def _step(self, w: torch.Tensor, g: torch.Tensor, lr: float) -> None:
+        """The optimizer's step, fused (`optim`) and cut among the shard's threads."""
+        c, state = self.config, self.opt_state
         if c.optimizer == "adagrad":
-            adagrad_update(w, g, self.opt_state, lr, c.weight_decay)
-        else:
-            self.opt_state = sgd_update(w, g, self.opt_state, lr, self.momentum(),
-                                        c.weight_decay, c.nesterov)
+            self.ranges.run(w.numel(), lambda lo, hi: adagrad_update(
+                w[lo:hi], g[lo:hi], state[lo:hi], lr, c.weight_decay))
+            return
+        momentum = self.momentum()
+        fresh = bool(momentum) and state is None
+        if fresh:  # the first step with momentum: each range fills its part of the buffer
+            state = self.opt_state = torch.empty_like(w)
+        self.ranges.run(w.numel(), lambda lo, hi: sgd_update(
+            w[lo:hi], g[lo:hi], None if state is None else state[lo:hi], lr, momentum,
+            c.weight_decay, c.nesterov, fresh=fresh))
 
     def _compensate(self, w, g, source, base_version) -> torch.Tensor:
         held = self.fetched.get(source, {})
@@ -133,7 +144,8 @@ class StaleUpdate:
         if w_fetched is None:
             self.uncompensated += 1
             return g
-        return delay_compensated(g, w, w_fetched, self.config.downpour.dc_lambda)
+        # In float32: a low-precision gradient's square would lose what the term corrects.
+        return delay_compensated(g.float(), w, w_fetched, self.config.downpour.dc_lambda)
 
     def state_dict(self) -> dict:
         return {"opt_state": self.opt_state, "mean_staleness": self.mean_staleness}

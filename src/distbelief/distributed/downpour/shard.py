@@ -73,7 +73,8 @@ class ParameterShard:
         self.config = config
         self.rule = config.optimizer
         self.schedule = LRSchedule(config)
-        self.update = StaleUpdate(config, self.split)
+        self.update = StaleUpdate(config, self.split, config.cluster.ps_threads)
+        self.wire: torch.Tensor | None = None  # the values in a pull's transfer dtype
         self.version = self.steps = self.rejected = self.duplicates = 0
         self.bytes_in = self.bytes_out = 0
         self.staleness: Counter[int] = Counter()
@@ -84,22 +85,32 @@ class ParameterShard:
 
     # --- the two operations replicas use ---------------------------------------------------
 
-    def pull(self, copy: bool = True, source: int | None = None) -> tuple[torch.Tensor, int]:
+    def pull(self, copy: bool = True, source: int | None = None,
+             dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, int]:
         """(this shard's values, the version they are at). With `copy` False, the live tensor:
         read it before the next push (an actor's return value is serialized at once, which is
-        the copy). `source`: the replica fetching (delay compensation keeps what it got)."""
-        self.bytes_out += self.w.numel() * 4
+        the copy). `source`: the replica fetching (delay compensation keeps what it got).
+        `dtype` other than float32: the values rounded to it, in a buffer the next such pull
+        reuses (`copy` False) or a new tensor."""
+        self.bytes_out += self.w.numel() * torch.finfo(dtype).bits // 8
         self.update.remember(source, self.version, self.w[:self.split])
-        return (self.w.clone() if copy else self.w), self.version
+        if dtype == torch.float32:
+            return (self.w.clone() if copy else self.w), self.version
+        if self.wire is None or self.wire.dtype != dtype or copy:
+            self.wire = torch.empty(self.w.shape, dtype=dtype)
+        wire, w = self.wire, self.w
+        self.update.ranges.run(w.numel(), lambda lo, hi: wire[lo:hi].copy_(w[lo:hi]))
+        return wire, self.version
 
     def push(self, update: torch.Tensor, base_version: int, steps: int = 1,
              errors: tuple[float, ...] = (), source: tuple | None = None) -> dict:
         """Apply `update` (gradient for parameter elements, delta for buffer elements),
         accumulated over `steps` minibatches computed from parameters at `base_version`.
         `errors` are those minibatches' training errors (for the error-triggered warmup);
-        `source` = (replica, incarnation, sequence) makes a repeated push a no-op.
+        `source` = (replica, incarnation, sequence) makes a repeated push a no-op. `update` may
+        be bfloat16 or float16 (--ps-transfer-dtype): its values are used as float32.
         Returns {"accepted", "version", "steps"} (and "duplicate" for a repeat)."""
-        self.bytes_in += update.numel() * 4
+        self.bytes_in += update.numel() * update.element_size()
         if update.shape != self.w.shape:
             raise ValueError(f"shard {self.index} expects {self.w.numel()} values, "
                              f"got {tuple(update.shape)}")
@@ -107,7 +118,8 @@ class ParameterShard:
             self.duplicates += 1
             return {"accepted": True, "duplicate": True, "version": self.version,
                     "steps": self.steps}
-        if not all_finite(update):
+        if not all(self.update.ranges.run(
+                update.numel(), lambda lo, hi: all_finite(update[lo:hi]))):
             self.rejected += 1
             self._count(steps, errors)
             return {"accepted": False, "version": self.version, "steps": self.steps}

@@ -18,7 +18,8 @@ from distbelief.distributed.downpour.shard import shard_lost
 from distbelief.distributed.pipeline.replica import PartitionedReplica, ServerStage
 from distbelief.distributed.pipeline.stage import Stage
 from distbelief.distributed.runtime import (START_TIMEOUT_S, dead_actors, memory, node_id,
-                                            tensor_view)
+                                            nodes)
+from distbelief.distributed.wire import tensor_view, wire_dtype
 from distbelief.engine.losses import get_loss
 from distbelief.engine.setup import set_determinism
 from distbelief.errors import DistbeliefError
@@ -64,7 +65,8 @@ class StageActor:
         set_determinism(config.deterministic, device)
         if server is not None:  # Downpour: (its shards' names, their bounds in its block, r)
             names, bounds, replica = server
-            client = RayClient([ray.get_actor(n) for n in names], bounds)
+            client = RayClient([ray.get_actor(n) for n in names], bounds, wire_dtype(config),
+                               one_put=len(nodes()) == 1)
             self.stage = ServerStage(index, count, module, get_loss(config.loss), config,
                                      client, replica, device)
             return

@@ -11,8 +11,8 @@ import numpy as np
 import ray
 import torch
 
-from distbelief.distributed.runtime import (RayPending, SnapshotSender, get, node_id,
-                                            tensor_view)
+from distbelief.distributed.runtime import RayPending, SnapshotSender, get, node_id
+from distbelief.distributed.wire import tensor_view
 from distbelief.distributed.sandblaster.replica import SandblasterReplica
 from distbelief.distributed.sandblaster.shard import VectorShard, combine, snapshot_name
 
