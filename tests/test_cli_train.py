@@ -89,6 +89,20 @@ def test_plot_against_wall_time_and_images(run_dir, tmp_path):
     assert main(["plot", str(run_dir), "--x", "wall", "-o", str(tmp_path / "f.svg")]) == 0
 
 
+def test_a_sync_run_is_plotted_at_its_global_batch(tmp_path):
+    from distbelief.engine.config import TrainConfig
+    from distbelief.engine.rundir import RunDir
+    from distbelief.plot import run_curves
+
+    run = RunDir(tmp_path / "sync")
+    run.create(TrainConfig().replace(mode="sync", replicas=3, batch_size=16), "cpu")
+    run.log({"kind": "train", "iteration": 10, "error": 0.5, "wall_s": 1.0})
+    run.log({"kind": "eval", "split": "test", "iteration": 10, "examples": 480, "error": 0.4,
+             "wall_s": 1.5})
+    curves = run_curves(run.path, "examples")
+    assert curves["train"][0] == (10 * 16 * 3,) and curves["test"][0] == (480,)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--lr", "-0.1"], "--lr must be a positive number, got -0.1"),
     (["train", "--batch-size", "0"], "--batch-size must be positive, got 0"),

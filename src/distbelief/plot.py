@@ -30,11 +30,15 @@ def run_curves(run_dir: str | os.PathLike, x: str = "iterations") -> dict:
                           f"curves; its losses are in metrics.jsonl (and --tensorboard)")
     records = read_jsonl(run.metrics_file)
 
+    # Records without "examples" (single process, sync) count iterations of this many images.
+    per_iteration = 0 if config is None else config.batch_size * (
+        config.cluster.replicas if config.mode == "sync" else 1)
+
     def position(r: dict):
         if x == "wall":
             return r["wall_s"]
         if x == "examples":
-            return r.get("examples", r["iteration"] * (config.batch_size if config else 0))
+            return r.get("examples", r["iteration"] * per_iteration)
         return r["iteration"]
 
     # Sandblaster's train records hold the batch objective, not an error rate.
