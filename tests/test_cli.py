@@ -73,6 +73,9 @@ def exit_code(argv):
      "invalid staleness rule 'stale'; choose one of: 'none', 'lr', 'momentum', 'dc'"),
     (["train", "--mode", "downpour", "--staleness-rule", "momentum+late"],
      "invalid staleness rule 'late'"),
+    (["train", "--mode", "downpour", "--ps-transfer-dtype", "int8"],
+     "invalid transfer dtype 'int8'; choose one of: 'float32', 'bfloat16', 'float16'"),
+    (["train", "--mode", "downpour", "--ps-threads", "0"], "--ps-threads must be positive, got 0"),
     ([], "the following arguments are required: COMMAND"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
