@@ -49,8 +49,8 @@ class Ranges:
     """Runs an elementwise operation `fn(lo, hi)` over [0, n) on `threads` threads, each on a
     contiguous range (`split`). Python threads, not torch's: torch's elementwise kernels release
     the GIL, and threads that block, unlike torch's OpenMP workers, which spin while they wait,
-    cost nothing when the cores are busy elsewhere (a 100 MB update on 2 OpenMP threads next to
-    a process computing on both cores took over 100 times longer than on one)."""
+    cost nothing when the cores are busy elsewhere (a chunked 100 MB update on 2 OpenMP threads,
+    next to a training run on both cores, took over 100 times longer than on one thread)."""
 
     def __init__(self, threads: int = 1):
         self.threads = max(1, threads)
