@@ -85,6 +85,11 @@ class DownpourConfig:
                          "every fetch and push waits, as in the parity tests)", default=True)
     max_in_flight: int = _opt("downpour: pushes a replica may have outstanding before it waits",
                               default=2)
+    fetch_wait_s: float = _opt("downpour: with overlap, seconds a replica waits for a fetch in "
+                               "flight before it computes on the parameters it has (0: never, "
+                               "the paper's replica; a wait of a few ms saves about a version "
+                               "of staleness per step when steps are much longer than a round "
+                               "trip)", default=0.0)
     staleness_rule: str = _opt("downpour: how shards apply a stale gradient: momentum (the "
                                "recipe's momentum less the ~1-1/N asynchrony adds, Mitliagkas "
                                "2016), lr (lr / staleness, Zhang 2016), dc (delay compensation, "
@@ -357,7 +362,7 @@ _POSITIVE = ("batch_size", "iterations", "eval_batch_size", "log_every", "crop_s
 _NON_NEGATIVE = ("val_split", "pad", "momentum", "weight_decay", "warmup_iterations",
                  "eval_every", "checkpoint_every", "lighting", "num_workers", "lr_decay",
                  "warmstart_steps", "eval_interval_s", "checkpoint_interval_s", "max_restarts",
-                 "straggler_delay", "snapshot_every_s", "dc_lambda")
+                 "straggler_delay", "snapshot_every_s", "dc_lambda", "fetch_wait_s")
 _POSITIVE_NUMBERS = ("lr", "epochs")  # finite, > 0, or None
 _AT_LEAST_ONE = ("portions", "replica_cpus")  # None: chosen by the run
 

@@ -143,3 +143,20 @@ def test_a_low_precision_transfer_trains_as_float32_does_to_its_precision(dtype)
     # be as far as the steps themselves.
     assert (low - exact).norm() < 0.15 * (exact - start).norm()
     assert abs(loss_low - loss_exact) < 0.05
+
+
+def test_a_replica_waits_up_to_fetch_wait_s_for_its_fetch_and_computes_on_fresh_values():
+    staleness = {}
+    for wait in (0.0, 1.0):
+        config = digits_config(overlap=True, fetch_wait_s=wait)
+        data = build_data(config, torch.device("cpu"))
+        servers, _ = make_shards(config, data, 1)
+        client = SlowClient(servers, delay=2)  # each call arrives at its third look
+        metrics = DownpourReplica(0, config, client, stats=data.stats).run(0, 8)
+        staleness[wait] = servers[0].stats()["staleness"]
+        assert metrics["pushes"] == 8
+    # Without the wait a step starts before the values of the last push arrive: every push
+    # after the first is one or two versions stale. With it, every step computes on the last
+    # push's values.
+    assert staleness[0.0][0] == 1 and sum(staleness[0.0].values()) == 8
+    assert staleness[1.0] == {0: 8}

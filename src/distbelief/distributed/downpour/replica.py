@@ -48,6 +48,7 @@ from distbelief.engine.weights import load_init
 
 
 COMBINE_BELOW_BYTES = 64 << 20  # a push and the next fetch travel as one call below this
+FETCH_POLL_S = 0.0005  # how often a replica waiting up to --fetch-wait-s looks for its fetch
 
 
 class LocalClient:
@@ -210,9 +211,26 @@ class Exchange:
             self.install(self.pending_fetch.result())
             self.pending_fetch = None
             metrics["fetch_wait_s"] += time.perf_counter() - wait_start
-        elif self.pending_fetch.done():  # overlap: install whatever has arrived
+        elif self._arrived(metrics):  # overlap: install whatever has arrived
             self.install(self.pending_fetch.result())
             self.pending_fetch = None
+
+    def _arrived(self, metrics: dict) -> bool:
+        """Whether the fetch in flight is there, waiting up to --fetch-wait-s for it: a fetch
+        issued with the last push is still on its way when the next step starts, and without
+        the wait every step computes on parameters one step older than the replica's own
+        last push (a version of staleness per step, for a round trip of milliseconds)."""
+        if self.pending_fetch.done():
+            return True
+        start = time.perf_counter()
+        deadline = start + self.config.downpour.fetch_wait_s
+        while time.perf_counter() < deadline:
+            time.sleep(FETCH_POLL_S)
+            if self.pending_fetch.done():
+                metrics["fetch_wait_s"] += time.perf_counter() - start
+                return True
+        metrics["fetch_wait_s"] += time.perf_counter() - start
+        return False
 
 
 def chunk_metrics(replica: int, start: int, steps: int) -> dict:
