@@ -76,6 +76,8 @@ def exit_code(argv):
     (["train", "--mode", "downpour", "--ps-transfer-dtype", "int8"],
      "invalid transfer dtype 'int8'; choose one of: 'float32', 'bfloat16', 'float16'"),
     (["train", "--mode", "downpour", "--ps-threads", "0"], "--ps-threads must be positive, got 0"),
+    (["train", "--mode", "downpour", "--fetch-wait-s", "-1"],
+     "--fetch-wait-s must be >= 0, got -1.0"),
     ([], "the following arguments are required: COMMAND"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
