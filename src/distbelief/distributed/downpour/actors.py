@@ -50,8 +50,7 @@ class RayClient:
     def _join(self, pulled: list) -> tuple[torch.Tensor, list[int]]:
         vector, versions = _join_pulls(pulled, self.dtype, self.joined)
         if len(pulled) > 1:
-            self.joined = vector.view(torch.int16).numpy() if self.dtype == torch.bfloat16 \
-                else vector.numpy()
+            self.joined = encode(vector)  # the array it was joined into, for the next join
         return vector, versions
 
     def fetch(self, source: int | None = None) -> RayPending:

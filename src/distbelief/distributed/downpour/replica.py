@@ -224,13 +224,12 @@ class Exchange:
             return True
         start = time.perf_counter()
         deadline = start + self.config.downpour.fetch_wait_s
-        while time.perf_counter() < deadline:
+        arrived = False
+        while not arrived and time.perf_counter() < deadline:
             time.sleep(FETCH_POLL_S)
-            if self.pending_fetch.done():
-                metrics["fetch_wait_s"] += time.perf_counter() - start
-                return True
+            arrived = self.pending_fetch.done()
         metrics["fetch_wait_s"] += time.perf_counter() - start
-        return False
+        return arrived
 
 
 def chunk_metrics(replica: int, start: int, steps: int) -> dict:
