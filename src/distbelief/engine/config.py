@@ -85,11 +85,11 @@ class DownpourConfig:
                          "every fetch and push waits, as in the parity tests)", default=True)
     max_in_flight: int = _opt("downpour: pushes a replica may have outstanding before it waits",
                               default=2)
-    fetch_wait_s: float = _opt("downpour: with overlap, seconds a replica waits for a fetch in "
-                               "flight before it computes on the parameters it has (0: never, "
-                               "the paper's replica; a wait of a few ms saves about a version "
-                               "of staleness per step when steps are much longer than a round "
-                               "trip)", default=0.0)
+    fetch_wait_s: float | None = _opt("downpour: with overlap, seconds a replica waits for the "
+                                      "fetch in flight before it computes on the parameters it "
+                                      "has (default: up to half its step time, and not after a "
+                                      "wait that timed out; 0: never, the paper's replica)",
+                                      default=None)
     staleness_rule: str = _opt("downpour: how shards apply a stale gradient: momentum (the "
                                "recipe's momentum less the ~1-1/N asynchrony adds, Mitliagkas "
                                "2016), lr (lr / staleness, Zhang 2016), dc (delay compensation, "
@@ -362,7 +362,8 @@ _POSITIVE = ("batch_size", "iterations", "eval_batch_size", "log_every", "crop_s
 _NON_NEGATIVE = ("val_split", "pad", "momentum", "weight_decay", "warmup_iterations",
                  "eval_every", "checkpoint_every", "lighting", "num_workers", "lr_decay",
                  "warmstart_steps", "eval_interval_s", "checkpoint_interval_s", "max_restarts",
-                 "straggler_delay", "snapshot_every_s", "dc_lambda", "fetch_wait_s")
+                 "straggler_delay", "snapshot_every_s", "dc_lambda")
+_NON_NEGATIVE_OR_NONE = ("warmup_lr", "fetch_wait_s")  # or None: chosen by the run
 _POSITIVE_NUMBERS = ("lr", "epochs")  # finite, > 0, or None
 _AT_LEAST_ONE = ("portions", "replica_cpus")  # None: chosen by the run
 
@@ -428,8 +429,10 @@ def _check_ranges(c: TrainConfig) -> None:
             continue  # the whole training split
         if not value > 0:
             raise ConfigError(f"{_flag(name)} must be positive, got {value}")
-    for name in _NON_NEGATIVE:
+    for name in _NON_NEGATIVE + _NON_NEGATIVE_OR_NONE:
         value = c.get(name)
+        if value is None and name in _NON_NEGATIVE_OR_NONE:
+            continue
         if not (value >= 0 and math.isfinite(value)):
             raise ConfigError(f"{_flag(name)} must be >= 0, got {value}")
     for name in _POSITIVE_NUMBERS:
@@ -440,8 +443,6 @@ def _check_ranges(c: TrainConfig) -> None:
         value = c.get(name)
         if value is not None and value < 1:
             raise ConfigError(f"{_flag(name)} must be positive, got {value}")
-    if c.warmup_lr is not None and not (c.warmup_lr >= 0 and math.isfinite(c.warmup_lr)):
-        raise ConfigError(f"--warmup-lr must be >= 0, got {c.warmup_lr}")
     if c.warmup_until_error is not None and not 0 < c.warmup_until_error <= 1:
         raise ConfigError("--warmup-until-error is a fraction in (0, 1], "
                           f"got {c.warmup_until_error}")

@@ -6,6 +6,7 @@ import torch
 
 from distbelief.data import build_data, data_part
 from distbelief.distributed.downpour import DownpourReplica, LocalClient
+from distbelief.distributed.downpour.replica import FetchWait
 from distbelief.distributed.flat import model_vector
 from support.downpour import digits_config, make_shards
 
@@ -147,7 +148,7 @@ def test_a_low_precision_transfer_trains_as_float32_does_to_its_precision(dtype)
 
 def test_a_replica_waits_up_to_fetch_wait_s_for_its_fetch_and_computes_on_fresh_values():
     staleness = {}
-    for wait in (0.0, 1.0):
+    for wait in (0.0, 1.0, None):  # None, the default: up to half a step
         config = digits_config(overlap=True, fetch_wait_s=wait)
         data = build_data(config, torch.device("cpu"))
         servers, _ = make_shards(config, data, 1)
@@ -159,4 +160,22 @@ def test_a_replica_waits_up_to_fetch_wait_s_for_its_fetch_and_computes_on_fresh_
     # after the first is one or two versions stale. With it, every step computes on the last
     # push's values.
     assert staleness[0.0][0] == 1 and sum(staleness[0.0].values()) == 8
-    assert staleness[1.0] == {0: 8}
+    assert staleness[1.0] == staleness[None] == {0: 8}
+
+
+def test_the_automatic_fetch_wait_is_half_a_step_and_backs_off_after_a_miss():
+    wait = FetchWait(None)
+    assert wait.limit() == 0.0  # no step measured yet: nothing to take half of
+    wait.step_took(0.2)
+    assert wait.limit() == pytest.approx(0.1)
+    wait.step_took(0.4)  # an average leaning to the past: 0.8 * 0.2 + 0.2 * 0.4
+    assert wait.limit() == pytest.approx(0.5 * 0.24)
+    wait.waited(arrived=True)
+    assert wait.limit() > 0
+    wait.waited(arrived=False)  # timed out: the next 8 steps do not wait, the 9th does
+    assert [wait.limit() for _ in range(9)] == [0.0] * 8 + [pytest.approx(0.12)]
+    fixed = FetchWait(0.05)
+    fixed.step_took(10.0)
+    fixed.waited(arrived=False)
+    assert fixed.limit() == 0.05  # a given wait is kept as given
+

@@ -37,7 +37,7 @@ from distbelief.data import build_data
 from distbelief.distributed.downpour.actors import ReplicaActor, ShardActor, server_vector
 from distbelief.distributed.downpour.records import (TIME_PARTS, ChunkWindow, ShardMonitor,
                                                      summary_entries)
-from distbelief.distributed.downpour.replica import initial_vector
+from distbelief.distributed.downpour.replica import FetchWait, initial_vector
 from distbelief.distributed.downpour.rules import describe
 from distbelief.distributed.downpour.shard import shard_lost
 from distbelief.distributed.downpour.work import WorkQueue
@@ -157,7 +157,8 @@ class DownpourTrainer:
     def start(self) -> None:
         """Ray, then the shards (loading their snapshots on resume) and the replicas, once all
         of them are placed and answer."""
-        self.life.say(f"downpour update: {describe(self.config)}")
+        self.life.say(f"downpour update: {describe(self.config)}; a replica "
+                      f"{FetchWait.describe(self.config)}")
         self.session.start()
         self.server.move_to(granted_device())
         self.data, self.device = self.server.data, self.server.device

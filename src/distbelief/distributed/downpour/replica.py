@@ -49,6 +49,58 @@ from distbelief.engine.weights import load_init
 
 COMBINE_BELOW_BYTES = 64 << 20  # a push and the next fetch travel as one call below this
 FETCH_POLL_S = 0.0005  # how often a replica waiting up to --fetch-wait-s looks for its fetch
+WAIT_FRACTION = 0.5  # auto --fetch-wait-s: up to half a step (at most a third of the time)
+MISS_BACKOFF = 8  # auto: after a wait that timed out, the steps that do not wait
+STEP_EMA = 0.2  # auto: weight of the newest step in the step time it waits a fraction of
+
+
+class FetchWait:
+    """How long a replica with overlap waits for the fetch in flight before it computes on the
+    parameters it has (`Exchange._arrived`).
+
+    `fixed` seconds (--fetch-wait-s) when given. Else (None, the default) up to WAIT_FRACTION
+    of the replica's step time (an average of `step_took`): the fetch that comes back with a
+    push is issued as a step ends, so it arrives after the round trip; where that is short
+    against a step (CPUs, large models) the wait saves a version of staleness per step for a
+    few percent of the time. When a wait times out (round trips as long as steps: small
+    models on fast devices), the next MISS_BACKOFF steps do not wait, so the time lost where
+    waiting does not help stays near WAIT_FRACTION / (MISS_BACKOFF + 1) of a step.
+    """
+
+    def __init__(self, fixed: float | None):
+        self.fixed = fixed
+        self.step_s: float | None = None
+        self.skip = 0  # steps left that do not wait (after a miss)
+
+    @staticmethod
+    def describe(config) -> str:
+        """The policy in force, in one line (the driver prints it)."""
+        c = config.downpour
+        if not c.overlap:
+            return "waits for every fetch (no overlap)"
+        if c.fetch_wait_s is None:
+            return f"waits for its fetch up to {WAIT_FRACTION:g} of a step (--fetch-wait-s)"
+        if c.fetch_wait_s == 0:
+            return "never waits for a fetch in flight (--fetch-wait-s 0, the paper's replica)"
+        return f"waits for its fetch up to {c.fetch_wait_s:g} s (--fetch-wait-s)"
+
+    def step_took(self, seconds: float) -> None:
+        self.step_s = seconds if self.step_s is None else \
+            (1 - STEP_EMA) * self.step_s + STEP_EMA * seconds
+
+    def limit(self) -> float:
+        """Seconds to wait at this step boundary (0: look once, do not wait)."""
+        if self.fixed is not None:
+            return self.fixed
+        if self.skip:
+            self.skip -= 1
+            return 0.0
+        return WAIT_FRACTION * self.step_s if self.step_s is not None else 0.0
+
+    def waited(self, arrived: bool) -> None:
+        """After a wait of `limit()` > 0: a miss makes the next steps not wait (auto only)."""
+        if not arrived and self.fixed is None:
+            self.skip = MISS_BACKOFF
 
 
 class LocalClient:
@@ -101,6 +153,8 @@ class Exchange:
         self.accum_errors: list[float] = []
         # A push's source: shards skip one they applied already (a retry after a restart).
         self.incarnation, self.sequence = uuid.uuid4().hex, 0
+        self.wait = FetchWait(config.downpour.fetch_wait_s)
+        self.step_start: float | None = None  # when the step after the last fetch() began
 
     def install(self, fetched) -> None:
         """Load fetched (vector, versions) into the model; a copy straight from the fetched
@@ -120,6 +174,9 @@ class Exchange:
         """Accumulate one step's gradient (and its training error, for the shards' warmup: a
         number or a 0-d tensor, read at the push);
         `copy`: the first is copied (the caller reuses `gradient`'s memory before the push)."""
+        if self.step_start is not None:
+            self.wait.step_took(time.perf_counter() - self.step_start)
+            self.step_start = None
         if self.accum is None:
             self.accum = gradient.clone() if copy else gradient
             self.accum_versions = list(self.versions)
@@ -203,9 +260,13 @@ class Exchange:
             self.pending_fetch = self.client.fetch(self.source_index)
             self.fetched_for = step
             metrics["fetches"] += 1
-        if self.pending_fetch is None:
-            return
-        if self.versions is None or not c.downpour.overlap:
+        if self.pending_fetch is not None:
+            self._take_fetch(metrics)
+        self.step_start = time.perf_counter()
+
+    def _take_fetch(self, metrics: dict) -> None:
+        """Install the fetch in flight if it is there, or must be (module doc)."""
+        if self.versions is None or not self.config.downpour.overlap:
             # Nothing to compute with yet (or no overlap): wait for the parameters.
             wait_start = time.perf_counter()
             self.install(self.pending_fetch.result())
@@ -216,19 +277,23 @@ class Exchange:
             self.pending_fetch = None
 
     def _arrived(self, metrics: dict) -> bool:
-        """Whether the fetch in flight is there, waiting up to --fetch-wait-s for it: a fetch
-        issued with the last push is still on its way when the next step starts, and without
-        the wait every step computes on parameters one step older than the replica's own
-        last push (a version of staleness per step, for a round trip of milliseconds)."""
+        """Whether the fetch in flight is there, waiting up to `FetchWait.limit()` for it: a
+        fetch issued with the last push is still on its way when the next step starts, and
+        without the wait every step computes on parameters one step older than the replica's
+        own last push (a version of staleness per step, for a round trip of milliseconds)."""
         if self.pending_fetch.done():
             return True
+        limit = self.wait.limit()
+        if limit <= 0:
+            return False
         start = time.perf_counter()
-        deadline = start + self.config.downpour.fetch_wait_s
+        deadline = start + limit
         arrived = False
         while not arrived and time.perf_counter() < deadline:
             time.sleep(FETCH_POLL_S)
             arrived = self.pending_fetch.done()
         metrics["fetch_wait_s"] += time.perf_counter() - start
+        self.wait.waited(arrived)
         return arrived
 
 
