@@ -340,78 +340,101 @@ class LBFGS:
     def _strong_wolfe(self, t: float, f: float, gtd: float, d_max: float,
                       c1: float = 1e-4, c2: float = 0.9) -> tuple[float, str, float]:
         """Line search along d from x0 = x for a step satisfying the strong Wolfe conditions
-        (bracketing, then zoom by cubic interpolation). Each trial evaluates at x0 + t d into a
-        fresh vector; returns (f, name of the gradient, t) of the point chosen. "x" is left at
-        the last trial; the caller sets it to x0 + t d."""
-        temps: set[str] = set()
-        first = [("copy", "x0", "x")]
+        (`WolfeSearch`); returns (f, name of the gradient, t) of the point chosen. "x" is left
+        at the last trial; the caller sets it to x0 + t d."""
+        return WolfeSearch(self, f, gtd, c1, c2).run(t, d_max)
 
-        def trial(t: float) -> tuple[float, str, float]:
-            nonlocal first
-            name = self._fresh("ls")
-            temps.add(name)
-            f_new, (gtd_new,) = self._evaluate(first + [("lincomb", "x", 1.0, "x0", t, "d")],
-                                               name, [("dot", name, "d")])
-            first = []
-            return f_new, name, gtd_new
 
-        def keep(*live: str) -> None:  # free trial gradients nothing refers to any more
-            for name in sorted(temps - set(live)):
-                self._trash.append(("free", name))
-                temps.discard(name)
+class WolfeSearch:
+    """One strong-Wolfe line search of `opt` (an `LBFGS`) from x0 = x along d, where the loss
+    is `f` and the slope `gtd`: bracketing, then zoom by cubic interpolation, as
+    torch.optim.LBFGS does it (tests/parity/test_lbfgs.py). Each trial evaluates at x0 + t d
+    into a fresh gradient vector of the store; vectors no bracket end refers to are freed."""
 
-        f_new, g_new, gtd_new = trial(t)
-        t_prev, f_prev, g_prev, gtd_prev = 0.0, f, "g", gtd
-        done = False
-        ls_iter = 0
-        while ls_iter < self.max_ls:
+    def __init__(self, opt: LBFGS, f: float, gtd: float, c1: float, c2: float):
+        self.opt, self.f, self.gtd, self.c1, self.c2 = opt, f, gtd, c1, c2
+        self.temps: set[str] = set()
+        self.first = [("copy", "x0", "x")]  # sent with the first trial
+        self.evals = 0  # trials after the first
+
+    def trial(self, t: float) -> tuple[float, str, float]:
+        """(f, gradient name, slope along d) at x0 + t d."""
+        name = self.opt._fresh("ls")
+        self.temps.add(name)
+        f_new, (gtd_new,) = self.opt._evaluate(
+            self.first + [("lincomb", "x", 1.0, "x0", t, "d")], name, [("dot", name, "d")])
+        self.first = []
+        return f_new, name, gtd_new
+
+    def keep(self, *live: str) -> None:
+        """Free the trial gradients nothing refers to any more."""
+        for name in sorted(self.temps - set(live)):
+            self.opt._trash.append(("free", name))
+            self.temps.discard(name)
+
+    def too_high(self, t: float, f_new: float) -> bool:
+        """The sufficient-decrease (Armijo) condition fails (not for a NaN loss, as torch)."""
+        return f_new > self.f + self.c1 * t * self.gtd
+
+    def curvature(self, gtd_new: float) -> bool:
+        """The strong curvature condition holds."""
+        return abs(gtd_new) <= -self.c2 * self.gtd
+
+    def run(self, t: float, d_max: float) -> tuple[float, str, float]:
+        bracket, done = self.bracket(t)
+        self.keep(*bracket[2])
+        return self.zoom(bracket, done, d_max)
+
+    def bracket(self, t: float) -> tuple[list[list], bool]:
+        """Grow the step until an interval holds a point meeting the conditions; returns
+        ([steps, losses, gradient names, slopes] of the interval's ends, found: one end meets
+        them already)."""
+        f_new, g_new, gtd_new = self.trial(t)
+        t_prev, f_prev, g_prev, gtd_prev = 0.0, self.f, "g", self.gtd
+        while self.evals < self.opt.max_ls:
             # The order of the tests matters: a point meeting both Wolfe conditions ends the
             # search even when the slope there is positive.
-            armijo_fails = f_new > f + c1 * t * gtd or (ls_iter > 1 and f_new >= f_prev)
-            if not armijo_fails and abs(gtd_new) <= -c2 * gtd:
-                bracket, bracket_f, bracket_g = [t], [f_new], [g_new]
-                done = True
-                break
+            armijo_fails = self.too_high(t, f_new) or (self.evals > 1 and f_new >= f_prev)
+            if not armijo_fails and self.curvature(gtd_new):
+                return [[t], [f_new], [g_new], [gtd_new]], True
             if armijo_fails or gtd_new >= 0:
-                bracket, bracket_f = [t_prev, t], [f_prev, f_new]
-                bracket_g, bracket_gtd = [g_prev, g_new], [gtd_prev, gtd_new]
-                break
+                return [[t_prev, t], [f_prev, f_new], [g_prev, g_new], [gtd_prev, gtd_new]], False
             min_step, max_step = t + 0.01 * (t - t_prev), t * 10
             t_prev, t = t, cubic_interpolate(t_prev, f_prev, gtd_prev, t, f_new, gtd_new,
                                              bounds=(min_step, max_step))
             f_prev, g_prev, gtd_prev = f_new, g_new, gtd_new
-            keep(g_prev)
-            f_new, g_new, gtd_new = trial(t)
-            ls_iter += 1
-        if ls_iter == self.max_ls:
-            bracket, bracket_f, bracket_g, bracket_gtd = [0.0, t], [f, f_new], ["g", g_new], \
-                [gtd, gtd_new]
-        keep(*bracket_g)
+            self.keep(g_prev)
+            f_new, g_new, gtd_new = self.trial(t)
+            self.evals += 1
+        return [[0.0, t], [self.f, f_new], ["g", g_new], [self.gtd, gtd_new]], False
 
-        # Zoom: shrink the bracket until a point satisfies the conditions.
+    def zoom(self, ends: list[list], done: bool, d_max: float) -> tuple[float, str, float]:
+        """Shrink the interval until a point meets the conditions (or the trials run out, or
+        it is too narrow to matter); returns (f, gradient name, t) of its best end."""
+        bracket, bracket_f, bracket_g, bracket_gtd = ends
         insufficient_progress = False
         low, high = (0, 1) if bracket_f[0] <= bracket_f[-1] else (1, 0)
-        while not done and ls_iter < self.max_ls:
-            if abs(bracket[1] - bracket[0]) * d_max < self.tolerance_change:
+        while not done and self.evals < self.opt.max_ls:
+            if abs(bracket[1] - bracket[0]) * d_max < self.opt.tolerance_change:
                 break
             t, insufficient_progress = zoom_point(bracket, bracket_f, bracket_gtd,
                                                   insufficient_progress)
-            f_new, g_new, gtd_new = trial(t)
-            ls_iter += 1
-            if f_new > f + c1 * t * gtd or f_new >= bracket_f[low]:
+            f_new, g_new, gtd_new = self.trial(t)
+            self.evals += 1
+            if self.too_high(t, f_new) or f_new >= bracket_f[low]:
                 bracket[high], bracket_f[high] = t, f_new
                 bracket_g[high], bracket_gtd[high] = g_new, gtd_new
                 low, high = (0, 1) if bracket_f[0] <= bracket_f[1] else (1, 0)
             else:
-                if abs(gtd_new) <= -c2 * gtd:
+                if self.curvature(gtd_new):
                     done = True
                 elif gtd_new * (bracket[high] - bracket[low]) >= 0:  # old low becomes high
                     bracket[high], bracket_f[high] = bracket[low], bracket_f[low]
                     bracket_g[high], bracket_gtd[high] = bracket_g[low], bracket_gtd[low]
                 bracket[low], bracket_f[low] = t, f_new
                 bracket_g[low], bracket_gtd[low] = g_new, gtd_new
-            keep(*bracket_g)
-        keep(bracket_g[low])
+            self.keep(*bracket_g)
+        self.keep(bracket_g[low])
         return bracket_f[low], bracket_g[low], bracket[low]
 
 
