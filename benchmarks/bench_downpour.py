@@ -56,8 +56,8 @@ def main() -> None:
         config = base.replace(mode="downpour", ps_shards=2, momentum=0.5, **settings)
         t = DownpourTrainer(config)
         summary = t.fit()
-        spent = sum(t.replica_seconds)
-        parts = t.time_split
+        spent = sum(t.progress.replica_seconds)
+        parts = t.progress.time_split
         print(f"{name:<34} {summary['images_per_s']:>9.0f} "
               f"{summary['images_per_s'] / single:>6.3f}  "
               f"{parts['compute_s'] / spent:.0%} / "

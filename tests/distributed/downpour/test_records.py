@@ -2,9 +2,12 @@
 
 from collections import Counter
 
-from distbelief.distributed.downpour.records import (ChunkWindow, ShardMonitor, mean_staleness,
-                                                     staleness, summary_entries)
-from distbelief.engine.lifecycle import FailureBook, RunLifecycle
+import pytest
+
+from distbelief.distributed.downpour.records import (ChunkWindow, ReplicaProgress, ShardMonitor,
+                                                     mean_staleness, staleness, summary_entries)
+from distbelief.distributed.downpour.work import WorkQueue
+from distbelief.engine.lifecycle import Diverged, FailureBook, RunLifecycle
 
 
 def status(shard, version, incarnation="a", restored=None, **kw):
@@ -55,3 +58,30 @@ def test_the_window_averages_over_images_and_keeps_each_replica_s_rate():
     record = window.record([status(0, 1)], shards=[])
     assert record["loss"] == 2.0 and record["error"] == 0.25
     assert record["replica_images_per_s"] == [128.0, 0.0] and record["push_wait_s"] == 0.1
+
+
+def chunk(replica, images, seconds, **kw):
+    return {"replica": replica, "images": images, "seconds": seconds, "compute_s": seconds,
+            "fetch_wait_s": 0.25, "push_wait_s": 0.0, "loss_sum": 1.0, **kw}
+
+
+def test_replica_progress_counts_finished_chunks_and_restores_from_its_state():
+    work = WorkQueue([0, 0], total=40, chunk=10, depth=1)
+    progress = ReplicaProgress(2)
+    first, second = work.take()
+    progress.finished(work, second, chunk(1, 640, 2.0))
+    progress.finished(work, first, chunk(0, 640, 4.0))
+    assert (progress.positions, progress.steps) == ([10, 10], 20)
+    assert progress.replica_images == [640, 640] and progress.replica_seconds == [4.0, 2.0]
+    assert progress.time_split == Counter(compute_s=6.0, fetch_wait_s=0.5, push_wait_s=0.0)
+    again = ReplicaProgress(2, saved={**progress.state(), "data_stats": None})
+    assert again.state() == progress.state()
+
+
+def test_a_chunk_whose_loss_diverged_raises_and_counts_nothing():
+    work = WorkQueue([0], total=20, chunk=10, depth=1)
+    progress = ReplicaProgress(1)
+    (only,) = work.take()
+    with pytest.raises(Diverged, match="replica 0 after 0 steps; lower --lr"):
+        progress.finished(work, only, chunk(0, 640, 1.0, diverged=True, loss_sum=float("nan")))
+    assert progress.steps == 0 and progress.replica_images == [0]

@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
-
 import numpy as np
 import torch
 
 from distbelief.data import build_data
 from distbelief.distributed.downpour.actors import ReplicaActor, ShardActor, server_vector
-from distbelief.distributed.downpour.records import (TIME_PARTS, ChunkWindow, ShardMonitor,
-                                                     summary_entries)
+from distbelief.distributed.downpour.records import (ChunkWindow, ReplicaProgress,
+                                                     ShardMonitor, summary_entries)
 from distbelief.distributed.downpour.replica import FetchWait, initial_vector
 from distbelief.distributed.downpour.rules import describe
 from distbelief.distributed.downpour.shard import shard_lost
@@ -51,7 +49,7 @@ from distbelief.distributed.server_model import ServerModel, as_tensors
 from distbelief.distributed.session import DriverSession
 from distbelief.engine.checkpoint import load_checkpoint
 from distbelief.engine.config import TrainConfig, resolve
-from distbelief.engine.lifecycle import Diverged, FailureBook, RunLifecycle
+from distbelief.engine.lifecycle import FailureBook, RunLifecycle
 from distbelief.engine.losses import error_text
 from distbelief.errors import CheckpointError
 from distbelief.optim import shard_bounds
@@ -91,7 +89,7 @@ class DownpourTrainer:
 
     Raises:
         ConfigError, DataError, CheckpointError: before anything in `run_dir` is written.
-        Diverged: a replica's loss became NaN or infinite.
+        Diverged: a replica's loss became NaN or infinite (`ReplicaProgress.finished`).
         DistbeliefError: every replica failed more than `max_restarts` times, or a shard did.
     """
 
@@ -122,21 +120,18 @@ class DownpourTrainer:
         # The driver's model: evaluates and checkpoints.
         self.server = ServerModel(config, data, torch.device("cpu"), flat_of=flat_of)
         self.data, self.device = data, self.server.device
-        n = config.cluster.replicas
-        self.positions, self.steps = [0] * n, 0  # each replica's completed steps, and all
-        self.replica_images, self.replica_seconds = [0] * n, [0.0] * n
-        self.time_split = Counter()  # replicas' seconds in compute, fetch and push waits
-        if saved:
-            self.positions, self.steps = list(saved["positions"]), saved["steps"]
-            self.replica_images = list(saved["replica_images"])
-            self.replica_seconds = list(saved["replica_seconds"])
-            self.time_split.update(saved["time_split"])
+        self.progress = ReplicaProgress(config.cluster.replicas, saved)
         self.resumed_shards = saved is not None
 
     def _block_flat(self, model: torch.nn.Module) -> BlockFlat:
         return BlockFlat(self.plan.modules_of(model))
 
     # --- the Scheme protocol (engine.lifecycle) -------------------------------------------
+
+    @property
+    def steps(self) -> int:
+        """Steps completed over all replicas."""
+        return self.progress.steps
 
     @property
     def position(self) -> int:
@@ -214,8 +209,8 @@ class DownpourTrainer:
         self.monitor = ShardMonitor(FailureBook(life, c.cluster.replicas,
                                                 c.cluster.max_restarts))
         self._log_cluster(self.placed)
-        work = WorkQueue(self.positions, c.iterations, c.downpour.warmstart_steps, CHUNK_STEPS,
-                         QUEUED_CHUNKS)
+        work = WorkQueue(self.progress.positions, c.iterations, c.downpour.warmstart_steps,
+                         CHUNK_STEPS, QUEUED_CHUNKS)
         calls = ReplicaCalls(
             self.session.replicas, self.monitor.book, lost=shard_lost(c),
             position=lambda: self.steps, on_recovered=work.resume,
@@ -228,7 +223,8 @@ class DownpourTrainer:
             self._hand_out(work, calls)
             while not calls.empty:
                 for _, chunk, metrics in calls.wait(POLL_S):
-                    self._finished(work, chunk, metrics, window)
+                    self.progress.finished(work, chunk, metrics)
+                    window.add(chunk[0], metrics)
                 released = released or self._release()
                 if cadence.log.due(self.steps) or (not calls.inflight and window.sums["steps"]):
                     self._log_train(window)
@@ -249,18 +245,6 @@ class DownpourTrainer:
                 r, start, steps = chunk
                 calls.submit(r, "run", start, steps, tag=chunk)
 
-    def _finished(self, work: WorkQueue, chunk: tuple, m: dict, window: ChunkWindow) -> None:
-        r = chunk[0]
-        if m.get("diverged"):
-            raise Diverged(f"training diverged (loss {m['loss_sum']}) on replica {r} after "
-                           f"{self.steps} steps; lower --lr (the last checkpoint is kept)")
-        work.finished(chunk)
-        self.positions, self.steps = list(work.positions), work.completed
-        self.replica_images[r] += m["images"]
-        self.replica_seconds[r] += m["seconds"]
-        self.time_split.update({k: m[k] for k in TIME_PARTS})
-        window.add(r, m)
-
     def _replica_failed(self, work: WorkQueue, r: int, tags: list, restarted: bool) -> None:
         """Replica r died (counted by the book): its chunks are handed out again from its last
         completed step; a restarted replica waits for Ray (paused) until it answers."""
@@ -274,7 +258,7 @@ class DownpourTrainer:
         if self.steps < self.config.downpour.warmstart_steps:
             return False
         self.life.log({"kind": "release", "iteration": self.steps,
-                       "positions": list(self.positions)})
+                       "positions": list(self.progress.positions)})
         return True
 
     def _evaluate_and_checkpoint(self, cadence) -> None:
@@ -317,9 +301,7 @@ class DownpourTrainer:
                  for k, snap in enumerate(snapshots)}
         files["last"] = self.server.checkpoint(vector, self.steps, self.life.wall_s, "downpour")
         self.life.save_generation(self.config, {
-            "positions": self.positions, "steps": self.steps,
-            "replica_images": self.replica_images, "replica_seconds": self.replica_seconds,
-            "time_split": dict(self.time_split), "data_stats": self.data.stats,
+            **self.progress.state(), "data_stats": self.data.stats,
             "partition_bounds": self.plan.bounds if self.plan else None}, files, self.steps)
 
     def summary(self) -> dict:
@@ -328,8 +310,9 @@ class DownpourTrainer:
         out = {"replicas": c.cluster.replicas, "ps_shards": c.cluster.ps_shards,
                "optimizer": c.optimizer, "update_rule": describe(c), "n_fetch": c.downpour.n_fetch,
                "n_push": c.downpour.n_push,
-               **summary_entries(statuses, self.life.counters, self.replica_images,
-                                 self.replica_seconds, self.time_split, self.life.wall_s)}
+               **summary_entries(statuses, self.life.counters, self.progress.replica_images,
+                                 self.progress.replica_seconds, self.progress.time_split,
+                                 self.life.wall_s)}
         if self.plan is not None:
             out.update(partition_summary(statuses, self.slots, c.cluster.partitions))
         return out

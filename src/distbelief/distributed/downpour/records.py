@@ -1,15 +1,53 @@
-"""What the Downpour driver records: the replicas' chunk metrics (`ChunkWindow`), what it reads
-from the shards' statuses (`ShardMonitor`: restarts and the updates they lost, per-shard rates,
-staleness) and the summary's Downpour entries. No Ray here."""
+"""What the Downpour driver records: what the replicas have done (`ReplicaProgress`), their chunk
+metrics since the last record (`ChunkWindow`), what it reads from the shards' statuses
+(`ShardMonitor`: restarts and the updates they lost, per-shard rates, staleness) and the
+summary's Downpour entries. No Ray here."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
 
+from distbelief.engine.lifecycle import Diverged
+
 TIME_PARTS = ("compute_s", "fetch_wait_s", "push_wait_s")  # where a replica's time goes
 FAILURE_COUNTS = ("replica_failures", "replica_restarts", "replica_steps_lost",
                   "shard_failures", "shard_updates_lost")
+
+
+class ReplicaProgress:
+    """The replicas' completed work, which the driver checkpoints: each one's completed steps
+    (`positions`), all of them (`steps`), images and seconds per replica, and where their time
+    went (`time_split`, TIME_PARTS summed). `saved`: the driver state of a resumed run."""
+
+    def __init__(self, replicas: int, saved: dict | None = None):
+        self.positions, self.steps = [0] * replicas, 0
+        self.replica_images, self.replica_seconds = [0] * replicas, [0.0] * replicas
+        self.time_split = Counter()
+        if saved:
+            self.positions, self.steps = list(saved["positions"]), saved["steps"]
+            self.replica_images = list(saved["replica_images"])
+            self.replica_seconds = list(saved["replica_seconds"])
+            self.time_split.update(saved["time_split"])
+
+    def finished(self, work, chunk: tuple, m: dict) -> None:
+        """Replica chunk[0] finished `chunk` with metrics `m`: `work` (a `WorkQueue`) says
+        where every replica stands now. Raises `Diverged` if its loss became NaN or Inf."""
+        r = chunk[0]
+        if m.get("diverged"):
+            raise Diverged(f"training diverged (loss {m['loss_sum']}) on replica {r} after "
+                           f"{self.steps} steps; lower --lr (the last checkpoint is kept)")
+        work.finished(chunk)
+        self.positions, self.steps = list(work.positions), work.completed
+        self.replica_images[r] += m["images"]
+        self.replica_seconds[r] += m["seconds"]
+        self.time_split.update({k: m[k] for k in TIME_PARTS})
+
+    def state(self) -> dict:
+        """What `ReplicaProgress(replicas, saved=...)` restores."""
+        return {"positions": self.positions, "steps": self.steps,
+                "replica_images": self.replica_images, "replica_seconds": self.replica_seconds,
+                "time_split": dict(self.time_split)}
 
 
 class ChunkWindow:
