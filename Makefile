@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test test-all bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/distbelief train --recipe digits-downpour
 
+# Everything but the tests marked slow (a few minutes each: kills, node loss, SIGKILL, real
+# CIFAR-10); `make test-all` runs those too. The slowest durations are printed for the next trim.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow" --durations=25
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest --durations=25
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_models.py

@@ -55,7 +55,10 @@ def assert_history_never_repeats(out, iterations: int):
     assert train[-1] == iterations and evals[-1] == iterations
 
 
-@pytest.mark.parametrize("mode", list(MODES))
+# Ctrl-C in downpour and sandblaster takes the same path fast (test_cli_downpour,
+# test_cli_sandblaster); their SIGTERM runs (~1 min each) are in make test-all.
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=pytest.mark.slow)
+                                  if m in ("downpour", "sandblaster") else m for m in MODES])
 def test_sigterm_checkpoints_stops_quietly_and_resume_finishes(tmp_path, ray_watch, mode):
     rng = random.Random(mode)
     before = ray_watch.processes()
@@ -89,6 +92,7 @@ def test_sigterm_checkpoints_stops_quietly_and_resume_finishes(tmp_path, ray_wat
             assert torch.equal(resumed[name], value), name
 
 
+@pytest.mark.slow  # ~2 min; make test-all
 def test_sigkill_loses_at_most_the_time_since_the_last_checkpoint(tmp_path, ray_watch):
     """The driver killed outright (no signal to catch): Ray's processes die with it, and
     --resume continues from the newest complete checkpoint generation."""

@@ -38,6 +38,7 @@ def remove_a_node_when(trainer, cluster, steps: int, removed: list):
     threading.Thread(target=run, daemon=True).start()
 
 
+@pytest.mark.slow  # ~80 s; make test-all
 def test_downpour_survives_the_loss_of_a_node_holding_a_shard_and_a_replica(cluster, tmp_path):
     run = tmp_path / "run"
     config = get_recipe("digits-downpour").replace(ps_shards=3, snapshot_every_s=0.5)

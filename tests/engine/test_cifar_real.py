@@ -26,6 +26,7 @@ def test_official_counts_and_classes():
     assert torch.bincount(test.labels).tolist() == [1000] * 10
 
 
+@pytest.mark.slow  # ~35 s; make test-all
 def test_paper_recipe_runs_with_the_45k_5k_split():
     config = get_recipe("cifar10-paper").replace(
         data_dir=str(ROOT), val_split=5000, iterations=4, log_every=2, eval_batch_size=1000)

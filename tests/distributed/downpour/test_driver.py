@@ -30,6 +30,7 @@ def kill_when(trainer, steps, pick):
     return thread
 
 
+@pytest.mark.slow  # ~1 min; make test-all
 def test_two_replicas_two_shards_learn_digits(tmp_path):
     run = tmp_path / "run"
     summary = DownpourTrainer(get_recipe("digits-downpour"), run).fit()
@@ -51,6 +52,7 @@ def test_two_replicas_two_shards_learn_digits(tmp_path):
     assert json.loads((run / "summary.json").read_text())["mode"] == "downpour"
 
 
+@pytest.mark.slow  # ~1 min; make test-all
 def test_a_killed_replica_is_restarted_and_training_completes(tmp_path):
     run = tmp_path / "run"
     trainer = DownpourTrainer(get_recipe("digits-downpour"), run)
@@ -63,6 +65,7 @@ def test_a_killed_replica_is_restarted_and_training_completes(tmp_path):
     assert failures[0]["actor"] == "replica 1" and failures[0]["restarted"]
 
 
+@pytest.mark.slow  # ~1 min; make test-all
 def test_a_killed_shard_restarts_from_its_snapshot(tmp_path):
     run = tmp_path / "run"
     config = get_recipe("digits-downpour").replace(snapshot_every_s=0.5)

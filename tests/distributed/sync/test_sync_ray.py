@@ -62,6 +62,7 @@ def test_two_workers_stop_on_request_and_resume(tmp_path):
     assert iterations == sorted(set(iterations)) and iterations[-1] == 60  # none twice
 
 
+@pytest.mark.slow  # make test-all
 def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path):
     import ray
 
