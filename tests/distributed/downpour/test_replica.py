@@ -179,3 +179,10 @@ def test_the_automatic_fetch_wait_is_half_a_step_and_backs_off_after_a_miss():
     fixed.waited(arrived=False)
     assert fixed.limit() == 0.05  # a given wait is kept as given
 
+
+def test_the_driver_says_which_fetch_wait_is_in_force():
+    say = {w: FetchWait.describe(digits_config(overlap=True, fetch_wait_s=w))
+           for w in (None, 0.0, 0.05)}
+    assert say[None] == "waits for its fetch up to 0.5 of a step (--fetch-wait-s)"
+    assert say[0.0].startswith("never waits") and "0.05 s" in say[0.05]
+    assert FetchWait.describe(digits_config(overlap=False)) == "waits for every fetch (no overlap)"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import time
+
 import numpy as np
 import torch
 
