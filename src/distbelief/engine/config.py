@@ -31,7 +31,7 @@ DATASETS = ("digits", "cifar10", "imagenet", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
 WARMUP_MODES = ("constant", "linear")
 OPTIMIZERS = ("sgd", "adagrad")
-STALENESS_RULES = ("none", "lr", "momentum", "dc")  # distributed.downpour.rules
+STALENESS_RULES = ("none", "lr", "momentum", "dc", "dana")  # distributed.downpour.rules
 TRANSFER_DTYPES = ("float32", "bfloat16", "float16")  # distributed.wire
 MODES = ("single", "downpour", "sandblaster", "sync")
 DISTRIBUTED_MODES = ("downpour", "sandblaster", "sync")
@@ -93,7 +93,8 @@ class DownpourConfig:
     staleness_rule: str = _opt("downpour: how shards apply a stale gradient: momentum (the "
                                "recipe's momentum less the ~1-1/N asynchrony adds, Mitliagkas "
                                "2016), lr (lr / staleness, Zhang 2016), dc (delay compensation, "
-                               "Zheng 2017), none (Dean 2012); combined with +, as "
+                               "Zheng 2017), dana (a momentum per replica and look-ahead "
+                               "fetches, Hakimi 2019), none (Dean 2012); combined with +, as "
                                "momentum+lr", default="momentum")
     dc_lambda: float = _opt("downpour: lambda of --staleness-rule dc", default=0.04)
     ps_transfer_dtype: str = _opt("downpour: the dtype pushes and pulls travel in: float32, "
@@ -464,12 +465,25 @@ def _check_rules(c: TrainConfig) -> None:
                           f"--iterations {c.iterations}")
     if c.data in ("cifar10", "imagenet") and not c.data_dir:
         raise ConfigError(f"dataset {c.data} needs --data-dir")
+    _check_staleness_rule(c)
     if c.compile and c.mode != "single":
         raise ConfigError("--compile applies to --mode single")
     _check_partitions(c)
     if c.mode == "sandblaster" and c.data == "imagenet":
         raise ConfigError("--mode sandblaster needs an in-memory dataset (digits, cifar10 or "
                           "synthetic): portions index the training split")
+
+
+def _check_staleness_rule(c: TrainConfig) -> None:
+    rules = set(c.downpour.staleness_rule.split("+"))
+    if "dana" not in rules:
+        return
+    if c.optimizer != "sgd":
+        raise ConfigError("--staleness-rule dana needs --optimizer sgd (it looks ahead by the "
+                          "replicas' momentum)")
+    if rules & {"momentum", "dc"}:
+        raise ConfigError("--staleness-rule dana combines with lr only (it replaces the "
+                          "momentum correction, and dc would compensate from the wrong values)")
 
 
 def _check_partitions(c: TrainConfig) -> None:

@@ -113,3 +113,56 @@ def test_describe_names_the_rule_in_force():
     assert "does not apply" in describe(config(staleness_rule="momentum", optimizer="adagrad"))
     with pytest.raises(ConfigError, match="staleness rule"):
         config(staleness_rule="stale")
+
+
+def test_dana_keeps_a_momentum_per_replica_and_serves_the_look_ahead():
+    s = shard([1.0], staleness_rule="dana", momentum=0.5, replicas=2)
+    s.push(torch.tensor([1.0]), 0, source=(0, "a", 1))  # v0 = 1, w = 0.9
+    w, version = s.pull(source=1)
+    close(w, [0.9 - 0.1 * 0.5 * 1.0])  # looked ahead by v0 + v1 = 1
+    s.push(torch.tensor([2.0]), 0, source=(1, "b", 1))  # v1 = 2, w = 0.7
+    s.push(torch.tensor([1.0]), 1, source=(0, "a", 2))  # v0 = 0.5 + 1, w = 0.55
+    close(s.w, [0.55])
+    close(s.pull(source=0)[0], [0.55 - 0.05 * 3.5])
+    close(s.pull()[0], [0.55])  # the driver's pull (no source): the parameters themselves
+    half, _ = s.pull(source=0, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and abs(float(half) - 0.375) < 2e-3
+    assert s.update.momentum() == 0.5 and "Hakimi" in describe(config(staleness_rule="dana"))
+
+
+def test_dana_with_one_replica_is_torch_s_nesterov_sgd():
+    """With one replica that waits for every fetch and push, the fetched look-ahead follows
+    torch.optim.SGD(nesterov=True) exactly (without weight decay, which DANA takes at w)."""
+    a = torch.tensor([[2.0, 0.5], [0.5, 1.0]])
+    s = shard([1.0, -1.0], staleness_rule="dana", momentum=0.9, replicas=1)
+    p = torch.tensor([1.0, -1.0], requires_grad=True)
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, nesterov=True)
+    for k in range(6):
+        fetched, version = s.pull(source=0)
+        torch.testing.assert_close(fetched, p.detach(), rtol=0, atol=1e-6)
+        s.push(a @ fetched, version, source=(0, "x", k + 1))
+        opt.zero_grad()
+        (0.5 * p @ a @ p).backward()
+        opt.step()
+
+
+def test_dana_survives_a_snapshot():
+    a = shard([1.0, 1.0], staleness_rule="dana", momentum=0.9, replicas=2)
+    for k, replica in enumerate((0, 1, 0)):
+        a.push(torch.tensor([1.0, -1.0]), k, source=(replica, "r", k))
+    b = shard([0.0, 0.0], staleness_rule="dana", momentum=0.9, replicas=2)
+    b.restore(a.snapshot())
+    assert sorted(b.update.lookahead.velocity) == [0, 1]
+    for s in (a, b):
+        s.push(torch.tensor([0.5, 0.5]), 3, source=(1, "r", 9))
+    assert torch.equal(a.w, b.w) and torch.equal(a.pull(source=0)[0], b.pull(source=0)[0])
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"staleness_rule": "dana", "optimizer": "adagrad"}, "needs --optimizer sgd"),
+    ({"staleness_rule": "dana+momentum"}, "combines with lr only"),
+    ({"staleness_rule": "dc+dana"}, "combines with lr only"),
+])
+def test_dana_refuses_what_it_cannot_combine_with(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        config(**settings)

@@ -17,9 +17,16 @@ momentum, or Adagrad) is then applied with one of these corrections, `--stalenes
   diagonal Taylor term to the parameters it is applied to,
   g + lambda * g * g * (w_now - w_fetched), lambda = --dc-lambda (DC-ASGD-c). The shard keeps
   the values each replica fetched, by version, until that replica pushes from a later one.
+- ``dana``: each replica's gradients go into a momentum of its own, and a replica fetches the
+  parameters looked ahead by every replica's momentum, w - lr * momentum * sum_i v_i, where the
+  server will be when its gradient arrives if no new gradient came in the meantime (Hakimi et
+  al., 2019, "Taming Momentum in a Distributed Asynchronous Environment", DANA-Zero). The
+  recipe's momentum is used unchanged; with one replica this is Nesterov's momentum. The shard
+  holds replicas + 1 momentum vectors instead of one.
 
-Rules combine with "+" (``momentum+lr``: both corrections). Adagrad takes ``lr`` (its gamma is
-divided) and ``dc``; ``momentum`` leaves it unchanged, since it has no momentum to correct.
+Rules combine with "+" (``momentum+lr``: both corrections; ``dana`` takes ``lr`` only). Adagrad
+takes ``lr`` (its gamma is divided) and ``dc``; ``momentum`` leaves it unchanged, since it has no
+momentum to correct, and ``dana`` needs SGD's momentum.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ SOURCES = {  # one per engine.config.STALENESS_RULES
     "lr": "lr / staleness (Zhang et al., 2016)",
     "momentum": "momentum less the ~1-1/N asynchrony adds (Mitliagkas et al., 2016)",
     "dc": "delay compensation g + lambda g*g*(w - w_fetched) (Zheng et al., 2017)",
+    "dana": "a momentum per replica, gradients at the look-ahead w - lr*momentum*sum(v) "
+            "(Hakimi et al., 2019)",
 }
 
 
@@ -79,6 +88,47 @@ def describe(config) -> str:
     return f"{base}; staleness rule {config.downpour.staleness_rule}: {'; '.join(parts)}"
 
 
+class Lookahead:
+    """DANA-Zero's state (rule ``dana``): a momentum vector per source and their sum.
+
+    `step(w, g, source, ...)` is the SGD step with `source`'s own momentum (the first push of
+    a source starts it at zero, so its first step is v = g as torch's); `ahead(w, lr, momentum)`
+    is w - lr * momentum * sum of all sources' momentum, where a fetching replica computes its
+    next gradient. The sum is kept up to date at every step, so a fetch costs one pass."""
+
+    def __init__(self, n: int, ranges: Ranges):
+        self.n, self.ranges = n, ranges
+        self.velocity: dict[int, torch.Tensor] = {}
+        self.total = torch.zeros(n)
+
+    def step(self, w: torch.Tensor, g: torch.Tensor, source: int, lr: float, momentum: float,
+             weight_decay: float, nesterov: bool) -> None:
+        v = self.velocity.get(source)
+        if v is None:
+            v = self.velocity[source] = torch.zeros(self.n)
+        total = self.total
+
+        def part(lo: int, hi: int) -> None:
+            total[lo:hi].sub_(v[lo:hi])
+            sgd_update(w[lo:hi], g[lo:hi], v[lo:hi], lr, momentum, weight_decay, nesterov)
+            total[lo:hi].add_(v[lo:hi])
+        self.ranges.run(self.n, part)
+
+    def ahead(self, w: torch.Tensor, lr: float, momentum: float, out: torch.Tensor) -> None:
+        """out = w - lr * momentum * sum of the sources' momentum."""
+        total, alpha = self.total, -lr * momentum
+        self.ranges.run(self.n, lambda lo, hi: torch.add(w[lo:hi], total[lo:hi], alpha=alpha,
+                                                         out=out[lo:hi]))
+
+    def state_dict(self) -> dict:
+        return {"velocity": {str(k): v for k, v in self.velocity.items()},
+                "velocity_total": self.total}
+
+    def load_state_dict(self, state: dict, tensor) -> None:
+        self.velocity = {int(k): tensor(v) for k, v in state["velocity"].items()}
+        self.total = tensor(state["velocity_total"])
+
+
 class StaleUpdate:
     """The update a shard applies to its parameter elements, with the staleness rule.
 
@@ -97,6 +147,7 @@ class StaleUpdate:
         self.fetched: dict[int, dict[int, torch.Tensor]] = {}  # source -> version -> values
         self.uncompensated = 0
         self.ranges = Ranges(threads)  # the update's elements, cut among the shard's threads
+        self.lookahead = Lookahead(n, self.ranges) if "dana" in self.rules else None
 
     def remember(self, source: int | None, version: int, w: torch.Tensor) -> None:
         if "dc" not in self.rules or source is None:
@@ -118,7 +169,20 @@ class StaleUpdate:
             lr = staleness_lr(lr, staleness)
         if "dc" in self.rules:
             g = self._compensate(w, g, source, base_version)
+        if self.lookahead is not None:
+            c = self.config
+            self.lookahead.step(w, g, -1 if source is None else source, lr, c.momentum,
+                                c.weight_decay, c.nesterov)
+            return
         self._step(w, g, lr)
+
+    def fetched_values(self, w: torch.Tensor, lr: float, out: torch.Tensor) -> bool:
+        """Write into `out` the parameters a replica fetching now should compute at, where they
+        differ from `w` (rule ``dana``: the look-ahead); False where they are `w` itself."""
+        if self.lookahead is None:
+            return False
+        self.lookahead.ahead(w, lr, self.config.momentum, out)
+        return True
 
     def _step(self, w: torch.Tensor, g: torch.Tensor, lr: float) -> None:
         """The optimizer's step, fused (`optim`) and cut among the shard's threads."""
@@ -148,9 +212,12 @@ class StaleUpdate:
         return delay_compensated(g.float(), w, w_fetched, self.config.downpour.dc_lambda)
 
     def state_dict(self) -> dict:
-        return {"opt_state": self.opt_state, "mean_staleness": self.mean_staleness}
+        return {"opt_state": self.opt_state, "mean_staleness": self.mean_staleness,
+                **(self.lookahead.state_dict() if self.lookahead is not None else {})}
 
     def load_state_dict(self, state: dict, tensor) -> None:
         """`tensor` turns a stored array into a float32 tensor of our own."""
         self.opt_state = None if state["opt_state"] is None else tensor(state["opt_state"])
         self.mean_staleness = float(state.get("mean_staleness", self.mean_staleness))
+        if self.lookahead is not None:
+            self.lookahead.load_state_dict(state, tensor)

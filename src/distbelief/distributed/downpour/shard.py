@@ -75,6 +75,7 @@ class ParameterShard:
         self.schedule = LRSchedule(config)
         self.update = StaleUpdate(config, self.split, config.cluster.ps_threads)
         self.wire: torch.Tensor | None = None  # the values in a pull's transfer dtype
+        self.ahead: torch.Tensor | None = None  # rule dana: the values replicas fetch
         self.version = self.steps = self.rejected = self.duplicates = 0
         self.bytes_in = self.bytes_out = 0
         self.staleness: Counter[int] = Counter()
@@ -94,13 +95,26 @@ class ParameterShard:
         reuses (`copy` False) or a new tensor."""
         self.bytes_out += self.w.numel() * torch.finfo(dtype).bits // 8
         self.update.remember(source, self.version, self.w[:self.split])
-        if dtype == torch.float32:
-            return (self.w.clone() if copy else self.w), self.version
+        w = self.w if source is None else self._fetched_values(copy)
+        if dtype == torch.float32:  # a look-ahead is in a buffer of its own already
+            return (w.clone() if copy and w is self.w else w), self.version
         if self.wire is None or self.wire.dtype != dtype or copy:
             self.wire = torch.empty(self.w.shape, dtype=dtype)
-        wire, w = self.wire, self.w
+        wire = self.wire
         self.update.ranges.run(w.numel(), lambda lo, hi: wire[lo:hi].copy_(w[lo:hi]))
         return wire, self.version
+
+    def _fetched_values(self, copy: bool) -> torch.Tensor:
+        """What a replica fetches: `w`, or under rule ``dana`` its look-ahead parameters (with
+        the buffers as they are) in a new tensor (`copy`) or one the next such pull reuses."""
+        if self.update.lookahead is None:
+            return self.w
+        if copy or self.ahead is None:
+            self.ahead = torch.empty_like(self.w)
+        self.update.fetched_values(self.w[:self.split], self.schedule.lr_at(self.steps),
+                                   self.ahead[:self.split])
+        self.ahead[self.split:].copy_(self.w[self.split:])
+        return self.ahead
 
     def push(self, update: torch.Tensor, base_version: int, steps: int = 1,
              errors: tuple[float, ...] = (), source: tuple | None = None) -> dict:
@@ -171,10 +185,19 @@ class ParameterShard:
         return {"index": self.index, "lo": self.lo, "hi": self.hi, "rule": self.rule,
                 "order": self.version, "w": copy("w", self.w),
                 "opt_state": copy("opt_state", self.update.opt_state),
+                **self._lookahead_snapshot(copy),
                 "mean_staleness": self.update.mean_staleness, "version": self.version,
                 "steps": self.steps,
                 "schedule": self.schedule.state_dict(), "rejected": self.rejected,
                 "staleness": dict(self.staleness), "applied": dict(self.applied)}
+
+    def _lookahead_snapshot(self, copy) -> dict:
+        """Rule dana's momentum vectors, through `snapshot`'s `copy` (none for other rules)."""
+        ahead = self.update.lookahead
+        if ahead is None:
+            return {}
+        return {"velocity": {str(k): copy(f"velocity/{k}", v) for k, v in ahead.velocity.items()},
+                "velocity_total": copy("velocity_total", ahead.total)}
 
     def snapshot_due(self) -> bool:
         return self.clock() - self.last_snapshot >= self.config.downpour.snapshot_every_s
