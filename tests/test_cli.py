@@ -70,7 +70,7 @@ def exit_code(argv):
     (["train", "--mode", "sync", "--replicas", "12", "--batch-size", "128"],
      "12 workers with batches of 128 need more than the 1437 training images"),
     (["train", "--mode", "downpour", "--staleness-rule", "stale"],
-     "invalid staleness rule 'stale'; choose one of: 'none', 'lr', 'momentum', 'dc'"),
+     "invalid staleness rule 'stale'; choose one of: 'none', 'lr', 'momentum', 'dc', 'dana'"),
     (["train", "--mode", "downpour", "--staleness-rule", "momentum+late"],
      "invalid staleness rule 'late'"),
     (["train", "--mode", "downpour", "--ps-transfer-dtype", "int8"],

@@ -64,7 +64,8 @@ def test_the_example_trains_its_own_class(mode):
 
 @pytest.mark.parametrize("mode, settings", [
     # The default momentum 0.9: two asynchronous replicas diverged on this problem before the
-    # shards corrected it for staleness (--staleness-rule momentum, the default).
+    # shards corrected it for staleness (--staleness-rule momentum, or dana+lr, the default;
+    # dana alone diverges here, at staleness ~5).
     ("downpour", dict(replicas=2, ps_shards=2, batch_size=32, iterations=300, lr=0.02)),
     ("sandblaster", dict(replicas=2, ps_shards=2, batch_size=0, iterations=20, lr=1.0)),
     ("sync", dict(replicas=2, batch_size=16, iterations=150, lr=0.02)),

@@ -1,5 +1,7 @@
 """Downpour with one replica and no overlap is plain SGD: it equals the single-process trainer
-(to 1e-6), in-process on 1-3 shards and through real Ray actors."""
+(to 1e-6), in-process on 1-3 shards and through real Ray actors. Under staleness rule
+`momentum`, which is the recipe's momentum without staleness; the default rule, dana, is
+Nesterov's momentum with one replica (tests/distributed/downpour/test_rules.py)."""
 
 import pytest
 import torch
@@ -15,7 +17,8 @@ from support.downpour import digits_config, make_shards
 @pytest.mark.parametrize("optimizer,lr,shards", [("sgd", 0.05, 1), ("sgd", 0.05, 3),
                                                   ("adagrad", 0.02, 2)])
 def test_one_replica_equals_the_single_process_trainer(optimizer, lr, shards):
-    config = digits_config(optimizer=optimizer, lr=lr, ps_shards=shards, weight_decay=5e-4)
+    config = digits_config(optimizer=optimizer, lr=lr, ps_shards=shards, weight_decay=5e-4,
+                           staleness_rule="momentum")
     trainer = Trainer(config.replace(mode="single"))
     reference_start, _ = model_vector(trainer.model)
     trainer.train_until(25)
@@ -37,7 +40,7 @@ def parity_config(**kw):
     settings = dict(recipe="test", mode="downpour", replicas=1, ps_shards=2, overlap=False,
                     iterations=25, batch_size=32, milestones=(12,), lr=0.05, device="cpu",
                     deterministic=True, channels_last=False, log_every=5, eval_every=0,
-                    checkpoint_every=0)
+                    checkpoint_every=0, staleness_rule="momentum")
     return get_recipe("digits").replace(**{**settings, **kw})
 
 

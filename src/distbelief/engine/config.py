@@ -90,12 +90,14 @@ class DownpourConfig:
                                       "has (default: up to half its step time, and not after a "
                                       "wait that timed out; 0: never, the paper's replica)",
                                       default=None)
-    staleness_rule: str = _opt("downpour: how shards apply a stale gradient: momentum (the "
-                               "recipe's momentum less the ~1-1/N asynchrony adds, Mitliagkas "
-                               "2016), lr (lr / staleness, Zhang 2016), dc (delay compensation, "
-                               "Zheng 2017), dana (a momentum per replica and look-ahead "
-                               "fetches, Hakimi 2019), none (Dean 2012); combined with +, as "
-                               "momentum+lr", default="momentum")
+    staleness_rule: str = _opt("downpour: how shards apply a stale gradient: dana (a momentum "
+                               "per replica and fetches looked ahead by them, Hakimi 2019; "
+                               "Nesterov's momentum with one replica), lr (lr / staleness, "
+                               "Zhang 2016), momentum (the recipe's momentum less the ~1-1/N "
+                               "asynchrony adds, Mitliagkas 2016), dc (delay compensation, "
+                               "Zheng 2017), none (Dean 2012); combined with +, as dana+lr "
+                               "(the default: dana, and lr for staleness beyond 1)",
+                               default="dana+lr")
     dc_lambda: float = _opt("downpour: lambda of --staleness-rule dc", default=0.04)
     ps_transfer_dtype: str = _opt("downpour: the dtype pushes and pulls travel in: float32, "
                                   "bfloat16 or float16 (half the bytes; the shards keep and "
@@ -478,9 +480,6 @@ def _check_staleness_rule(c: TrainConfig) -> None:
     rules = set(c.downpour.staleness_rule.split("+"))
     if "dana" not in rules:
         return
-    if c.optimizer != "sgd":
-        raise ConfigError("--staleness-rule dana needs --optimizer sgd (it looks ahead by the "
-                          "replicas' momentum)")
     if rules & {"momentum", "dc"}:
         raise ConfigError("--staleness-rule dana combines with lr only (it replaces the "
                           "momentum correction, and dc would compensate from the wrong values)")

@@ -107,10 +107,11 @@ def test_rules_survive_a_snapshot():
 
 
 def test_describe_names_the_rule_in_force():
-    assert "staleness rule momentum" in describe(config(momentum=0.9))
-    assert "Mitliagkas" in describe(config(momentum=0.9))
+    assert "staleness rule dana+lr" in describe(config(momentum=0.9))  # the default
+    assert "Mitliagkas" in describe(config(momentum=0.9, staleness_rule="momentum"))
     assert "lambda 0.04" in describe(config(staleness_rule="dc"))
-    assert "does not apply" in describe(config(staleness_rule="momentum", optimizer="adagrad"))
+    for rule in ("momentum", "dana"):
+        assert "do not apply" in describe(config(staleness_rule=rule, optimizer="adagrad"))
     with pytest.raises(ConfigError, match="staleness rule"):
         config(staleness_rule="stale")
 
@@ -146,6 +147,13 @@ def test_dana_with_one_replica_is_torch_s_nesterov_sgd():
         opt.step()
 
 
+def test_dana_leaves_adagrad_as_it_is():
+    s = shard([0.0], staleness_rule="dana", optimizer="adagrad", lr=1.0, replicas=2)
+    s.push(torch.tensor([3.0]), 0, source=(0, "a", 1))  # h = 9: w -= 3 / 3
+    assert s.update.lookahead is None
+    close(s.pull(source=1)[0], [-1.0])
+
+
 def test_dana_survives_a_snapshot():
     a = shard([1.0, 1.0], staleness_rule="dana", momentum=0.9, replicas=2)
     for k, replica in enumerate((0, 1, 0)):
@@ -156,10 +164,14 @@ def test_dana_survives_a_snapshot():
     for s in (a, b):
         s.push(torch.tensor([0.5, 0.5]), 3, source=(1, "r", 9))
     assert torch.equal(a.w, b.w) and torch.equal(a.pull(source=0)[0], b.pull(source=0)[0])
+    # A snapshot saved under another rule: the momentum vectors start at zero.
+    c = shard([0.0, 0.0], staleness_rule="momentum", momentum=0.9, replicas=2)
+    d = shard([0.0, 0.0], staleness_rule="dana", momentum=0.9, replicas=2)
+    d.restore(c.snapshot())
+    assert d.update.lookahead.velocity == {} and not d.update.lookahead.total.any()
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"staleness_rule": "dana", "optimizer": "adagrad"}, "needs --optimizer sgd"),
     ({"staleness_rule": "dana+momentum"}, "combines with lr only"),
     ({"staleness_rule": "dc+dana"}, "combines with lr only"),
 ])

@@ -135,17 +135,23 @@ def test_a_finite_push_whose_sum_overflows_is_accepted():
     assert s.push(torch.tensor([3e38, 3e38]), 0)["accepted"]  # sum is inf, elements are not
 
 
-def test_a_shard_on_threads_updates_bit_for_bit_as_on_one():
+@pytest.mark.parametrize("rule", ["momentum", "dana"])
+def test_a_shard_on_threads_updates_bit_for_bit_as_on_one(rule):
     n = 5 * 65536 + 9
     values = torch.randn(n)
-    one = ParameterShard(0, 0, n, n - 4, values, config(weight_decay=1e-4))
-    three = ParameterShard(0, 0, n, n - 4, values, config(weight_decay=1e-4, ps_threads=3))
+    settings = dict(weight_decay=1e-4, staleness_rule=rule)
+    one = ParameterShard(0, 0, n, n - 4, values, config(**settings))
+    three = ParameterShard(0, 0, n, n - 4, values, config(**settings, ps_threads=3))
     for k in range(3):
         g = torch.randn(n, generator=torch.Generator().manual_seed(k))
-        one.push(g, one.version)
-        three.push(g, three.version)
+        one.push(g, one.version, source=(k % 2, "r", k))
+        three.push(g, three.version, source=(k % 2, "r", k))
     assert torch.equal(one.w, three.w)
-    assert torch.equal(one.update.opt_state, three.update.opt_state)
+    assert torch.equal(one.pull(source=0)[0], three.pull(source=0)[0])
+    if rule == "momentum":
+        assert torch.equal(one.update.opt_state, three.update.opt_state)
+    else:
+        assert torch.equal(one.update.lookahead.total, three.update.lookahead.total)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 def test_one_partitioned_replica_without_overlap_equals_the_trainer(tmp_path):
     c = digits_config(iterations=12, milestones=(6,), log_every=4, eval_every=0,
                       checkpoint_every=0, channels_last=False, replicas=1, ps_shards=3,
-                      partitions=2, replica_cpus=1)
+                      partitions=2, replica_cpus=1, staleness_rule="momentum")
     summary = DownpourTrainer(c, tmp_path / "run").fit()
     assert summary["shard_partitions"] == [0, 1, 1] and summary["shard_updates"] == [12] * 3
     assert summary["staleness"] == {0: 36}  # never stale: no overlap, one replica

@@ -107,12 +107,13 @@ class ParameterShard:
     def _fetched_values(self, copy: bool) -> torch.Tensor:
         """What a replica fetches: `w`, or under rule ``dana`` its look-ahead parameters (with
         the buffers as they are) in a new tensor (`copy`) or one the next such pull reuses."""
-        if self.update.lookahead is None:
+        lookahead = self.update.lookahead
+        if lookahead is None:
             return self.w
         if copy or self.ahead is None:
             self.ahead = torch.empty_like(self.w)
-        self.update.fetched_values(self.w[:self.split], self.schedule.lr_at(self.steps),
-                                   self.ahead[:self.split])
+        lookahead.ahead(self.w[:self.split], self.schedule.lr_at(self.steps),
+                        self.config.momentum, self.ahead[:self.split])
         self.ahead[self.split:].copy_(self.w[self.split:])
         return self.ahead
 
