@@ -236,7 +236,7 @@ class Downpour:
         cluster = {"replicas": 2, "ps_shards": 2}
         configs = {
             "single": base,
-            # The recipe's momentum: the shards take off what asynchrony adds (--staleness-rule).
+            # The recipe's momentum: the shards correct for staleness (--staleness-rule).
             "downpour": base.replace(mode="downpour", **cluster),
             # Adagrad on the shards, as the paper's best Downpour (its rate is not SGD's).
             "downpour-adagrad": base.replace(mode="downpour", optimizer="adagrad", lr=0.05,
