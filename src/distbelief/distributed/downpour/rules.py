@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from distbelief.optim import Ranges, adagrad_update, sgd_update
+from distbelief.optim import Ranges, adagrad_update, chunks, sgd_update
 
 # The default, DownpourConfig.staleness_rule = "dana+lr", was chosen by measurement
 # (docs/benchmarks.md, "Staleness rules" and "CIFAR-10 at 2,000 minibatches").
@@ -114,9 +114,12 @@ class Lookahead:
         total = self.total
 
         def part(lo: int, hi: int) -> None:
-            total[lo:hi].sub_(v[lo:hi])
-            sgd_update(w[lo:hi], g[lo:hi], v[lo:hi], lr, momentum, weight_decay, nesterov)
-            total[lo:hi].add_(v[lo:hi])
+            # Chunk by chunk, so that v's chunk is still in cache for the sum's two updates.
+            for a, b in chunks(hi - lo):
+                a, b = lo + a, lo + b
+                total[a:b].sub_(v[a:b])
+                sgd_update(w[a:b], g[a:b], v[a:b], lr, momentum, weight_decay, nesterov)
+                total[a:b].add_(v[a:b])
         self.ranges.run(self.n, part)
 
     def ahead(self, w: torch.Tensor, lr: float, momentum: float, out: torch.Tensor) -> None:
