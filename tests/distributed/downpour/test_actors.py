@@ -127,7 +127,7 @@ def test_one_put_or_a_slice_per_shard_apply_the_same_push_in_the_transfer_dtype(
         for s, (lo, hi) in zip(local, bounds):
             s.push(g[lo:hi], 0)
         expected = torch.cat([s.w for s in local])
-        # A replica's pull: the look-ahead of the default rule, dana, rounded on the way.
+        # A replica's pull: the look-ahead of the default rule, dana+lr, rounded on the way.
         fetched = torch.cat([s.pull(source=0)[0] for s in local])
         assert not torch.equal(fetched, expected)
         for pulled, exact in results:
