@@ -128,9 +128,10 @@ class Lookahead:
         self.ranges.run(self.n, lambda lo, hi: torch.add(w[lo:hi], total[lo:hi], alpha=alpha,
                                                          out=out[lo:hi]))
 
-    def state_dict(self) -> dict:
-        return {"velocity": {str(k): v for k, v in self.velocity.items()},
-                "velocity_total": self.total}
+    def snapshot(self, copy) -> dict:
+        """The momentum vectors, each through `copy(name, tensor)` (`StaleUpdate.snapshot`)."""
+        return {"velocity": {str(k): copy(f"velocity/{k}", v) for k, v in self.velocity.items()},
+                "velocity_total": copy("velocity_total", self.total)}
 
     def load_state_dict(self, state: dict, tensor) -> None:
         """A state without momentum vectors (saved under another rule) starts them at zero."""
@@ -143,7 +144,7 @@ class StaleUpdate:
     """The update a shard applies to its parameter elements, with the staleness rule.
 
     `remember(source, version, w)` keeps the values a replica fetched (rule ``dc`` only);
-    `apply(w, g, lr, staleness, source, base_version)` updates w in place. `state_dict()` holds
+    `apply(w, g, lr, staleness, source, base_version)` updates w in place. `snapshot(copy)` holds
     the optimizer state and the staleness average; fetched values are not kept across a restart
     (a push whose fetch is unknown is applied uncompensated and counted in `uncompensated`).
     """
@@ -215,9 +216,12 @@ class StaleUpdate:
         # In float32: a low-precision gradient's square would lose what the term corrects.
         return delay_compensated(g.float(), w, w_fetched, self.config.downpour.dc_lambda)
 
-    def state_dict(self) -> dict:
-        return {"opt_state": self.opt_state, "mean_staleness": self.mean_staleness,
-                **(self.lookahead.state_dict() if self.lookahead is not None else {})}
+    def snapshot(self, copy) -> dict:
+        """The optimizer state (through `copy(name, tensor)`, which `ParameterShard.snapshot`
+        gives: arrays reused between snapshots) and the staleness average."""
+        return {"opt_state": copy("opt_state", self.opt_state),
+                "mean_staleness": self.mean_staleness,
+                **(self.lookahead.snapshot(copy) if self.lookahead is not None else {})}
 
     def load_state_dict(self, state: dict, tensor) -> None:
         """`tensor` turns a stored array into a float32 tensor of our own."""

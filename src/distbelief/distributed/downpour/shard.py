@@ -185,20 +185,9 @@ class ParameterShard:
 
         return {"index": self.index, "lo": self.lo, "hi": self.hi, "rule": self.rule,
                 "order": self.version, "w": copy("w", self.w),
-                "opt_state": copy("opt_state", self.update.opt_state),
-                **self._lookahead_snapshot(copy),
-                "mean_staleness": self.update.mean_staleness, "version": self.version,
-                "steps": self.steps,
+                **self.update.snapshot(copy), "version": self.version, "steps": self.steps,
                 "schedule": self.schedule.state_dict(), "rejected": self.rejected,
                 "staleness": dict(self.staleness), "applied": dict(self.applied)}
-
-    def _lookahead_snapshot(self, copy) -> dict:
-        """Rule dana's momentum vectors, through `snapshot`'s `copy` (none for other rules)."""
-        ahead = self.update.lookahead
-        if ahead is None:
-            return {}
-        return {"velocity": {str(k): copy(f"velocity/{k}", v) for k, v in ahead.velocity.items()},
-                "velocity_total": copy("velocity_total", ahead.total)}
 
     def snapshot_due(self) -> bool:
         return self.clock() - self.last_snapshot >= self.config.downpour.snapshot_every_s
