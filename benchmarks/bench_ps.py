@@ -2,15 +2,20 @@
 
 A client in this process (the replicas' `RayClient`) pushes a gradient to K shard actors and
 pulls the parameters back, all shards at once, as a replica does every step with
-n_fetch = n_push = 1. The shards apply SGD with momentum to each push. The baseline is a plain
-in-process memory copy of the same bytes (`torch.Tensor.copy_`), measured in the same run:
+n_fetch = n_push = 1 (with a replica's source: under the default rule dana+lr each shard keeps
+its momentum and serves it the look-ahead). The baseline is a plain in-process memory copy of
+the same bytes (`torch.Tensor.copy_`), timed right after each round trip, so that both see the
+machine in the same state (a baseline timed once, just after Ray started, ran up to 2x slow):
 
     ratio = (time to copy 2 x vector bytes in memory) / (time of one push + pull round trip)
 
-1.0 would be a parameter server as fast as memcpy. Each push is put into the object store once
-and the shards read their slices of it; each shard updates on --ps-threads threads (default:
-the cores shared among the shards, since the client only waits); --dtypes measures float32 and
-bfloat16 transfers (the memcpy baseline stays float32: the bytes of the model).
+1.0 would be a parameter server as fast as memcpy. Round trips are timed cold (the first ones)
+and warm (after --warmup more: until Ray's object store has handed out all its memory once, so
+that puts and pulls write pages their processes have touched before). Each push is put into
+the object store once and the shards read their slices of it; each shard updates on
+--ps-threads threads (default: the cores shared among the shards, since the client only
+waits); --dtypes measures float32 and bfloat16 transfers (the memcpy baseline stays float32:
+the bytes of the model).
 
 Then, for the vector size given by --small (default: ResNet-20 on 8x8 digits, 272,474 floats),
 the round trip is split into its parts: an empty actor call, putting the array into Ray's
@@ -22,14 +27,16 @@ Last, snapshots off the hot path: the latency of sequential pushes to one shard 
 snapshots every second (it copies its state between two pushes; a background thread sends the
 copy to the keeper) against one that never does, p50 and p99 (goal: p99 <= 1.2x).
 
-    python benchmarks/bench_ps.py [--floats 25000000] [--shards 1,2,4] [--rounds 5]
+    python benchmarks/bench_ps.py [--floats 25000000] [--shards 1,2,4] [--rounds 7]
                                   [--dtypes float32,bfloat16] [--ps-threads N]
+                                  [--warmup N]
                                   [--snapshot-sizes 272474,25000000] [--pushes 300]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -106,17 +113,54 @@ def threads_for(args, count: int) -> int:
     return args.ps_threads or max(1, (os.cpu_count() or 1) // count)
 
 
+def warmup_rounds(vector_bytes: int) -> int:
+    """Round trips until the object store has handed out all of its memory once. Each new
+    object lands at addresses the writing process has not touched yet (Ray's allocator walks
+    the whole store before it reuses any), and its first write page-faults every 4 KiB: a
+    100 MB put costs 3-5 times a warm one until the store has cycled. A run of thousands of
+    steps pays that once; the benchmark reports both."""
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    return min(100, int(store // (2 * vector_bytes)) + 5)
+
+
+def round_trips(fn, baseline, warmup: int, rounds: int) -> tuple[float, float, float]:
+    """(median of the first `rounds` round trips (cold store), median of `rounds` after
+    `warmup` more (warm), median of `baseline` timed right after each warm one)."""
+    def clock(f):
+        start = time.perf_counter()
+        f()
+        return time.perf_counter() - start
+
+    cold = [clock(fn) for _ in range(rounds)]
+    for _ in range(warmup):
+        fn()
+    warm, base = [], []
+    for _ in range(rounds):
+        warm.append(clock(fn))
+        base.append(clock(baseline))
+    return statistics.median(cold), statistics.median(warm), statistics.median(base)
+
+
 def throughput(args, config, session) -> None:
     """Push + pull of a large vector with 1, 2, 4 shards against an in-process memcpy, for each
-    transfer dtype."""
+    transfer dtype, as a replica sends them (its source, so the shards keep its momentum and
+    serve it the look-ahead under rule dana)."""
     values, gradient = torch.randn(args.floats), torch.randn(args.floats) * 1e-3
     copy_target = torch.empty(args.floats)
-    memcpy = timed(lambda: copy_target.copy_(values), args.rounds) * 2
+
+    def memcpy():  # the bytes of a push and a pull, float32: the model's
+        copy_target.copy_(values)
+        copy_target.copy_(values)
+
+    warmup = args.warmup if args.warmup >= 0 else warmup_rounds(args.floats * 4)
     mb = args.floats * 4 / 2**20
-    print(f"vector: {args.floats:,} floats ({mb:.0f} MiB); in-process memcpy of push + pull "
-          f"bytes (float32): {memcpy * 1e3:.1f} ms ({2 * mb / 1024 / memcpy:.2f} GiB/s)")
-    print(f"{'transfer':>9} {'shards':>6} {'threads':>7} {'push+pull ms':>13} "
-          f"{'ratio vs memcpy':>16} {'as one call ms':>15} {'ratio':>6}")
+    print(f"vector: {args.floats:,} floats ({mb:.0f} MiB), rule {config.downpour.staleness_rule}"
+          f"; baseline: in-process memcpy of push + pull bytes (float32, torch.copy_ on "
+          f"{torch.get_num_threads()} threads) timed after each warm round trip; {warmup} "
+          f"round trips between the cold and the warm medians of {args.rounds}")
+    print(f"{'transfer':>9} {'shards':>6} {'threads':>7} {'memcpy ms':>9} {'cold ms':>8} "
+          f"{'ratio':>6} {'warm ms':>8} {'ratio':>6} {'one call warm':>13} {'ratio':>6}")
+    sequence = itertools.count(1)
     for dtype in args.dtypes.split(","):
         for count in (int(k) for k in args.shards.split(",")):
             threads = threads_for(args, count)
@@ -125,16 +169,20 @@ def throughput(args, config, session) -> None:
             client = RayClient(shards, bounds, WIRE_DTYPES[dtype])
             wire = gradient.to(WIRE_DTYPES[dtype])  # what a replica makes (Exchange._vector)
 
-            def round_trip():
-                client.push(wire, [0] * count, 1, ()).result()
-                client.fetch().result()
+            def push(pull=False):
+                return client.push(wire, [0] * count, 1, (), pull=pull,
+                                   source=(0, "bench", next(sequence))).result()
 
-            seconds = timed(round_trip, args.rounds)
+            def round_trip():
+                push()
+                client.fetch(0).result()
+
+            cold, warm, base = round_trips(round_trip, memcpy, warmup, args.rounds)
             # A push that precedes a fetch: one call that returns the values.
-            combined = timed(lambda: client.push(wire, [0] * count, 1, (), pull=True).result(),
-                             args.rounds)
-            print(f"{dtype:>9} {count:>6} {threads:>7} {seconds * 1e3:>13.1f} "
-                  f"{memcpy / seconds:>16.3f} {combined * 1e3:>15.1f} {memcpy / combined:>6.3f}")
+            _, one_call, base_one = round_trips(lambda: push(pull=True), memcpy, 0, args.rounds)
+            print(f"{dtype:>9} {count:>6} {threads:>7} {base * 1e3:>9.1f} {cold * 1e3:>8.1f} "
+                  f"{base / cold:>6.3f} {warm * 1e3:>8.1f} {base / warm:>6.3f} "
+                  f"{one_call * 1e3:>13.1f} {base_one / one_call:>6.3f}")
             for s in shards:
                 ray.kill(s)
 
@@ -172,7 +220,10 @@ def main() -> None:
                         help="transfer dtypes (--ps-transfer-dtype) to measure")
     parser.add_argument("--ps-threads", type=int, default=0,
                         help="threads per shard (default: the cores shared among the shards)")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=-1,
+                        help="round trips between the cold and the warm medians (default: "
+                             "until the object store has cycled once, at most 100)")
     parser.add_argument("--small", type=int, default=272_474)
     parser.add_argument("--snapshot-sizes", default="272474,25000000",
                         help="vector sizes for the snapshot cost (push latency)")

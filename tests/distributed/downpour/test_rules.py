@@ -5,7 +5,9 @@ import torch
 
 from distbelief.distributed.downpour import ParameterShard
 from distbelief.distributed.downpour.rules import (corrected_momentum, delay_compensated,
-                                                   describe, implicit_momentum, staleness_lr)
+                                                   describe, implicit_momentum,
+                                                   lookahead_update, staleness_lr)
+from distbelief.optim import CHUNK
 from distbelief.engine.config import TrainConfig
 from distbelief.errors import ConfigError
 
@@ -145,6 +147,24 @@ def test_dana_with_one_replica_is_torch_s_nesterov_sgd():
         opt.zero_grad()
         (0.5 * p @ a @ p).backward()
         opt.step()
+
+
+@pytest.mark.parametrize("weight_decay, nesterov, dtype", [
+    (0.0, False, torch.float32), (1e-2, False, torch.float32), (1e-2, True, torch.bfloat16)])
+def test_dana_fused_step_is_the_unfused_formula(weight_decay, nesterov, dtype):
+    """Across chunk boundaries: v = d + m*v, total += v_new - v_old, w -= lr*v (or Nesterov's
+    d + m*v), d = g + weight_decay*w; g may arrive in the transfer dtype."""
+    n = 2 * CHUNK + 7
+    gen = torch.Generator().manual_seed(0)
+    w, v, other = (torch.randn(n, generator=gen) for _ in range(3))
+    g = torch.randn(n, generator=gen).to(dtype)
+    total = v + other
+    d = g.float() + weight_decay * w
+    v_new = 0.9 * v + d
+    w_new = w - 0.1 * (d + 0.9 * v_new if nesterov else v_new)
+    lookahead_update(w, g, v, total, 0.1, 0.9, weight_decay, nesterov)
+    for got, want in ((v, v_new), (total, v_new + other), (w, w_new)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_dana_leaves_adagrad_as_it_is():

@@ -74,8 +74,7 @@ class ParameterShard:
         self.rule = config.optimizer
         self.schedule = LRSchedule(config)
         self.update = StaleUpdate(config, self.split, config.cluster.ps_threads)
-        self.wire: torch.Tensor | None = None  # the values in a pull's transfer dtype
-        self.ahead: torch.Tensor | None = None  # rule dana: the values replicas fetch
+        self.out: torch.Tensor | None = None  # what pulls return, reused (`pull`)
         self.version = self.steps = self.rejected = self.duplicates = 0
         self.bytes_in = self.bytes_out = 0
         self.staleness: Counter[int] = Counter()
@@ -88,34 +87,32 @@ class ParameterShard:
 
     def pull(self, copy: bool = True, source: int | None = None,
              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, int]:
-        """(this shard's values, the version they are at). With `copy` False, the live tensor:
-        read it before the next push (an actor's return value is serialized at once, which is
-        the copy). `source`: the replica fetching (delay compensation keeps what it got).
-        `dtype` other than float32: the values rounded to it, in a buffer the next such pull
-        reuses (`copy` False) or a new tensor."""
+        """(this shard's values, the version they are at). With `copy` False, the live tensor
+        or a buffer the next pull of this dtype reuses: read it before the next push (an
+        actor's return value is serialized at once, which is the copy). `source`: the replica
+        fetching (delay compensation keeps what it got; under rule ``dana`` it gets its
+        look-ahead parameters, with the buffers as they are). `dtype` other than float32: the
+        values rounded to it."""
         self.bytes_out += self.w.numel() * torch.finfo(dtype).bits // 8
         self.update.remember(source, self.version, self.w[:self.split])
-        w = self.w if source is None else self._fetched_values(copy)
-        if dtype == torch.float32:  # a look-ahead is in a buffer of its own already
-            return (w.clone() if copy and w is self.w else w), self.version
-        if self.wire is None or self.wire.dtype != dtype or copy:
-            self.wire = torch.empty(self.w.shape, dtype=dtype)
-        wire = self.wire
-        self.update.ranges.run(w.numel(), lambda lo, hi: wire[lo:hi].copy_(w[lo:hi]))
-        return wire, self.version
+        ahead = source is not None and self.update.lookahead is not None
+        if dtype == torch.float32 and not ahead:
+            return (self.w.clone() if copy else self.w), self.version
+        out = torch.empty(self.w.shape, dtype=dtype) if copy else self._buffer(dtype)
+        w, split = self.w, self.split
+        if ahead:  # computed straight into the transfer dtype: one pass, not two
+            self.update.lookahead.ahead(w[:split], self.schedule.lr_at(self.steps),
+                                        self.config.momentum, out[:split])
+            out[split:].copy_(w[split:])
+        else:
+            self.update.ranges.run(w.numel(), lambda lo, hi: out[lo:hi].copy_(w[lo:hi]))
+        return out, self.version
 
-    def _fetched_values(self, copy: bool) -> torch.Tensor:
-        """What a replica fetches: `w`, or under rule ``dana`` its look-ahead parameters (with
-        the buffers as they are) in a new tensor (`copy`) or one the next such pull reuses."""
-        lookahead = self.update.lookahead
-        if lookahead is None:
-            return self.w
-        if copy or self.ahead is None:
-            self.ahead = torch.empty_like(self.w)
-        lookahead.ahead(self.w[:self.split], self.schedule.lr_at(self.steps),
-                        self.config.momentum, self.ahead[:self.split])
-        self.ahead[self.split:].copy_(self.w[self.split:])
-        return self.ahead
+    def _buffer(self, dtype: torch.dtype) -> torch.Tensor:
+        """The reused pull buffer of `dtype` (one at a time: replicas pull in one dtype)."""
+        if self.out is None or self.out.dtype != dtype:
+            self.out = torch.empty(self.w.shape, dtype=dtype)
+        return self.out
 
     def push(self, update: torch.Tensor, base_version: int, steps: int = 1,
              errors: tuple[float, ...] = (), source: tuple | None = None) -> dict:
