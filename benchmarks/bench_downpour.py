@@ -7,7 +7,11 @@ machine, 2 shards; the replicas share the cores (threads = cores / replicas). Re
 images/s of the training loop (start-up and the final evaluation excluded) and the ratio to the
 single-process trainer measured in the same run, plus where a replica's time went.
 
-    python benchmarks/bench_downpour.py [--steps 600] [--replicas 1,2]
+--staleness-rules runs each Downpour configuration under each rule named (default: the default,
+dana+lr; "dana+lr,momentum" compares it with a rule whose shard keeps one momentum vector).
+
+    python benchmarks/bench_downpour.py [--steps 600] [--replicas 1,2] [--amortize]
+                                        [--staleness-rules dana+lr,momentum]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ def main() -> None:
     parser.add_argument("--replicas", default="1,2")
     parser.add_argument("--amortize", action="store_true",
                         help="also run 2 replicas with n_fetch = n_push = 4")
+    parser.add_argument("--staleness-rules", default="dana+lr")
     args = parser.parse_args()
     base = get_recipe("digits").replace(iterations=args.steps, milestones=(args.steps,),
                                         eval_every=0, checkpoint_every=0, log_every=50,
@@ -44,25 +49,28 @@ def main() -> None:
     start = time.perf_counter()
     trainer.train_until(20 + args.steps)
     single = args.steps * base.batch_size / (time.perf_counter() - start)
-    print(f"{'run':<34} {'images/s':>9} {'ratio':>6}  replica time: compute / waiting / other")
-    print(f"{'single process':<34} {single:>9.0f} {1:>6.3f}")
+    print(f"{'run':<44} {'images/s':>9} {'ratio':>6}  replica time: compute / waiting / other")
+    print(f"{'single process':<44} {single:>9.0f} {1:>6.3f}")
     start_ray()
     runs = [(f"downpour {n} replica(s), 2 shards", {"replicas": n})
             for n in map(int, args.replicas.split(","))]
     if args.amortize:
         runs.append(("downpour 2 replicas, n_fetch=n_push=4",
                      {"replicas": 2, "n_fetch": 4, "n_push": 4}))
+    rules = args.staleness_rules.split(",")
+    runs = [(f"{name}, {rule}" if len(rules) > 1 else name, {**settings, "staleness_rule": rule})
+            for name, settings in runs for rule in rules]
     for name, settings in runs:
         config = base.replace(mode="downpour", ps_shards=2, momentum=0.5, **settings)
         t = DownpourTrainer(config)
         summary = t.fit()
         spent = sum(t.progress.replica_seconds)
         parts = t.progress.time_split
-        print(f"{name:<34} {summary['images_per_s']:>9.0f} "
+        waiting = parts["fetch_wait_s"] + parts["push_wait_s"]
+        print(f"{name:<44} {summary['images_per_s']:>9.0f} "
               f"{summary['images_per_s'] / single:>6.3f}  "
               f"{parts['compute_s'] / spent:.0%} / "
-              f"{(parts['fetch_wait_s'] + parts['push_wait_s']) / spent:.0%} / "
-              f"{1 - (parts['compute_s'] + parts['fetch_wait_s'] + parts['push_wait_s']) / spent:.0%}")
+              f"{waiting / spent:.0%} / {1 - (parts['compute_s'] + waiting) / spent:.0%}")
     ray.shutdown()
 
 

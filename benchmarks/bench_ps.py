@@ -141,10 +141,34 @@ def round_trips(fn, baseline, warmup: int, rounds: int) -> tuple[float, float, f
     return statistics.median(cold), statistics.median(warm), statistics.median(base)
 
 
+def measure(values, gradient, count: int, config, session, memcpy, warmup: int, rounds: int):
+    """(cold, warm, warm memcpy, one call warm, its memcpy) seconds for `count` shards, pushes
+    and fetches sent as a replica sends them: with its source, so that the shards keep its
+    momentum and serve it the look-ahead under rule dana."""
+    shards, bounds = start_shards(values, count, config, session)
+    dtype = WIRE_DTYPES[config.downpour.ps_transfer_dtype]
+    client, wire = RayClient(shards, bounds, dtype), gradient.to(dtype)  # Exchange._vector
+    sequence = itertools.count(1)
+
+    def push(pull=False):
+        return client.push(wire, [0] * count, 1, (), pull=pull,
+                           source=(0, "bench", next(sequence))).result()
+
+    def round_trip():
+        push()
+        client.fetch(0).result()
+
+    cold, warm, base = round_trips(round_trip, memcpy, warmup, rounds)
+    # A push that precedes a fetch: one call that returns the values.
+    _, one_call, base_one = round_trips(lambda: push(pull=True), memcpy, 0, rounds)
+    for s in shards:
+        ray.kill(s)
+    return cold, warm, base, one_call, base_one
+
+
 def throughput(args, config, session) -> None:
     """Push + pull of a large vector with 1, 2, 4 shards against an in-process memcpy, for each
-    transfer dtype, as a replica sends them (its source, so the shards keep its momentum and
-    serve it the look-ahead under rule dana)."""
+    staleness rule and transfer dtype."""
     values, gradient = torch.randn(args.floats), torch.randn(args.floats) * 1e-3
     copy_target = torch.empty(args.floats)
 
@@ -153,38 +177,22 @@ def throughput(args, config, session) -> None:
         copy_target.copy_(values)
 
     warmup = args.warmup if args.warmup >= 0 else warmup_rounds(args.floats * 4)
-    mb = args.floats * 4 / 2**20
-    print(f"vector: {args.floats:,} floats ({mb:.0f} MiB), rule {config.downpour.staleness_rule}"
-          f"; baseline: in-process memcpy of push + pull bytes (float32, torch.copy_ on "
+    print(f"vector: {args.floats:,} floats ({args.floats * 4 / 2**20:.0f} MiB); baseline: "
+          f"in-process memcpy of push + pull bytes (float32, torch.copy_ on "
           f"{torch.get_num_threads()} threads) timed after each warm round trip; {warmup} "
           f"round trips between the cold and the warm medians of {args.rounds}")
-    print(f"{'transfer':>9} {'shards':>6} {'threads':>7} {'memcpy ms':>9} {'cold ms':>8} "
-          f"{'ratio':>6} {'warm ms':>8} {'ratio':>6} {'one call warm':>13} {'ratio':>6}")
-    sequence = itertools.count(1)
-    for dtype in args.dtypes.split(","):
-        for count in (int(k) for k in args.shards.split(",")):
-            threads = threads_for(args, count)
-            c = config.replace(ps_transfer_dtype=dtype, ps_threads=threads)
-            shards, bounds = start_shards(values, count, c, session)
-            client = RayClient(shards, bounds, WIRE_DTYPES[dtype])
-            wire = gradient.to(WIRE_DTYPES[dtype])  # what a replica makes (Exchange._vector)
-
-            def push(pull=False):
-                return client.push(wire, [0] * count, 1, (), pull=pull,
-                                   source=(0, "bench", next(sequence))).result()
-
-            def round_trip():
-                push()
-                client.fetch(0).result()
-
-            cold, warm, base = round_trips(round_trip, memcpy, warmup, args.rounds)
-            # A push that precedes a fetch: one call that returns the values.
-            _, one_call, base_one = round_trips(lambda: push(pull=True), memcpy, 0, args.rounds)
-            print(f"{dtype:>9} {count:>6} {threads:>7} {base * 1e3:>9.1f} {cold * 1e3:>8.1f} "
-                  f"{base / cold:>6.3f} {warm * 1e3:>8.1f} {base / warm:>6.3f} "
-                  f"{one_call * 1e3:>13.1f} {base_one / one_call:>6.3f}")
-            for s in shards:
-                ray.kill(s)
+    print(f"{'rule':>8} {'transfer':>9} {'shards':>6} {'threads':>7} {'memcpy ms':>9} "
+          f"{'cold ms':>8} {'ratio':>6} {'warm ms':>8} {'ratio':>6} {'one call warm':>13} "
+          f"{'ratio':>6}")
+    for rule, dtype, count in itertools.product(args.rules.split(","), args.dtypes.split(","),
+                                                [int(k) for k in args.shards.split(",")]):
+        threads = threads_for(args, count)
+        c = config.replace(staleness_rule=rule, ps_transfer_dtype=dtype, ps_threads=threads)
+        cold, warm, base, one, base_one = measure(values, gradient, count, c, session, memcpy,
+                                                  warmup, args.rounds)
+        print(f"{rule:>8} {dtype:>9} {count:>6} {threads:>7} {base * 1e3:>9.1f} "
+              f"{cold * 1e3:>8.1f} {base / cold:>6.3f} {warm * 1e3:>8.1f} {base / warm:>6.3f} "
+              f"{one * 1e3:>13.1f} {base_one / one:>6.3f}")
 
 
 def round_trip_parts(args, config, session) -> None:
@@ -218,6 +226,9 @@ def main() -> None:
     parser.add_argument("--shards", default="1,2,4")
     parser.add_argument("--dtypes", default="float32,bfloat16",
                         help="transfer dtypes (--ps-transfer-dtype) to measure")
+    parser.add_argument("--rules", default="dana+lr,none",
+                        help="staleness rules to measure (the default's, and plain SGD with "
+                             "momentum, the paper's Downpour)")
     parser.add_argument("--ps-threads", type=int, default=0,
                         help="threads per shard (default: the cores shared among the shards)")
     parser.add_argument("--rounds", type=int, default=7)
