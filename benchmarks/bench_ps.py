@@ -114,11 +114,11 @@ def threads_for(args, count: int) -> int:
 
 
 def warmup_rounds(vector_bytes: int) -> int:
-    """Round trips until the object store has handed out all of its memory once. Each new
-    object lands at addresses the writing process has not touched yet (Ray's allocator walks
-    the whole store before it reuses any), and its first write page-faults every 4 KiB: a
-    100 MB put costs 3-5 times a warm one until the store has cycled. A run of thousands of
-    steps pays that once; the benchmark reports both."""
+    """Round trips that would cycle the object store's memory once. Until it has been
+    cycled, a new object lands at addresses the writing process has not touched yet, and its
+    first write page-faults every 4 KiB: a 100 MB put costs 3-5 times a warm one (with the
+    default store, 30% of RAM, for the first 10-40 round trips). A long run pays that once;
+    the benchmark reports both."""
     store = ray.cluster_resources().get("object_store_memory", 0)
     return min(100, int(store // (2 * vector_bytes)) + 5)
 
