@@ -55,6 +55,28 @@ class TrainStream:
         raise NotImplementedError
 
 
+class BatchCursor:
+    """A `TrainStream`'s batches for chunks of steps: `at(start)` is an iterator from step
+    `start`, the same sequential stream when the last chunk ended there (`ended(end)`), a new
+    one on a jump or after `lost()` (a chunk that stopped midway left the stream somewhere in
+    it). Replicas train chunk after chunk, so a stream is restarted only when work moves."""
+
+    def __init__(self, stream: TrainStream):
+        self.stream, self.position, self.iterator = stream, None, None
+
+    def at(self, start: int) -> Iterator[Batch]:
+        if self.position != start:
+            self.iterator = self.stream.batches(start)
+        self.position = start
+        return self.iterator
+
+    def ended(self, end: int) -> None:
+        self.position = end
+
+    def lost(self) -> None:
+        self.position = None
+
+
 class EvalSource:
     """Test-time batches; `views` is 'center', 'tencrop' or 'multiscale'.
 

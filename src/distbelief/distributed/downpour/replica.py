@@ -37,7 +37,7 @@ from collections import deque
 
 import torch
 
-from distbelief.data import build_data
+from distbelief.data import BatchCursor, build_data
 from distbelief.distributed.downpour.shard import ParameterShard
 from distbelief.distributed.flat import FlatModel, all_finite, model_vector
 from distbelief.distributed.pending import Done, Part
@@ -326,7 +326,7 @@ class DownpourReplica:
         self.flat = FlatModel(self.model)
         self.loss = get_loss(config.loss)
         self.exchange = Exchange(index, config, client, self.flat)
-        self._stream, self._position = None, None
+        self.cursor = BatchCursor(self.data.train)
 
     @property
     def in_flight(self) -> deque:
@@ -341,12 +341,6 @@ class DownpourReplica:
 
     # --- training ----------------------------------------------------------------------
 
-    def _batches(self, start: int):
-        if self._position != start:  # streams are sequential; restart one on a jump
-            self._stream = self.data.train.batches(start)
-        self._position = start
-        return self._stream
-
     def run(self, start: int, steps: int) -> dict:
         """Train steps start .. start+steps-1; returns the chunk's metrics: steps, images,
         loss_sum and wrong (sums over images), seconds, compute_s, fetch_wait_s, push_wait_s,
@@ -354,7 +348,7 @@ class DownpourReplica:
         c, model, exchange = self.config, self.model, self.exchange
         metrics = chunk_metrics(self.index, start, steps)
         begin = time.perf_counter()
-        batches = self._batches(start)
+        batches = self.cursor.at(start)
         loss_sum = wrong_sum = 0
         for step in range(start, start + steps):
             exchange.fetch(step, metrics)
@@ -376,7 +370,7 @@ class DownpourReplica:
             metrics["compute_s"] += time.perf_counter() - compute_start
             if exchange.push_due(step):
                 exchange.push(step, metrics)
-        self._position = start + steps
+        self.cursor.ended(start + steps)
         metrics["loss_sum"], metrics["wrong"] = float(loss_sum), int(wrong_sum)
         metrics["seconds"] = time.perf_counter() - begin
         if not math.isfinite(metrics["loss_sum"]):

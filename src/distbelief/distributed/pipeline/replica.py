@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from distbelief.data import build_data
+from distbelief.data import BatchCursor, build_data
 from distbelief.distributed.downpour.replica import Exchange, chunk_metrics
 from distbelief.distributed.flat import FlatModel
 from distbelief.distributed.pipeline.schedule import Pipeline
@@ -115,18 +115,12 @@ class PartitionedReplica:
         self.data = build_data(config, torch.device("cpu"), stats=stats,
                                part=(index, config.cluster.replicas))
         self.pipeline = Pipeline(call, resolve, count, config.cluster.micro_batches)
-        self._stream, self._position = None, None
+        self.cursor = BatchCursor(self.data.train)
         self.failed: BaseException | None = None
 
     def recover(self) -> None:
         self.resolve([self.call(p, "reset") for p in range(self.count)])
         self.failed = None
-
-    def _batches(self, start: int):
-        if self._position != start:
-            self._stream = self.data.train.batches(start)
-        self._position = start
-        return self._stream
 
     def run(self, start: int, steps: int) -> dict:
         if self.failed is not None:
@@ -134,13 +128,14 @@ class PartitionedReplica:
         try:
             return self._run(start, steps)
         except BaseException as e:
-            self.failed, self._position = e, None  # the stream is somewhere in the chunk
+            self.failed = e
+            self.cursor.lost()  # the stream is somewhere in the chunk
             raise
 
     def _run(self, start: int, steps: int) -> dict:
         metrics = chunk_metrics(self.index, start, steps)
         begin = time.perf_counter()
-        batches = self._batches(start)
+        batches = self.cursor.at(start)
         exchanges = []  # begin / finish: not waited for, but their errors must surface
         for step in range(start, start + steps):
             exchanges += [self.call(p, "begin", step) for p in range(self.count)]
@@ -154,7 +149,7 @@ class PartitionedReplica:
             metrics["images"] += len(y)
         stages = self.resolve(exchanges + [self.call(p, "take_metrics")
                                            for p in range(self.count)])[len(exchanges):]
-        self._position = start + steps
+        self.cursor.ended(start + steps)
         for key in ("compute_s", "fetch_wait_s", "push_wait_s"):  # per partition, on average
             metrics[key] = sum(s[key] for s in stages) / self.count
         for key in ("fetches", "pushes", "rejected"):
