@@ -7,9 +7,9 @@ from distbelief.distributed.downpour import ParameterShard
 from distbelief.distributed.downpour.rules import (corrected_momentum, delay_compensated,
                                                    describe, implicit_momentum,
                                                    lookahead_update, staleness_lr)
-from distbelief.optim import CHUNK
 from distbelief.engine.config import TrainConfig
 from distbelief.errors import ConfigError
+from distbelief.optim import CHUNK
 
 
 def config(**kw):

@@ -99,9 +99,10 @@ def lookahead_update(w: torch.Tensor, g: torch.Tensor, v: torch.Tensor, total: t
     """`sgd_update` on w with one source's momentum v (zero before its first push), keeping
     total, the sum of all sources' momentum, up to date: total += v_new - v_old. Fused in
     L2-sized chunks, four operations per chunk without weight decay: the update walks 100 MB
-    vectors once per push, so per-chunk calls, not arithmetic, were half its time (25M floats,
-    2 threads: 58 -> 38 ms). v = d + momentum * v is one operation (torch's SGD takes two; the
-    rounding differs in the last bit, and dana has no bit-exact reference to keep)."""
+    vectors once per push, so per-chunk calls, not arithmetic, were a third of its time (a
+    shard's push of 25M floats on 2 threads, in process: 66 -> 42 ms). v = d + momentum * v is
+    one operation (torch's SGD takes two; the rounding differs in the last bit, and dana has no
+    bit-exact reference to keep)."""
     n = w.numel()
     scratch = torch.empty(min(CHUNK, n)) if weight_decay or nesterov else None
     for lo, hi in chunks(n):
