@@ -186,6 +186,14 @@ class StaleUpdate:
         if version not in held:
             held[version] = w.clone()
 
+    def looks_ahead(self, source: int | None) -> bool:
+        """Whether a fetch by `source` gets look-ahead parameters (rule ``dana``, a replica)."""
+        return source is not None and self.lookahead is not None
+
+    def ahead(self, w: torch.Tensor, lr: float, out: torch.Tensor) -> None:
+        """out = the parameters a replica fetching now computes at (`Lookahead.ahead`)."""
+        self.lookahead.ahead(w, lr, self.config.momentum, out)
+
     def momentum(self) -> float:
         """The explicit momentum the next update uses."""
         m = self.config.momentum

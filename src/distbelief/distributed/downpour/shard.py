@@ -95,14 +95,13 @@ class ParameterShard:
         values rounded to it."""
         self.bytes_out += self.w.numel() * torch.finfo(dtype).bits // 8
         self.update.remember(source, self.version, self.w[:self.split])
-        ahead = source is not None and self.update.lookahead is not None
+        ahead = self.update.looks_ahead(source)
         if dtype == torch.float32 and not ahead:
             return (self.w.clone() if copy else self.w), self.version
         out = torch.empty(self.w.shape, dtype=dtype) if copy else self._buffer(dtype)
         w, split = self.w, self.split
         if ahead:  # computed straight into the transfer dtype: one pass, not two
-            self.update.lookahead.ahead(w[:split], self.schedule.lr_at(self.steps),
-                                        self.config.momentum, out[:split])
+            self.update.ahead(w[:split], self.schedule.lr_at(self.steps), out[:split])
             out[split:].copy_(w[split:])
         else:
             self.update.ranges.run(w.numel(), lambda lo, hi: out[lo:hi].copy_(w[lo:hi]))
