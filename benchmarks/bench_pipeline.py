@@ -21,7 +21,8 @@ import numpy as np
 import ray
 import torch
 
-from distbelief.distributed.runtime import start_ray
+from distbelief.distributed.pipeline import PipelineTrainer
+from distbelief.distributed.runtime.startup import start_ray
 from distbelief.engine import Trainer
 from distbelief.engine.config import TrainConfig
 
@@ -82,7 +83,7 @@ def main() -> None:
     print(f"{'single process, ' + str(p) + ' threads':<28} {single:>9.0f} {1:>6.2f}")
     start_ray()
     for m in map(int, args.micro.split(",")):
-        trainer = Trainer(base.replace(partitions=p, micro_batches=m))
+        trainer = PipelineTrainer(base.replace(partitions=p, micro_batches=m))
         trainer.start()
         try:
             rate = images_per_s(trainer, args.steps)

@@ -64,10 +64,10 @@ def fit(model, train_data, *, test_data=None, mode: str = "single",
     config = make_config(model, train_data, test_data, mode=mode, **settings)
     if config.distributed or config.cluster.partitions > 1:  # the model travels to actors
         _ship_by_value(type(model) if isinstance(model, torch.nn.Module) else model)
-    scheme = scheme_for(config, run_dir, resume=resume, progress=progress, address=address)
-    summary = scheme.fit()
+    trainer = trainer_for(config, run_dir, resume=resume, progress=progress, address=address)
+    summary = trainer.fit()
     if isinstance(model, torch.nn.Module):
-        trained = scheme.life.evaluated.state_dict()
+        trained = trainer.trained_model().state_dict()
         model.load_state_dict({k: v.detach().to("cpu") for k, v in trained.items()})
     return summary
 
@@ -94,22 +94,26 @@ def make_config(model, train_data, test_data=None, *, mode: str = "single",
     return TrainConfig().replace(model=CUSTOM, data=CUSTOM, user=parts, mode=mode, **settings)
 
 
-def scheme_for(config: TrainConfig, run_dir, *, resume: bool = False, progress: bool = False,
-               address: str | None = None, dashboard: bool = False):
-    """The scheme that trains `config` in its mode (`Trainer`, `DownpourTrainer`,
-    `SandblasterTrainer`, `SyncTrainer`), ready to `fit()`."""
-    from distbelief.engine import Trainer
+def trainer_for(config: TrainConfig, run_dir, *, resume: bool = False, progress: bool = False,
+                address: str | None = None, dashboard: bool = False):
+    """The trainer of `config`'s scheme (`Trainer`, `PipelineTrainer` for --partitions,
+    `DownpourTrainer`, `SandblasterTrainer`, `SyncTrainer`), ready to `fit()`. Nothing is
+    written.
 
-    if config.mode == "single":
-        if (address or dashboard) and config.cluster.partitions == 1:
+    Raises:
+        ConfigError, DataError, CheckpointError: the run cannot start or continue."""
+    if config.mode == "single" and config.cluster.partitions == 1:
+        if address or dashboard:
             raise ConfigError("--address and --dashboard apply to --mode downpour, sandblaster "
                               "and sync, and to --partitions")
-        return Trainer(config, run_dir, resume=resume, progress=progress, address=address,
-                       dashboard=dashboard)
-    from distbelief.distributed import DownpourTrainer, SandblasterTrainer, SyncTrainer
+        from distbelief.engine import Trainer
 
-    kind = {"downpour": DownpourTrainer, "sandblaster": SandblasterTrainer,
-            "sync": SyncTrainer}[config.mode]
+        return Trainer(config, run_dir, resume=resume, progress=progress)
+    from distbelief.distributed import (DownpourTrainer, PipelineTrainer, SandblasterTrainer,
+                                        SyncTrainer)
+
+    kind = {"single": PipelineTrainer, "downpour": DownpourTrainer,
+            "sandblaster": SandblasterTrainer, "sync": SyncTrainer}[config.mode]
     return kind(config, run_dir, resume=resume, progress=progress, address=address,
                 dashboard=dashboard)
 
@@ -136,7 +140,7 @@ def _ship_by_value(obj) -> None:
         return
     installed = {sysconfig.get_path(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
     if not any(Path(file).resolve().is_relative_to(Path(p).resolve()) for p in installed if p):
-        from distbelief.distributed.runtime import pickle_by_value
+        from distbelief.distributed.runtime.startup import pickle_by_value
 
         pickle_by_value(module)
 

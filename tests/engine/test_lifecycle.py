@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
-from distbelief.engine.lifecycle import Cadence, FailureBook, RunLifecycle
+from distbelief.engine.failures import FailureBook
+from distbelief.engine.lifecycle import Cadence, RunLifecycle, stop_on_signals
 from distbelief.engine.rundir import read_jsonl
 from distbelief.errors import CheckpointError, ConfigError, DistbeliefError
 from distbelief.recipes import get_recipe
@@ -132,7 +133,7 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_over(tmp_path):
 def test_a_signal_requests_a_stop_and_a_second_one_aborts(first, second, abort):
     life = RunLifecycle(None, mode="single", state="last")
     original = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    with life.signals():
+    with stop_on_signals(life):
         os.kill(os.getpid(), first)
         assert life.stop_requested and life.stop_signal == first
         assert life.interrupted(7).signum == first

@@ -1,6 +1,8 @@
 """Training and evaluation building blocks: the configuration, the run lifecycle every mode
-shares, model and device setup, the single-process trainer, evaluation, checkpoints."""
+shares, the base of every trainer, model and device setup, the single-process trainer,
+evaluation, checkpoints. Nothing here imports from `distbelief.distributed`."""
 
+from distbelief.engine.base import BaseTrainer
 from distbelief.engine.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.engine.config import TrainConfig
 from distbelief.engine.evaluate import evaluate
@@ -8,5 +10,6 @@ from distbelief.engine.lifecycle import Diverged, RunLifecycle, TrainingInterrup
 from distbelief.engine.schedule import LRSchedule
 from distbelief.engine.trainer import Trainer, load_for_eval
 
-__all__ = ["TrainConfig", "Trainer", "TrainingInterrupted", "Diverged", "LRSchedule",
-           "RunLifecycle", "evaluate", "load_checkpoint", "save_checkpoint", "load_for_eval"]
+__all__ = ["BaseTrainer", "TrainConfig", "Trainer", "TrainingInterrupted", "Diverged",
+           "LRSchedule", "RunLifecycle", "evaluate", "load_checkpoint", "save_checkpoint",
+           "load_for_eval"]

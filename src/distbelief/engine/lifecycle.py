@@ -1,14 +1,16 @@
 """The life of one training run, the same in every mode.
 
-A training scheme (the single-process `Trainer`, `DownpourTrainer`, `SandblasterTrainer`) is
-handed a `RunLifecycle` and calls it; the lifecycle owns what every mode does alike:
+Every trainer (`engine.base.BaseTrainer`: one per scheme) holds a `RunLifecycle` and calls
+it; the lifecycle owns what every mode does alike:
 
     life = RunLifecycle(run_dir, mode="downpour", state="downpour", progress=True)
-    saved = life.open(config, resume, same=("model", "replicas"))  # checks; writes nothing
-    ...                                                            # data, model, config
-    summary = life.fit(scheme)                                     # see `Scheme`
+    ready = life.prepare(config, resume, same=("model", "replicas"))  # writes nothing
+    ...                                          # the trainer builds its model, actors ...
+    summary = life.fit(trainer)                  # start, train, evaluate, summary, close
 
-- The run directory: nothing is written until the scheme has started (its data, its Ray
+- The preamble (`prepare`): the checks that the run can start or continue, the device, the
+  seed, the data and the config resolved for it, in the same order in every mode.
+- The run directory: nothing is written until the trainer has started (its data, its Ray
   cluster and its actors are there), so a run that cannot start leaves nothing behind; a new
   run never overwrites another; a resumed run must be of the same mode and shape (the fields in
   `same`), drops the records after its checkpoint and logs a `resume` record; one stopped
@@ -17,11 +19,9 @@ handed a `RunLifecycle` and calls it; the lifecycle owns what every mode does al
   evaluations and checkpoints also every S seconds of wall time, so that a run killed outright
   loses at most --checkpoint-interval-s).
 - Signals: the first SIGINT (Ctrl-C) or SIGTERM (what clusters and cloud machines send before
-  they stop a job) asks the scheme to stop after its current unit of work and to checkpoint
+  they stop a job) asks the trainer to stop after its current unit of work and to checkpoint
   (`TrainingInterrupted`, which carries the signal); a second one aborts at once, without a
   checkpoint.
-- The failure book (`FailureBook`): one death of an actor is one failure; restarts up to
-  --max-restarts; what each failure lost.
 - Records (metrics.jsonl), evaluation of every split, progress lines on stderr, the summary.
 """
 
@@ -34,17 +34,23 @@ import sys
 import threading
 import time
 from collections import Counter
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from distbelief.data import DataBundle, build_data
 from distbelief.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from distbelief.engine.config import TrainConfig
+from distbelief.engine.config import TrainConfig, resolve
 from distbelief.engine.evaluate import evaluate
 from distbelief.engine.losses import error_text
 from distbelief.engine.rundir import RunDir
+from distbelief.engine.setup import resolve_device
 from distbelief.engine.tensorboard import EventWriter, check_available
 from distbelief.errors import CheckpointError, ConfigError, DistbeliefError
+
+if TYPE_CHECKING:
+    from distbelief.engine.base import BaseTrainer
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -60,34 +66,6 @@ class TrainingInterrupted(DistbeliefError):
 
 class Diverged(DistbeliefError):
     """The training loss (or the parameters) became NaN or infinite."""
-
-
-class Scheme(Protocol):
-    """What a training scheme offers its lifecycle. `train` runs until `config.iterations`,
-    convergence or a stop request (`RunLifecycle.stop_requested`), checkpointing on the way;
-    `eval_model` is the model at the current parameters, on the device of `data`."""
-
-    config: TrainConfig
-    data: object  # DataBundle: its splits are evaluated
-    device: torch.device
-
-    @property
-    def position(self) -> int: ...  # iterations done
-
-    @property
-    def examples(self) -> int: ...  # training images processed
-
-    def start(self) -> None: ...
-
-    def train(self) -> None: ...
-
-    def eval_model(self) -> torch.nn.Module: ...
-
-    def progress_text(self) -> str: ...  # "train error 1.2%", for the evaluation line
-
-    def summary(self) -> dict: ...  # the scheme's own summary entries
-
-    def close(self) -> None: ...  # runs whatever happened
 
 
 class Cadence:
@@ -147,14 +125,14 @@ def describe(error: BaseException) -> str:
 class RunLifecycle:
     """One run's directory, records, cadence, signals, evaluation and summary (module doc).
 
-    `run_dir` None keeps everything in memory (tests, benchmarks). `state` names the scheme's
+    `run_dir` None keeps everything in memory (tests, benchmarks). `state` names the trainer's
     checkpoint, checkpoints/STATE.pt, from which --resume continues."""
 
     def __init__(self, run_dir: str | os.PathLike | None, *, mode: str, state: str,
                  progress: bool = False):
         self.run = RunDir(run_dir) if run_dir is not None else None
         self.mode, self.state, self.progress = mode, state, progress
-        self.counters: Counter = Counter()  # failures, restarts and the scheme's own counts
+        self.counters: Counter = Counter()  # failures, restarts and the trainer's own counts
         self.clock = Stopwatch()
         self.last_train: dict = {}
         self.last_eval: dict | None = None
@@ -167,6 +145,22 @@ class RunLifecycle:
         self.events: EventWriter | None = None  # --tensorboard
 
     # --- opening --------------------------------------------------------------------------
+
+    def prepare(self, config: TrainConfig, resume: bool, same: tuple[str, ...] = (),
+                device: str = "cpu") -> "Prepared":
+        """The preamble of every trainer, in this order (a run's initial values depend on it):
+        check that the run can start or continue (`open`), resolve `device` ("auto", "cpu",
+        "cuda"), seed torch with `config.seed`, build the data there (normalized with the
+        saved statistics on resume) and resolve the config for it (`config.resolve`). Nothing
+        is written.
+
+        Raises:
+            ConfigError, DataError, CheckpointError: as `open` and `build_data`."""
+        saved = self.open(config, resume, same)
+        where = resolve_device(device)
+        torch.manual_seed(config.seed)
+        data = build_data(config, where, stats=saved["data_stats"] if saved else None)
+        return Prepared(resolve(config, data.train_size), data, where, saved)
 
     def open(self, config: TrainConfig, resume: bool, same: tuple[str, ...] = ()) -> dict | None:
         """Check that the run can start or continue; nothing is written. Returns the saved
@@ -184,108 +178,62 @@ class RunLifecycle:
             if self.run is None:
                 raise ConfigError("--tensorboard needs a run directory")
             check_available()
-        self.saved = self._open(config, resume, same)
+        if not resume:
+            if self.run is not None:
+                self.run.refuse_if_occupied()
+            self.saved = None
+        elif self.run is None:
+            raise ConfigError("--resume needs --out RUN_DIR")
+        else:
+            self.saved = saved_state(self.run, self.mode, self.state, config, same)
         if self.saved is not None:
             self.load_state_dict(self.saved)
         return self.saved
 
-    def _open(self, config: TrainConfig, resume: bool, same: tuple[str, ...]) -> dict | None:
-        if not resume:
-            if self.run is not None:
-                self.run.refuse_if_occupied()
-            return None
-        if self.run is None:
-            raise ConfigError("--resume needs --out RUN_DIR")
-        mode = self.run.read_config().mode  # raises when there is no config.yaml
-        if mode != self.mode:
-            raise CheckpointError(f"{self.run.path} holds a {mode} run; resume it with "
-                                  f"--mode {mode}")
-        path = self.run.state_file(self.state)
-        if not path.is_file():
-            if self.run.checkpoint.is_file():  # a distributed run's last.pt without its state
-                raise CheckpointError(f"{path} is missing: the run cannot be resumed")
-            return None
-        state = load_checkpoint(path)
-        saved = TrainConfig.from_dict(state["config"])
-        for name in same:
-            if saved.get(name) != config.get(name):
-                raise CheckpointError(
-                    f"{self.run.path} was trained with --{name.replace('_', '-')} "
-                    f"{saved.get(name)}, not {config.get(name)}")
-        return state
-
-    def begin(self, scheme: Scheme) -> None:
+    def begin(self, trainer: BaseTrainer) -> None:
         """Start writing, once: a new run directory, or the resumed one (records after the
-        scheme's position dropped, a `resume` record, the config it continues with). `fit` calls
-        it once the scheme has started; a scheme that trains without `fit` calls it first."""
+        trainer's position dropped, a `resume` record, the config it continues with). `fit` calls
+        it once the trainer has started; a trainer that trains without `fit` calls it first."""
         if self.begun or self.run is None:
             self.begun = True
             return
         self.begun = True
-        if scheme.config.tensorboard:
+        if trainer.config.tensorboard:
             # A resumed run's events after its checkpoint are hidden, as its records are dropped.
             self.events = EventWriter(self.run.path / "tensorboard",
-                                      purge_step=scheme.position + 1 if self.resuming else None)
+                                      purge_step=trainer.position + 1 if self.resuming else None)
         if not self.resuming:
-            self.run.create(scheme.config, str(scheme.device))
+            self.run.create(trainer.config, str(trainer.device))
             return
-        self.run.truncate_metrics(scheme.position)
-        self.run.log({"kind": "resume", "iteration": scheme.position})
-        self.run.update_config(scheme.config)
+        self.run.truncate_metrics(trainer.position)
+        self.run.log({"kind": "resume", "iteration": trainer.position})
+        self.run.update_config(trainer.config)
 
     # --- running --------------------------------------------------------------------------
 
-    def fit(self, scheme: Scheme) -> dict:
-        """Start the scheme, begin the run directory, train, evaluate the final parameters
-        unless the last evaluation was of them, write and return the summary; `scheme.close()`
-        runs whatever happens, a failed start included (so it must cope with a scheme that
+    def fit(self, trainer: BaseTrainer) -> dict:
+        """Start the trainer, begin the run directory, train, evaluate the final parameters
+        unless the last evaluation was of them, write and return the summary; `trainer.close()`
+        runs whatever happens, a failed start included (so it must cope with a trainer that
         started only in part)."""
-        with self.signals():
+        with stop_on_signals(self):
             try:
-                scheme.start()
-                self.begin(scheme)
-                scheme.train()
+                trainer.start()
+                self.begin(trainer)
+                trainer.train()
                 results = self.last_eval
-                if results is None or _main(results)["iteration"] != scheme.position:
-                    results = self.evaluate(scheme)
-                return self.summary(scheme, results)
+                if results is None or _main(results)["iteration"] != trainer.position:
+                    results = self.evaluate(trainer)
+                return self.summary(trainer, results)
             finally:
-                scheme.close()
+                trainer.close()
                 if self.events is not None:
                     self.events.close()
 
     def request_stop(self) -> None:
-        """Ask the scheme to stop after its current unit of work and checkpoint (safe from a
+        """Ask the trainer to stop after its current unit of work and checkpoint (safe from a
         signal handler or another thread)."""
         self.stop_requested = True
-
-    @contextlib.contextmanager
-    def signals(self):
-        """Within: the first SIGINT or SIGTERM requests a stop; a second one raises at once
-        (KeyboardInterrupt, or SystemExit(143) for SIGTERM), skipping the checkpoint but not
-        the scheme's `close`. Only the main thread can install handlers; elsewhere this does
-        nothing."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def stop(signum, frame):
-            name = signal.Signals(signum).name
-            if self.stop_signal is not None:
-                if signum == signal.SIGINT:
-                    raise KeyboardInterrupt
-                raise SystemExit(128 + signum)
-            self.stop_signal = signum
-            self.request_stop()
-            print(f"\ndistbelief: {name}: stopping after this step and checkpointing "
-                  f"({name} again to stop at once)", file=sys.stderr, flush=True)
-
-        previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
 
     def interrupted(self, position: int) -> TrainingInterrupted:
         return TrainingInterrupted(f"stopped at iteration {position}; checkpoint saved, "
@@ -318,26 +266,26 @@ class RunLifecycle:
 
             tqdm.write(f"distbelief: {message}", file=sys.stderr)
 
-    def evaluate(self, scheme: Scheme) -> dict:
-        """Evaluate the scheme's model on every split; log, print and return the records."""
-        model, c = scheme.eval_model(), scheme.config
+    def evaluate(self, trainer: BaseTrainer) -> dict:
+        """Evaluate the trainer's model on every split; log, print and return the records."""
+        model, c = trainer.eval_model(), trainer.config
         results = {}
-        for split, source in scheme.data.splits.items():
-            r = {"kind": "eval", "split": split, "iteration": scheme.position,
-                 "examples": scheme.examples, "wall_s": round(self.wall_s, 3),
+        for split, source in trainer.data.splits.items():
+            r = {"kind": "eval", "split": split, "iteration": trainer.position,
+                 "examples": trainer.examples, "wall_s": round(self.wall_s, 3),
                  **evaluate(model, source.batches(), channels_last=c.channels_last,
                             bf16=c.bf16, loss=c.loss)}
             results[split] = r
             self.log(r)
         main = _main(results)
-        self.say(f"iteration {scheme.position}/{c.iterations} ({self.wall_s:.1f} s): "
-                 f"{scheme.progress_text()}, {error_text(main, main['split'])}")
+        self.say(f"iteration {trainer.position}/{c.iterations} ({self.wall_s:.1f} s): "
+                 f"{trainer.progress_text()}, {error_text(main, main['split'])}")
         self.last_eval, self.evaluated = results, model
         return results
 
-    def summary(self, scheme: Scheme, results: dict) -> dict:
+    def summary(self, trainer: BaseTrainer, results: dict) -> dict:
         """The run's summary (`run_summary`), written to summary.json."""
-        summary = run_summary(scheme, results, self.last_train, self.wall_s)
+        summary = run_summary(trainer, results, self.last_train, self.wall_s)
         if self.run is not None:
             self.run.write_summary(summary)
         return summary
@@ -354,7 +302,7 @@ class RunLifecycle:
         self.counters = Counter(state.get("counters", {}))
 
     def save_state(self, config: TrainConfig, state: dict) -> None:
-        """Write checkpoints/STATE.pt atomically: the scheme's `state` beside the config, the
+        """Write checkpoints/STATE.pt atomically: the trainer's `state` beside the config, the
         mode and the lifecycle's clock, counters and last training record."""
         if self.run is not None:
             save_checkpoint(self.run.checkpoints / f"{self.state}.pt",
@@ -362,7 +310,7 @@ class RunLifecycle:
 
     def save_generation(self, config: TrainConfig, state: dict, files: dict[str, dict],
                         position: int) -> None:
-        """One consistent checkpoint of a distributed run: the scheme's `state` (as in
+        """One consistent checkpoint of a distributed run: the trainer's `state` (as in
         `save_state`) and its actors' `files` (name -> state; "last" is the model, which is
         also copied to checkpoints/last.pt for `distbelief eval`) in a new generation, published
         by its manifest (`RunDir.write_generation`)."""
@@ -378,67 +326,19 @@ class RunLifecycle:
         return {**state, **self.state_dict(), "config": config.to_dict(), "mode": self.mode}
 
 
-class FailureBook:
-    """Failures of a run's actors, each death counted once (module doc).
-
-    `replica_failed` decides whether replica r is restarted (fewer than `max_restarts`
-    restarts so far) or given up, counts and records the failure, and raises when no replica is
-    left; `shard_restarted` records a shard that Ray restarted from its snapshot."""
-
-    def __init__(self, life: RunLifecycle, replicas: int, max_restarts: int):
-        self.life, self.max_restarts = life, max_restarts
-        self.alive = set(range(replicas))
-
-    def replica_failed(self, r: int, error: BaseException, position: int) -> bool:
-        """Returns whether Ray restarts the replica.
-
-        Raises:
-            DistbeliefError: every replica is given up."""
-        counters = self.life.counters
-        restart = counters[f"replica_{r}_restarts"] < self.max_restarts
-        counters["replica_failures"] += 1
-        if restart:
-            counters[f"replica_{r}_restarts"] += 1
-            counters["replica_restarts"] += 1
-        else:
-            self.alive.discard(r)
-        reason = describe(error)
-        self.life.log({"kind": "failure", "actor": f"replica {r}", "iteration": position,
-                       "wall_s": round(self.life.wall_s, 3), "restarted": restart,
-                       "error": reason})
-        self.life.say(f"replica {r} failed ({type(error).__name__}); "
-                      + ("restarting it" if restart else "giving up on it"))
-        if not self.alive:
-            raise DistbeliefError(f"every replica failed more than --max-restarts "
-                                  f"{self.max_restarts} times; last error: {reason}")
-        return restart
-
-    def shard_restarted(self, k: int, position: int, restored_version: int | None,
-                        lost: int) -> None:
-        """Shard k was restarted from its snapshot at `restored_version`, losing `lost`
-        updates (at least)."""
-        self.life.counters["shard_failures"] += 1
-        self.life.counters["shard_updates_lost"] += lost
-        self.life.log({"kind": "failure", "actor": f"shard {k}", "iteration": position,
-                       "wall_s": round(self.life.wall_s, 3), "updates_lost": lost,
-                       "restored_version": restored_version})
-        self.life.say(f"shard {k} failed and was restarted from its snapshot at version "
-                      f"{restored_version} (at least {lost} updates lost)")
-
-
-def run_summary(scheme: Scheme, results: dict, last_train: dict, wall_s: float) -> dict:
-    """What every mode reports (from the scheme, the last evaluations `results` and training
-    record `last_train`), then the scheme's own entries, which may replace them."""
-    c = scheme.config
+def run_summary(trainer: BaseTrainer, results: dict, last_train: dict, wall_s: float) -> dict:
+    """What every mode reports (from the trainer, the last evaluations `results` and training
+    record `last_train`), then the trainer's own entries, which may replace them."""
+    c = trainer.config
     summary = {
         "recipe": c.recipe, "model": c.model, "data": c.data,
-        "device": str(scheme.device), "mode": c.mode, "iterations": scheme.position,
-        "examples": scheme.examples,
-        "epochs": round(scheme.examples / scheme.data.train_size, 3),
+        "device": str(trainer.device), "mode": c.mode, "iterations": trainer.position,
+        "examples": trainer.examples,
+        "epochs": round(trainer.examples / trainer.data.train_size, 3),
         "train_error": last_train.get("error"),
         "train_loss": last_train.get("loss"), "wall_s": round(wall_s, 3),
-        "images_per_s": round(scheme.examples / max(wall_s, 1e-9), 1),
-        **scheme.summary()}
+        "images_per_s": round(trainer.examples / max(wall_s, 1e-9), 1),
+        **trainer.summary()}
     if "test" in results:
         test = results["test"]
         summary["test_loss"] = test["loss"]
@@ -457,3 +357,68 @@ def _main(results: dict) -> dict:
     """The evaluation the progress line and the end of a run go by: the test split's, else
     the only one there is (a run through the Python API without test data: "train")."""
     return results["test"] if "test" in results else next(iter(results.values()))
+
+
+@dataclass
+class Prepared:
+    """What `RunLifecycle.prepare` hands a trainer."""
+
+    config: TrainConfig  # of the trainer's mode, resolved for its data
+    data: DataBundle
+    device: torch.device
+    saved: dict | None  # the state a resumed run continues from
+
+
+def saved_state(run: RunDir, mode: str, state: str, config: TrainConfig,
+                same: tuple[str, ...]) -> dict | None:
+    """The state in `run` that a resumed `mode` run continues from (checkpoints/STATE.pt), or
+    None for a run stopped before its first checkpoint.
+
+    Raises:
+        CheckpointError: the run is of another mode, was trained with other values of the
+            fields in `same`, or its checkpoint is unreadable or missing."""
+    held = run.read_config().mode  # raises when there is no config.yaml
+    if held != mode:
+        raise CheckpointError(f"{run.path} holds a {held} run; resume it with --mode {held}")
+    path = run.state_file(state)
+    if not path.is_file():
+        if run.checkpoint.is_file():  # a distributed run's last.pt without its state
+            raise CheckpointError(f"{path} is missing: the run cannot be resumed")
+        return None
+    saved = load_checkpoint(path)
+    before = TrainConfig.from_dict(saved["config"])
+    for name in same:
+        if before.get(name) != config.get(name):
+            raise CheckpointError(
+                f"{run.path} was trained with --{name.replace('_', '-')} "
+                f"{before.get(name)}, not {config.get(name)}")
+    return saved
+
+
+@contextlib.contextmanager
+def stop_on_signals(life: RunLifecycle):
+    """Within: the first SIGINT or SIGTERM asks `life` to stop (`request_stop`); a second one
+    raises at once (KeyboardInterrupt, or SystemExit(143) for SIGTERM), skipping the
+    checkpoint but not the trainer's `close`. Only the main thread can install handlers;
+    elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        name = signal.Signals(signum).name
+        if life.stop_signal is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        life.stop_signal = signum
+        life.request_stop()
+        print(f"\ndistbelief: {name}: stopping after this step and checkpointing "
+              f"({name} again to stop at once)", file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -22,16 +22,17 @@ import time
 import torch
 
 from distbelief.data import build_data
+from distbelief.engine.base import BaseTrainer
 from distbelief.engine.checkpoint import load_checkpoint, load_model_state
-from distbelief.engine.config import TrainConfig, resolve
+from distbelief.engine.config import TrainConfig
 from distbelief.engine.evaluate import evaluate
 from distbelief.engine.fast import CompiledStep, tensor_lr
-from distbelief.engine.lifecycle import Diverged, RunLifecycle, TrainingInterrupted
-from distbelief.engine.losses import error_text, get_loss
+from distbelief.engine.lifecycle import Diverged, TrainingInterrupted
+from distbelief.engine.losses import get_loss
 from distbelief.engine.schedule import LRSchedule
 from distbelief.engine.setup import build_model, place_model, resolve_device, set_determinism
 from distbelief.engine.weights import load_init
-from distbelief.errors import CheckpointError
+from distbelief.errors import CheckpointError, ConfigError
 from distbelief.optim import ADAGRAD_EPS
 
 STATE = "last"  # the single-process state is the ordinary checkpoint, checkpoints/last.pt
@@ -92,13 +93,15 @@ class _Window:
         return max(time.perf_counter() - self.start - self.paused_s, 1e-9)
 
 
-class Trainer:
-    """Trains `config` into `run_dir` (None: no files, for tests and benchmarks).
+class Trainer(BaseTrainer):
+    """Trains `config` in this process into `run_dir` (None: no files, for tests and
+    benchmarks).
 
     `fit()` returns the summary dict (also written to summary.json). With `progress`, a
     progress bar (on a terminal) and one stderr line per evaluation. `request_stop()` (from a
     signal handler or another thread) makes the loop write a checkpoint after the current step
-    and raise `TrainingInterrupted`.
+    and raise `TrainingInterrupted`. A model cut into partitions (--partitions) trains with
+    `distributed.pipeline.PipelineTrainer`, which shares this loop.
 
     Raises:
         ConfigError, DataError, CheckpointError: bad settings, data or checkpoint; raised
@@ -106,21 +109,15 @@ class Trainer:
         Diverged: the loss became NaN or infinite (the last checkpoint stays as it was).
     """
 
+    mode, state, same = "single", STATE, ("model", "variant")
+
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
-                 resume: bool = False, progress: bool = False, address: str | None = None,
-                 dashboard: bool = False):
-        config = config.replace(mode="single")
-        self.life = RunLifecycle(run_dir, mode="single", state=STATE, progress=progress)
-        saved = self.life.open(config, resume, same=("model", "variant"))
-        partitioned = config.cluster.partitions > 1
-        # Partitioned, the driver's model is only evaluated and checkpointed (on the CPU);
-        # the partition actors get their devices from Ray.
-        self.device = resolve_device("cpu" if partitioned else config.device)
+                 resume: bool = False, progress: bool = False):
+        self.check(config)
+        saved = self.open_run(config, run_dir, resume=resume, progress=progress,
+                              device=self.device_for(config))
+        config = self.config
         set_determinism(config.deterministic, self.device)
-        torch.manual_seed(config.seed)
-        self.data = build_data(config, self.device,
-                               stats=saved["data_stats"] if saved else None)
-        self.config = config = resolve(config, self.data.train_size)
         self.model = build_model(config, self.data, self.device)
         if not saved:  # a resumed run's weights come from its checkpoint
             load_init(self.model, config)
@@ -131,15 +128,22 @@ class Trainer:
         self.train_s = 0.0  # of the wall time, in training steps (no evaluation or checkpoints)
         if saved:
             self._restore(saved)
-        self.compiled = self.pipeline = self._synced_at = None
+        self.compiled = None
         if config.compile:
             tensor_lr(self.optimizer, self.device)
             self.compiled = CompiledStep(self.model, self.optimizer, self.device)
-        if partitioned:
-            from distbelief.distributed.pipeline.runner import PipelineRunner
 
-            sample = next(self.data.train.batches(0))[0][:1]  # one example, to cut by cost
-            self.pipeline = PipelineRunner(config, self.model, sample, address, dashboard)
+    @staticmethod
+    def check(config: TrainConfig) -> None:
+        """Raise `ConfigError` for a config this trainer does not train."""
+        if config.cluster.partitions > 1:
+            raise ConfigError("--partitions trains with distributed.pipeline.PipelineTrainer "
+                              "(distbelief.api.trainer_for picks the trainer of a config)")
+
+    @staticmethod
+    def device_for(config: TrainConfig) -> str:
+        """Where the model trains (and the data lives)."""
+        return config.device
 
     def _restore(self, saved: dict) -> None:
         try:
@@ -152,7 +156,7 @@ class Trainer:
         _set_rng_state(saved["rng"], self.device)
         self.iteration, self.train_s = saved["iteration"], saved["train_s"]
 
-    # --- the Scheme protocol (engine.lifecycle) -------------------------------------------
+    # --- what the lifecycle calls ------------------------------------------------------
 
     @property
     def position(self) -> int:
@@ -162,53 +166,23 @@ class Trainer:
     def examples(self) -> int:
         return self.iteration * self.config.batch_size
 
-    def start(self) -> None:
-        if self.pipeline is not None:
-            self.placed = self.pipeline.start(self.optimizer, build_optimizer)
-
-    def _sync(self) -> None:
-        """Partitioned: bring the partitions' weights and optimizer states home (once per
-        iteration)."""
-        if self.pipeline is not None and self._synced_at != self.iteration:
-            self.pipeline.gather(self.optimizer)
-            self._synced_at = self.iteration
-
     def train(self) -> None:
-        if self.pipeline is not None:  # where each partition went (the run directory exists)
-            self.life.log({"kind": "cluster", "iteration": self.iteration, "partitions": [
-                {**info, "units": part.describe(), "macs": part.macs}
-                for info, part in zip(self.placed, self.pipeline.parts)]})
         self.train_until(self.config.iterations)
 
     def eval_model(self) -> torch.nn.Module:
-        self._sync()
+        self.gather()
         return self.model
-
-    def progress_text(self) -> str:
-        return error_text(self.life.last_train, "train")
 
     def summary(self) -> dict:
         per_epoch = self.data.train.batches_per_epoch
-        out = {"epochs": round(self.iteration / per_epoch, 3), "train_s": round(self.train_s, 3),
-               "images_per_s": round(self.examples / max(self.train_s, 1e-9), 1)}
-        if self.pipeline is not None:
-            c = self.config.cluster
-            out.update(partitions=c.partitions, micro_batches=c.micro_batches)
-        return out
+        return {"epochs": round(self.iteration / per_epoch, 3), "train_s": round(self.train_s, 3),
+                "images_per_s": round(self.examples / max(self.train_s, 1e-9), 1)}
 
-    def close(self) -> None:
-        if self.pipeline is not None:
-            self.pipeline.close()
+    def gather(self) -> None:
+        """Bring the training state into `model` and `optimizer` before they are read (here
+        they always are; a pipeline's parts hold theirs elsewhere)."""
 
     # --- running ----------------------------------------------------------------------------
-
-    def fit(self) -> dict:
-        """Train from the current iteration to `config.iterations`, evaluate, return the
-        summary."""
-        return self.life.fit(self)
-
-    def request_stop(self) -> None:
-        self.life.request_stop()
 
     def evaluate(self, split: str = "test", views: str = "center", scales=()) -> dict:
         c = self.config
@@ -218,7 +192,7 @@ class Trainer:
 
     def checkpoint_state(self) -> dict:
         """The training state (the lifecycle adds the config, clock and last record)."""
-        self._sync()
+        self.gather()
         epoch, batch = divmod(self.iteration, self.data.train.batches_per_epoch)
         return {"iteration": self.iteration,
                 # Batch i is a function of (seed, i); the position is recorded for readers.
@@ -267,17 +241,27 @@ class Trainer:
             bar.close()
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, window: _Window) -> float:
-        c, opt = self.config, self.optimizer
         lr = self.schedule.lr_at(self.iteration)
-        if self.pipeline is not None:  # the partitions choose their own memory format
-            loss, wrong = self.pipeline.step(x, y, lr)
-            return self._count(lr, torch.tensor(loss), torch.tensor(wrong), y, window)
+        loss, wrong = self.compute(x, y, lr)
+        wrong = window.add(loss, wrong, len(y))
+        if self.schedule.needs_error:
+            self.schedule.observe(self.iteration, float(wrong) / len(y))
+        self.iteration += 1
+        return lr
+
+    def compute(self, x: torch.Tensor, y: torch.Tensor,
+                lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step on batch (x, y) at `lr`: (the batch's mean loss, misclassified
+        examples), as tensors not yet synchronized with the device."""
+        c, opt = self.config, self.optimizer
         if c.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         forward = self.compiled.forward if self.compiled else self.model
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
             logits = forward(x)
             loss = self.loss(logits, y)
+        # Counted before the update: a compiled update's graph may reuse the forward's outputs.
+        wrong = self.loss.wrong(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.compiled:
@@ -286,15 +270,7 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.step()
-        return self._count(lr, loss, self.loss.wrong(logits, y), y, window)
-
-    def _count(self, lr: float, loss: torch.Tensor, wrong: torch.Tensor, y: torch.Tensor,
-               window: _Window) -> float:
-        wrong = window.add(loss, wrong, len(y))
-        if self.schedule.needs_error:
-            self.schedule.observe(self.iteration, float(wrong) / len(y))
-        self.iteration += 1
-        return lr
+        return loss, wrong
 
     def _log_window(self, window: _Window, lr: float, checkpoint_now: bool, bar) -> None:
         """Log the window's training record (its mean loss and error, images/s).
@@ -315,15 +291,17 @@ class Trainer:
                   "lr": lr,
                   "images_per_s": round(window.seen / seconds, 1),
                   "wall_s": round(self.life.wall_s, 3)}
-        if self.pipeline is not None:
-            record["pipeline"] = self.pipeline.metrics()
-        self.life.log_train(record)
+        self.life.log_train({**record, **self.record_extras()})
         bar.set_postfix({"loss": f"{loss:.3f}", "img/s": f"{record['images_per_s']:.0f}"},
                         refresh=False)
         window.reset()
 
+    def record_extras(self) -> dict:
+        """Entries a training record adds to the common ones (none here)."""
+        return {}
+
     def _params_finite(self) -> bool:
-        self._sync()
+        self.gather()
         return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
 
 

@@ -65,10 +65,10 @@ def check_same(runs: Path, spec: RunSpec) -> None:
 
 def train_one(spec: RunSpec, path: Path, progress: bool = False) -> dict:
     """Train (or resume) one run in this process; its summary."""
-    from distbelief.api import scheme_for
+    from distbelief.api import trainer_for
 
     started = RunDir(path).config_file.is_file()
-    return scheme_for(spec.config, path, resume=started, progress=progress).fit()
+    return trainer_for(spec.config, path, resume=started, progress=progress).fit()
 
 
 def _child(spec: RunSpec, path: Path, parent: int) -> None:

@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+from distbelief.distributed.pipeline import PipelineTrainer
 from distbelief.engine import Trainer, load_checkpoint
 from distbelief.engine.rundir import read_jsonl
 from distbelief.errors import DistbeliefError
@@ -45,7 +46,7 @@ def assert_same_model(a: dict, b: dict, atol=1e-6):
                                                (3, 4, "mlp")])
 def test_partitioned_replica_equals_the_trainer(ray_cluster, tmp_path, parts, micro, model):
     c = config(model=model, partitions=parts, micro_batches=micro)
-    summary = Trainer(c, tmp_path / "run").fit()
+    summary = PipelineTrainer(c, tmp_path / "run").fit()
     reference = reference_run(c)
     saved = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
     assert saved["iteration"] == 12
@@ -71,12 +72,12 @@ def test_partitioned_replica_equals_the_trainer(ray_cluster, tmp_path, parts, mi
 
 def test_a_partitioned_checkpoint_resumes_with_other_partitions(ray_cluster, tmp_path):
     c = config(checkpoint_every=6)
-    stopper = Trainer(c.replace(partitions=2), tmp_path / "run")
+    stopper = PipelineTrainer(c.replace(partitions=2), tmp_path / "run")
     stopper.start()
     stopper.life.begin(stopper)
     stopper.train_until(6)
     stopper.close()
-    Trainer(c.replace(partitions=3), tmp_path / "run", resume=True).fit()
+    PipelineTrainer(c.replace(partitions=3), tmp_path / "run", resume=True).fit()
     reference = reference_run(c)
     assert_same_model(reference.model.state_dict(),
                       load_checkpoint(tmp_path / "run/checkpoints/last.pt")["model"])
@@ -86,12 +87,12 @@ def test_a_partitioned_checkpoint_resumes_with_other_partitions(ray_cluster, tmp
 def test_a_partition_that_dies_stops_the_run_with_one_line(ray_cluster, tmp_path, victim):
     import ray
 
-    trainer = Trainer(config(partitions=2, iterations=400), tmp_path / "run")
+    trainer = PipelineTrainer(config(partitions=2, iterations=400), tmp_path / "run")
 
     def kill_one():
         while trainer.iteration < 3:
             threading.Event().wait(0.05)
-        ray.kill(trainer.pipeline.session.replicas[victim], no_restart=True)
+        ray.kill(trainer.runner.session.replicas[victim], no_restart=True)
 
     killer = threading.Thread(target=kill_one)
     killer.start()
@@ -99,4 +100,4 @@ def test_a_partition_that_dies_stops_the_run_with_one_line(ray_cluster, tmp_path
         trainer.fit()
     killer.join()
     assert trainer.iteration < 400
-    assert trainer.pipeline.session.replicas == []  # released
+    assert trainer.runner.session.replicas == []  # released

@@ -1,0 +1,87 @@
+"""Single-mode model parallelism (`--partitions P`): `PipelineTrainer(config, run_dir).fit()`.
+
+The single-process trainer's loop, run directory and checkpoints, with each step computed by
+P partition actors on Ray (`runner.PipelineRunner`) instead of in this process. This process
+keeps the whole model and optimizer only to evaluate and checkpoint: the parts' weights and
+optimizer states come home (`gather`) when they are read, once per iteration at most. A
+partitioned run's checkpoint is an ordinary single-process checkpoint (`distbelief eval` reads
+it; --resume may use another --partitions or none).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from distbelief.distributed.pipeline.runner import PipelineRunner
+from distbelief.engine.config import TrainConfig
+from distbelief.engine.trainer import Trainer, build_optimizer
+from distbelief.errors import ConfigError
+
+
+class PipelineTrainer(Trainer):
+    """`Trainer` over a model cut into `config.cluster.partitions` parts, each a Ray actor,
+    with `config.cluster.micro_batches` micro-batches per step. `address` joins a Ray cluster
+    (default: a local Ray, stopped at the end); `dashboard` starts the local one with its
+    dashboard.
+
+    Raises:
+        ConfigError, DataError, CheckpointError: as `Trainer`, before anything is written.
+        Diverged: as `Trainer`.
+        DistbeliefError: a partition actor died (its weights since the last checkpoint are
+            lost: --resume continues from it).
+    """
+
+    def __init__(self, config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
+                 resume: bool = False, progress: bool = False, address: str | None = None,
+                 dashboard: bool = False):
+        super().__init__(config, run_dir, resume=resume, progress=progress)
+        sample = next(self.data.train.batches(0))[0][:1]  # one example, to cut by cost
+        self.runner = PipelineRunner(self.config, self.model, sample, address, dashboard)
+        self.placed: list[dict] = []
+        self._gathered_at: int | None = None
+
+    @staticmethod
+    def check(config: TrainConfig) -> None:
+        if config.cluster.partitions < 2:
+            raise ConfigError("a pipeline needs --partitions 2 or more")
+
+    @staticmethod
+    def device_for(config: TrainConfig) -> str:
+        # The driver's model is only evaluated and checkpointed, on the CPU; the partition
+        # actors get their devices from Ray.
+        return "cpu"
+
+    def start(self) -> None:
+        self.placed = self.runner.start(self.optimizer, build_optimizer)
+
+    def train(self) -> None:
+        self.life.log({"kind": "cluster", "iteration": self.iteration, "partitions": [
+            {**info, "units": part.describe(), "macs": part.macs}
+            for info, part in zip(self.placed, self.runner.parts)]})
+        super().train()
+
+    def compute(self, x: torch.Tensor, y: torch.Tensor,
+                lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # The partitions choose their own memory format.
+        loss, wrong = self.runner.step(x, y, lr)
+        return torch.tensor(loss), torch.tensor(wrong)
+
+    def gather(self) -> None:
+        """The partitions' weights and optimizer states, into the driver's model and
+        optimizer (once per iteration)."""
+        if self._gathered_at != self.iteration:
+            self.runner.gather(self.optimizer)
+            self._gathered_at = self.iteration
+
+    def record_extras(self) -> dict:
+        return {"pipeline": self.runner.metrics()}
+
+    def summary(self) -> dict:
+        c = self.config.cluster
+        return {**super().summary(), "partitions": c.partitions,
+                "micro_batches": c.micro_batches}
+
+    def close(self) -> None:
+        self.runner.close()

@@ -1,0 +1,207 @@
+"""`--mode sync`: synchronous data parallelism on Ray Train, under the run lifecycle every mode
+shares (run directory, records, evaluations, checkpoints, --resume, SIGTERM).
+
+Ray Train's `TorchTrainer` runs N workers with DistributedDataParallel (`sync.worker` states
+the batch semantics); `fit()` blocks, so it runs in a thread of the driver while the driver's
+main thread takes the workers' events from the hub (`sync.hub`): it logs their training
+records, evaluates and checkpoints the state rank 0 hands over, and passes a stop request on.
+The checkpoint is an ordinary single-process checkpoint (checkpoints/last.pt), so `distbelief
+eval` and `distbelief.load` read it as any other.
+
+Worker loss: Ray Train restarts the whole worker group, up to --max-restarts times, and the
+workers continue from the last checkpoint the hub holds; the driver drops the records after that
+checkpoint (they will be written again), counts the failure and logs it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+
+import torch
+
+from distbelief.distributed.placement import replica_shape
+from distbelief.distributed.runtime.calls import get
+from distbelief.distributed.runtime.cluster import kill, nodes
+from distbelief.distributed.runtime.startup import ray_session
+from distbelief.distributed.sync.actors import HubActor, fit_workers
+from distbelief.engine.base import BaseTrainer
+from distbelief.engine.config import TrainConfig
+from distbelief.engine.lifecycle import Diverged, describe
+from distbelief.engine.setup import build_model
+from distbelief.errors import DistbeliefError
+
+STATE = "last"  # the state is the ordinary checkpoint, as in single mode
+SAME = ("model", "variant", "replicas", "batch_size")  # what a resume must keep
+POLL_S = 0.05
+
+
+class SyncTrainer(BaseTrainer):
+    """Trains `config` with `config.cluster.replicas` synchronous workers (`fit()` returns the
+    summary).
+
+    Raises:
+        ConfigError, DataError, CheckpointError: before anything is written.
+        Diverged: the loss became NaN or infinite (the last checkpoint stays).
+        DistbeliefError: a worker failed more than --max-restarts times."""
+
+    mode, state, same = "sync", STATE, SAME
+
+    def __init__(self, config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
+                 resume: bool = False, progress: bool = False, address: str | None = None,
+                 dashboard: bool = False):
+        self.saved = self.open_run(config, run_dir, resume=resume, progress=progress)
+        self.address, self.dashboard = address, dashboard
+        # The driver evaluates on the CPU.
+        self.model = build_model(self.config, self.data, self.device)
+        self.iteration = self.saved["iteration"] if self.saved else 0
+        self.train_s = self.saved["train_s"] if self.saved else 0.0
+        self.session = self.hub = self.thread = self.shape = None
+        self.outcome: BaseException | None = None
+        self.storage: str | None = None  # Ray Train's own files (a temporary folder)
+        self.diverged: dict | None = None
+        self.hub_name = f"distbelief-{uuid.uuid4().hex[:12]}-hub"
+
+    # --- what the lifecycle calls ------------------------------------------------------
+
+    @property
+    def position(self) -> int:
+        return self.iteration
+
+    @property
+    def examples(self) -> int:
+        return self.iteration * self.config.batch_size * self.config.cluster.replicas
+
+    def start(self) -> None:
+        """Ray, the hub (holding the checkpoint to resume from) and the workers' shape."""
+        session = ray_session(self.address, self.dashboard)
+        session.__enter__()
+        self.session = session  # entered: `close` leaves it
+        self.shape = replica_shape(self.config, nodes())
+        self.storage = tempfile.mkdtemp(prefix="distbelief-sync-")
+        state = None if self.saved is None else _training_state(self.saved)
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+        self.hub = HubActor.options(name=self.hub_name).remote(state)
+        get(self.hub.status.remote())
+
+    def train(self) -> None:
+        self.thread = threading.Thread(target=self._fit_workers, name="ray-train", daemon=True)
+        self.life.clock.start()
+        try:
+            self.thread.start()
+            stop_sent = False
+            while self.thread.is_alive():
+                self._handle(get(self.hub.take.remote()))
+                if self.life.stop_requested and not stop_sent:
+                    self.hub.request_stop.remote()
+                    stop_sent = True
+                time.sleep(POLL_S)
+            self._handle(get(self.hub.take.remote()))
+        finally:
+            self.life.clock.stop()
+        self._finish()
+
+    def _fit_workers(self) -> None:
+        try:
+            fit_workers(self.config, self.hub_name, self.data.stats, self.shape, self.storage)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.outcome = e
+
+    def _handle(self, events: list[dict]) -> None:
+        life = self.life
+        for e in events:
+            if e["kind"] == "attempt" and e["attempt"] > 1:
+                self._restarted(e["iteration"])
+            elif e["kind"] == "train":
+                self.iteration = e["record"]["iteration"]
+                life.log_train({**e["record"], "wall_s": round(life.wall_s, 3)})
+            elif e["kind"] == "state":
+                self.iteration, state = e["iteration"], e["state"]
+                self.model.load_state_dict(state["model"])
+                self.train_s = state["train_s"]
+                if e["evaluate"]:
+                    life.evaluate(self)
+                if e["checkpoint"]:
+                    life.save_state(self.config, self._checkpoint(state))
+            elif e["kind"] == "diverged":
+                self.diverged = e
+
+    def _restarted(self, iteration: int) -> None:
+        """Ray Train restarted the workers after a loss; they continue from `iteration`."""
+        life = self.life
+        life.counters["worker_failures"] += 1
+        life.counters["steps_lost"] += max(self.iteration - iteration, 0)
+        if life.run is not None:
+            life.run.truncate_metrics(iteration)
+        life.log({"kind": "failure", "actor": "worker group", "iteration": iteration,
+                  "wall_s": round(life.wall_s, 3), "restarted": True,
+                  "steps_lost": max(self.iteration - iteration, 0)})
+        life.say(f"a sync worker failed; Ray Train restarted the workers from iteration "
+                 f"{iteration}")
+        self.iteration = iteration
+
+    def _finish(self) -> None:
+        if self.outcome is not None:
+            raise DistbeliefError(
+                f"synchronous training failed ({_cause(self.outcome)}); with fewer than "
+                f"--max-restarts {self.config.cluster.max_restarts} failures Ray Train restarts "
+                f"the workers, --resume continues from the last checkpoint")
+        if self.diverged is not None:
+            raise Diverged(f"training diverged (loss {self.diverged['loss']}) by iteration "
+                           f"{self.diverged['iteration']}; lower --lr (the last checkpoint is "
+                           f"kept)")
+        if self.life.stop_requested and self.iteration < self.config.iterations:
+            raise self.life.interrupted(self.iteration)
+
+    def _checkpoint(self, state: dict) -> dict:
+        """The workers' state as a single-process checkpoint (`engine.trainer`)."""
+        epoch, batch = divmod(self.iteration, self.data.train.batches_per_epoch)
+        return {**state, "data_position": {"epoch": epoch, "batch_in_epoch": batch},
+                "rng": {"torch": torch.get_rng_state()}, "data_stats": self.data.stats,
+                "num_classes": self.data.num_classes, "in_chans": self.data.in_chans}
+
+    def eval_model(self) -> torch.nn.Module:
+        return self.model
+
+    def summary(self) -> dict:
+        c = self.config
+        return {"replicas": c.cluster.replicas,
+                "global_batch": c.batch_size * c.cluster.replicas,
+                "backend": "nccl" if self.shape and self.shape.device == "cuda" else "gloo",
+                "epochs": round(self.examples / self.data.train_size, 3),
+                "train_s": round(self.train_s, 3),
+                "images_per_s": round(self.examples / max(self.train_s, 1e-9), 1),
+                "worker_failures": self.life.counters["worker_failures"],
+                "steps_lost": self.life.counters["steps_lost"]}
+
+    def close(self) -> None:
+        """Stop the workers (when a failure in the driver left them running), the hub and Ray."""
+        if self.thread is not None and self.thread.is_alive():
+            self.hub.request_stop.remote()
+            self.thread.join(timeout=60)
+        if self.hub is not None:
+            kill([self.hub])
+            self.hub = None
+        if self.session is not None:
+            self.session.__exit__(None, None, None)
+            self.session = None
+        if self.storage is not None:
+            shutil.rmtree(self.storage, ignore_errors=True)
+
+
+def _training_state(saved: dict) -> dict:
+    """What the workers load of a checkpoint."""
+    return {k: saved[k] for k in ("iteration", "model", "optimizer", "schedule", "train_s")}
+
+
+def _cause(error: BaseException) -> str:
+    """The first line of the workers' own error when Ray Train wraps one."""
+    inner = getattr(error, "worker_failures", None) or {}
+    for failure in (inner.values() if isinstance(inner, dict) else inner):
+        return describe(failure)
+    return describe(error)

@@ -1,0 +1,119 @@
+"""Downpour with partitioned replicas, in process: shards aligned to the parts, the server's
+block layout, and one partitioned replica without overlap equal to plain SGD."""
+
+import pytest
+import torch
+from torch import nn
+
+from distbelief.data import build_data
+from distbelief.distributed.downpour import DownpourReplica, LocalClient, ParameterShard
+from distbelief.distributed.downpour.layout import aligned_shards, server_layout
+from distbelief.distributed.downpour.partitioned import PartitionedReplica, ServerStage
+from distbelief.distributed.flat import BlockFlat, FlatModel
+from distbelief.engine.losses import get_loss
+from distbelief.engine.setup import build_model
+from distbelief.errors import ConfigError
+from support.downpour import digits_config, make_shards
+
+
+@pytest.mark.parametrize("blocks,shards", [
+    ([(100, 10), (300, 0)], 2), ([(100, 10), (300, 0)], 5),
+    ([(5, 0), (0, 0), (50, 4), (1, 0)], 4), ([(1, 0), (10, 0)], 8)])
+def test_shards_are_aligned_to_parts(blocks, shards):
+    slots = aligned_shards(blocks, shards)
+    assert len(slots) == shards
+    sizes = [p + b for p, b in blocks]
+    edges = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    covered = []
+    for s in slots:
+        assert edges[s.part] <= s.lo < s.hi <= edges[s.part + 1]  # never straddles two parts
+        assert s.param_end == edges[s.part] + blocks[s.part][0]
+        covered.extend(range(s.lo, s.hi))
+    assert covered == list(range(edges[-1]))  # every value on exactly one shard, in order
+    assert {s.part for s in slots} == {i for i, size in enumerate(sizes) if size}
+
+
+def test_fewer_shards_than_parts_is_one_clear_error():
+    with pytest.raises(ConfigError, match="--ps-shards 1 is below the 2 partitions"):
+        aligned_shards([(10, 0), (10, 0)], 1)
+
+
+def test_block_layout_round_trips():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    parts = [nn.Sequential(model[0], model[1]), nn.Sequential(model[2])]
+    flat = BlockFlat(parts)
+    first = FlatModel(parts[0])
+    vector = flat.vector()
+    assert torch.equal(vector[:first.n_params], torch.cat([p.reshape(-1) for p in
+                                                          parts[0].parameters()]))
+    assert flat.sizes == [first.n_params + first.n_buffers, 10]
+    flat.load(torch.arange(vector.numel(), dtype=torch.float32))
+    assert torch.equal(flat.vector(), torch.arange(vector.numel(), dtype=torch.float32))
+
+
+def local_partitioned(config, data):
+    """One partitioned replica over in-process stages and aligned in-process shards."""
+    initial, plan, slots = server_layout(config, data)
+    shards = [ParameterShard(k, s.lo, s.hi, s.param_end, initial[s.lo:s.hi], config)
+              for k, s in enumerate(slots)]
+    with torch.device("meta"):
+        modules = plan.modules_of(build_model(config, data))
+    offsets = [min(s.lo for s in slots if s.part == p) for p in range(len(modules))]
+    stages = [ServerStage(p, len(modules), m, get_loss("cross_entropy"), config,
+                          LocalClient([sh for sh, s in zip(shards, slots) if s.part == p],
+                                      offsets[p]), replica=0)
+              for p, m in enumerate(modules)]
+    call = lambda p, method, *args: getattr(stages[p], method)(*args)  # noqa: E731
+    return PartitionedReplica(0, config, call, list, len(stages), stats=data.stats), shards, \
+        stages
+
+
+@pytest.mark.parametrize("parts,channels_last", [(2, False), (3, True)])
+def test_one_partitioned_replica_equals_one_whole_replica(parts, channels_last):
+    # Channels-last: the gradients (views of the pushed vector) stay in the server's order.
+    config = digits_config(partitions=parts, ps_shards=parts + 1, channels_last=channels_last)
+    data = build_data(config, torch.device("cpu"))
+    replica, shards, stages = local_partitioned(config, data)
+    metrics = replica.run(0, 8)
+    assert metrics["steps"] == 8 and metrics["pushes"] == 8 * parts
+    assert len(metrics["partitions"]) == parts
+    whole_config = config.replace(partitions=1, ps_shards=1)
+    whole_shards, _ = make_shards(whole_config, data, 1)
+    whole = DownpourReplica(0, whole_config, LocalClient(whole_shards), stats=data.stats)
+    whole.run(0, 8)
+    # The same model, laid out part by part: compare through the driver's view of each.
+    server = torch.cat([s.w for s in shards])
+    reference = build_model(config, data)
+    FlatModel(reference).load(whole_shards[0].w)
+    _, plan, _ = server_layout(config, data)
+    torch.testing.assert_close(server, BlockFlat(plan.modules_of(reference)).vector(),
+                               rtol=0, atol=1e-6)
+    assert all(s.version == 8 for s in shards)
+    # A partition holds only its own part.
+    assert [sum(p.numel() for p in st.module.parameters()) for st in stages] == \
+        [p.params for p in plan.parts]
+
+
+def test_a_failed_chunk_leaves_nothing_behind():
+    config = digits_config(partitions=2, ps_shards=2, n_push=2)
+    data = build_data(config, torch.device("cpu"))
+    replica, shards, stages = local_partitioned(config, data)
+    replica.run(0, 3)  # pushes after step 1; step 2's gradient waits for the next push
+    assert all(s.exchange.accum is not None for s in stages)
+
+    def died(*args):
+        raise RuntimeError("partition died")
+
+    stages[1].forward_loss = died
+    with pytest.raises(RuntimeError, match="died"):
+        replica.run(3, 2)
+    assert stages[0].saved  # its forward ran: activations left behind
+    del stages[1].forward_loss
+    with pytest.raises(RuntimeError, match="died"):  # a chunk queued before the driver knew
+        replica.run(3, 2)
+    replica.recover()
+    assert all(s.exchange.accum is None and not s.saved for s in stages)
+    versions = [s.version for s in shards]
+    # Step 3 trained again: its push holds it alone (step 2's gradient went with the failure).
+    assert replica.run(3, 2)["pushes"] == 2
+    assert [s.version for s in shards] == [v + 1 for v in versions]

@@ -1,0 +1,79 @@
+"""Downpour with partitioned replicas on a local Ray: each partition an actor talking only to
+the shards of its part. One replica without overlap is plain SGD (equal to the trainer); two
+replicas of two partitions learn digits as two whole replicas do; a partition killed mid-run
+fails its replica's chunk, Ray restarts it from the server's values and the run completes."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from distbelief.distributed import DownpourTrainer
+from distbelief.engine import Trainer, load_checkpoint
+from distbelief.engine.rundir import read_jsonl
+from distbelief.recipes import get_recipe
+from support.downpour import digits_config
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def test_one_partitioned_replica_without_overlap_equals_the_trainer(tmp_path):
+    c = digits_config(iterations=12, milestones=(6,), log_every=4, eval_every=0,
+                      checkpoint_every=0, channels_last=False, replicas=1, ps_shards=3,
+                      partitions=2, replica_cpus=1, staleness_rule="momentum")
+    summary = DownpourTrainer(c, tmp_path / "run").fit()
+    assert summary["shard_partitions"] == [0, 1, 1] and summary["shard_updates"] == [12] * 3
+    assert summary["staleness"] == {0: 36}  # never stale: no overlap, one replica
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each partition: CPU kernels sum by thread count
+    try:
+        reference = Trainer(c.replace(mode="single", partitions=1))
+        reference.train_until(12)
+    finally:
+        torch.set_num_threads(threads)
+    server = load_checkpoint(tmp_path / "run/checkpoints/last.pt")["model"]
+    for name, value in reference.model.state_dict().items():
+        torch.testing.assert_close(server[name].float(), value.float(), rtol=0, atol=1e-6,
+                                   msg=name)
+
+
+def test_two_replicas_of_two_partitions_learn_digits(tmp_path):
+    run = tmp_path / "run"
+    trainer = DownpourTrainer(get_recipe("digits-downpour").replace(partitions=2), run)
+    summary = trainer.fit()
+    total = sum(p.numel() for p in trainer.server.model.parameters())
+    assert summary["test_accuracy"] >= 0.95, summary  # as two whole replicas (test_driver)
+    assert summary["partitions"] == 2 and summary["shard_partitions"] == [0, 1]
+    # Each partition pushes on its own, overlapped: its shards see stale pushes.
+    assert all(s > 0 for s in summary["partition_staleness_mean"])
+    records = read_jsonl(run / "metrics.jsonl")
+    cluster = next(r for r in records if r["kind"] == "cluster")
+    for replica in cluster["replicas"]:
+        params = [p["params"] for p in replica["partitions"]]
+        assert params == [p.params for p in trainer.plan.parts]  # each holds its part only
+        assert sum(params) == total
+    pipe = [r for r in records if r["kind"] == "train"][-1]["partitions"]
+    assert 0 < pipe["bubble"] < 1 and pipe["bytes_per_step"][0] > 0
+    assert all(s > 0 for s in pipe["compute_s"])
+
+
+def test_a_killed_partition_is_restarted_and_training_completes(tmp_path):
+    import ray
+
+    run = tmp_path / "run"
+    trainer = DownpourTrainer(get_recipe("digits-downpour").replace(partitions=2), run)
+
+    def kill():
+        while trainer.steps < 300:
+            time.sleep(0.05)
+        ray.kill(trainer.session.stages[1], no_restart=False)  # replica 0, partition 1
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    summary = trainer.fit()
+    thread.join()
+    assert summary["replica_failures"] == 1 and summary["replica_restarts"] == 1, summary
+    assert summary["iterations"] == 1200 and summary["test_accuracy"] >= 0.95, summary
+    failures = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "failure"]
+    assert failures[0]["actor"] == "replica 0" and "partition" in failures[0]["error"]
