@@ -9,7 +9,7 @@ import torch
 
 from distbelief.distributed.downpour import ParameterShard
 from distbelief.distributed.downpour.actors import ShardActor
-from distbelief.distributed.session import DriverSession
+from distbelief.distributed.runtime.session import DriverSession
 from distbelief.engine.config import TrainConfig
 
 ray = pytest.importorskip("ray")

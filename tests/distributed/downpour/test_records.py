@@ -7,7 +7,8 @@ import pytest
 from distbelief.distributed.downpour.records import (ChunkWindow, ReplicaProgress, ShardMonitor,
                                                      mean_staleness, staleness, summary_entries)
 from distbelief.distributed.downpour.work import WorkQueue
-from distbelief.engine.lifecycle import Diverged, FailureBook, RunLifecycle
+from distbelief.engine.failures import FailureBook
+from distbelief.engine.lifecycle import Diverged, RunLifecycle
 
 
 def status(shard, version, incarnation="a", restored=None, **kw):

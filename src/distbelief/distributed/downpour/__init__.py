@@ -1,12 +1,15 @@
 """Downpour SGD (Dean et al., 2012, Sec. 4.1): model replicas training asynchronously against a
 sharded parameter server.
 
-    shard.py     ParameterShard: a slice of the server vector and its update rule (no Ray)
-    replica.py   DownpourReplica: a replica's fetch / compute / push loop (no Ray)
-    work.py      WorkQueue: which replica trains which of its steps next (no Ray)
-    records.py   ChunkWindow, ShardMonitor, the summary: what the driver records (no Ray)
-    actors.py    the Ray actors around shard and replica, the replicas' client
-    driver.py    DownpourTrainer: hands out work, evaluates, logs, checkpoints, recovers
+    shard.py        ParameterShard: a slice of the server vector and its update rule (no Ray)
+    rules.py        how a shard applies a stale gradient (--staleness-rule; no Ray)
+    replica.py      DownpourReplica: a replica's fetch / compute / push loop (no Ray)
+    partitioned.py  a replica cut into partitions, each talking to its own shards (no Ray)
+    layout.py       where each shard's slice lies in the server vector (no Ray)
+    work.py         WorkQueue: which replica trains which of its steps next (no Ray)
+    records.py      ChunkWindow, ShardMonitor, the summary: what the trainer records (no Ray)
+    actors.py       the Ray actors around shards, replicas and partitions; the replicas' client
+    trainer.py      DownpourTrainer: hands out work, evaluates, logs, checkpoints, recovers
 
 A Downpour step: replica r installs the parameters its last fetch brought (the shards' slices,
 joined), computes a minibatch gradient on its own slice of the data, and every --n-push steps
@@ -24,8 +27,8 @@ __all__ = ["DownpourReplica", "LocalClient", "ParameterShard", "WorkQueue", "ini
 
 
 def __getattr__(name):
-    # The driver imports Ray; keep importing the Ray-free core free of it.
+    # The trainer imports Ray; keep importing the Ray-free core free of it.
     if name == "DownpourTrainer":
-        from distbelief.distributed.downpour.driver import DownpourTrainer
+        from distbelief.distributed.downpour.trainer import DownpourTrainer
         return DownpourTrainer
     raise AttributeError(name)

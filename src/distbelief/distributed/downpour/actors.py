@@ -1,5 +1,6 @@
-"""Downpour's Ray actors: thin wrappers around `ParameterShard` and `DownpourReplica`, where
-the logic lives and is tested without Ray, and the replicas' client over the shard actors.
+"""Downpour's Ray actors: thin wrappers around `ParameterShard`, `DownpourReplica` and, for
+partitioned replicas, `ServerStage` and `PartitionedReplica`, where the logic lives and is
+tested without Ray; and the replicas' client over the shard actors.
 
 Failures are Ray's business: shards are created with --max-restarts and unlimited task retries,
 so a killed shard is restarted by Ray (on another node if its node is lost), restores the
@@ -11,17 +12,25 @@ restarted replica its next chunk.
 
 from __future__ import annotations
 
+import time
 import uuid
 import warnings
 
 import numpy as np
 import ray
 import torch
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
+from distbelief.distributed.downpour.partitioned import PartitionedReplica, ServerStage
 from distbelief.distributed.downpour.replica import DownpourReplica
-from distbelief.distributed.downpour.shard import ParameterShard
-from distbelief.distributed.runtime import RayPending, SnapshotSender, memory, node_id, nodes
+from distbelief.distributed.downpour.shard import ParameterShard, shard_lost
+from distbelief.distributed.pipeline.actors import StageHost, caller
+from distbelief.distributed.runtime.calls import RayPending, dead_actors
+from distbelief.distributed.runtime.cluster import START_TIMEOUT_S, memory, node_id, nodes
+from distbelief.distributed.runtime.snapshots import SnapshotSender
 from distbelief.distributed.wire import decode, encode, join_slices, tensor_view, wire_dtype
+from distbelief.engine.losses import get_loss
+from distbelief.engine.setup import set_determinism
 from distbelief.errors import DistbeliefError
 
 
@@ -195,3 +204,94 @@ class ReplicaActor:
     def info(self) -> dict:
         return {"replica": self.replica.index, "node": node_id(),
                 "device": str(self.replica.device), "threads": torch.get_num_threads()}
+
+
+class ServerStageHost(StageHost):
+    """Partition `index` of `count` of Downpour replica `replica` (`ServerStage`): its part's
+    values come from, and its gradients go to, the shards named `shard_names` (their slices
+    `bounds` in its block) and no others."""
+
+    def __init__(self, index: int, count: int, module, config, threads: int, device: str,
+                 shard_names: list[str], bounds: list, replica: int):
+        torch.set_num_threads(threads)
+        device = torch.device(device)
+        set_determinism(config.deterministic, device)
+        client = RayClient([ray.get_actor(n) for n in shard_names], bounds, wire_dtype(config),
+                           one_put=len(nodes()) == 1)
+        self.stage = ServerStage(index, count, module, get_loss(config.loss), config, client,
+                                 replica, device)
+
+    def begin(self, step: int) -> None:
+        self.stage.begin(step)
+
+    def finish(self, step: int, error: float) -> None:
+        self.stage.finish(step, error)
+
+    def take_metrics(self) -> dict:
+        return self.stage.take_metrics()
+
+    def drain(self) -> dict:
+        return self.stage.drain()
+
+    def reset(self) -> None:
+        self.stage.reset()
+
+
+ServerStageActor = ray.remote(ServerStageHost)
+
+
+class PartitionLost(DistbeliefError):
+    """A partition actor of a replica died during a call; Ray restarts it (its values come
+    back from the server), and the replica's step is retried."""
+
+    replica_failure = True  # runtime.calls.ReplicaCalls counts it as the replica's death
+
+
+
+@ray.remote(num_cpus=0)
+class PartitionedReplicaActor:
+    """A Downpour replica's head (`PartitionedReplica`): its data slice and the schedule; its
+    partitions are `ServerStageActor`s found by name (handles among constructor arguments would pin
+    them, which Ray warns makes restarts fragile)."""
+
+    def __init__(self, index: int, config, stage_names: list[str], stats: dict):
+        self.config = config
+        self.stages = [ray.get_actor(name) for name in stage_names]
+        self.replica = PartitionedReplica(index, config, caller(self.stages), self._get,
+                                          len(self.stages), stats=stats)
+
+    def _get(self, refs):
+        try:
+            return ray.get(refs)
+        except (RayActorError, RayTaskError) as e:
+            error = e
+        if dead_actors(self.stages):  # a partition is dead or restarting
+            raise PartitionLost(f"a partition of replica {self.replica.index} died; Ray "
+                                f"restarts it and its steps are handed out again")
+        cause = error.cause if isinstance(error, RayTaskError) else error
+        if isinstance(cause, DistbeliefError):
+            raise cause
+        if isinstance(cause, RayActorError):  # the partitions live: a shard is gone for good
+            raise DistbeliefError(shard_lost(self.config))
+        raise error
+
+    def run(self, start: int, steps: int) -> dict:
+        return self.replica.run(start, steps)
+
+    def drain(self) -> dict:
+        return self.replica.drain()
+
+    def info(self) -> dict:
+        """Once every partition answers (waiting while Ray restarts one), and what a failed
+        chunk left on them is dropped: the driver's ping before it hands out work again."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                parts = ray.get([s.info.remote() for s in self.stages])
+                break
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.replica.recover()  # what a failed chunk left on the partitions goes
+        return {"replica": self.replica.index, "node": node_id(), "partitions": parts}

@@ -175,3 +175,13 @@ def summary_entries(statuses: list[dict], counters: Counter, replica_images: lis
         # installing parameters, flattening gradients).
         "replica_time_s": {**{k: round(time_split[k], 3) for k in TIME_PARTS},
                            "other_s": round(sum(replica_seconds) - waits, 3)}}
+
+
+def partition_summary(statuses: list[dict], slots: list, parts: int) -> dict:
+    """The summary's model-parallel entries: which partition each shard serves, and the mean
+    staleness of each partition's pushes (measured by its shards)."""
+    return {"partitions": parts, "shard_partitions": [s.part for s in slots],
+            "partition_staleness_mean": [
+                mean_staleness(staleness([st for st in statuses
+                                          if slots[st["shard"]].part == p]))
+                for p in range(parts)]}

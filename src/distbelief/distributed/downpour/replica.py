@@ -40,7 +40,7 @@ import torch
 from distbelief.data import BatchCursor, build_data
 from distbelief.distributed.downpour.shard import ParameterShard
 from distbelief.distributed.flat import FlatModel, all_finite, model_vector
-from distbelief.distributed.pending import Done, Part
+from distbelief.distributed.pending import Done, ItemOf
 from distbelief.distributed.wire import wire_dtype
 from distbelief.engine.losses import get_loss
 from distbelief.engine.setup import build_model, resolve_device, set_determinism
@@ -230,9 +230,9 @@ class Exchange:
                                    source=(self.source_index, self.incarnation, self.sequence))
         metrics["pushes"] += 1
         if pull:
-            self.pending_fetch, self.fetched_for = Part(pending, 1), step + 1
+            self.pending_fetch, self.fetched_for = ItemOf(pending, 1), step + 1
             metrics["fetches"] += 1
-            pending = Part(pending, 0)
+            pending = ItemOf(pending, 0)
         self.in_flight.append(pending)
         wait_start = time.perf_counter()
         limit = self.config.downpour.max_in_flight if self.config.downpour.overlap else 0

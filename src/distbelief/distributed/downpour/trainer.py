@@ -44,10 +44,10 @@ from distbelief.distributed.downpour.shard import shard_lost
 from distbelief.distributed.downpour.work import WorkQueue
 from distbelief.distributed.flat import BlockFlat, FlatModel
 from distbelief.distributed.pipeline import Plan
-from distbelief.distributed.runtime.calls import get, ReplicaCalls
+from distbelief.distributed.runtime.calls import ReplicaCalls, get
 from distbelief.distributed.runtime.cluster import granted_device, replica_options, wait_started
-from distbelief.distributed.server_model import ServerModel, as_tensors
 from distbelief.distributed.runtime.session import DriverSession
+from distbelief.distributed.server_model import ServerModel, as_tensors
 from distbelief.engine.base import BaseTrainer
 from distbelief.engine.checkpoint import load_checkpoint
 from distbelief.engine.config import TrainConfig, check_model

@@ -6,12 +6,24 @@ between them through Ray's object store, M micro-batches in flight (GPipe's fill
     stage.py       Stage: one part's forward, backward and update (no Ray)
     schedule.py    Pipeline: one training step as calls to the stages (no Ray)
     actors.py      StageActor: a Stage in its own process
-    runner.py      PipelineRunner: a single-mode replica's partitions (`--partitions P`)
+    runner.py      PipelineRunner: the partition actors of a single-mode run
+    trainer.py     PipelineTrainer: single mode with `--partitions P` (the trainer's loop)
+
+Downpour's partitioned replicas (`downpour.partitioned`) are built from these pieces; nothing
+here knows about Downpour.
 """
 
 from distbelief.distributed.pipeline.partition import Part, Plan, partition, split_table
 from distbelief.distributed.pipeline.schedule import Pipeline, local_pipeline, micro_batches
 from distbelief.distributed.pipeline.stage import Stage
 
-__all__ = ["Part", "Pipeline", "Plan", "Stage", "local_pipeline", "micro_batches", "partition",
-           "split_table"]
+__all__ = ["Part", "Pipeline", "PipelineTrainer", "Plan", "Stage", "local_pipeline",
+           "micro_batches", "partition", "split_table"]
+
+
+def __getattr__(name):
+    # The trainer imports Ray; keep importing the Ray-free core free of it.
+    if name == "PipelineTrainer":
+        from distbelief.distributed.pipeline.trainer import PipelineTrainer
+        return PipelineTrainer
+    raise AttributeError(name)

@@ -6,30 +6,15 @@ it (results under 100 KiB travel inline, through the caller)."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import ray
 import torch
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
-from distbelief.distributed.downpour.actors import RayClient
-from distbelief.distributed.downpour.shard import shard_lost
-from distbelief.distributed.pipeline.replica import PartitionedReplica, ServerStage
 from distbelief.distributed.pipeline.stage import Stage
-from distbelief.distributed.runtime import (START_TIMEOUT_S, dead_actors, memory, node_id,
-                                            nodes)
-from distbelief.distributed.wire import tensor_view, wire_dtype
+from distbelief.distributed.runtime.cluster import memory, node_id
+from distbelief.distributed.wire import tensor_view
 from distbelief.engine.losses import get_loss
 from distbelief.engine.setup import set_determinism
-from distbelief.errors import DistbeliefError
-
-
-class PartitionLost(DistbeliefError):
-    """A partition actor of a replica died during a call; Ray restarts it (its values come
-    back from the server), and the replica's step is retried."""
-
-    replica_failure = True  # runtime.ReplicaCalls counts it as the replica's death
 
 
 def caller(actors: list):
@@ -52,24 +37,17 @@ def _array(value):
         value.detach().cpu().numpy()
 
 
-@ray.remote
-class StageActor:
-    """Partition `index` of `count` in its own process: its module (only its own part of the
-    model), its optimizer (`optimizer` builds one over the module's parameters; its state
-    `optimizer_state` in the part's numbering), `threads` CPU threads on `device`."""
+class StageHost:
+    """Partition `index` of `count` in its own process (`StageActor`): its module (only its
+    own part of the model), its optimizer (`optimizer` builds one over the module's parameters;
+    its state `optimizer_state` in the part's numbering), `threads` CPU threads on `device`.
+    A plain class, so that Downpour's partitions (`downpour.actors`) extend it."""
 
     def __init__(self, index: int, count: int, module, config, threads: int, device: str,
-                 optimizer=None, optimizer_state: dict | None = None, server=None):
+                 optimizer=None, optimizer_state: dict | None = None):
         torch.set_num_threads(threads)
         device = torch.device(device)
         set_determinism(config.deterministic, device)
-        if server is not None:  # Downpour: (its shards' names, their bounds in its block, r)
-            names, bounds, replica = server
-            client = RayClient([ray.get_actor(n) for n in names], bounds, wire_dtype(config),
-                               one_put=len(nodes()) == 1)
-            self.stage = ServerStage(index, count, module, get_loss(config.loss), config,
-                                     client, replica, device)
-            return
         module = module.to(device)
         has_params = any(True for _ in module.parameters())
         opt = optimizer(config, module) if optimizer is not None and has_params else None
@@ -96,21 +74,6 @@ class StageActor:
     def take_times(self) -> dict:
         return self.stage.take_times()
 
-    def begin(self, step: int) -> None:
-        self.stage.begin(step)
-
-    def finish(self, step: int, error: float) -> None:
-        self.stage.finish(step, error)
-
-    def take_metrics(self) -> dict:
-        return self.stage.take_metrics()
-
-    def drain(self) -> dict:
-        return self.stage.drain()
-
-    def reset(self) -> None:
-        self.stage.reset()
-
     def state(self) -> dict:
         return self.stage.state()
 
@@ -121,50 +84,4 @@ class StageActor:
                 "memory": memory()}
 
 
-@ray.remote(num_cpus=0)
-class PartitionedReplicaActor:
-    """A Downpour replica's head (`PartitionedReplica`): its data slice and the schedule; its
-    partitions are `StageActor`s found by name (handles among constructor arguments would pin
-    them, which Ray warns makes restarts fragile)."""
-
-    def __init__(self, index: int, config, stage_names: list[str], stats: dict):
-        self.config = config
-        self.stages = [ray.get_actor(name) for name in stage_names]
-        self.replica = PartitionedReplica(index, config, caller(self.stages), self._get,
-                                          len(self.stages), stats=stats)
-
-    def _get(self, refs):
-        try:
-            return ray.get(refs)
-        except (RayActorError, RayTaskError) as e:
-            error = e
-        if dead_actors(self.stages):  # a partition is dead or restarting
-            raise PartitionLost(f"a partition of replica {self.replica.index} died; Ray "
-                                f"restarts it and its steps are handed out again")
-        cause = error.cause if isinstance(error, RayTaskError) else error
-        if isinstance(cause, DistbeliefError):
-            raise cause
-        if isinstance(cause, RayActorError):  # the partitions live: a shard is gone for good
-            raise DistbeliefError(shard_lost(self.config))
-        raise error
-
-    def run(self, start: int, steps: int) -> dict:
-        return self.replica.run(start, steps)
-
-    def drain(self) -> dict:
-        return self.replica.drain()
-
-    def info(self) -> dict:
-        """Once every partition answers (waiting while Ray restarts one), and what a failed
-        chunk left on them is dropped: the driver's ping before it hands out work again."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                parts = ray.get([s.info.remote() for s in self.stages])
-                break
-            except ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        self.replica.recover()  # what a failed chunk left on the partitions goes
-        return {"replica": self.replica.index, "node": node_id(), "partitions": parts}
+StageActor = ray.remote(StageHost)

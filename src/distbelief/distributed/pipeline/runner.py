@@ -19,8 +19,9 @@ from distbelief.distributed.pipeline.actors import StageActor, caller
 from distbelief.distributed.pipeline.partition import partition
 from distbelief.distributed.pipeline.schedule import Pipeline
 from distbelief.distributed.pipeline.stage import optimizer_join, optimizer_slice
-from distbelief.distributed.runtime import get_unless_dead, replica_options, wait_started
-from distbelief.distributed.session import DriverSession
+from distbelief.distributed.runtime.calls import get_unless_dead
+from distbelief.distributed.runtime.cluster import replica_options, wait_started
+from distbelief.distributed.runtime.session import DriverSession
 from distbelief.engine.config import TrainConfig
 
 
