@@ -5,8 +5,8 @@ A client's calls (fetch, push, pull) return a *pending* result with two methods:
     done() -> bool     whether the result is there (never blocks)
     result()           the result, waiting for it if needed; may be read more than once
 
-`runtime.RayPending` implements it over Ray object references; `Done` is a result that is
-already there (in-process shards, tests); `Part` is one element of another pending result (a
+`runtime.calls.RayPending` implements it over Ray object references; `Done` is a result that is
+already there (in-process shards, tests); `ItemOf` is one element of another pending result (a
 push that also pulled).
 """
 
@@ -26,7 +26,7 @@ class Done:
         return self.value
 
 
-class Part:
+class ItemOf:
     """Element `i` of another pending call's result."""
 
     def __init__(self, pending, i: int):

@@ -6,7 +6,8 @@
     objective.py    LocalBatchObjective: the batch objective in one process, the reference
     actors.py       the Ray actors, the coordinator's store over them, the replicas' client
     gradient.py     BatchGradient: one round on the replicas, from the coordinator's side
-    coordinator.py  SandblasterTrainer: L-BFGS on the shards, checkpoints, records
+    trainer.py      SandblasterTrainer (the paper's coordinator): L-BFGS on the shards,
+                    checkpoints, records
 
 The coordinator (the driver) runs `optim.lbfgs.LBFGS` over a store whose vectors live on the
 parameter-server shards, each shard holding its slice of every vector (`VectorShard`); it never
@@ -42,8 +43,8 @@ __all__ = ["LocalBatchObjective", "LocalShards", "PortionQueue", "VectorShard",
 
 
 def __getattr__(name):
-    # The coordinator imports Ray; keep importing the Ray-free core free of it.
+    # The trainer imports Ray; keep importing the Ray-free core free of it.
     if name == "SandblasterTrainer":
-        from distbelief.distributed.sandblaster.coordinator import SandblasterTrainer
+        from distbelief.distributed.sandblaster.trainer import SandblasterTrainer
         return SandblasterTrainer
     raise AttributeError(name)

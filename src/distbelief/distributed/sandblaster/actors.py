@@ -11,7 +11,9 @@ import numpy as np
 import ray
 import torch
 
-from distbelief.distributed.runtime import RayPending, SnapshotSender, get, node_id
+from distbelief.distributed.runtime.calls import RayPending, get
+from distbelief.distributed.runtime.cluster import node_id
+from distbelief.distributed.runtime.snapshots import SnapshotSender
 from distbelief.distributed.wire import tensor_view
 from distbelief.distributed.sandblaster.replica import SandblasterReplica
 from distbelief.distributed.sandblaster.shard import VectorShard, combine, snapshot_name

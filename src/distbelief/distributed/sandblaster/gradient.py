@@ -4,7 +4,7 @@ The batch is cut into many portions, handed to replicas one at a time (`PortionQ
 result's verdict (won or not) travels with the replica's next call (`Verdicts`); at the end
 every replica pushes what it won (`flush`), and portions that some shard lacks (their winner
 died before pushing) are computed again, each pushed alone. Calls go through
-`runtime.ReplicaCalls`, so a replica's death is one failure and its portions go back to the
+`runtime.calls.ReplicaCalls`, so a replica's death is one failure and its portions go back to the
 queue. See `distributed.sandblaster` for why every portion counts exactly once.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from distbelief.distributed.runtime import ReplicaCalls, ShardLost
+from distbelief.distributed.runtime.calls import ReplicaCalls, ShardLost
 from distbelief.distributed.sandblaster.actors import SHARD_LOST
 from distbelief.distributed.sandblaster.portions import PortionQueue, Verdicts
 from distbelief.engine.lifecycle import Diverged

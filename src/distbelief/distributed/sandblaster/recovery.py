@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from distbelief.distributed.runtime import ShardLost
+from distbelief.distributed.runtime.calls import ShardLost
 from distbelief.errors import DistbeliefError
 
 RESTART_TIMEOUT_S = 120.0  # how long Ray may take to restart a lost shard

@@ -35,16 +35,16 @@ import torch
 from distbelief.distributed.flat import model_vector
 from distbelief.distributed.runtime.calls import ShardLost
 from distbelief.distributed.runtime.cluster import granted_device, replica_options, wait_started
+from distbelief.distributed.runtime.session import DriverSession
 from distbelief.distributed.sandblaster.actors import (RayShards, SandblasterReplicaActor,
                                                        VectorShardActor)
 from distbelief.distributed.sandblaster.gradient import BatchGradient
 from distbelief.distributed.sandblaster.objective import l2_objective
-from distbelief.distributed.sandblaster.shard import snapshot_name
 from distbelief.distributed.sandblaster.recovery import IterationStart
+from distbelief.distributed.sandblaster.shard import snapshot_name
 from distbelief.distributed.server_model import ServerModel, as_tensors
-from distbelief.distributed.runtime.session import DriverSession
-from distbelief.engine.checkpoint import load_checkpoint
 from distbelief.engine.base import BaseTrainer
+from distbelief.engine.checkpoint import load_checkpoint
 from distbelief.engine.config import TrainConfig, batch_images, check_model
 from distbelief.engine.failures import FailureBook
 from distbelief.engine.lifecycle import Diverged
