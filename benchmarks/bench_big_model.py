@@ -29,7 +29,8 @@ import ray
 import torch
 
 from distbelief.distributed import DownpourTrainer
-from distbelief.distributed.runtime import memory, start_ray
+from distbelief.distributed.runtime.cluster import memory
+from distbelief.distributed.runtime.startup import start_ray
 from distbelief.engine.config import TrainConfig
 
 GB = 1e9

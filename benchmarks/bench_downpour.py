@@ -25,7 +25,7 @@ import ray
 import torch
 
 from distbelief.distributed import DownpourTrainer
-from distbelief.distributed.runtime import start_ray
+from distbelief.distributed.runtime.startup import start_ray
 from distbelief.engine import Trainer
 from distbelief.recipes import get_recipe
 

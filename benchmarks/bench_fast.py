@@ -24,7 +24,7 @@ from distbelief.engine import TrainConfig, Trainer
 
 
 def _trainer(args, compile: bool) -> Trainer:
-    config = TrainConfig(recipe="bench", model=args.model, data="synthetic",
+    config = TrainConfig().replace(recipe="bench", model=args.model, data="synthetic",
                          synthetic_size=4096, synthetic_shape=(3, 32, 32),
                          batch_size=args.batch_size, iterations=1, lr=0.1, pad=4, flip=True,
                          milestones=(10**9,), log_every=args.steps, eval_every=0,

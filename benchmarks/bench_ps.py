@@ -47,8 +47,8 @@ import torch
 
 from distbelief.distributed.downpour.actors import RayClient, ShardActor
 from distbelief.distributed.downpour.shard import ParameterShard
-from distbelief.distributed.runtime import start_ray
-from distbelief.distributed.session import DriverSession
+from distbelief.distributed.runtime.startup import start_ray
+from distbelief.distributed.runtime.session import DriverSession
 from distbelief.engine.config import TrainConfig
 from distbelief.distributed.wire import WIRE_DTYPES
 from distbelief.optim import shard_bounds

@@ -30,7 +30,7 @@ import ray
 import torch
 
 from distbelief.distributed import SandblasterTrainer
-from distbelief.distributed.runtime import start_ray
+from distbelief.distributed.runtime.startup import start_ray
 from distbelief.engine.rundir import read_jsonl
 from distbelief.recipes import get_recipe
 
@@ -53,9 +53,9 @@ def run(config) -> tuple[dict, list[dict]]:
 def straggler(args) -> None:
     c = base(replicas=args.replicas, ps_shards=2, batch_size=0, portions=args.portions,
              line_search="none", lr=0.1, iterations=args.iterations)
-    images = c.synthetic_size // args.portions
+    images = c.synthetic.synthetic_size // args.portions
     print(f"\n## straggler: {args.replicas} replicas (1 thread each), 2 shards, mlp 789K params,"
-          f" batch {c.synthetic_size} in {args.portions} portions of {images}, "
+          f" batch {c.synthetic.synthetic_size} in {args.portions} portions of {images}, "
           f"{args.iterations} batches each")
     summary, records = run(c)
     per_batch = statistics.mean(r["gradient_s"] for r in records)

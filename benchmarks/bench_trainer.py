@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    config = TrainConfig(recipe="bench", model=args.model, data="synthetic",
+    config = TrainConfig().replace(recipe="bench", model=args.model, data="synthetic",
                          synthetic_size=args.train_size, synthetic_shape=(3, args.size, args.size),
                          batch_size=args.batch_size, iterations=1, lr=0.1,
                          milestones=(10**9,), augment=False, log_every=args.log_every,

@@ -1,6 +1,6 @@
 """The snapshot keeper: the newest snapshot of every shard, held on the driver's node so that a
 shard Ray restarts on any node, after its process or its whole node died, starts again from it.
-No Ray here (`runtime.KeeperActor` wraps it).
+No Ray here (`runtime.snapshots.KeeperActor` wraps it).
 
 A snapshot is a dict of numpy arrays and plain values with an `order` entry (a shard's version,
 or the L-BFGS iteration); snapshots of one key can arrive out of order, and an older one never

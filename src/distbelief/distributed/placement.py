@@ -1,5 +1,5 @@
-"""How big each replica is: decisions only, no Ray here (`runtime` asks Ray for the nodes and
-applies them; the shards are spread by a placement group, `runtime.shard_placement`).
+"""How big each replica is: decisions only, no Ray here (`runtime.cluster` asks Ray for the nodes and
+applies them; the shards are spread by a placement group, `runtime.cluster.shard_placement`).
 
 Replicas reserve CPUs (and GPUs) so that Ray never packs more of them onto a node than its cores
 can run; each uses as many threads as it reserved. The share is sized to the nodes, not to the
@@ -16,7 +16,7 @@ from distbelief.errors import ConfigError
 
 RESOURCE_UNIT = 1e-4  # Ray's granularity for fractional resources
 # What each parameter-server shard reserves: memory only (its slice lives there), no CPU, so
-# that the replicas' CPU shares are not cut; see runtime.shard_placement.
+# that the replicas' CPU shares are not cut; see runtime.cluster.shard_placement.
 SHARD_BUNDLE = {"memory": 1 << 20}
 
 

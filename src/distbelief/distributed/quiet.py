@@ -1,5 +1,5 @@
 """Run by Ray in every worker process of our jobs (`worker_process_setup_hook`, set by
-`runtime.start_ray`): kept free of heavy imports, since every Ray process pays for them.
+`runtime.startup.start_ray`): kept free of heavy imports, since every Ray process pays for them.
 
 Ray Train's placement-group cleaner asks Ray's state API, which only a full dashboard serves,
 whether the run's controller still lives; without one it warns every few seconds for the whole
