@@ -47,7 +47,7 @@ def test_lighting_adds_one_colour_shift_per_image():
 
 
 def test_stream_batch_is_a_function_of_seed_and_iteration():
-    config = TrainConfig(data="synthetic", synthetic_size=64, synthetic_shape=(3, 8, 8),
+    config = TrainConfig().replace(data="synthetic", synthetic_size=64, synthetic_shape=(3, 8, 8),
                          batch_size=16, pad=2)
     stream = build_data(config, torch.device("cpu")).train
     it = stream.batches(0)
@@ -59,7 +59,7 @@ def test_stream_batch_is_a_function_of_seed_and_iteration():
 
 
 def test_each_epoch_visits_every_image_once():
-    config = TrainConfig(data="synthetic", synthetic_size=64, synthetic_shape=(1, 4, 4),
+    config = TrainConfig().replace(data="synthetic", synthetic_size=64, synthetic_shape=(1, 4, 4),
                          synthetic_classes=64, batch_size=16, augment=False)
     data = build_data(config, torch.device("cpu"))
     # Distinct images: identify each by its mean-subtracted pixels.

@@ -29,7 +29,7 @@ def small_config(root, **kw):
     settings = dict(data="imagenet", data_dir=str(root), crop_size=32, scale_min=36,
                     scale_max=48, test_size=36, batch_size=6, eval_batch_size=4,
                     num_workers=0, stats_samples=10)
-    return TrainConfig(**{**settings, **kw})
+    return TrainConfig().replace(**{**settings, **kw})
 
 
 @pytest.fixture(scope="module")

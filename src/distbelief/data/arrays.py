@@ -75,7 +75,8 @@ def _arrays(images: np.ndarray, labels) -> ImageArrays:
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only: a data file cannot run code."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"),
                ("_codecs", "encode")}  # protocol-2 pickles of bytes written by Python 3
 
@@ -95,7 +96,8 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         data = np.asarray(batch[b"data"])
         labels = np.asarray(batch[b"labels"])
     except Exception as e:  # any unpickling failure means the file is not a CIFAR batch
-        raise DataError(f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
+        raise DataError(f"{path} is not a CIFAR-10 python batch "
+                        f"({type(e).__name__}: {e})") from None
     n = len(labels)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape != (n, 3072) or n == 0:
         raise DataError(f"{path}: data has shape {data.shape} and dtype {data.dtype}; expected "

@@ -2,12 +2,33 @@
 
 All functions take a float batch B x C x H x W and a `torch.Generator` on the batch's device,
 so that the augmentation of iteration i is a pure function of (seed, i): exact resumes need no
-augmentation state.
+augmentation state. With `rows`, the batch is only some rows of a larger one (a synchronous
+rank's share of the global batch): the random draws are made for the whole batch and the rows'
+own are used, so each row is augmented exactly as it is in the whole batch.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+
+class Rows(NamedTuple):
+    """Rows lo..hi (exclusive) of a batch of `of` images."""
+
+    lo: int
+    hi: int
+    of: int
+
+
+def _mine(draws: torch.Tensor, rows: Rows | None) -> torch.Tensor:
+    """The rows' share of draws made for the whole batch."""
+    return draws if rows is None else draws[rows.lo:rows.hi]
+
+
+def _count(x: torch.Tensor, rows: Rows | None) -> int:
+    return x.shape[0] if rows is None else rows.of
 
 
 def step_generator(device: torch.device, seed: int, iteration: int, stream: int = 0
@@ -23,7 +44,8 @@ def epoch_permutation(size: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
 
 
-def random_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
+def random_crop(x: torch.Tensor, pad: int, g: torch.Generator,
+                rows: Rows | None = None) -> torch.Tensor:
     """Zero-pad by `pad` px on each side, then take a random H x W crop per image.
 
     Padding happens after mean subtraction, so a padded pixel equals the mean image there.
@@ -32,8 +54,9 @@ def random_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
         return x
     b, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=g, device=x.device)
-    dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=g, device=x.device)
+    n = _count(x, rows)
+    dy = _mine(torch.randint(0, 2 * pad + 1, (n, 1), generator=g, device=x.device), rows)
+    dx = _mine(torch.randint(0, 2 * pad + 1, (n, 1), generator=g, device=x.device), rows)
     rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]  # B x 1 x H x 1
     cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]  # B x 1 x 1 x W
     batch = torch.arange(b, device=x.device)[:, None, None, None]
@@ -41,26 +64,26 @@ def random_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
     return padded[batch, chan, rows, cols]
 
 
-def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def random_flip(x: torch.Tensor, g: torch.Generator, rows: Rows | None = None) -> torch.Tensor:
     """Mirror each image left-right with probability 1/2."""
-    flip = torch.rand(x.shape[0], generator=g, device=x.device) < 0.5
+    flip = _mine(torch.rand(_count(x, rows), generator=g, device=x.device), rows) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
 def pca_lighting(x: torch.Tensor, std: float, eigval: torch.Tensor, eigvec: torch.Tensor,
-                 g: torch.Generator) -> torch.Tensor:
+                 g: torch.Generator, rows: Rows | None = None) -> torch.Tensor:
     """AlexNet's colour augmentation: add eigvec @ (alpha * eigval), alpha ~ N(0, std^2),
     one alpha per image, to every RGB pixel. eigval: 3, eigvec: 3 x 3 (columns = components)."""
     if std == 0:
         return x
-    alpha = torch.randn(x.shape[0], 3, generator=g, device=x.device) * std
+    alpha = _mine(torch.randn(_count(x, rows), 3, generator=g, device=x.device), rows) * std
     shift = (alpha * eigval.to(x.device)) @ eigvec.to(x.device).T  # B x 3
     return x + shift[:, :, None, None]
 
 
 def colour_pca(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (variances, descending, 3) and eigenvectors (3 x 3, columns) of the RGB covariance of
-    `pixels` (N x 3, values in [0, 1])."""
+    """Eigenvalues (variances, descending, 3) and eigenvectors (3 x 3, columns) of the RGB
+    covariance of `pixels` (N x 3, values in [0, 1])."""
     centred = pixels.double() - pixels.double().mean(0)
     cov = centred.T @ centred / max(1, len(pixels) - 1)
     eigval, eigvec = torch.linalg.eigh(cov)

@@ -1,6 +1,7 @@
 """ImageNet-style folders (`train/<class>/*.jpg`, `val/<class>/*.jpg`) with the paper's
 augmentation (Sec. 3.4) and test views (center crop, 10-crop, multi-scale).
 
+`FolderTrainStream` and `FolderEvalSource` are the `DataBundle`'s stream and sources over them.
 Decoding, resizing and cropping happen per image in DataLoader workers (images differ in size);
 lighting noise and mean subtraction happen per batch on the training device. Each training
 sample carries its own seed, so augmentation does not depend on worker count or timing.
@@ -9,12 +10,15 @@ sample carries its own seed, so augmentation does not depend on worker count or 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from distbelief.data.augment import colour_pca, epoch_permutation
-from distbelief.errors import DataError
+from distbelief.data.augment import (Rows, colour_pca, epoch_permutation, pca_lighting,
+                                     step_generator)
+from distbelief.data.bundle import Batch, EvalSource, TrainStream
+from distbelief.errors import ConfigError, DataError
 
 
 class _LazyFunctional:
@@ -82,7 +86,8 @@ class TrainImages(Dataset):
         if not self.augment:
             return center_view(img, self.test_size, self.crop), label
         g = torch.Generator().manual_seed(seed)
-        img = TF.resize(img, int(torch.randint(self.scale_min, self.scale_max + 1, (), generator=g)))
+        side = int(torch.randint(self.scale_min, self.scale_max + 1, (), generator=g))
+        img = TF.resize(img, side)
         w, h = img.size
         top = int(torch.randint(0, h - self.crop + 1, (), generator=g))
         left = int(torch.randint(0, w - self.crop + 1, (), generator=g))
@@ -94,11 +99,14 @@ class TrainImages(Dataset):
 
 class EpochBatches(torch.utils.data.Sampler):
     """Batches of (index, seed) from a seeded permutation per epoch, starting at iteration
-    `start`; endless. Batch i of the whole run is a pure function of (seed, i)."""
+    `start`; endless. Batch i of the whole run is a pure function of (seed, i). With `rows`
+    (lo, hi), only those rows of each batch."""
 
-    def __init__(self, size: int, batch_size: int, seed: int, start: int):
+    def __init__(self, size: int, batch_size: int, seed: int, start: int,
+                 rows: tuple[int, int] | None = None):
         self.size, self.batch_size, self.seed, self.start = size, batch_size, seed, start
         self.per_epoch = size // batch_size
+        self.rows = (0, batch_size) if rows is None else rows
 
     def __iter__(self):
         iteration = self.start
@@ -106,9 +114,9 @@ class EpochBatches(torch.utils.data.Sampler):
             epoch, k = divmod(iteration, self.per_epoch)
             perm = epoch_permutation(self.size, self.seed, epoch)
             for j in range(k, self.per_epoch):
-                lo = j * self.batch_size
+                first = j * self.batch_size
                 yield [(int(perm[p]), (self.seed * 1000003 + epoch) * 10000019 + p)
-                       for p in range(lo, lo + self.batch_size)]
+                       for p in range(first + self.rows[0], first + self.rows[1])]
             iteration = (epoch + 1) * self.per_epoch
 
 
@@ -161,8 +169,8 @@ def check_split_classes(train_classes, val_classes, root: Path):
 
 
 def train_loader(dataset: TrainImages, batch_size: int, seed: int, start: int,
-                 workers: int, pin: bool) -> DataLoader:
-    sampler = EpochBatches(len(dataset), batch_size, seed, start)
+                 workers: int, pin: bool, rows: tuple[int, int] | None = None) -> DataLoader:
+    sampler = EpochBatches(len(dataset), batch_size, seed, start, rows)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin,
                       persistent_workers=False, prefetch_factor=4 if workers else None)
 
@@ -173,3 +181,63 @@ def test_loader(dataset: EvalViews, batch_size: int, workers: int, pin: bool) ->
                           collate_fn=_collate_views)
     per_batch = max(1, batch_size // 10) if dataset.mode == "tencrop" else batch_size
     return DataLoader(dataset, batch_size=per_batch, num_workers=workers, pin_memory=pin)
+
+
+def _reraise_worker_error(e: DataError):
+    # A DataLoader worker's error arrives wrapped with its traceback; keep its one-line message.
+    message = str(e).strip().splitlines()[-1]
+    raise DataError(message.split("DataError: ", 1)[-1]) from None
+
+
+class FolderTrainStream(TrainStream):
+    """Training batches of decoded, augmented images on `device`; with `rows` (lo, hi), only
+    those rows of each batch (a synchronous rank's share), each augmented as in the batch."""
+
+    def __init__(self, dataset: TrainImages, stats, config, device,
+                 rows: tuple[int, int] | None = None):
+        self.dataset, self.stats, self.config, self.device = dataset, stats, config, device
+        self.rows = rows
+        self.batches_per_epoch = len(dataset) // config.batch_size
+        if self.batches_per_epoch == 0:
+            raise ConfigError(f"--batch-size {config.batch_size} exceeds the "
+                              f"{len(dataset)} training images")
+
+    def batches(self, start: int) -> Iterator[Batch]:
+        c, device = self.config, self.device
+        mean = self.stats["mean"].to(device)
+        loader = train_loader(self.dataset, c.batch_size, c.seed, start, c.imagenet.num_workers,
+                              pin=device.type == "cuda", rows=self.rows)
+        rows = None if self.rows is None else Rows(*self.rows, c.batch_size)
+        try:
+            for iteration, (x, y) in enumerate(loader, start):
+                x = x.to(device, non_blocking=True).float().div_(255)
+                if c.augment and c.imagenet.lighting:
+                    g = step_generator(device, c.seed, iteration, stream=1)
+                    x = pca_lighting(x, c.imagenet.lighting, self.stats["eigval"],
+                                     self.stats["eigvec"], g, rows)
+                yield x - mean, y.to(device, non_blocking=True)
+        except DataError as e:
+            _reraise_worker_error(e)
+
+
+class FolderEvalSource(EvalSource):
+    def __init__(self, samples, stats, config, device):
+        self.samples, self.stats, self.config, self.device = samples, stats, config, device
+        self.size = len(samples)
+
+    def batches(self, views: str = "center", scales=()) -> Iterator[Batch]:
+        c, device = self.config, self.device
+        i = c.imagenet
+        dataset = EvalViews(self.samples, views, i.crop_size, i.test_size, scales)
+        loader = test_loader(dataset, c.eval_batch_size, i.num_workers, pin=device.type == "cuda")
+        mean = self.stats["mean"].to(device)
+        channel_mean = mean.mean((1, 2), keepdim=True)
+        try:
+            for x, y in loader:
+                y = y.to(device)
+                if isinstance(x, list):
+                    yield [v.to(device).float().div_(255) - channel_mean for v in x], y
+                else:
+                    yield x.to(device, non_blocking=True).float().div_(255) - mean, y
+        except DataError as e:
+            _reraise_worker_error(e)

@@ -91,15 +91,18 @@ def _stack(dataset, name: str, classes: bool) -> tuple[torch.Tensor, torch.Tenso
 
 
 class TensorTrainStream:
-    """Endless training batches of a `TensorSplit` on `device`, one permutation per epoch."""
+    """Endless training batches of a `TensorSplit` on `device`, one permutation per epoch; with
+    `rows` (lo, hi), only those rows of each batch."""
 
-    def __init__(self, split: TensorSplit, batch_size: int, seed: int, device: torch.device):
+    def __init__(self, split: TensorSplit, batch_size: int, seed: int, device: torch.device,
+                 rows: tuple[int, int] | None = None):
         if len(split) < batch_size:
             raise ConfigError(f"--batch-size {batch_size} exceeds the {len(split)} training "
                               f"examples")
         self.features, self.labels = split.inputs.to(device), split.labels.to(device)
         self.batch_size, self.seed, self.device = batch_size, seed, device
         self.batches_per_epoch = len(split) // batch_size  # the last partial batch is dropped
+        self.rows = slice(*rows) if rows is not None else slice(None)
         self._epoch, self._perm = None, None
 
     def inputs(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -111,7 +114,7 @@ class TensorTrainStream:
         if epoch != self._epoch:
             perm = epoch_permutation(len(self.labels), self.seed, epoch)
             self._epoch, self._perm = epoch, perm.to(self.device)
-        index = self._perm[k * self.batch_size:(k + 1) * self.batch_size]
+        index = self._perm[k * self.batch_size:(k + 1) * self.batch_size][self.rows]
         return self.features[index], self.labels[index]
 
     def batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
