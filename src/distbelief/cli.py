@@ -91,6 +91,8 @@ def _print_split(names: list[str], args: argparse.Namespace, options: dict) -> i
 
 
 _GROUPS = {None: "config overrides (default: the recipe's value)",
+           "imagenet": "ImageNet-style folders (--data imagenet)",
+           "synthetic": "random images (--data synthetic)",
            "cluster": "distributed modes: replicas, shards and partitions (model parallelism)",
            "downpour": "Downpour SGD (--mode downpour)",
            "sandblaster": "Sandblaster L-BFGS (--mode sandblaster)"}
@@ -151,11 +153,11 @@ def _default_out(config) -> str:
 
 
 def _trainer(config, out: str, args: argparse.Namespace):
-    """The scheme that trains `config` (its mode), ready to `fit()`."""
-    from distbelief.api import scheme_for
+    """The trainer of `config`'s scheme, ready to `fit()`."""
+    from distbelief.api import trainer_for
 
-    return scheme_for(config, out, resume=args.resume, progress=not args.quiet,
-                      address=args.address, dashboard=args.dashboard)
+    return trainer_for(config, out, resume=args.resume, progress=not args.quiet,
+                       address=args.address, dashboard=args.dashboard)
 
 
 def _summary_line(config, summary: dict, out: str) -> str:

@@ -127,19 +127,21 @@ def test_rules_across_fields_are_checked_where_the_config_is_made(changes, messa
         TrainConfig().replace(**changes)
 
 
-def test_resolve_applies_what_needs_the_data_and_the_model():
-    from distbelief.engine.config import resolve
+def test_resolve_applies_what_needs_the_data_and_check_model_what_needs_the_model():
+    from distbelief.engine.config import check_model, resolve
 
     sandblaster = get_recipe("digits-sandblaster").replace(epochs=2.0)
-    resolved = resolve(sandblaster, train_size=1437, values=650)
+    resolved = resolve(sandblaster, train_size=1437)
     assert resolved.iterations == 2 and resolved.sandblaster.portions == 32  # full batch
+    check_model(resolved, values=650)
     with pytest.raises(ConfigError, match="needs a model without BatchNorm"):
-        resolve(sandblaster, 1437, values=650, batchnorm=True)
+        check_model(resolved, values=650, batchnorm=True)
     with pytest.raises(ConfigError, match="--portions 64 exceeds the 50 images"):
-        resolve(sandblaster.replace(batch_size=50, portions=64), 1437, values=650)
+        resolve(sandblaster.replace(batch_size=50, portions=64), 1437)
     downpour = get_recipe("digits-downpour")
     with pytest.raises(ConfigError, match="30 replicas with batches of 64"):
-        resolve(downpour.replace(replicas=30), 1437, values=10_000)
+        resolve(downpour.replace(replicas=30), 1437)
     with pytest.raises(ConfigError, match="--ps-shards 5 exceeds the model's 4 values"):
-        resolve(downpour.replace(ps_shards=5), 1437, values=4)
+        check_model(downpour.replace(ps_shards=5), values=4)
+    check_model(downpour.replace(ps_shards=4), values=4)
     assert resolve(downpour.replace(epochs=1.0), 1437).iterations == 23  # ceil(1437 / 64)

@@ -15,7 +15,7 @@ def digits_config(**kw):
     settings = dict(recipe="test", model="resnet20", data="digits", batch_size=32, iterations=20,
                     lr=0.05, milestones=(12,), pad=1, flip=False, log_every=5, eval_every=10,
                     checkpoint_every=10, deterministic=True)
-    return TrainConfig(**{**settings, **kw})
+    return TrainConfig().replace(**{**settings, **kw})
 
 
 def test_resnet20_learns_digits():

@@ -51,7 +51,7 @@ def test_export_then_init_from_starts_from_identical_outputs(digits_run, tmp_pat
 def test_torchvision_resnet50_loads_an_export_strictly(tmp_path, capsys):
     torchvision = pytest.importorskip("torchvision")
     run = tmp_path / "run"
-    config = TrainConfig(model="resnet50", variant="v1.5", data="synthetic", synthetic_size=64,
+    config = TrainConfig().replace(model="resnet50", variant="v1.5", data="synthetic", synthetic_size=64,
                          synthetic_shape=(3, 32, 32), batch_size=4, iterations=1, eval_every=1,
                          eval_batch_size=8)
     Trainer(config, run).fit()
@@ -99,7 +99,7 @@ def test_export_never_overwrites_and_needs_a_checkpoint(digits_run, tmp_path, ca
 def test_exporting_the_paper_s_bottleneck_variant_says_torchvision_computes_otherwise(tmp_path,
                                                                                       capsys):
     run = tmp_path / "run"
-    config = TrainConfig(model="resnet50", data="synthetic", synthetic_size=16,
+    config = TrainConfig().replace(model="resnet50", data="synthetic", synthetic_size=16,
                          synthetic_shape=(3, 32, 32), batch_size=4, iterations=1, eval_every=1,
                          eval_batch_size=8)
     Trainer(config, run).fit()

@@ -1,6 +1,8 @@
 """The training configuration: a frozen dataclass in sections that validates itself.
 
     TrainConfig            what every mode uses: model, data, optimization, running
+      .imagenet            ImageNetConfig: ImageNet-style folders' augmentation and decoding
+      .synthetic           SyntheticConfig: random images' size, shape and classes
       .cluster             ClusterConfig: the distributed modes' replicas, shards, restarts
       .downpour            DownpourConfig: Downpour SGD's replicas and parameter server
       .sandblaster         SandblasterConfig: Sandblaster L-BFGS's portions and history
@@ -9,11 +11,12 @@ A recipe (`distbelief.recipes`) returns a `TrainConfig`; the CLI and `replace` s
 their flat names (`replace(lr=0.05, n_fetch=4)`: every name is unique across the sections, and
 each is a `--flag`). `to_dict` / `from_dict` carry it through `config.yaml` and checkpoints;
 `from_dict` also reads the flat layout written before the sections existed. Every field's help
-text is its CLI help, units included.
+text is its CLI help, units included, and its range (`check`) is declared beside it.
 
 All validation lives in this module: `validate` (run by the constructor) checks each value and
-every rule that ties fields together; `resolve` applies the rules that need the data or the
-model (how many images, values, whether it has BatchNorm) once they are known.
+every rule that ties fields together; `resolve` applies the rules that need the data (how many
+images) and `check_model` those that need the model (how many values, whether it has
+BatchNorm) once they are known.
 """
 
 from __future__ import annotations
@@ -41,8 +44,43 @@ CUSTOM = "custom"  # model and data given through the Python API (engine.user)
 PORTIONS_PER_REPLICA = 16  # default --portions: many more portions than replicas
 
 
-def _opt(help: str, **kwargs):
-    return field(metadata={"help": help}, **kwargs)
+# --- ranges: each field declares its own (`_opt(check=...)`); a value None always passes ----
+
+def positive(name: str, value) -> None:
+    if not (value > 0 and _finite(value)):
+        noun = "a positive number" if isinstance(value, float) else "positive"
+        raise ConfigError(f"{_flag(name)} must be {noun}, got {value}")
+
+
+def non_negative(name: str, value) -> None:
+    if not (value >= 0 and _finite(value)):
+        raise ConfigError(f"{_flag(name)} must be >= 0, got {value}")
+
+
+def fraction(name: str, value) -> None:
+    if not 0 < value <= 1:
+        raise ConfigError(f"{_flag(name)} is a fraction in (0, 1], got {value}")
+
+
+def increasing(name: str, value) -> None:
+    if list(value) != sorted(value) or any(v <= 0 for v in value):
+        raise ConfigError(f"{_flag(name)} must be increasing positive iterations, "
+                          f"got {','.join(map(str, value))}")
+
+
+def image_shape(name: str, value) -> None:
+    if len(value) != 3 or min(value) <= 0:
+        raise ConfigError(f"{_flag(name)} must be three positive sizes C,H,W")
+
+
+def _finite(value) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _opt(help: str, *, check=None, **kwargs):
+    """A settable field: its CLI help (units included) and its range, `check(name, value)`
+    raising `ConfigError` (None: any value of its type)."""
+    return field(metadata={"help": help, "check": check}, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -52,25 +90,32 @@ class ClusterConfig:
     replicas: int = _opt("downpour: model replicas, each with its own slice of the training "
                          "data; sandblaster: replicas computing batch portions; sync: "
                          "workers, each computing --batch-size rows of every step's global "
-                         "batch", default=1)
+                         "batch", check=positive, default=1)
     ps_shards: int = _opt("downpour, sandblaster: parameter-server shards, each owning a slice "
-                          "of the parameters (sandblaster: of every L-BFGS vector)", default=1)
+                          "of the parameters (sandblaster: of every L-BFGS vector)",
+                          check=positive, default=1)
     max_restarts: int = _opt("downpour, sandblaster: restarts allowed per replica (downpour: and "
                              "per shard) after a failure; sync: restarts of the worker group",
-                             default=3)
+                             check=non_negative, default=3)
     ps_threads: int = _opt("downpour: threads each parameter-server shard updates its slice "
                            "with. Shards reserve no CPUs (they work between the replicas' "
                            "steps), so more than 1 pays where the replicas leave cores free",
-                           default=1)
+                           check=positive, default=1)
     replica_cpus: int | None = _opt("downpour, sandblaster, sync, --partitions: CPU threads per "
                                     "replica or partition actor (default: as many as they can "
-                                    "each have on the cluster's nodes)", default=None)
+                                    "each have on the cluster's nodes)", check=positive,
+                                    default=None)
     partitions: int = _opt("single, downpour: model parallelism, each replica's model cut into "
                            "P parts, each a Ray actor computing its layers (see 'distbelief "
-                           "models NAME --partitions P')", default=1)
+                           "models NAME --partitions P')", check=positive, default=1)
     micro_batches: int = _opt("with --partitions: micro-batches per batch, pipelined through "
                               "the partitions (each normalised on its own by BatchNorm)",
-                              default=1)
+                              check=positive, default=1)
+    train_storage: str | None = _opt("sync: where Ray Train keeps the run's checkpoints, in a "
+                                     "folder of its own under this one: a folder every node "
+                                     "sees, or a URI such as s3://bucket/path (default: "
+                                     "RUN_DIR/ray-train, enough when the workers share the "
+                                     "driver's disk)", default=None)
 
 
 @dataclass(frozen=True)
@@ -78,18 +123,18 @@ class DownpourConfig:
     """Downpour SGD: how replicas talk to the parameter server, and its snapshots."""
 
     n_fetch: int = _opt("downpour: a replica fetches fresh parameters every N of its steps",
-                        default=1)
+                        check=positive, default=1)
     n_push: int = _opt("downpour: a replica pushes its accumulated gradient every N of its "
-                       "steps", default=1)
+                       "steps", check=positive, default=1)
     overlap: bool = _opt("downpour: fetch and push in the background while computing (off: "
                          "every fetch and push waits, as in the parity tests)", default=True)
     max_in_flight: int = _opt("downpour: pushes a replica may have outstanding before it waits",
-                              default=2)
+                              check=positive, default=2)
     fetch_wait_s: float | None = _opt("downpour: with overlap, seconds a replica waits for the "
                                       "fetch in flight before it computes on the parameters it "
                                       "has (default: up to half its step time, and not after a "
                                       "wait that timed out; 0: never, the paper's replica)",
-                                      default=None)
+                                      check=non_negative, default=None)
     staleness_rule: str = _opt("downpour: how shards apply a stale gradient: dana (a momentum "
                                "per replica and fetches looked ahead by them, Hakimi 2019; "
                                "Nesterov's momentum with one replica), lr (lr / staleness, "
@@ -98,16 +143,17 @@ class DownpourConfig:
                                "Zheng 2017), none (Dean 2012); combined with +, as dana+lr "
                                "(the default: dana, and lr for staleness beyond 1)",
                                default="dana+lr")
-    dc_lambda: float = _opt("downpour: lambda of --staleness-rule dc", default=0.04)
+    dc_lambda: float = _opt("downpour: lambda of --staleness-rule dc", check=non_negative,
+                            default=0.04)
     ps_transfer_dtype: str = _opt("downpour: the dtype pushes and pulls travel in: float32, "
                                   "bfloat16 or float16 (half the bytes; the shards keep and "
                                   "update float32)", default="float32")
     warmstart_steps: int = _opt("downpour: steps trained by one replica before the others "
-                                "start", default=0)
+                                "start", check=non_negative, default=0)
     snapshot_every_s: float = _opt("downpour: seconds between a shard's snapshots to the keeper "
                                    "on the driver's node, from which Ray restarts a dead shard "
                                    "(0: none, for a server too large to copy; a shard that "
-                                   "dies then ends the run)", default=5.0)
+                                   "dies then ends the run)", check=non_negative, default=5.0)
 
 
 @dataclass(frozen=True)
@@ -115,10 +161,12 @@ class SandblasterConfig:
     """Sandblaster L-BFGS: how batches are cut and scheduled, and the L-BFGS settings."""
 
     portions: int | None = _opt("sandblaster: portions each batch is cut into, handed to "
-                                "replicas one at a time (default: 16 per replica)", default=None)
+                                "replicas one at a time (default: 16 per replica)",
+                                check=positive, default=None)
     push_every: int = _opt("sandblaster: a replica pushes its summed gradient every N portions",
-                           default=4)
-    history: int = _opt("sandblaster: L-BFGS history size m (curvature pairs kept)", default=10)
+                           check=positive, default=4)
+    history: int = _opt("sandblaster: L-BFGS history size m (curvature pairs kept)",
+                        check=positive, default=10)
     line_search: str = _opt("sandblaster: strong_wolfe or none (fixed step --lr)",
                             default="strong_wolfe")
     dtype: str = _opt("sandblaster: float32 or float64 arithmetic for the replicas' models, the "
@@ -126,11 +174,44 @@ class SandblasterConfig:
     backup_tasks: bool = _opt("sandblaster: near the end of a batch give idle replicas copies "
                               "of unfinished portions; the first result wins", default=True)
     straggler_delay: float = _opt("sandblaster: replica 0 sleeps this many seconds after each "
-                                  "portion (experiments with stragglers)", default=0.0)
+                                  "portion (experiments with stragglers)", check=non_negative,
+                                  default=0.0)
 
 
-SECTIONS = {"cluster": ClusterConfig, "downpour": DownpourConfig,
-            "sandblaster": SandblasterConfig}
+@dataclass(frozen=True)
+class ImageNetConfig:
+    """ImageNet-style folders (--data imagenet): the paper's scale augmentation and test views
+    (Sec. 3.4), and how images are decoded."""
+
+    crop_size: int = _opt("imagenet: training and test crop side in px", check=positive,
+                          default=224)
+    scale_min: int = _opt("imagenet: smallest random shorter side in px", check=positive,
+                          default=256)
+    scale_max: int = _opt("imagenet: largest random shorter side in px", check=positive,
+                          default=480)
+    test_size: int = _opt("imagenet: shorter side in px before the test crops", check=positive,
+                          default=256)
+    lighting: float = _opt("imagenet: std of the PCA lighting noise (0: off)",
+                           check=non_negative, default=0.1)
+    stats_samples: int = _opt("imagenet: training images sampled for the mean image and the "
+                              "colour PCA", check=positive, default=1000)
+    num_workers: int = _opt("imagenet: image decoding worker processes", check=non_negative,
+                            default=4)
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Random images (--data synthetic): benchmarks and tests that need no download."""
+
+    synthetic_size: int = _opt("synthetic: number of training images", check=positive,
+                               default=2048)
+    synthetic_shape: tuple[int, ...] = _opt("synthetic: image shape C,H,W", check=image_shape,
+                                            default=(3, 32, 32))
+    synthetic_classes: int = _opt("synthetic: number of classes", check=positive, default=10)
+
+
+SECTIONS = {"imagenet": ImageNetConfig, "synthetic": SyntheticConfig, "cluster": ClusterConfig,
+            "downpour": DownpourConfig, "sandblaster": SandblasterConfig}
 
 
 @dataclass(frozen=True)
@@ -160,21 +241,12 @@ class TrainConfig:
                                 "folder holding train/ and val/)", default=None)
     download: bool = _opt("cifar10: download and verify the official archive into --data-dir",
                           default=False)
-    val_split: int = _opt("training images held out as a validation split (0: none)", default=0)
+    val_split: int = _opt("training images held out as a validation split (0: none)",
+                          check=non_negative, default=0)
     augment: bool = _opt("training augmentation on or off", default=True)
-    pad: int = _opt("array data: zero padding in px before the random crop", default=4)
+    pad: int = _opt("array data: zero padding in px before the random crop", check=non_negative,
+                    default=4)
     flip: bool = _opt("random horizontal flips", default=True)
-    crop_size: int = _opt("imagenet: training and test crop side in px", default=224)
-    scale_min: int = _opt("imagenet: smallest random shorter side in px", default=256)
-    scale_max: int = _opt("imagenet: largest random shorter side in px", default=480)
-    test_size: int = _opt("imagenet: shorter side in px before the test crops", default=256)
-    lighting: float = _opt("imagenet: std of the PCA lighting noise (0: off)", default=0.1)
-    stats_samples: int = _opt("imagenet: training images sampled for the mean image and the "
-                              "colour PCA", default=1000)
-    num_workers: int = _opt("imagenet: image decoding worker processes", default=4)
-    synthetic_size: int = _opt("synthetic: number of training images", default=2048)
-    synthetic_shape: tuple[int, ...] = _opt("synthetic: image shape C,H,W", default=(3, 32, 32))
-    synthetic_classes: int = _opt("synthetic: number of classes", default=10)
     # Optimization
     loss: str = _opt("training loss: cross_entropy (classification) or mse (regression, mean "
                      "squared error: only for a model and data given to distbelief.fit)",
@@ -183,26 +255,28 @@ class TrainConfig:
                           "--lr / sqrt(sum of squared gradients); momentum unused)", default="sgd")
     batch_size: int = _opt("images per iteration (per replica and step with --mode downpour; "
                            "per L-BFGS batch with --mode sandblaster, where 0 is the whole "
-                           "training split)", default=128)
+                           "training split)", check=positive, default=128)
     iterations: int = _opt("optimizer steps to train for (downpour: minibatch gradients over all "
-                           "replicas together; sandblaster: L-BFGS iterations)", default=64000)
+                           "replicas together; sandblaster: L-BFGS iterations)",
+                           check=positive, default=64000)
     epochs: float | None = _opt("train for this many passes over the training split instead of "
-                                "--iterations", default=None)
-    lr: float = _opt("base learning rate", default=0.1)
-    momentum: float = _opt("SGD momentum", default=0.9)
+                                "--iterations", check=positive, default=None)
+    lr: float = _opt("base learning rate", check=positive, default=0.1)
+    momentum: float = _opt("SGD momentum", check=non_negative, default=0.9)
     nesterov: bool = _opt("Nesterov momentum", default=False)
-    weight_decay: float = _opt("L2 weight decay", default=1e-4)
+    weight_decay: float = _opt("L2 weight decay", check=non_negative, default=1e-4)
     milestones: tuple[int, ...] = _opt("iterations at which the lr is multiplied by --lr-decay",
-                                       default=(32000, 48000))
-    lr_decay: float = _opt("lr factor at each milestone", default=0.1)
+                                       check=increasing, default=(32000, 48000))
+    lr_decay: float = _opt("lr factor at each milestone", check=non_negative, default=0.1)
     warmup_iterations: int = _opt("length of the warmup in iterations (0: none; with "
-                                  "--warmup-until-error: its upper bound)", default=0)
+                                  "--warmup-until-error: its upper bound)",
+                                  check=non_negative, default=0)
     warmup_lr: float | None = _opt("lr during a constant warmup, start of a linear one "
-                                   "(default: lr/10)", default=None)
+                                   "(default: lr/10)", check=non_negative, default=None)
     warmup_mode: str = _opt("warmup shape: constant or linear", default="constant")
     warmup_until_error: float | None = _opt(
         "warm up until the training error (mean of the last 20 iterations) is below this "
-        "fraction, as for the paper's ResNet-110 (0.8)", default=None)
+        "fraction, as for the paper's ResNet-110 (0.8)", check=fraction, default=None)
     # Running
     device: str = _opt("auto, cpu or cuda", default="auto")
     channels_last: bool = _opt("channels-last memory format (faster on CPU and on tensor cores)",
@@ -214,18 +288,19 @@ class TrainConfig:
     deterministic: bool = _opt("deterministic algorithms: repeatable run to run on CPU",
                                default=False)
     seed: int = _opt("seed of initialization, data order and augmentation", default=0)
-    log_every: int = _opt("iterations between training-metric records", default=100)
+    log_every: int = _opt("iterations between training-metric records", check=positive,
+                          default=100)
     eval_every: int = _opt("iterations between test evaluations (0: only at the end)",
-                           default=2000)
+                           check=non_negative, default=2000)
     eval_interval_s: float = _opt("also evaluate every this many seconds of wall time (0: only "
-                                  "every --eval-every)", default=0.0)
+                                  "every --eval-every)", check=non_negative, default=0.0)
     checkpoint_every: int = _opt("iterations between checkpoints (0: only at the end)",
-                                 default=2000)
+                                 check=non_negative, default=2000)
     checkpoint_interval_s: float = _opt("also checkpoint every this many seconds of wall time "
                                         "(0: only every --checkpoint-every), so that a run "
                                         "killed outright loses at most this window",
-                                        default=300.0)
-    eval_batch_size: int = _opt("images per evaluation batch", default=500)
+                                        check=non_negative, default=300.0)
+    eval_batch_size: int = _opt("images per evaluation batch", check=positive, default=500)
     tensorboard: bool = _opt("also write TensorBoard event files into RUN_DIR/tensorboard "
                              "(loss, error, lr, images/s, staleness, per-shard updates/s)",
                              default=False)
@@ -234,7 +309,9 @@ class TrainConfig:
                      "batch gradients from replicas, vectors on the shards) or sync (synchronous "
                      "data parallelism on Ray Train: --replicas workers, gradients averaged "
                      "every step)", default="single")
-    # Sections of the distributed modes
+    # Sections: the data sets' own settings, then the distributed modes'
+    imagenet: ImageNetConfig = field(default_factory=ImageNetConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     downpour: DownpourConfig = field(default_factory=DownpourConfig)
     sandblaster: SandblasterConfig = field(default_factory=SandblasterConfig)
@@ -358,19 +435,6 @@ def coerce(name: str, value):
 
 # --- validation: every rule in one place ----------------------------------------------------
 
-_POSITIVE = ("batch_size", "iterations", "eval_batch_size", "log_every", "crop_size",
-             "scale_min", "scale_max", "test_size", "synthetic_size", "synthetic_classes",
-             "stats_samples", "replicas", "ps_shards", "ps_threads", "partitions", "micro_batches",
-             "n_fetch", "n_push", "max_in_flight", "push_every", "history")
-_NON_NEGATIVE = ("val_split", "pad", "momentum", "weight_decay", "warmup_iterations",
-                 "eval_every", "checkpoint_every", "lighting", "num_workers", "lr_decay",
-                 "warmstart_steps", "eval_interval_s", "checkpoint_interval_s", "max_restarts",
-                 "straggler_delay", "snapshot_every_s", "dc_lambda")
-_NON_NEGATIVE_OR_NONE = ("warmup_lr", "fetch_wait_s")  # or None: chosen by the run
-_POSITIVE_NUMBERS = ("lr", "epochs")  # finite, > 0, or None
-_AT_LEAST_ONE = ("portions", "replica_cpus")  # None: chosen by the run
-
-
 def validate(c: TrainConfig) -> None:
     """Raise `ConfigError` naming the first impossible value or combination in `c`."""
     _check_user(c)
@@ -426,42 +490,23 @@ def _check_user(c: TrainConfig) -> None:
 
 
 def _check_ranges(c: TrainConfig) -> None:
-    for name in _POSITIVE:
-        value = c.get(name)
-        if name == "batch_size" and c.mode == "sandblaster" and value == 0:
-            continue  # the whole training split
-        if not value > 0:
-            raise ConfigError(f"{_flag(name)} must be positive, got {value}")
-    for name in _NON_NEGATIVE + _NON_NEGATIVE_OR_NONE:
-        value = c.get(name)
-        if value is None and name in _NON_NEGATIVE_OR_NONE:
+    """Each field's value against the range declared with it."""
+    for _, f in option_fields():
+        check, value = f.metadata["check"], c.get(f.name)
+        if check is None or value is None:
             continue
-        if not (value >= 0 and math.isfinite(value)):
-            raise ConfigError(f"{_flag(name)} must be >= 0, got {value}")
-    for name in _POSITIVE_NUMBERS:
-        value = c.get(name)
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            raise ConfigError(f"{_flag(name)} must be a positive number, got {value}")
-    for name in _AT_LEAST_ONE:
-        value = c.get(name)
-        if value is not None and value < 1:
-            raise ConfigError(f"{_flag(name)} must be positive, got {value}")
-    if c.warmup_until_error is not None and not 0 < c.warmup_until_error <= 1:
-        raise ConfigError("--warmup-until-error is a fraction in (0, 1], "
-                          f"got {c.warmup_until_error}")
-    if list(c.milestones) != sorted(c.milestones) or any(m <= 0 for m in c.milestones):
-        raise ConfigError(f"--milestones must be increasing positive iterations, "
-                          f"got {','.join(map(str, c.milestones))}")
-    if len(c.synthetic_shape) != 3 or min(c.synthetic_shape) <= 0:
-        raise ConfigError("--synthetic-shape must be three positive sizes C,H,W")
+        if f.name == "batch_size" and c.mode == "sandblaster" and value == 0:
+            continue  # the whole training split
+        check(f.name, value)
 
 
 def _check_rules(c: TrainConfig) -> None:
     """Rules that tie fields together."""
-    if c.scale_min > c.scale_max:
-        raise ConfigError(f"--scale-min {c.scale_min} exceeds --scale-max {c.scale_max}")
-    if c.data == "imagenet" and min(c.scale_min, c.test_size) < c.crop_size:
-        raise ConfigError(f"--crop-size {c.crop_size} exceeds --scale-min or --test-size")
+    i = c.imagenet
+    if i.scale_min > i.scale_max:
+        raise ConfigError(f"--scale-min {i.scale_min} exceeds --scale-max {i.scale_max}")
+    if c.data == "imagenet" and min(i.scale_min, i.test_size) < i.crop_size:
+        raise ConfigError(f"--crop-size {i.crop_size} exceeds --scale-min or --test-size")
     if c.downpour.warmstart_steps >= c.iterations:
         raise ConfigError(f"--warmstart-steps {c.downpour.warmstart_steps} must be below "
                           f"--iterations {c.iterations}")
@@ -470,6 +515,8 @@ def _check_rules(c: TrainConfig) -> None:
     _check_staleness_rule(c)
     if c.compile and c.mode != "single":
         raise ConfigError("--compile applies to --mode single")
+    if c.cluster.train_storage and c.mode != "sync":
+        raise ConfigError("--train-storage applies to --mode sync")
     _check_partitions(c)
     if c.mode == "sandblaster" and c.data == "imagenet":
         raise ConfigError("--mode sandblaster needs an in-memory dataset (digits, cifar10 or "
@@ -510,12 +557,10 @@ def batch_images(c: TrainConfig, train_size: int) -> int:
     return c.batch_size
 
 
-def resolve(c: TrainConfig, train_size: int, values: int | None = None,
-            batchnorm: bool = False) -> TrainConfig:
-    """The config a run uses once its data (`train_size` training images) and model (`values`
-    elements in the server's vector, whether it has BatchNorm) are known: `--epochs` turned
-    into iterations, Sandblaster's default portions; raises `ConfigError` for what the data or
-    the model cannot satisfy."""
+def resolve(c: TrainConfig, train_size: int) -> TrainConfig:
+    """The config a run uses once its data (`train_size` training images) is known: `--epochs`
+    turned into iterations, Sandblaster's default portions; raises `ConfigError` for what the
+    data cannot satisfy. The model's own rules are `check_model`'s."""
     images = batch_images(c, train_size)
     if c.epochs is not None:
         c = c.replace(iterations=max(1, math.ceil(c.epochs * train_size / images)))
@@ -525,19 +570,23 @@ def resolve(c: TrainConfig, train_size: int, values: int | None = None,
     if c.mode == "downpour" and c.cluster.replicas > train_size // c.batch_size:
         raise ConfigError(f"{c.cluster.replicas} replicas with batches of {c.batch_size} "
                           f"need more than the {train_size} training images")
-    if c.mode in ("downpour", "sandblaster") and values is not None \
-            and c.cluster.ps_shards > values:
-        noun = "parameters" if c.mode == "sandblaster" else "values"
-        raise ConfigError(f"--ps-shards {c.cluster.ps_shards} exceeds the model's {values} "
-                          f"{noun}")
     if c.mode == "sandblaster":
-        if batchnorm:
-            raise ConfigError(f"--mode sandblaster needs a model without BatchNorm (softmax or "
-                              f"mlp): batch statistics would make the batch objective depend "
-                              f"on how it is cut into portions; {c.model} has BatchNorm")
         if c.sandblaster.portions is None:
             c = c.replace(portions=min(images, PORTIONS_PER_REPLICA * c.cluster.replicas))
         if c.sandblaster.portions > images:
             raise ConfigError(f"--portions {c.sandblaster.portions} exceeds the {images} "
                               f"images of a batch")
     return c
+
+
+def check_model(c: TrainConfig, values: int, batchnorm: bool = False) -> None:
+    """Raise `ConfigError` for what the model (`values` elements in the server's vector,
+    whether it has BatchNorm) cannot satisfy in `c`'s mode."""
+    if c.mode in ("downpour", "sandblaster") and c.cluster.ps_shards > values:
+        noun = "parameters" if c.mode == "sandblaster" else "values"
+        raise ConfigError(f"--ps-shards {c.cluster.ps_shards} exceeds the model's {values} "
+                          f"{noun}")
+    if c.mode == "sandblaster" and batchnorm:
+        raise ConfigError(f"--mode sandblaster needs a model without BatchNorm (softmax or "
+                          f"mlp): batch statistics would make the batch objective depend "
+                          f"on how it is cut into portions; {c.model} has BatchNorm")

@@ -77,7 +77,7 @@ def imagenet_paper(model: str | None = None) -> TrainConfig:
     The paper divides the lr by 10 "when the error plateaus"; we use fixed milestones at 150k
     and 300k iterations (30 and 60 epochs of 1.28M images), the usual reading of that schedule.
     """
-    return TrainConfig(
+    return TrainConfig().replace(
         recipe="imagenet-paper", model=model or "resnet34", data="imagenet",
         data_dir="data/imagenet", batch_size=256, iterations=600000, lr=0.1, momentum=0.9,
         weight_decay=1e-4, milestones=(150000, 300000), crop_size=224, scale_min=256,
