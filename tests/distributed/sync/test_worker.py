@@ -1,6 +1,7 @@
 """Synchronous data parallelism without Ray: one rank equals the single-process trainer, two
-ranks (real processes, gloo, DistributedDataParallel) equal it with the doubled batch, and the
-hub's events, stop and divergence."""
+ranks (real processes, gloo, DistributedDataParallel) equal it with the doubled batch, each
+rank loads only its rows, checkpoints are reported with their records, and the hub's events,
+stop and divergence."""
 
 import os
 
@@ -38,11 +39,18 @@ def single(c):
     return trainer
 
 
+class Reports(list):
+    """A `report` that keeps what it was given (Ray Train's checkpoints, in process)."""
+
+    def __call__(self, iteration, state, records):
+        self.append((iteration, state, [r["iteration"] for r in records]))
+
+
 def test_one_rank_is_the_single_process_trainer():
     c = config()
     trainer = single(c)
-    hub = SyncHub()
-    worker = SyncWorker(c, 0, 1, CPU, stats(c), hub=hub)
+    hub, reports = SyncHub(), Reports()
+    worker = SyncWorker(c, 0, 1, CPU, stats(c), hub=hub, report=reports)
     worker.run()
     for name, value in trainer.model.state_dict().items():
         torch.testing.assert_close(worker.model.state_dict()[name], value, rtol=0, atol=1e-6)
@@ -53,7 +61,35 @@ def test_one_rank_is_the_single_process_trainer():
     states = [(e["iteration"], e["evaluate"], e["checkpoint"]) for e in events
               if e["kind"] == "state"]
     assert states == [(6, True, False), (12, True, True)]
-    assert hub.latest["iteration"] == 12  # the checkpointed state, for a restart
+    # The checkpoint kept for restarts: the state handed over, and the records since.
+    (iteration, state, logged), = reports
+    assert (iteration, logged) == (12, [4, 8, 12]) and state["iteration"] == 12
+    torch.testing.assert_close(state["model"]["fc.weight"], trainer.model.fc.weight.detach())
+
+
+def test_checkpoints_carry_the_runs_records_so_far_across_a_restart():
+    c = config(iterations=12, checkpoint_every=5, log_every=2, eval_every=0)
+    reports = Reports()
+    first = SyncWorker(c.replace(iterations=6), 0, 1, CPU, stats(c), hub=SyncHub(),
+                       report=reports)
+    first.run()
+    second = SyncWorker(c, 0, 1, CPU, stats(c), hub=SyncHub(), report=reports)
+    second.load(first.state(), first.records)  # as a restart from the checkpoint at 6
+    second.run()
+    assert [(i, logged) for i, _, logged in reports] == [
+        (5, [2, 4, 5]), (6, [2, 4, 5, 6]), (10, [2, 4, 5, 6, 8, 10]),
+        (12, [2, 4, 5, 6, 8, 10, 12])]
+
+
+def test_a_rank_loads_and_augments_only_its_rows_of_the_global_batch():
+    c = config(batch_size=16, pad=2, flip=True)
+    whole = next(build_data(c.replace(batch_size=32), CPU).train.batches(3))
+    for rank in (0, 1):
+        worker = SyncWorker(c, rank, 2, CPU, stats(c))
+        x, y = next(worker.data.train.batches(3))
+        assert x.shape[0] == 16  # 1/2 of the global batch's input work
+        torch.testing.assert_close(x, whole[0][rank * 16:(rank + 1) * 16], rtol=0, atol=0)
+        assert torch.equal(y, whole[1][rank * 16:(rank + 1) * 16])
 
 
 def _rank(rank, world, path, c, stats_, out):
@@ -61,12 +97,14 @@ def _rank(rank, world, path, c, stats_, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
     try:
+        reports = Reports()
         worker = SyncWorker(c, rank, world, CPU, stats_, hub=SyncHub() if rank == 0 else None,
                             wrap=torch.nn.parallel.DistributedDataParallel,
-                            control=dist.new_group(backend="gloo"))
+                            control=dist.new_group(backend="gloo"), report=reports)
         worker.run()
-        if rank == 0:
-            torch.save(worker.model.state_dict(), out)
+        torch.save({"model": worker.model.state_dict() if rank == 0 else None,
+                    "reports": [(i, state is None) for i, state, _ in reports]},
+                   f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -77,7 +115,11 @@ def test_two_ranks_without_batchnorm_are_one_process_with_the_doubled_batch(tmp_
     out = tmp_path / "rank0.pt"
     mp.spawn(_rank, args=(2, tmp_path / "store", c, s, out), nprocs=2, join=True)
     trainer = single(c.replace(batch_size=32))
-    trained = torch.load(out)
+    rank0, rank1 = (torch.load(f"{out}.{r}") for r in (0, 1))
+    # Every rank reports each checkpoint (Ray Train's report is collective); rank 0 with its
+    # state, the others without one.
+    assert rank0["reports"] == [(10, False)] and rank1["reports"] == [(10, True)]
+    trained = rank0["model"]
     for name, value in trainer.model.state_dict().items():
         # Equal up to the order of summation (two half-batch means averaged).
         torch.testing.assert_close(trained[name], value, rtol=0, atol=2e-6)
@@ -117,17 +159,16 @@ def test_a_diverged_loss_is_reported_and_stops_the_worker():
     assert kinds[-1] == "diverged" and worker.iteration < 12
 
 
-def test_the_hub_counts_attempts_and_hands_out_the_last_checkpoint():
+def test_the_hub_hands_over_events_in_order_and_keeps_a_stop_request():
     hub = SyncHub()
-    assert hub.join(0, 100) is None and hub.join(1, 101) is None
-    hub.put({"kind": "state", "iteration": 5, "state": {"iteration": 5}, "evaluate": True,
-             "checkpoint": False})
-    assert hub.latest is None  # an evaluation only: not a state to restart from
-    hub.put({"kind": "state", "iteration": 8, "state": {"iteration": 8}, "evaluate": False,
-             "checkpoint": True})
-    assert hub.join(0, 200) == {"iteration": 8}
-    events = hub.take()
-    assert [e["kind"] for e in events] == ["attempt", "state", "state", "attempt"]
-    assert events[-1] == {"kind": "attempt", "attempt": 2, "iteration": 8}
-    assert hub.status() == {"attempts": 2, "workers": {0: 200, 1: 101}, "latest": 8}
+    hub.joined(0, 100)
+    hub.joined(1, 101)
+    hub.put({"kind": "attempt", "iteration": 0, "records": []})
+    hub.put({"kind": "train", "record": {"iteration": 4}})
+    assert [e["kind"] for e in hub.take()] == ["attempt", "train"]
     assert hub.take() == []
+    hub.joined(1, 201)  # a restarted worker
+    assert not hub.stop_requested()
+    hub.request_stop()
+    assert hub.stop_requested()
+    assert hub.status() == {"workers": {0: 100, 1: 201}, "events": 0}

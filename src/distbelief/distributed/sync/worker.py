@@ -1,13 +1,21 @@
 """One rank of synchronous data parallelism (`--mode sync`). No Ray here: the process group is
-initialized by the caller (Ray Train in `sync.actors`, or a test), and the hub is any object
-with `put(event)` and `stop_requested()` (`sync.hub.SyncHub`, or its Ray client).
+initialized by the caller (Ray Train in `sync.actors`, or a test), the hub is any object with
+`put(event)` and `stop_requested()` (`sync.hub.SyncHub`, or its Ray client), and `report` is
+how a checkpoint is kept for restarts (Ray Train's `ray.train.report` in `sync.actors`).
 
 Batch semantics: --batch-size is per replica. Step i's global batch is the single-process
-trainer's batch i at N x --batch-size images (same order, same augmentation); rank r computes
-rows [r*B, (r+1)*B) of it, and DistributedDataParallel averages the gradients over the ranks
-before every rank applies the same update. So N replicas of batch B train exactly as one process
-with batch N*B (BatchNorm aside: each replica normalizes its own rows), --iterations counts
-these synchronous steps, and the lr schedule is the recipe's, unscaled.
+trainer's batch i at N x --batch-size images (same order, same augmentation); rank r loads and
+augments rows [r*B, (r+1)*B) of it and nothing else (`build_data(rows=...)`: 1/N of the input
+work), and DistributedDataParallel averages the gradients over the ranks before every rank
+applies the same update. So N replicas of batch B train exactly as one process with batch N*B
+(BatchNorm aside: each replica normalizes its own rows), --iterations counts these synchronous
+steps, and the lr schedule is the recipe's, unscaled.
+
+Checkpoints: at each checkpoint step every rank calls `report(iteration, state, records)`,
+rank 0 with its state and the run's training records so far (a few hundred bytes each: a
+driver that was killed before it heard of a checkpoint writes the ones it missed from it), the
+others with None (Ray Train's report is collective); a worker group that Ray Train restarts, or
+a run resumed later, continues from the last one (`load`).
 
 Every rank takes the same decisions at the same step: rank 0 decides when to log, evaluate,
 checkpoint and stop, and broadcasts that with one small collective per step over a gloo group
@@ -37,31 +45,35 @@ class SyncWorker:
     """Rank `rank` of `world`, computing on `device`. `stats`: the driver's data statistics;
     `hub`: rank 0's channel to the driver (None on the other ranks); `wrap`: turns the model
     into the module that all-reduces gradients (DistributedDataParallel), None for one rank;
-    `control`: the gloo process group for rank 0's decisions (None: the default group).
-    `load(state)` continues from a checkpointed state; `run()` trains to config.iterations,
-    a stop request or divergence."""
+    `control`: the gloo process group for rank 0's decisions (None: the default group);
+    `report(iteration, state, records)`: called by every rank at each checkpoint (None: not
+    kept). `load(state, records)` continues from a checkpointed state and the records up to
+    it; `run()` trains to config.iterations, a stop request or divergence."""
 
     def __init__(self, config, rank: int, world: int, device: torch.device, stats: dict,
-                 hub=None, wrap=None, control=None):
+                 hub=None, wrap=None, control=None, report=None):
         self.config, self.rank, self.world, self.device, self.hub = (
             config, rank, world, device, hub)
-        self.control = control
+        self.control, self.report = control, report
         set_determinism(config.deterministic, device)
         torch.manual_seed(config.seed)  # the single-process trainer's initial model
-        self.data = build_data(config.replace(batch_size=config.batch_size * world), device,
-                               stats=stats)
+        b = config.batch_size
+        self.data = build_data(config.replace(batch_size=b * world), device, stats=stats,
+                               rows=(rank * b, (rank + 1) * b))
         self.model = load_init(build_model(config, self.data, device), config)
         self.forward = wrap(self.model) if wrap is not None else self.model
         self.optimizer = build_optimizer(config, self.model)
         self.schedule = LRSchedule(config)
         self.loss = get_loss(config.loss)
         self.iteration, self.train_s = 0, 0.0
+        self.records: list[dict] = []  # the run's training records so far
 
-    def load(self, state: dict) -> None:
+    def load(self, state: dict, records: list[dict] = ()) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.iteration, self.train_s = state["iteration"], state["train_s"]
+        self.records = list(records)
 
     def state(self) -> dict:
         """What a checkpoint holds of the training (on the CPU, copied)."""
@@ -71,10 +83,9 @@ class SyncWorker:
                 "schedule": self.schedule.state_dict(), "train_s": self.train_s}
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One synchronous step on this rank's rows of the global batch; returns [loss summed
-        over the rows, wrong predictions] on the device (not synchronized)."""
-        c, b = self.config, self.config.batch_size
-        x, y = x[self.rank * b:(self.rank + 1) * b], y[self.rank * b:(self.rank + 1) * b]
+        """One synchronous step on this rank's rows of the global batch (x, y); returns [loss
+        summed over the rows, wrong predictions] on the device (not synchronized)."""
+        c = self.config
         if c.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         lr = self.schedule.lr_at(self.iteration)
@@ -116,8 +127,10 @@ class SyncWorker:
                            "loss": loss_sum / images})
                 return
             if flags[LOG] or flags[CHECKPOINT]:
-                self._put({"kind": "train",
-                           "record": self._record(loss_sum, wrong, images, seconds)})
+                record = self._record(loss_sum, wrong, images, seconds)
+                if self.rank == 0:
+                    self.records.append(record)
+                self._put({"kind": "train", "record": record})
                 cadence.log.done(self.iteration)
             if flags[EVALUATE] or flags[CHECKPOINT]:
                 self._hand_over(flags, cadence)
@@ -127,9 +140,12 @@ class SyncWorker:
             steps, start = 0, time.perf_counter()
 
     def _hand_over(self, flags: torch.Tensor, cadence: Cadences) -> None:
-        """The state, for the driver to evaluate and/or checkpoint."""
-        self._put({"kind": "state", "iteration": self.iteration,
-                   "state": self.state() if self.rank == 0 else None,
+        """The state: kept for restarts (`report`, on every rank) at a checkpoint, and handed
+        to the driver to evaluate and/or write into the run directory."""
+        state = self.state() if self.rank == 0 else None
+        if flags[CHECKPOINT] and self.report is not None:
+            self.report(self.iteration, state, self.records)
+        self._put({"kind": "state", "iteration": self.iteration, "state": state,
                    "evaluate": bool(flags[EVALUATE]), "checkpoint": bool(flags[CHECKPOINT])})
         if flags[EVALUATE]:
             cadence.eval.done(self.iteration)
