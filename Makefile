@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-all bench clean
+.PHONY: run test test-fast test-all docs bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +18,22 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/distbelief train --recipe digits-downpour
 
-# Everything but the tests marked slow (a few minutes each: kills, node loss, SIGKILL, real
-# CIFAR-10); `make test-all` runs those too. The slowest durations are printed for the next trim.
+# The tiers (tests/conftest.py): `test` is what CI runs, every mode end to end through Ray but
+# not the slow tier (kills, node loss, SIGKILL, the real CIFAR-10, long learning runs);
+# `test-fast` the pure tests (no Ray, no child process) while one edits; `test-all` everything.
+# The slowest durations are printed for the next trim.
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" --durations=25
 
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest --pure --durations=10
+
 test-all: $(STAMP)
 	$(BIN)/python -m pytest --durations=25
+
+# The documentation site (docs/, mkdocs.yml) into site/, strictly: a broken link fails it.
+docs: $(STAMP)
+	$(BIN)/python -m mkdocs build --strict
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_models.py
@@ -34,4 +43,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sandblaster.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache src/*.egg-info
+	rm -rf $(VENV) .pytest_cache src/*.egg-info site

@@ -87,6 +87,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.subprocess
 def test_installed_command_reports_bad_input_without_traceback():
     """The real entry point, in a fresh interpreter, as a user would run it."""
     proc = subprocess.run([sys.executable, "-m", "distbelief", "models", "resnet20", "--shortcut", "Z"],

@@ -14,6 +14,7 @@ import torch
 from distbelief.cli import main
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.ray  # the command starts its own
 
 QUICK = ["--recipe", "digits-downpour", "--iterations", "150", "--milestones", "100",
          "--eval-every", "0", "--log-every", "25"]
@@ -46,6 +47,11 @@ def test_downpour_command_trains_evaluates_and_leaves_no_ray_behind(tmp_path, ca
     assert main(["plot", str(out), "--x", "examples", "-o", str(tmp_path / "f.png")]) == 0
 
 
+# A minute of a Ray start, training, a stop and a resume in a child process. In make test
+# Downpour's stop and resume run in process (downpour/test_trainer.py), Ctrl-C and SIGTERM
+# reach the command the same way in single mode (test_cli_train.py, test_cli_signals.py).
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_ctrl_c_checkpoints_stops_ray_and_resume_finishes(tmp_path, ray_watch):
     before = ray_watch.processes()
     out = tmp_path / "run"

@@ -13,8 +13,13 @@ import pytest
 from distbelief.cli import main
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.ray  # the command starts its own
 
 
+# make test-all. make test runs the command with a Ray of its own in downpour mode
+# (test_cli_downpour.py), and Sandblaster end to end through Ray in process
+# (sandblaster/test_trainer.py, parity/test_sandblaster.py).
+@pytest.mark.slow
 def test_sandblaster_command_trains_evaluates_and_leaves_no_ray_behind(tmp_path, capsys,
                                                                        ray_watch):
     before = ray_watch.processes()
@@ -37,6 +42,11 @@ def test_sandblaster_command_trains_evaluates_and_leaves_no_ray_behind(tmp_path,
     assert main(["plot", str(out), "--x", "wall", "-o", str(tmp_path / "f.png")]) == 0
 
 
+# 40 s of a Ray start, training, a stop and a resume in a child process. In make test
+# Sandblaster's stop and a resume that retraces the run are in process
+# (sandblaster/test_trainer.py), and Ctrl-C reaches the command as in single mode.
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_ctrl_c_checkpoints_and_resume_continues(tmp_path):
     out = tmp_path / "run"
     # Batches of 256 change every iteration, so L-BFGS does not stop on its own.

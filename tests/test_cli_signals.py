@@ -18,6 +18,7 @@ from distbelief.engine import load_checkpoint
 from distbelief.engine.rundir import RunDir, read_jsonl
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.subprocess
 MODES = {
     "single": ["--recipe", "digits", "--deterministic", "--device", "cpu",
                "--checkpoint-every", "20"],
@@ -55,10 +56,12 @@ def assert_history_never_repeats(out, iterations: int):
     assert train[-1] == iterations and evals[-1] == iterations
 
 
-# Ctrl-C in downpour and sandblaster takes the same path fast (test_cli_downpour,
-# test_cli_sandblaster); their SIGTERM runs (~1 min each) are in make test-all.
+# make test runs single mode's: the signal reaches every mode's lifecycle the same way, and each
+# distributed mode's stop and resume runs in process there (downpour/test_trainer.py,
+# sandblaster/test_trainer.py, sync/test_sync_ray.py). The distributed modes' runs, a Ray start
+# and a minute of training each, are in make test-all.
 @pytest.mark.parametrize("mode", [pytest.param(m, marks=pytest.mark.slow)
-                                  if m in ("downpour", "sandblaster") else m for m in MODES])
+                                  if m != "single" else m for m in MODES])
 def test_sigterm_checkpoints_stops_quietly_and_resume_finishes(tmp_path, ray_watch, mode):
     rng = random.Random(mode)
     before = ray_watch.processes()

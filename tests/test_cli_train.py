@@ -148,6 +148,10 @@ def test_train_into_an_existing_run_changes_nothing(run_dir, capsys):
     assert before == {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
 
 
+# make test-all. make test sends SIGTERM to the command (test_cli_signals.py), which takes the
+# same path through the lifecycle as SIGINT (engine/test_lifecycle.py sends both).
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_ctrl_c_checkpoints_and_resume_finishes(tmp_path):
     """A real SIGINT to the real command: exit 130 with a checkpoint; --resume completes."""
     out = tmp_path / "run"

@@ -119,6 +119,7 @@ def test_load_rebuilds_a_named_model_from_its_run(tmp_path):
     assert isinstance(distbelief.create_model("resnet20"), torch.nn.Module)
 
 
+@pytest.mark.subprocess
 def test_the_fine_tuning_example_loads_torchvision_weights_and_learns():
     import pathlib
     import subprocess

@@ -51,6 +51,11 @@ def test_sandblaster_trains_a_user_factory_on_a_tensor_dataset():
     assert summary["batch_images"] == len(train[1])
 
 
+# A Ray start and a full run in a child process each: make test-all. make test runs fit in each
+# mode in process (test_downpour_trains_..., test_sandblaster_trains_...,
+# test_regression_...[sync]) and the fine-tuning example in a child process (test_fit.py).
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("mode", ["downpour", "sandblaster", "sync"])
 def test_the_example_trains_its_own_class(mode):
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "own_model.py"),
@@ -68,7 +73,10 @@ def test_the_example_trains_its_own_class(mode):
     # dana alone diverges here, at staleness ~5).
     ("downpour", dict(replicas=2, ps_shards=2, batch_size=32, iterations=300, lr=0.02)),
     ("sandblaster", dict(replicas=2, ps_shards=2, batch_size=0, iterations=20, lr=1.0)),
-    ("sync", dict(replicas=2, batch_size=16, iterations=150, lr=0.02)),
+    # Ray Train's start alone is ~20 s: make test-all. make test trains sync through Ray Train
+    # in sync/test_sync_ray.py, and a user's model through Ray in the modes above.
+    pytest.param("sync", dict(replicas=2, batch_size=16, iterations=150, lr=0.02),
+                 marks=pytest.mark.slow),
 ])
 def test_regression_trains_in_the_distributed_modes(mode, settings):
     train, test = diabetes()

@@ -97,6 +97,7 @@ def test_unreadable_image_is_named(tmp_path):
         list(data.splits["test"].batches())
 
 
+@pytest.mark.subprocess  # DataLoader worker processes
 def test_unreadable_image_from_a_worker_is_one_line(tmp_path):
     make_image_folder(tmp_path)
     (tmp_path / "val" / "bee" / "0.png").write_bytes(b"garbage")

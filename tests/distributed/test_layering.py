@@ -8,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 import distbelief
 
 SRC = pathlib.Path(distbelief.__file__).parent
@@ -69,6 +71,7 @@ def test_no_function_or_class_is_too_long_to_read():
     assert long == []
 
 
+@pytest.mark.subprocess  # a fresh interpreter: nothing imported yet
 def test_the_cores_and_the_engine_import_without_ray():
     code = ("import sys\n"
             "import distbelief.cli, distbelief.engine, distbelief.distributed, distbelief.api\n"

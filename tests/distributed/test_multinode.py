@@ -11,6 +11,7 @@ from distbelief.recipes import get_recipe
 from support.cluster import three_nodes
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")

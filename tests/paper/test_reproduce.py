@@ -58,6 +58,34 @@ def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "keep me"
 
 
+def test_fig6_and_fig7_reports_from_runs_cut_short(tmp_path, monkeypatch):
+    """The experiments' machinery on runs of 40 iterations (the orderings need the short
+    budget's 600: the slow test below): each model trained once and reused by the next
+    experiment, the tables, figures and checks written, a second call rebuilding the report
+    from the finished runs."""
+    import distbelief.paper.experiments as experiments
+
+    budget = experiments.run_config
+    monkeypatch.setattr(experiments, "run_config", lambda model, options: budget(
+        model, options).replace(iterations=40, milestones=(30,), log_every=10, eval_every=20,
+                                checkpoint_every=20))
+    lines = []
+    fig6 = reproduce("fig6", tmp_path, models=["plain20", "plain56"], say=lines.append)
+    assert {r["model"] for r in fig6["rows"]} == {"plain20", "plain56"}
+    assert [c["claim"] for c in fig6["checks"]]  # judged, whichever way at 40 iterations
+    assert (tmp_path / "fig6" / "fig6-plain.png").stat().st_size > 10_000
+    assert (tmp_path / "fig6" / "report.md").read_text().count("plain56") >= 1
+    fig7 = reproduce("fig7", tmp_path, models=["plain20", "resnet20"], say=lines.append)
+    assert "1 of 2 runs already done" in " ".join(lines)
+    rows = {r["model"]: r for r in fig7["rows"]}
+    assert rows["plain20"]["layers"] == rows["resnet20"]["layers"] == 19
+    again = reproduce("fig7", tmp_path, models=["plain20", "resnet20"], say=lines.append)
+    assert again["rows"] == fig7["rows"] and "2 of 2 runs already done" in lines[-1]
+
+
+# ~3 minutes of real training on the short budget, which the orderings need; the machinery is
+# covered in make test by the runs cut short above.
+@pytest.mark.slow
 def test_fig6_and_fig7_short_show_the_papers_orderings(tmp_path):
     """Real runs of the short budget (digits): the deeper plain net trains worse (Fig. 6), the
     ResNet responds less than its plain twin (Fig. 7); fig7 reuses fig6's plain-20 run."""
@@ -99,12 +127,17 @@ except TrainingInterrupted as e:
 """
 
 
+# Two runs in processes of their own, stopped and resumed: make test-all. make test runs
+# parallel runs in test_a_failing_run_is_named_and_the_others_finish, and a stop and resume
+# of the command in test_cli_signals.py.
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_parallel_runs_stop_on_sigterm_and_continue_on_rerun(tmp_path):
     (tmp_path / "tests_runner_specs.py").write_text(
         "from distbelief.recipes import get_recipe\n"
         "from distbelief.paper.runner import RunSpec\n"
         "def specs():\n"
-        "    c = get_recipe('digits').replace(iterations=300, milestones=(), log_every=5,\n"
+        "    c = get_recipe('digits').replace(iterations=120, milestones=(), log_every=5,\n"
         "        eval_every=0, checkpoint_every=10, device='cpu')\n"
         "    return [RunSpec('a', c), RunSpec('b', c.replace(model='plain20'))]\n")
     runs = tmp_path / "runs"
@@ -128,8 +161,8 @@ def test_parallel_runs_stop_on_sigterm_and_continue_on_rerun(tmp_path):
         train = [r["iteration"] for r in read_jsonl(runs / name / "metrics.jsonl")
                  if r["kind"] == "train"]
         # Resumed: every record once (the stop adds one at its checkpoint), none lost.
-        assert train == sorted(set(train)) and set(range(5, 301, 5)) <= set(train)
-        assert json.loads((runs / name / "summary.json").read_text())["iterations"] == 300
+        assert train == sorted(set(train)) and set(range(5, 121, 5)) <= set(train)
+        assert json.loads((runs / name / "summary.json").read_text())["iterations"] == 120
 
 
 def test_a_run_directory_with_other_settings_is_refused_not_mixed(tmp_path):
@@ -140,6 +173,7 @@ def test_a_run_directory_with_other_settings_is_refused_not_mixed(tmp_path):
     assert (tmp_path / "x" / "summary.json").read_text() == summary
 
 
+@pytest.mark.subprocess  # --parallel 2: runs in processes of their own
 def test_a_failing_run_is_named_and_the_others_finish(tmp_path):
     bad = _spec("bad").config.replace(data="cifar10", data_dir=str(tmp_path / "missing"))
     lines = []

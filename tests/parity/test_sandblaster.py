@@ -68,6 +68,9 @@ def test_replicas_and_shards_give_the_same_iterates(ray_cluster, tmp_path, refer
     assert min(summary["portions_per_replica"]) > 0
 
 
+# make test-all. In make test the sharded replicas give the local core's iterates (above), and
+# the local core gives torch.optim.LBFGS's (test_lbfgs.py).
+@pytest.mark.slow
 def test_softmax_regression_reaches_the_scipy_optimum(ray_cluster, tmp_path):
     """The digits-sandblaster recipe (float32, 2 replicas, 2 shards) against scipy's L-BFGS-B
     on the same objective in float64."""

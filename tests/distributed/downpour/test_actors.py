@@ -69,6 +69,8 @@ def test_a_killed_shard_comes_back_with_its_snapshot_and_applies_retried_pushes_
         session.close()
 
 
+# make test-all; make test kills a shard that comes back from its snapshot (above).
+@pytest.mark.slow
 def test_without_snapshots_nothing_reaches_the_keeper_and_a_killed_shard_stays_dead():
     session = DriverSession()
     session.start()

@@ -107,6 +107,9 @@ def test_stop_then_resume_completes_the_run(tmp_path):
     assert max(r["iteration"] for r in records if r["kind"] == "train") == 300
 
 
+# make test-all. In make test a diverged chunk raises without Ray (downpour/test_records.py) and
+# the single-process trainer keeps its last good checkpoint (engine/test_trainer.py).
+@pytest.mark.slow
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     run = tmp_path / "run"
     # 40 sane warmup steps (two checkpoints), then an lr that overflows at once (at 1e6 the
@@ -121,6 +124,10 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v.float()).all() for v in checkpoint["model"].values())
 
 
+# make test-all; in make test the warmstart's decisions run without Ray
+# (downpour/test_work.py), Adagrad through Ray in parity/test_downpour.py and evaluations on
+# the clock in engine/test_lifecycle.py.
+@pytest.mark.slow
 def test_warmstart_trains_one_replica_first_and_evaluates_on_the_clock(tmp_path):
     run = tmp_path / "run"
     config = get_recipe("digits-downpour").replace(
@@ -136,6 +143,8 @@ def test_warmstart_trains_one_replica_first_and_evaluates_on_the_clock(tmp_path)
     assert summary["replica_time_s"]["compute_s"] > 0
 
 
+# make test-all; in make test the sizing runs without Ray (test_placement.py).
+@pytest.mark.slow
 def test_more_replicas_than_cpus_share_them(tmp_path):
     config = get_recipe("digits-downpour").replace(replicas=3, iterations=60, milestones=(50,),
                                                    eval_every=0)

@@ -42,8 +42,10 @@ def assert_same_model(a: dict, b: dict, atol=1e-6):
                                    msg=name)
 
 
-@pytest.mark.parametrize("parts,micro,model", [(2, 1, "resnet20"), (3, 1, "resnet20"),
-                                               (3, 4, "mlp")])
+# Three cuts of ResNet-20 into 3 parts: make test-all; make test cuts it into 2 (BatchNorm, M = 1)
+# and an MLP into 3 with 4 micro-batches.
+@pytest.mark.parametrize("parts,micro,model", [
+    (2, 1, "resnet20"), pytest.param(3, 1, "resnet20", marks=pytest.mark.slow), (3, 4, "mlp")])
 def test_partitioned_replica_equals_the_trainer(ray_cluster, tmp_path, parts, micro, model):
     c = config(model=model, partitions=parts, micro_batches=micro)
     summary = PipelineTrainer(c, tmp_path / "run").fit()
@@ -83,7 +85,8 @@ def test_a_partitioned_checkpoint_resumes_with_other_partitions(ray_cluster, tmp
                       load_checkpoint(tmp_path / "run/checkpoints/last.pt")["model"])
 
 
-@pytest.mark.parametrize("victim", [0, 1])
+# The last partition dying: make test-all; make test kills the first.
+@pytest.mark.parametrize("victim", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_a_partition_that_dies_stops_the_run_with_one_line(ray_cluster, tmp_path, victim):
     import ray
 

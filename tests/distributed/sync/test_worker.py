@@ -109,6 +109,7 @@ def _rank(rank, world, path, c, stats_, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.subprocess  # two real ranks
 def test_two_ranks_without_batchnorm_are_one_process_with_the_doubled_batch(tmp_path):
     c = config(model="mlp", batch_size=16, iterations=10)
     s = stats(c)
