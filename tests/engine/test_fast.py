@@ -24,6 +24,7 @@ def _params(trainer):
     return [p.detach().clone() for p in trainer.model.parameters()]
 
 
+@pytest.mark.subprocess  # inductor runs the C++ compiler: ~15 s the first time on a machine
 def test_compiled_steps_follow_the_eager_ones_across_lr_changes_and_a_resume(tmp_path):
     eager = Trainer(_config())
     eager.fit()

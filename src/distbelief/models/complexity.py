@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -39,13 +41,20 @@ def count_macs(model: nn.Module, input_size: int, in_chans: int = 3) -> int:
 def summarize(name: str, input_size: int | None = None, **kwargs) -> dict:
     """One row of `distbelief models`: name, family, depth, residual, params, macs, input_size.
 
-    The model is built on the meta device, so even ResNet-152 takes a fraction of a second.
+    The model is built on the meta device, so even ResNet-152 takes a fraction of a second
+    (ResNet-1202 a few seconds: rows are kept, so a process measures each model once).
     `input_size` defaults to the family's native size; `kwargs` go to `create_model`.
     """
+    return dict(_summary(name, input_size, tuple(sorted(kwargs.items()))))
+
+
+@functools.lru_cache(maxsize=256)
+def _summary(name: str, input_size: int | None, options: tuple) -> dict:
     info = model_info(name)
     size = info.input_size if input_size is None else input_size
     if size < 1:
         raise ConfigError(f"input size must be a positive number of pixels, got {size}")
+    kwargs = dict(options)
     if info.sized:
         kwargs = {**kwargs, "input_size": size}
     with torch.device("meta"):
