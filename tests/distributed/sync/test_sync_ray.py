@@ -46,7 +46,7 @@ def test_one_worker_is_the_single_process_trainer(tmp_path):
     assert [r["iteration"] for r in records(tmp_path / "sync", "eval")] == [6, 12]
 
 
-def test_two_workers_stop_on_request_and_resume_from_ray_trains_checkpoint(tmp_path):
+def test_two_workers_stop_on_sigterm_and_resume_from_ray_trains_checkpoint(tmp_path):
     from ray.train import Result
 
     c = config(replicas=2, iterations=60, log_every=5, eval_every=30, checkpoint_every=10)
@@ -60,11 +60,12 @@ def test_two_workers_stop_on_request_and_resume_from_ray_trains_checkpoint(tmp_p
         shutil.copy(last, run / "at-10.pt")
         while not any(r["iteration"] > 10 for r in records(run)):
             time.sleep(0.05)
-        trainer.request_stop()
+        os.kill(os.getpid(), signal.SIGTERM)  # as a cluster's scheduler stops a job
 
     threading.Thread(target=keep_the_first_checkpoint_then_stop, daemon=True).start()
-    with pytest.raises(TrainingInterrupted, match="--resume"):
+    with pytest.raises(TrainingInterrupted, match="--resume") as stopped_by:
         trainer.fit()
+    assert stopped_by.value.signum == signal.SIGTERM
     stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert 10 < stopped["iteration"] < 60
     kept = Result.from_path(str(run / "ray-train"))  # Ray Train's own record of the run
