@@ -33,7 +33,7 @@ test-all: $(STAMP)
 
 # The documentation site (docs/, mkdocs.yml) into site/, strictly: a broken link fails it.
 docs: $(STAMP)
-	$(BIN)/python -m mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_models.py

@@ -23,7 +23,7 @@ from distbelief.errors import DistbeliefError
 def start_ray(address: str | None = None, dashboard: bool = False) -> bool:
     """Make sure this process is connected to Ray; returns True when it connected here (the
     caller then calls `ray.shutdown()`), False when Ray was already initialized (tests share
-    one local cluster per module).
+    one local cluster for the whole run).
 
     Without `address` a local Ray starts on the loopback address (its processes reach each
     other at 127.0.0.1; Ray 2.60 offers no way to stop its gRPC servers also listening on other
