@@ -1,5 +1,6 @@
-"""How big each replica is: decisions only, no Ray here (`runtime.cluster` asks Ray for the nodes and
-applies them; the shards are spread by a placement group, `runtime.cluster.shard_placement`).
+"""How big each replica is: decisions only, no Ray here (`runtime.cluster` asks Ray for the
+nodes and applies them; the shards are spread by a placement group,
+`runtime.cluster.shard_placement`).
 
 Replicas reserve CPUs (and GPUs) so that Ray never packs more of them onto a node than its cores
 can run; each uses as many threads as it reserved. The share is sized to the nodes, not to the

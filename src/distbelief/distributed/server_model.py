@@ -1,8 +1,9 @@
 """The driver's copy of the model, loaded with the parameter server's vector to evaluate it and
 to write it as an ordinary checkpoint. No Ray here.
 
-The driver evaluates on the CPU unless Ray gave its process a GPU (`runtime.cluster.granted_device`): a GPU
-the driver took outside Ray's accounting could be one a replica needs.
+The driver evaluates on the CPU unless Ray gave its process a GPU
+(`runtime.cluster.granted_device`): a GPU the driver took outside Ray's accounting could be one
+a replica needs.
 """
 
 from __future__ import annotations

@@ -247,12 +247,11 @@ class PartitionLost(DistbeliefError):
     replica_failure = True  # runtime.calls.ReplicaCalls counts it as the replica's death
 
 
-
 @ray.remote(num_cpus=0)
 class PartitionedReplicaActor:
     """A Downpour replica's head (`PartitionedReplica`): its data slice and the schedule; its
-    partitions are `ServerStageActor`s found by name (handles among constructor arguments would pin
-    them, which Ray warns makes restarts fragile)."""
+    partitions are `ServerStageActor`s found by name (handles among constructor arguments
+    would pin them, which Ray warns makes restarts fragile)."""
 
     def __init__(self, index: int, config, stage_names: list[str], stats: dict):
         self.config = config
