@@ -30,7 +30,6 @@ from distbelief.distributed.runtime.cluster import START_TIMEOUT_S, memory, node
 from distbelief.distributed.runtime.snapshots import SnapshotSender
 from distbelief.distributed.wire import decode, encode, join_slices, tensor_view, wire_dtype
 from distbelief.engine.losses import get_loss
-from distbelief.engine.setup import set_determinism
 from distbelief.errors import DistbeliefError
 
 
@@ -213,9 +212,7 @@ class ServerStageHost(StageHost):
 
     def __init__(self, index: int, count: int, module, config, threads: int, device: str,
                  shard_names: list[str], bounds: list, replica: int):
-        torch.set_num_threads(threads)
-        device = torch.device(device)
-        set_determinism(config.deterministic, device)
+        device = self.settle(config, threads, device)
         client = RayClient([ray.get_actor(n) for n in shard_names], bounds, wire_dtype(config),
                            one_put=len(nodes()) == 1)
         self.stage = ServerStage(index, count, module, get_loss(config.loss), config, client,

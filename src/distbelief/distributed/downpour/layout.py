@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from distbelief.distributed.downpour.replica import initial_model
-from distbelief.distributed.flat import BlockFlat, model_vector
+from distbelief.distributed.downpour.replica import initial_model, initial_vector
+from distbelief.distributed.flat import BlockFlat
 from distbelief.distributed.pipeline.partition import Plan, partition
 from distbelief.errors import CheckpointError, ConfigError
 from distbelief.optim import shard_bounds
@@ -67,8 +67,8 @@ def aligned_shards(blocks: list[tuple[int, int]], shards: int) -> list[ShardSlot
 
 def plain_layout(config, data) -> tuple[torch.Tensor, list[ShardSlot]]:
     """An unpartitioned run's start: (the initial server vector, the shards' slots). The model
-    is initialized as the single-process trainer initializes it (`replica.initial_model`)."""
-    vector, n_params = model_vector(initial_model(config, data))
+    is initialized as the single-process trainer initializes it (`replica.initial_vector`)."""
+    vector, n_params = initial_vector(config, data)
     return vector, [ShardSlot(0, lo, hi, n_params)
                     for lo, hi in shard_bounds(vector.numel(), config.cluster.ps_shards)]
 

@@ -45,9 +45,7 @@ class StageHost:
 
     def __init__(self, index: int, count: int, module, config, threads: int, device: str,
                  optimizer=None, optimizer_state: dict | None = None):
-        torch.set_num_threads(threads)
-        device = torch.device(device)
-        set_determinism(config.deterministic, device)
+        device = self.settle(config, threads, device)
         module = module.to(device)
         has_params = any(True for _ in module.parameters())
         opt = optimizer(config, module) if optimizer is not None and has_params else None
@@ -55,6 +53,15 @@ class StageHost:
                            channels_last=config.channels_last, bf16=config.bf16)
         if optimizer_state is not None and opt is not None:
             opt.load_state_dict(optimizer_state)
+
+    @staticmethod
+    def settle(config, threads: int, device: str) -> torch.device:
+        """This process as a partition runs: `threads` CPU threads, the run's determinism on
+        `device`; returns the device."""
+        torch.set_num_threads(threads)
+        where = torch.device(device)
+        set_determinism(config.deterministic, where)
+        return where
 
     def zero_grad(self) -> None:
         self.stage.zero_grad()
