@@ -111,6 +111,8 @@ def test_a_sync_run_is_plotted_at_its_global_batch(tmp_path):
     (["train", "--model", "resnet21"], "unknown model 'resnet21'"),
     (["train", "--iterations", "5", "--epochs", "1"], "give --iterations or --epochs, not both"),
     (["train", "--resume"], "--resume needs --out RUN_DIR"),
+    (["train", "--train-storage", "/shared/ray"], "--train-storage applies to --mode sync"),
+    (["train", "--crop-size", "0"], "--crop-size must be positive, got 0"),
     (["train", "--recipe", "cifar10-paper", "--data-dir", "/nonexistent/cifar"],
      "CIFAR-10 folder /nonexistent/cifar does not exist"),
     (["train", "--data", "imagenet", "--data-dir", "/nonexistent/inet"],

@@ -22,6 +22,12 @@ from distbelief.recipes import RECIPES, get_recipe
     ({"data": "cifar10"}, "dataset cifar10 needs --data-dir"),
     ({"warmup_until_error": 1.5}, "--warmup-until-error is a fraction"),
     ({"data": "imagenet", "data_dir": "x", "crop_size": 300}, "--crop-size 300 exceeds"),
+    # The sections' fields, each against the range declared beside it.
+    ({"crop_size": 0}, "--crop-size must be positive, got 0"),
+    ({"lighting": -0.1}, "--lighting must be >= 0, got -0.1"),
+    ({"synthetic_shape": (3, 32)}, "--synthetic-shape must be three positive sizes"),
+    ({"fetch_wait_s": -1.0}, "--fetch-wait-s must be >= 0"),
+    ({"train_storage": "/shared/ray"}, "--train-storage applies to --mode sync"),
 ])
 def test_impossible_values_are_named(changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -100,6 +106,16 @@ def test_a_flat_config_yaml_written_before_the_sections_still_loads(name, expect
     run = RunDir(pathlib.Path(__file__).parent / "no-such-run")
     run.config_file = folder
     assert run.read_config() == config
+
+
+def test_the_data_sets_sections_hold_their_fields_and_read_flat_files():
+    config = TrainConfig().replace(crop_size=192, synthetic_size=64)
+    assert config.imagenet.crop_size == 192 and config.synthetic.synthetic_size == 64
+    plain = config.to_dict()
+    assert plain["imagenet"]["crop_size"] == 192 and "crop_size" not in plain
+    assert TrainConfig.from_dict({"crop_size": 192, "synthetic_size": 64}) == config  # flat
+    assert TrainConfig().replace(batch_size=0, mode="sandblaster").batch_size == 0  # the split
+    assert TrainConfig().replace(mode="sync", train_storage="s3://b/p").cluster.train_storage
 
 
 def test_sections_hold_each_scheme_s_fields_and_replace_takes_flat_names():

@@ -18,6 +18,16 @@ def digits_config(**kw):
     return TrainConfig().replace(**{**settings, **kw})
 
 
+def test_a_partitioned_config_is_sent_to_the_pipelines_trainer(tmp_path):
+    from distbelief.distributed.pipeline import PipelineTrainer
+
+    with pytest.raises(ConfigError, match="--partitions trains with .*PipelineTrainer"):
+        Trainer(digits_config(partitions=2), tmp_path / "run")
+    with pytest.raises(ConfigError, match="a pipeline needs --partitions 2 or more"):
+        PipelineTrainer(digits_config(), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
 def test_resnet20_learns_digits():
     summary = Trainer(digits_config(iterations=250, batch_size=64, lr=0.1, milestones=(200,),
                                     channels_last=True, deterministic=False, log_every=50,

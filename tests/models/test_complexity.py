@@ -59,6 +59,12 @@ def test_summary_rows_have_the_documented_keys():
         assert row["input_size"] == {"cifar": 32, "imagenet": 224, "dense": 32}[row["family"]]
 
 
+def test_a_summary_row_is_the_callers_to_change():
+    row = summarize("resnet20")
+    row["params"] = -1  # a caller's edit never reaches the next caller (rows are kept)
+    assert summarize("resnet20")["params"] == 269_722
+
+
 def test_count_macs_leaves_a_training_model_untouched():
     model = create_model("resnet20")
     stats = {k: v.clone() for k, v in model.state_dict().items()}

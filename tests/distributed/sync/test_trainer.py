@@ -50,7 +50,7 @@ def test_resent_events_behind_the_driver_are_dropped_not_logged_twice(trainer):
     trainer._handle([attempt(0), train(10), train(30), train(20), train(30),
                      state(trainer, 30), state(trainer, 30), state(trainer, 20)])
     assert logged(trainer) == [10, 30]
-    assert trainer.life.counters["hub_events_dropped"] == 4
+    assert trainer.summary()["hub_events_dropped"] == 4
 
 
 def test_a_restart_drops_the_records_after_its_checkpoint_and_counts_a_failure(trainer):

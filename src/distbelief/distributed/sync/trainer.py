@@ -222,8 +222,8 @@ class SyncTrainer(BaseTrainer):
                 "epochs": round(self.examples / self.data.train_size, 3),
                 "train_s": round(self.train_s, 3),
                 "images_per_s": round(self.examples / max(self.train_s, 1e-9), 1),
-                "worker_failures": self.life.counters["worker_failures"],
-                "steps_lost": self.life.counters["steps_lost"]}
+                **{k: self.life.counters[k] for k in ("worker_failures", "steps_lost",
+                                                      "hub_events_dropped")}}
 
     def close(self) -> None:
         """Stop the workers (when a failure in the driver left them running), the hub and Ray."""
