@@ -85,7 +85,7 @@ def make_config(model, train_data, test_data=None, *, mode: str = "single",
     classify = settings.get("loss", "cross_entropy") == "cross_entropy"
     train = as_split(train_data, "train_data", classify)
     test = None if test_data is None else as_split(test_data, "test_data", classify)
-    classes = _outputs(build, train)
+    classes = _outputs(build, train, test)
     for name, split in (("train_data", train), ("test_data", test)):
         if split is not None:
             (_check_labels if classify else _check_targets)(name, split, classes)
@@ -145,21 +145,28 @@ def _ship_by_value(obj) -> None:
         pickle_by_value(module)
 
 
-def _outputs(build, train: TensorSplit) -> int:
-    """The model's number of outputs, from a forward pass on two training inputs."""
+def _outputs(build, train: TensorSplit, test: TensorSplit | None) -> int:
+    """The model's number of outputs, from a forward pass on two inputs of each split (so that
+    test inputs the model cannot take fail here, before anything is trained or written)."""
     model = UserParts(build, train, None, 0).model()
     model.eval()  # leaves BatchNorm statistics alone
-    try:
-        with torch.no_grad():
-            out = model(train.inputs[:2])
-    except Exception as e:  # whatever the user's forward raises, said in one line
-        raise ConfigError(f"the model cannot take train_data's inputs of shape "
-                          f"{tuple(train.inputs.shape[1:])} ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise ConfigError(f"the model must return N x classes scores, got "
-                          f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out)}")
-    return out.shape[1]
+    widths = {}
+    for name, split in (("train_data", train), ("test_data", test)):
+        if split is None:
+            continue
+        try:
+            with torch.no_grad():
+                out = model(split.inputs[:2])
+        except Exception as e:  # whatever the user's forward raises, said in one line
+            raise ConfigError(f"the model cannot take {name}'s inputs of shape "
+                              f"{tuple(split.inputs.shape[1:])} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            raise ConfigError(f"the model must return N x classes scores, got "
+                              f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out)}"
+                              f" on {name}")
+        widths[name] = out.shape[1]
+    return widths["train_data"]
 
 
 def _check_labels(name: str, split: TensorSplit, classes: int) -> None:

@@ -92,6 +92,15 @@ def test_bad_arguments_are_one_config_error_and_write_nothing(tmp_path, model, d
     assert not (tmp_path / "run").exists()
 
 
+def test_test_data_the_model_cannot_take_is_refused_before_training(tmp_path):
+    (x, y), (xt, yt) = wine()
+    narrow = (xt[:, :5], yt)  # 5 features where the model takes 13
+    with pytest.raises(ConfigError, match=re.escape(
+            "cannot take test_data's inputs of shape (5,)")):
+        distbelief.fit(Frames(), (x, y), test_data=narrow, run_dir=tmp_path / "run", **FAST)
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+
+
 def test_an_unknown_setting_is_named():
     with pytest.raises(ConfigError, match="unknown config field.*learning_rate"):
         distbelief.fit(Frames(), wine()[0], learning_rate=0.1)

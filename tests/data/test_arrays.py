@@ -56,6 +56,12 @@ def test_cifar_folder_round_trip(tmp_path):
     (lambda r: (r / "data_batch_2").write_bytes(pickle.dumps(  # protocol 2, as the official files
         {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, protocol=2)),
      "expected (2, 3072) uint8"),
+    # Labels of the wrong kind: a float would otherwise be truncated to a class in silence.
+    *[(lambda r, labels=labels: (r / "data_batch_4").write_bytes(pickle.dumps(
+        {b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, protocol=2)),
+       f"labels must be a list of integers 0..9, got {kind}")
+      for labels, kind in ((["cat", "dog"], "1-d <U3"), (None, "0-d object"),
+                           ([[0, 1], [1, 0]], "2-d int64"), ([0.5, 1.0], "1-d float64"))],
 ])
 def test_cifar_folder_damage_is_named(tmp_path, damage, message):
     root = make_cifar_folder(tmp_path / "c")

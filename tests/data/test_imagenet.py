@@ -88,6 +88,24 @@ def test_missing_val_folder(tmp_path):
         build_data(small_config(tmp_path), torch.device("cpu"))
 
 
+def test_an_empty_class_folder_is_refused(tmp_path):
+    make_image_folder(tmp_path)
+    (tmp_path / "train" / "ant-empty").mkdir()
+    with pytest.raises(DataError, match="train: class folder\\(s\\) without images: ant-empty"):
+        build_data(small_config(tmp_path), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("factor", [1.5, 3])  # PIL warns past the limit, raises past twice it
+def test_a_decompression_bomb_is_one_data_error(tmp_path, monkeypatch, factor):
+    make_image_folder(tmp_path)
+    bomb = tmp_path / "val" / "bee" / "0.png"
+    Image.new("RGB", (200, 200)).save(bomb)  # the others are at most 64 x 64
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", int(200 * 200 / factor))
+    data = build_data(small_config(tmp_path), torch.device("cpu"))
+    with pytest.raises(DataError, match="cannot read image .*0.png: more than .* pixels"):
+        list(data.splits["test"].batches())
+
+
 def test_unreadable_image_is_named(tmp_path):
     make_image_folder(tmp_path)
     bad = tmp_path / "val" / "bee" / "0.png"

@@ -42,8 +42,16 @@ def test_more_replicas_than_cpus_share_them():
 
 
 def test_replica_cpus_sets_the_threads_and_reserves_what_fits():
-    s = shape(cpus(2), replicas=1, replica_cpus=4)
-    assert (s.num_cpus, s.threads) == (2, 4)
+    s = shape(cpus(2), replicas=2, replica_cpus=2)
+    assert (s.num_cpus, s.threads) == (1, 2)
+    assert shape(cpus(2, 8), replicas=1, replica_cpus=8).threads == 8  # the larger node
+
+
+def test_replica_cpus_beyond_every_node_is_refused():
+    # 64 threads on 2 cores only time-slice them (and a SIGTERM waited minutes for a step).
+    with pytest.raises(ConfigError, match="--replica-cpus 3 exceeds the 2 CPUs of the largest "
+                                          "node"):
+        shape(cpus(2, 2), replicas=1, replica_cpus=3)
 
 
 def test_gpus_when_the_cluster_has_them_unless_the_cpu_is_asked_for():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import pickle
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distbelief.errors import DataError
+from distbelief.errors import ConfigError, DataError
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -98,6 +99,9 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except Exception as e:  # any unpickling failure means the file is not a CIFAR batch
         raise DataError(f"{path} is not a CIFAR-10 python batch "
                         f"({type(e).__name__}: {e})") from None
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: labels must be a list of integers 0..9, got "
+                        f"{labels.ndim}-d {labels.dtype}")
     n = len(labels)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape != (n, 3072) or n == 0:
         raise DataError(f"{path}: data has shape {data.shape} and dtype {data.dtype}; expected "
@@ -168,7 +172,16 @@ def download_cifar10(root: str | os.PathLike, url: str = CIFAR10_URL,
 
 def make_synthetic(shape: tuple[int, ...], classes: int, size: int, seed: int
                    ) -> tuple[ImageArrays, ImageArrays, int]:
-    """Uniform random images with random labels (train `size`, test `size // 8`), for timing."""
+    """Uniform random images with random labels (train `size`, test `size // 8`), for timing.
+
+    Raises:
+        ConfigError: they would take more than half of this machine's memory."""
+    images = size + max(1, size // 8)
+    need, have = images * math.prod(shape), physical_memory()
+    if have and need > have // 2:
+        raise ConfigError(f"--synthetic-size {size} images of {','.join(map(str, shape))} "
+                          f"(and {images - size} test images) take {need / 2**30:.1f} GiB, more "
+                          f"than half of this machine's {have / 2**30:.1f} GiB")
     g = torch.Generator().manual_seed(seed)
 
     def draw(n):
@@ -185,3 +198,11 @@ def write_cifar_batch(path: str | os.PathLike, images: np.ndarray, labels) -> No
     buf = io.BytesIO()
     pickle.dump(payload, buf, protocol=2)
     Path(path).write_bytes(buf.getvalue())
+
+
+def physical_memory() -> int:
+    """Bytes of memory this machine has (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return 0

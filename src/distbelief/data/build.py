@@ -65,6 +65,9 @@ def build_data(config, device: torch.device, stats: dict | None = None,
     if stats is None:
         stats = {"mean": train.images.float().mean(0) / 255}
     _check_shape(stats["mean"], train.images.shape[1:])
+    side = min(train.images.shape[2:])
+    if c.pad > side:  # a crop of padding alone teaches nothing, and a huge pad fills memory
+        raise ConfigError(f"--pad {c.pad} exceeds the images' {side} px side")
     index = data_part(len(train), part)
     if index is not None:
         train = train.subset(index)

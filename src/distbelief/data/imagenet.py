@@ -9,6 +9,7 @@ sample carries its own seed, so augmentation does not depend on worker count or 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -49,15 +50,30 @@ def scan_folder(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
                if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not samples:
         raise DataError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    empty = sorted(set(classes) - {classes[i] for _, i in samples})
+    if empty:  # a class without images would still count as an output of the model
+        raise DataError(f"{root}: class folder(s) without images: {', '.join(empty[:5])}"
+                        f"{' ...' if len(empty) > 5 else ''}")
     return samples, classes
 
 
 def load_image(path: str):
+    """The image at `path` as RGB.
+
+    Raises:
+        DataError: it cannot be read, or it has more pixels than PIL's decompression-bomb
+            limit (`PIL.Image.MAX_IMAGE_PIXELS`)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            # PIL warns above MAX_IMAGE_PIXELS and raises above twice that: both are bombs.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.convert("RGB")
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise DataError(f"cannot read image {path}: more than {Image.MAX_IMAGE_PIXELS} pixels "
+                        f"(a decompression bomb?)") from None
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
 

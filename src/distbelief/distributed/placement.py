@@ -67,7 +67,8 @@ def replica_shape(config, nodes: list[Node], count: int | None = None) -> Replic
     reserved, at least one).
 
     Raises:
-        ConfigError: --device cuda on a cluster without GPUs."""
+        ConfigError: --device cuda on a cluster without GPUs; --replica-cpus beyond the
+            CPUs of every node."""
     replicas, requested = count or config.cluster.replicas, config.cluster.replica_cpus
     gpu_nodes = [n for n in nodes if n.gpus > 0]
     if config.device == "cuda" and not gpu_nodes:
@@ -76,6 +77,10 @@ def replica_shape(config, nodes: list[Node], count: int | None = None) -> Replic
     # A replica needs its CPUs and its GPU on the same node: with GPUs, count GPU nodes only.
     where = gpu_nodes if use_gpu else nodes
     cpus = [n.cpus for n in where]
+    if requested and requested > max(cpus, default=0):
+        # More threads than a node has cores would only time-slice them (and slow a stop).
+        raise ConfigError(f"--replica-cpus {requested} exceeds the {max(cpus, default=0):g} "
+                          f"CPUs of the largest {'GPU ' if use_gpu else ''}node")
     cpu_share = largest_share(cpus, replicas, requested or max(cpus, default=1.0)) or \
         RESOURCE_UNIT
     gpu_share = largest_share([n.gpus for n in where], replicas, 1.0) if use_gpu else 0.0

@@ -42,6 +42,7 @@ LINE_SEARCHES = ("strong_wolfe", "none")
 DTYPES = ("float32", "float64")
 CUSTOM = "custom"  # model and data given through the Python API (engine.user)
 PORTIONS_PER_REPLICA = 16  # default --portions: many more portions than replicas
+MAX_ITERATIONS = 10**12  # far beyond any run; a bound that keeps every count a plain integer
 
 
 # --- ranges: each field declares its own (`_opt(check=...)`); a value None always passes ----
@@ -71,6 +72,17 @@ def increasing(name: str, value) -> None:
 def image_shape(name: str, value) -> None:
     if len(value) != 3 or min(value) <= 0:
         raise ConfigError(f"{_flag(name)} must be three positive sizes C,H,W")
+
+
+def iteration_count(name: str, value) -> None:
+    positive(name, value)
+    if value > MAX_ITERATIONS:
+        raise ConfigError(f"{_flag(name)} {value} is more than {MAX_ITERATIONS:,} iterations")
+
+
+def seed_value(name: str, value) -> None:
+    if not 0 <= value < 2**63:  # what torch, numpy and Python's generators all take
+        raise ConfigError(f"{_flag(name)} must be an integer in 0 .. 2**63 - 1, got {value}")
 
 
 def _finite(value) -> bool:
@@ -116,6 +128,9 @@ class ClusterConfig:
                                      "sees, or a URI such as s3://bucket/path (default: "
                                      "RUN_DIR/ray-train, enough when the workers share the "
                                      "driver's disk)", default=None)
+    connect_timeout_s: float = _opt("with --address: seconds the cluster's address has to "
+                                    "answer as a Ray cluster (its GCS) before the run gives up",
+                                    check=positive, default=10.0)
 
 
 @dataclass(frozen=True)
@@ -228,7 +243,7 @@ class TrainConfig:
     model: str = _opt("registered model name (see 'distbelief models')", default="resnet20")
     shortcut: str | None = _opt("shortcut option A, B or C (default: the family's)", default=None)
     hidden: int | None = _opt("mlp, deep_mlp: hidden units (default 256, 1024)",
-                              default=None)
+                              check=positive, default=None)
     variant: str | None = _opt("ImageNet ResNets: where a bottleneck strides, 'paper' (the "
                                "first 1x1 conv, the default) or 'v1.5' (the 3x3 conv, as "
                                "torchvision's resnet50 ... 152)", default=None)
@@ -258,7 +273,7 @@ class TrainConfig:
                            "training split)", check=positive, default=128)
     iterations: int = _opt("optimizer steps to train for (downpour: minibatch gradients over all "
                            "replicas together; sandblaster: L-BFGS iterations)",
-                           check=positive, default=64000)
+                           check=iteration_count, default=64000)
     epochs: float | None = _opt("train for this many passes over the training split instead of "
                                 "--iterations", check=positive, default=None)
     lr: float = _opt("base learning rate", check=positive, default=0.1)
@@ -287,7 +302,8 @@ class TrainConfig:
                          "launch-bound); the first steps pay the compilation", default=False)
     deterministic: bool = _opt("deterministic algorithms: repeatable run to run on CPU",
                                default=False)
-    seed: int = _opt("seed of initialization, data order and augmentation", default=0)
+    seed: int = _opt("seed of initialization, data order and augmentation", check=seed_value,
+                     default=0)
     log_every: int = _opt("iterations between training-metric records", check=positive,
                           default=100)
     eval_every: int = _opt("iterations between test evaluations (0: only at the end)",
@@ -362,6 +378,9 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> "TrainConfig":
         """Inverse of `to_dict`, and of the flat layout written before the config had sections;
         type-checks every value, so a hand-edited file fails clearly."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"the config is not a mapping of settings (a "
+                              f"{type(values).__name__})")
         flat = {}
         for key, value in values.items():
             if key in SECTIONS and isinstance(value, dict):
@@ -563,7 +582,11 @@ def resolve(c: TrainConfig, train_size: int) -> TrainConfig:
     data cannot satisfy. The model's own rules are `check_model`'s."""
     images = batch_images(c, train_size)
     if c.epochs is not None:
-        c = c.replace(iterations=max(1, math.ceil(c.epochs * train_size / images)))
+        steps = c.epochs * train_size / images
+        if not steps <= MAX_ITERATIONS:  # also inf
+            raise ConfigError(f"--epochs {c.epochs} is more than {MAX_ITERATIONS:,} iterations "
+                              f"of {images} images")
+        c = c.replace(iterations=max(1, math.ceil(steps)))
     if c.mode == "sync" and images > train_size:
         raise ConfigError(f"{c.cluster.replicas} workers with batches of {c.batch_size} "
                           f"need more than the {train_size} training images")
