@@ -99,7 +99,7 @@ class DownpourTrainer(BaseTrainer):
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
                  resume: bool = False, progress: bool = False, address: str | None = None,
                  dashboard: bool = False):
-        self.session = DriverSession(address, dashboard)
+        self.session = DriverSession(address, dashboard, config.cluster.connect_timeout_s)
         saved = self.open_run(config, run_dir, resume=resume, progress=progress)
         if saved:
             check_snapshots(self.life.run, self.config.cluster.ps_shards)

@@ -36,7 +36,7 @@ class PipelineRunner:
                  address: str | None = None, dashboard: bool = False):
         self.config = config
         self.plan = partition(model, config.cluster.partitions, sample)
-        self.session = DriverSession(address, dashboard)
+        self.session = DriverSession(address, dashboard, config.cluster.connect_timeout_s)
         self.pipeline: Pipeline | None = None
         self.step_s, self.steps = 0.0, 0  # wall time of the steps since the last `metrics`
 

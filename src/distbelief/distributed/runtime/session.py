@@ -13,14 +13,17 @@ from distbelief.distributed.runtime.startup import check_reachable, ray_session
 
 
 class DriverSession:
-    """`address` joins a Ray cluster (checked now: an unreachable one fails before anything is
-    written); without it `start()` starts a local Ray, which `close()` stops. Actor names carry
-    the session's id, so that runs on one cluster never meet."""
+    """`address` joins a Ray cluster (checked now: one that does not answer within
+    `connect_timeout_s` fails before anything is written); without it `start()` starts a local
+    Ray, which `close()` stops. Actor names carry the session's id, so that runs on one cluster
+    never meet."""
 
-    def __init__(self, address: str | None = None, dashboard: bool = False):
+    def __init__(self, address: str | None = None, dashboard: bool = False,
+                 connect_timeout_s: float = 10.0):
         if address:
-            check_reachable(address)
+            check_reachable(address, connect_timeout_s)
         self.address, self.dashboard = address, dashboard
+        self.connect_timeout_s = connect_timeout_s
         self.id = uuid.uuid4().hex[:12]
         self.keeper_name = f"distbelief-{self.id}-keeper"
         self.keeper = self.group = None
@@ -34,7 +37,8 @@ class DriverSession:
 
     def start(self) -> None:
         """Ray, and the snapshot keeper on this node."""
-        self._exit.enter_context(ray_session(self.address, self.dashboard))
+        self._exit.enter_context(ray_session(self.address, self.dashboard,
+                                                 self.connect_timeout_s))
         self.keeper = start_keeper(self.keeper_name)
 
     def place_shards(self, count: int) -> list:

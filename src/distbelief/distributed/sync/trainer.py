@@ -100,7 +100,8 @@ class SyncTrainer(BaseTrainer):
 
     def start(self) -> None:
         """Ray, the hub and the workers' shape."""
-        session = ray_session(self.address, self.dashboard)
+        session = ray_session(self.address, self.dashboard,
+                              self.config.cluster.connect_timeout_s)
         session.__enter__()
         self.session = session  # entered: `close` leaves it
         self.shape = replica_shape(self.config, nodes())
