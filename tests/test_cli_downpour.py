@@ -82,7 +82,8 @@ def test_ctrl_c_checkpoints_stops_ray_and_resume_finishes(tmp_path, ray_watch):
 @pytest.mark.parametrize("argv,message", [
     (["--mode", "downpour", "--replicas", "0"], "--replicas must be positive"),
     (["--address", "127.0.0.1:6379"], "--address and --dashboard apply to --mode downpour"),
-    (["--mode", "downpour", "--address", "127.0.0.1:1"], "cannot reach the Ray cluster"),
+    (["--mode", "downpour", "--address", "127.0.0.1:1"],
+     "the Ray cluster at 127.0.0.1:1 does not answer: nothing listens there"),
     (["--mode", "downpour", "--ps-optimizer", "rmsprop"], "optimizer"),
     (["--mode", "downpour", "--warmstart-steps", "5000", "--iterations", "100"],
      "--warmstart-steps 5000 must be below"),
@@ -118,8 +119,10 @@ def test_resume_refuses_another_shape_or_mode(tmp_path, capsys):
     save_checkpoint(run.state_file("downpour"), {"config": config.to_dict()})
     save_checkpoint(run.checkpoint, {"config": config.to_dict(), "mode": "downpour"})
     before = {p.name: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
+    before[".lock"] = b""  # taken (and written) before anything is read: the one writer
     for argv, message in ((["--replicas", "3"], "was trained with --replicas 2, not 3"),
                           (["--mode", "single"], "holds a downpour run")):
         assert main(["train", "--out", str(run.path), "--resume", "--quiet", *argv]) == 2
         assert message in capsys.readouterr().err
-    assert before == {p.name: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
+    after = {p.name: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
+    assert before == {**after, ".lock": b""} and after[".lock"].startswith(b"pid ")

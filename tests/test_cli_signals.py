@@ -118,3 +118,49 @@ def test_sigkill_loses_at_most_the_time_since_the_last_checkpoint(tmp_path, ray_
     # It goes on from the checkpoint's parameters, not from a fresh start (loss ~2.3).
     assert after[0]["loss"] < max(1.2, 2 * losses[saved["steps"]]), (after[0], losses)
     assert_history_never_repeats(out, 300)
+
+
+@pytest.mark.parametrize("signum, status, line", [
+    (signal.SIGINT, 130, "distbelief: interrupted"),
+    (signal.SIGTERM, 143, "distbelief: terminated (SIGTERM)")])
+def test_a_signal_while_the_command_starts_is_one_line_and_writes_nothing(tmp_path, signum,
+                                                                          status, line):
+    """While torch is imported and the data loaded: before, a KeyboardInterrupt traceback or a
+    silent death by SIGTERM."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(out, "single", "--iterations", "50"),
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.8)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err.splitlines()) == (status, [line])
+    assert not out.exists()
+
+
+def test_sigterm_while_ray_starts_stops_with_nothing_written(tmp_path, ray_watch):
+    """ray.init installs a SIGTERM handler that exits with status 15 at once, Ray half
+    started; the run's own handler holds instead, and the run stops before its first write."""
+    before = ray_watch.processes()
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(out, "downpour", "--iterations", "100"),
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not any("gcs_server" in _cmdline(p) for p in ray_watch.processes() - before):
+        assert proc.poll() is None and time.time() < deadline, "Ray never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to the driver only: Ray is still starting
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.splitlines()[-1] == "distbelief: stopped before training began; nothing was " \
+                                   "written", err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not ray_watch.new_since(before), "Ray processes outlived SIGTERM"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""

@@ -11,10 +11,12 @@ The Python API (imported on first use, so that `import distbelief` stays light):
     layer_responses(model, batches) -> per-layer response stds (Fig. 7)
 """
 
-from distbelief.errors import CheckpointError, ConfigError, DataError, DistbeliefError
+from distbelief.errors import (CheckpointError, ConfigError, DataError, DistbeliefError,
+                               StorageError)
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "ConfigError", "DataError", "DistbeliefError", "TrainConfig",
+__all__ = ["CheckpointError", "ConfigError", "DataError", "DistbeliefError", "StorageError",
+           "TrainConfig",
            "__version__", "create_model", "evaluate", "fit", "get_recipe", "layer_responses",
            "list_models", "load", "reproduce"]
 

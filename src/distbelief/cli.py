@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 
 from distbelief import __version__
 from distbelief.errors import CheckpointError, ConfigError, DistbeliefError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 # Fields with their own options (recipe and model pick the base config; out and resume the run).
 _OWN_OPTIONS = ("recipe", "model")
 # Second spellings of config options: the paper's name for the server's update rule.
@@ -192,7 +195,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = trainer.fit()  # SIGINT or SIGTERM: checkpoint and stop (engine.lifecycle)
     except TrainingInterrupted as e:
-        print(f"distbelief: {e} --out {out}", file=sys.stderr)
+        print(f"distbelief: {e}{f' --out {out}' if e.resumable else ''}", file=sys.stderr)
         return 128 + e.signum if e.signum else EXIT_INTERRUPTED  # 130 Ctrl-C, 143 SIGTERM
     print(_summary_line(trainer.config, summary, out))
     return 0
@@ -483,9 +486,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside a run's own handling (start-up, imports, data loading): stop as Ctrl-C
+    does, with its own exit status."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns its exit status: 0, 2 for an error of the user's input (one
+    line on stderr), 130 for Ctrl-C and 143 for SIGTERM at any moment (a run in progress
+    checkpoints first: `engine.lifecycle.stop_on_signals`)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
+        args = build_parser().parse_args(argv)  # imports torch: Ctrl-C may come here too
         return args.func(args)
     except DistbeliefError as e:
         print(f"distbelief: error: {e}", file=sys.stderr)
@@ -493,7 +510,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("distbelief: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except _Terminated:
+        print("distbelief: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
     except BrokenPipeError:
         # `distbelief models | head`: the reader left; that is not an error of ours.
         sys.stderr.close()
         return 0
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)

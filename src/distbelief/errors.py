@@ -30,3 +30,15 @@ class DataError(DistbeliefError):
 
 class CheckpointError(DistbeliefError):
     """A checkpoint that is missing, corrupt, truncated or written for another model."""
+
+
+class StorageError(DistbeliefError):
+    """A file or folder that cannot be written or read (read-only or full disk, a path through
+    a regular file, no permission, a folder in use by another run); names the path and the
+    operating system's reason."""
+
+
+def storage_error(action: str, path, error: OSError) -> StorageError:
+    """`error` (from writing or reading `path`) as one line: "cannot ACTION PATH: REASON"."""
+    reason = error.strerror or str(error) or type(error).__name__
+    return StorageError(f"cannot {action} {path}: {reason}")

@@ -5,6 +5,7 @@ compare single-process and Downpour runs)."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -36,16 +37,22 @@ def run_curves(run_dir: str | os.PathLike, x: str = "iterations") -> dict:
 
     def position(r: dict):
         if x == "wall":
-            return r["wall_s"]
+            return r.get("wall_s")
+        if x == "examples" and "examples" in r:
+            return r["examples"]
         if x == "examples":
-            return r.get("examples", r["iteration"] * per_iteration)
-        return r["iteration"]
+            it = _number(r.get("iteration"))
+            return None if it is None else it * per_iteration
+        return r.get("iteration")
 
-    # Sandblaster's train records hold the batch objective, not an error rate.
-    train = [(position(r), r["error"]) for r in records
-             if r.get("kind") == "train" and r.get("error") is not None]
-    test = [(position(r), r["error"]) for r in records
-            if r.get("kind") == "eval" and r.get("split") == "test"]
+    def points(kind: str, split: str | None = None) -> list[tuple]:
+        # Records a damaged line turned into something else (no number where one goes) are
+        # left out. Sandblaster's train records hold the batch objective, not an error rate.
+        chosen = [(position(r), r.get("error")) for r in records
+                  if r.get("kind") == kind and r.get("split") == split]
+        return [p for p in chosen if all(_number(v) is not None for v in p)]
+
+    train, test = points("train"), points("eval", "test")
     if not train and not test:
         raise ConfigError(f"{run.metrics_file} holds no training or test records yet")
     label = run.path.name
@@ -93,3 +100,8 @@ def plot_runs(run_dirs, output: str | os.PathLike, title: str | None = None,
     atomic_write(output, lambda f: fig.savefig(f, format=fmt))
     plt.close(fig)
     return output
+
+
+def _number(value) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return value if ok and math.isfinite(value) else None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distbelief.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from distbelief.errors import CheckpointError
+from distbelief.errors import CheckpointError, StorageError
 
 
 def test_round_trip(tmp_path):
@@ -24,7 +24,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
         f.write(b"half a checkpoint")
         raise OSError("disk full")
 
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match=r"cannot write .*c\.pt: disk full"):
         atomic_write(path, crash)
     assert load_checkpoint(path)["iteration"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind

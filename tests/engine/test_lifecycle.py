@@ -121,6 +121,7 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_over(tmp_path):
     life.open(config, resume=False)
     life.begin(_at(config, 0))
     life.log({"kind": "train", "iteration": 25})
+    life.release()  # the first process ended
     again = RunLifecycle(tmp_path, mode="single", state="last")
     assert again.open(config, resume=True) is None
     again.begin(_at(config, 0))
@@ -203,6 +204,7 @@ def test_a_distributed_checkpoint_is_one_generation_published_by_its_manifest(tm
     torn = run.checkpoints / "gen-000003"
     torn.mkdir()
     (torn / "downpour.pt").write_bytes(b"half a file")
+    life.release()
     again = RunLifecycle(tmp_path, mode="downpour", state="downpour")
     saved = again.open(config, resume=True)
     assert saved["steps"] == 20 and run.state_file("shard-0").parent.name == "gen-000002"
@@ -210,5 +212,6 @@ def test_a_distributed_checkpoint_is_one_generation_published_by_its_manifest(tm
     assert load_checkpoint(run.checkpoint)["iteration"] == 20  # last.pt, for `distbelief eval`
     again.begin(_at(config, 20))
     again.save_generation(config, {"steps": 30}, {"shard-0": {"shard": {"v": 30}}}, 30)
-    assert [p.name for p in run.checkpoints.glob("gen-*")] == ["gen-000003"]
+    # A new number, past the torn folder's (which goes with the older generations).
+    assert [p.name for p in run.checkpoints.glob("gen-*")] == ["gen-000004"]
     assert load_checkpoint(run.state_file("downpour"))["steps"] == 30

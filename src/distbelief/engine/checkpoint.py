@@ -8,33 +8,87 @@ any moment leaves either the old or the new checkpoint, never a torn one. It is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
 
-from distbelief.errors import CheckpointError
+from distbelief.errors import CheckpointError, StorageError, storage_error
 
 FORMAT = "distbelief.checkpoint"
 VERSION = 1
+TMP_SUFFIX = ".tmp"  # of the temporary files atomic_write renames into place
+_UMASK_LOCK = threading.Lock()
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call `write(file_object)` on a temporary file beside `path`, fsync, then rename it to
-    `path`. On any failure the temporary file is removed and `path` is untouched."""
+    `path`, readable as the umask allows (as any file a tool writes). On any failure the
+    temporary file is removed and `path` is untouched.
+
+    Raises:
+        StorageError: the folder or file cannot be written (read-only or full disk, a path
+            through a regular file, no permission), naming the path and the reason."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    except FileExistsError as e:  # mkdir over a regular file
+        raise StorageError(f"cannot write {path}: {e.filename} is not a folder") from None
+    except OSError as e:
+        raise storage_error("write", path, e) from None
+    out = None
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes it 0600
+            out = _Writes(f)
+            write(out)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink(missing_ok=True)
+        failed = e if isinstance(e, OSError) else out and out.failed
+        if failed:
+            raise storage_error("write", path, failed) from None
         raise
+
+
+class _Writes:
+    """A file object that remembers the OSError its `write` raised: torch.save reports a full
+    disk as a RuntimeError of its zip writer ("unexpected pos"), which hides the reason."""
+
+    def __init__(self, f):
+        self.f, self.failed = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.failed = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def current_umask() -> int:
+    """The process's umask. Linux shows it in /proc; elsewhere it is read by setting it, which
+    is not thread-safe, hence the lock."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

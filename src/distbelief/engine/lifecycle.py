@@ -44,24 +44,27 @@ from distbelief.engine.checkpoint import atomic_write, load_checkpoint, save_che
 from distbelief.engine.config import TrainConfig, resolve
 from distbelief.engine.evaluate import evaluate
 from distbelief.engine.losses import error_text
-from distbelief.engine.rundir import RunDir
+from distbelief.engine.rundir import RunDir, RunLock, read_jsonl
 from distbelief.engine.setup import resolve_device
 from distbelief.engine.tensorboard import EventWriter, check_available
-from distbelief.errors import CheckpointError, ConfigError, DistbeliefError
+from distbelief.errors import CheckpointError, ConfigError, DistbeliefError, storage_error
 
 if TYPE_CHECKING:
     from distbelief.engine.base import BaseTrainer
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+EVAL_KEYS = {"split", "loss", "error", "top5_error", "images"}  # what an eval record holds
 
 
 class TrainingInterrupted(DistbeliefError):
     """Training stopped on request (Ctrl-C, SIGTERM, `request_stop`) after writing a
-    checkpoint; `signum` is the signal that asked for it (None: a call)."""
+    checkpoint, or before training began without writing anything; `signum` is the signal
+    that asked for it (None: a call), `resumable` whether the run folder holds a run that
+    --resume continues."""
 
-    def __init__(self, message: str, signum: int | None = None):
+    def __init__(self, message: str, signum: int | None = None, resumable: bool = True):
         super().__init__(message)
-        self.signum = signum
+        self.signum, self.resumable = signum, resumable
 
 
 class Diverged(DistbeliefError):
@@ -142,6 +145,8 @@ class RunLifecycle:
         self.resuming = False
         self.saved: dict | None = None
         self.begun = False
+        self.resumed_at: int | None = None  # the position a resumed run began at
+        self.lock: RunLock | None = None  # held from the first write (a resume: from `open`)
         self.events: EventWriter | None = None  # --tensorboard
 
     # --- opening --------------------------------------------------------------------------
@@ -156,11 +161,15 @@ class RunLifecycle:
 
         Raises:
             ConfigError, DataError, CheckpointError: as `open` and `build_data`."""
-        saved = self.open(config, resume, same)
-        where = resolve_device(device)
-        torch.manual_seed(config.seed)
-        data = build_data(config, where, stats=saved["data_stats"] if saved else None)
-        return Prepared(resolve(config, data.train_size), data, where, saved)
+        try:
+            saved = self.open(config, resume, same)
+            where = resolve_device(device)
+            torch.manual_seed(config.seed)
+            data = build_data(config, where, stats=saved["data_stats"] if saved else None)
+            return Prepared(resolve(config, data.train_size), data, where, saved)
+        except BaseException:
+            self.release()  # a resumed run's folder, locked by `open`
+            raise
 
     def open(self, config: TrainConfig, resume: bool, same: tuple[str, ...] = ()) -> dict | None:
         """Check that the run can start or continue; nothing is written. Returns the saved
@@ -181,10 +190,14 @@ class RunLifecycle:
         if not resume:
             if self.run is not None:
                 self.run.refuse_if_occupied()
+                self.run.check_writable()
             self.saved = None
         elif self.run is None:
             raise ConfigError("--resume needs --out RUN_DIR")
         else:
+            self.run.read_config()  # raises when there is no run
+            self.run.check_writable()
+            self.lock = self.lock or self.run.lock()  # one writer, from before the first read
             self.saved = saved_state(self.run, self.mode, self.state, config, same)
         if self.saved is not None:
             self.load_state_dict(self.saved)
@@ -203,8 +216,16 @@ class RunLifecycle:
             self.events = EventWriter(self.run.path / "tensorboard",
                                       purge_step=trainer.position + 1 if self.resuming else None)
         if not self.resuming:
+            try:
+                self.run.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise storage_error("create", self.run.path, e) from None
+            self.lock = self.run.lock()
             self.run.create(trainer.config, str(trainer.device))
             return
+        self.resumed_at = trainer.position
+        if trainer.position >= trainer.config.iterations and evals_at(self.run, trainer):
+            return  # a finished run: nothing to train, nothing to record
         self.run.truncate_metrics(trainer.position)
         self.run.log({"kind": "resume", "iteration": trainer.position})
         self.run.update_config(trainer.config)
@@ -219,16 +240,25 @@ class RunLifecycle:
         with stop_on_signals(self):
             try:
                 trainer.start()
+                if self.stop_requested:  # a signal while starting: leave the folder as it was
+                    raise self.interrupted_before_start()
                 self.begin(trainer)
                 trainer.train()
                 results = self.last_eval
                 if results is None or _main(results)["iteration"] != trainer.position:
-                    results = self.evaluate(trainer)
+                    results = self.recorded_evals(trainer) or self.evaluate(trainer)
                 return self.summary(trainer, results)
             finally:
                 trainer.close()
                 if self.events is not None:
                     self.events.close()
+                self.release()
+
+    def release(self) -> None:
+        """Let go of the run folder (its lock); `fit` does at its end."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def request_stop(self) -> None:
         """Ask the trainer to stop after its current unit of work and checkpoint (safe from a
@@ -238,6 +268,13 @@ class RunLifecycle:
     def interrupted(self, position: int) -> TrainingInterrupted:
         return TrainingInterrupted(f"stopped at iteration {position}; checkpoint saved, "
                                    f"continue with --resume", self.stop_signal)
+
+    def interrupted_before_start(self) -> TrainingInterrupted:
+        if self.resuming:
+            return TrainingInterrupted("stopped before training resumed; the run is as it was, "
+                                       "continue with --resume", self.stop_signal)
+        return TrainingInterrupted("stopped before training began; nothing was written",
+                                   self.stop_signal, resumable=False)
 
     @property
     def wall_s(self) -> float:
@@ -282,6 +319,15 @@ class RunLifecycle:
                  f"{trainer.progress_text()}, {error_text(main, main['split'])}")
         self.last_eval, self.evaluated = results, model
         return results
+
+    def recorded_evals(self, trainer: BaseTrainer) -> dict | None:
+        """A resumed run that trained nothing (it had finished): the evaluations its records
+        already hold at this position, one per split, instead of new ones that would repeat
+        them; None otherwise."""
+        results = self.resumed_at == trainer.position and evals_at(self.run, trainer)
+        if results:
+            self.evaluated = trainer.eval_model()
+        return results or None
 
     def summary(self, trainer: BaseTrainer, results: dict) -> dict:
         """The run's summary (`run_summary`), written to summary.json."""
@@ -351,6 +397,17 @@ def run_summary(trainer: BaseTrainer, results: dict, last_train: dict, wall_s: f
         summary[f"{split}_error"] = results[split]["error"]
         summary[f"{split}_loss"] = results[split]["loss"]
     return summary
+
+
+def evals_at(run: RunDir | None, trainer: BaseTrainer) -> dict | None:
+    """The evaluation records of every split at the trainer's position in `run`'s records, or
+    None if a split has none there."""
+    if run is None:
+        return None
+    results = {r.get("split"): r for r in read_jsonl(run.metrics_file)
+               if r.get("kind") == "eval" and r.get("iteration") == trainer.position
+               and EVAL_KEYS <= r.keys()}
+    return results if set(results) == set(trainer.data.splits) else None
 
 
 def _main(results: dict) -> dict:

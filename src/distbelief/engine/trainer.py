@@ -109,7 +109,7 @@ class Trainer(BaseTrainer):
         Diverged: the loss became NaN or infinite (the last checkpoint stays as it was).
     """
 
-    mode, state, same = "single", STATE, ("model", "variant")
+    mode, state, same = "single", STATE, ("model", "variant", "data")
 
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
                  resume: bool = False, progress: bool = False):

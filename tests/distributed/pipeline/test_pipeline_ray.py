@@ -79,6 +79,7 @@ def test_a_partitioned_checkpoint_resumes_with_other_partitions(ray_cluster, tmp
     stopper.life.begin(stopper)
     stopper.train_until(6)
     stopper.close()
+    stopper.life.release()  # as its process's end would: the run folder has one writer
     PipelineTrainer(c.replace(partitions=3), tmp_path / "run", resume=True).fit()
     reference = reference_run(c)
     assert_same_model(reference.model.state_dict(),
