@@ -457,25 +457,41 @@ def stop_on_signals(life: RunLifecycle):
     """Within: the first SIGINT or SIGTERM asks `life` to stop (`request_stop`); a second one
     raises at once (KeyboardInterrupt, or SystemExit(143) for SIGTERM), skipping the
     checkpoint but not the trainer's `close`. Only the main thread can install handlers;
-    elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    elsewhere this does nothing.
 
+    Ray turns an exception raised by a signal handler inside its waits into SystemExit(1);
+    whatever leaves the block after a second signal is made the one that signal raises."""
+    if threading.current_thread() is threading.main_thread():
+        aborted: list[int] = []
+        previous = {s: signal.signal(s, _stop_handler(life, aborted)) for s in STOP_SIGNALS}
+    else:
+        aborted, previous = [], {}
+    try:
+        yield
+    except BaseException:
+        if aborted:
+            raise _abort(aborted[0]) from None
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _stop_handler(life: RunLifecycle, aborted: list[int]):
     def stop(signum, frame):
         name = signal.Signals(signum).name
         if life.stop_signal is not None:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise SystemExit(128 + signum)
+            aborted.append(signum)
+            print(f"\ndistbelief: {name} again: stopping at once, without a checkpoint",
+                  file=sys.stderr, flush=True)
+            raise _abort(signum)
         life.stop_signal = signum
         life.request_stop()
         print(f"\ndistbelief: {name}: stopping after this step and checkpointing "
               f"({name} again to stop at once)", file=sys.stderr, flush=True)
 
-    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    return stop
+
+
+def _abort(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)

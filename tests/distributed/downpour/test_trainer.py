@@ -1,6 +1,8 @@
 """Downpour SGD on a real local Ray: convergence, faults, resume, metrics."""
 
 import json
+import os
+import signal
 import threading
 import time
 
@@ -105,6 +107,34 @@ def test_stop_then_resume_completes_the_run(tmp_path):
     records = read_jsonl(run / "metrics.jsonl")
     assert {"kind": "resume", "iteration": stopped_at} in records
     assert max(r["iteration"] for r in records if r["kind"] == "train") == 300
+
+
+# Ray passes a KeyboardInterrupt on as it is: SIGINT's case (make test-all) guards that.
+@pytest.mark.parametrize("signum, aborts", [
+    (signal.SIGTERM, SystemExit),
+    pytest.param(signal.SIGINT, KeyboardInterrupt, marks=pytest.mark.slow)])
+def test_a_second_signal_inside_rays_wait_stops_at_once_as_that_signal(tmp_path, signum,
+                                                                        aborts):
+    """Ray turns an exception a signal handler raises inside ray.wait into SystemExit(1): a
+    second SIGTERM used to end the command with status 1 and no line."""
+    config = get_recipe("digits-downpour").replace(iterations=3000, checkpoint_every=0,
+                                                   eval_every=0)
+    trainer = DownpourTrainer(config, tmp_path / "run")
+
+    def twice():
+        while trainer.steps < 20:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signum)
+        while trainer.life.stop_signal is None:  # the first one handled (in ray.wait) ...
+            time.sleep(0.001)
+        os.kill(os.getpid(), signum)  # ... and the second while the replicas finish
+
+    threading.Thread(target=twice, daemon=True).start()
+    with pytest.raises(aborts) as raised:
+        trainer.fit()
+    if aborts is SystemExit:
+        assert raised.value.code == 128 + signum
+    assert trainer.steps < 3000 and not RunDir(tmp_path / "run").checkpoint.exists()
 
 
 # make test-all. In make test a diverged chunk raises without Ray (downpour/test_records.py) and
