@@ -60,6 +60,18 @@ def test_a_full_disk_is_one_line_and_keeps_the_earlier_checkpoint(small_disk):
     assert not list(out.rglob("*.tmp"))
 
 
+def test_a_full_disk_under_downpour_stops_ray_too(small_disk, ray_watch):
+    """The driver's write of a checkpoint generation fails: one line, every actor and the
+    local Ray stopped, the torn generation never published."""
+    before = ray_watch.processes()
+    out = small_disk("1m") / "run"  # config and records fit, a generation (~5 MB) does not
+    done = train(out, "--mode", "downpour", "--iterations", "60")
+    one_error_line(done, "No space left on device")
+    assert f"cannot write {out}/checkpoints/gen-000001/" in done.stderr
+    assert not ray_watch.new_since(before), "Ray processes outlived the error"
+    assert not (out / "checkpoints" / "manifest.json").exists()
+
+
 def test_a_read_only_disk_refuses_before_anything_starts(small_disk):
     disk = small_disk("8m")
     out = disk / "run"
