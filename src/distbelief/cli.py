@@ -491,18 +491,51 @@ class _Terminated(BaseException):
     does, with its own exit status."""
 
 
-def _terminate(signum, frame):
-    raise _Terminated
+class _Signals:
+    """SIGINT (unless ignored, as a shell's background job has it) and SIGTERM until a run's
+    own handling takes over (`engine.lifecycle.stop_on_signals`). While torch and the rest are
+    imported they are only remembered: an exception raised inside a C extension's import
+    leaves it half loaded (numpy then refuses a second load, torch may re-raise SIGINT at
+    exit). `go()` ends that: a remembered signal raises then, and later ones at once
+    (KeyboardInterrupt, `_Terminated`)."""
+
+    def __init__(self):
+        self.received: list[int] = []
+        self.deferred = True
+        wanted = [signal.SIGTERM]
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            wanted.append(signal.SIGINT)
+        self.previous = {s: signal.signal(s, self.handle) for s in wanted}
+
+    def handle(self, signum, frame):
+        self.received.append(signum)
+        if not self.deferred:
+            raise _interruption(signum)
+
+    def go(self) -> None:
+        self.deferred = False
+        if self.received:
+            raise _interruption(self.received[0])
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            if handler is not None:
+                signal.signal(s, handler)
+
+
+def _interruption(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else _Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status: 0, 2 for an error of the user's input (one
     line on stderr), 130 for Ctrl-C and 143 for SIGTERM at any moment (a run in progress
     checkpoints first: `engine.lifecycle.stop_on_signals`)."""
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    signals = _Signals() if threading.current_thread() is threading.main_thread() else None
     try:
-        args = build_parser().parse_args(argv)  # imports torch: Ctrl-C may come here too
+        args = build_parser().parse_args(argv)  # imports torch
+        if signals is not None:
+            signals.go()
         return args.func(args)
     except DistbeliefError as e:
         print(f"distbelief: error: {e}", file=sys.stderr)
@@ -518,5 +551,5 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     finally:
-        if main_thread and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if signals is not None:
+            signals.restore()
