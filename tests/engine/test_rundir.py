@@ -165,3 +165,20 @@ def test_a_write_that_fails_names_the_path_and_keeps_the_previous_file(tmp_path)
     assert sorted(p.name for p in life.run.path.iterdir()) == [
         ".lock", "config.yaml", "metrics.jsonl", "record.json", "sub", "summary.json"]
     life.release()
+
+
+def test_plot_leaves_out_records_without_numbers(tmp_path):
+    from distbelief.plot import plot_runs, run_curves
+
+    life, _ = started_run(tmp_path / "run")
+    for record in ({"kind": "train", "iteration": 5, "error": 0.5},
+                   {"kind": "train", "iteration": "ten", "error": 0.4},  # damaged
+                   {"kind": "train", "iteration": 15, "error": None},  # sandblaster-like
+                   {"kind": "train", "iteration": 20, "error": 0.3},
+                   {"kind": "eval", "split": "test", "iteration": 20, "error": "x"},  # damaged
+                   {"kind": "eval", "split": "test", "iteration": 20, "error": 0.35}):
+        life.log(record)
+    life.release()
+    curves = run_curves(tmp_path / "run")
+    assert curves["train"] == ((5, 20), (0.5, 0.3)) and curves["test"] == ((20,), (0.35,))
+    assert plot_runs([tmp_path / "run"], tmp_path / "curves.png").stat().st_size > 0
