@@ -150,23 +150,25 @@ def _outputs(build, train: TensorSplit, test: TensorSplit | None) -> int:
     test inputs the model cannot take fail here, before anything is trained or written)."""
     model = UserParts(build, train, None, 0).model()
     model.eval()  # leaves BatchNorm statistics alone
-    widths = {}
-    for name, split in (("train_data", train), ("test_data", test)):
-        if split is None:
-            continue
-        try:
-            with torch.no_grad():
-                out = model(split.inputs[:2])
-        except Exception as e:  # whatever the user's forward raises, said in one line
-            raise ConfigError(f"the model cannot take {name}'s inputs of shape "
-                              f"{tuple(split.inputs.shape[1:])} ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
-        if not isinstance(out, torch.Tensor) or out.dim() != 2:
-            raise ConfigError(f"the model must return N x classes scores, got "
-                              f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out)}"
-                              f" on {name}")
-        widths[name] = out.shape[1]
-    return widths["train_data"]
+    classes = _forward(model, train, "train_data")
+    if test is not None:
+        _forward(model, test, "test_data")
+    return classes
+
+
+def _forward(model, split: TensorSplit, name: str) -> int:
+    try:
+        with torch.no_grad():
+            out = model(split.inputs[:2])
+    except Exception as e:  # whatever the user's forward raises, said in one line
+        raise ConfigError(f"the model cannot take {name}'s inputs of shape "
+                          f"{tuple(split.inputs.shape[1:])} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ConfigError(f"the model must return N x classes scores, got "
+                          f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out)}"
+                          f" on {name}")
+    return out.shape[1]
 
 
 def _check_labels(name: str, split: TensorSplit, classes: int) -> None:

@@ -5,12 +5,11 @@ compare single-process and Downpour runs)."""
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 from distbelief.engine.checkpoint import atomic_write
-from distbelief.engine.rundir import RunDir, read_jsonl
+from distbelief.engine.rundir import RunDir, read_jsonl, record_number
 from distbelief.errors import ConfigError, check_choice
 
 
@@ -41,7 +40,7 @@ def run_curves(run_dir: str | os.PathLike, x: str = "iterations") -> dict:
         if x == "examples" and "examples" in r:
             return r["examples"]
         if x == "examples":
-            it = _number(r.get("iteration"))
+            it = record_number(r.get("iteration"))
             return None if it is None else it * per_iteration
         return r.get("iteration")
 
@@ -50,7 +49,7 @@ def run_curves(run_dir: str | os.PathLike, x: str = "iterations") -> dict:
         # left out. Sandblaster's train records hold the batch objective, not an error rate.
         chosen = [(position(r), r.get("error")) for r in records
                   if r.get("kind") == kind and r.get("split") == split]
-        return [p for p in chosen if all(_number(v) is not None for v in p)]
+        return [p for p in chosen if all(record_number(v) is not None for v in p)]
 
     train, test = points("train"), points("eval", "test")
     if not train and not test:
@@ -100,8 +99,3 @@ def plot_runs(run_dirs, output: str | os.PathLike, title: str | None = None,
     atomic_write(output, lambda f: fig.savefig(f, format=fmt))
     plt.close(fig)
     return output
-
-
-def _number(value) -> float | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return value if ok and math.isfinite(value) else None

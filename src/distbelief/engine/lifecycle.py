@@ -195,7 +195,7 @@ class RunLifecycle:
         elif self.run is None:
             raise ConfigError("--resume needs --out RUN_DIR")
         else:
-            self.run.read_config()  # raises when there is no run
+            self.run.require_run()
             self.run.check_writable()
             self.lock = self.lock or self.run.lock()  # one writer, from before the first read
             self.saved = saved_state(self.run, self.mode, self.state, config, same)

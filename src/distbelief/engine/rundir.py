@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import fcntl
 import json
+import math
 import os
 import shutil
 import socket
@@ -179,8 +180,7 @@ class RunDir:
 
         Raises:
             ConfigError: no config.yaml, or one that is not what `create` writes."""
-        if not self.config_file.is_file():
-            raise ConfigError(f"{self.path} holds no run to resume (no config.yaml)")
+        self.require_run()
         config = self._config_record().get("config")
         if not isinstance(config, dict):
             raise ConfigError(f"{self.config_file} is malformed (no config mapping)")
@@ -188,6 +188,11 @@ class RunDir:
             return TrainConfig.from_dict(config)
         except ConfigError as e:
             raise ConfigError(f"{self.config_file} is malformed: {e}") from None
+
+    def require_run(self) -> None:
+        """Raise `ConfigError` unless the folder holds a run (its config.yaml)."""
+        if not self.config_file.is_file():
+            raise ConfigError(f"{self.path} holds no run to resume (no config.yaml)")
 
     def _config_record(self) -> dict:
         try:
@@ -215,7 +220,7 @@ class RunDir:
     def truncate_metrics(self, iteration: int) -> None:
         """Drop records after `iteration` (their steps will be redone by a resumed run)."""
         kept = [line for line in read_jsonl(self.metrics_file)
-                if _number(line.get("iteration", 0)) <= iteration]
+                if (record_number(line.get("iteration")) or 0) <= iteration]
         atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
 
     def read_summary(self) -> dict:
@@ -301,9 +306,10 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def _number(value) -> float:
-    """A record's numeric field; anything else (a damaged record) counts as 0."""
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+def record_number(value) -> float | None:
+    """A record's field as a finite number; None for anything else (a damaged record)."""
+    real = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return value if real and math.isfinite(value) else None
 
 
 def _generation_number(name: str) -> int:
