@@ -14,6 +14,7 @@ from distbelief.engine.lifecycle import RunLifecycle
 from distbelief.engine.rundir import RunDir, read_jsonl
 from distbelief.errors import CheckpointError
 from distbelief.recipes import get_recipe
+from support.runs import at
 
 TINY = ["--recipe", "digits", "--model", "softmax", "--quiet", "--log-every", "5",
         "--eval-every", "10", "--checkpoint-every", "10"]
@@ -139,7 +140,7 @@ def test_a_damaged_manifest_stops_a_resume_with_one_error(tmp_path, how, seed):
     run = RunDir(tmp_path)
     life = RunLifecycle(tmp_path, mode="downpour", state="downpour")
     life.open(config, resume=False)
-    life.begin(type("At", (), {"config": config, "position": 0, "device": "cpu"})())
+    life.begin(at(config, 0))
     life.save_generation(config, {"steps": 10}, {"shard-0": {"v": 1}}, 10)
     life.release()
     corrupt(run.manifest, how, random.Random(seed))

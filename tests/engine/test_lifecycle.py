@@ -3,7 +3,6 @@ directories, signals, and fit's guarantees (close always runs; the final evaluat
 
 import os
 import signal
-import types
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from distbelief.engine.lifecycle import Cadence, RunLifecycle, stop_on_signals
 from distbelief.engine.rundir import read_jsonl
 from distbelief.errors import CheckpointError, ConfigError, DistbeliefError
 from distbelief.recipes import get_recipe
+from support.runs import at
 
 
 class Clock:
@@ -41,7 +41,7 @@ def test_cadence_every_n_iterations_and_every_s_seconds():
 def test_failure_book_counts_each_death_once_and_gives_up_after_max_restarts(tmp_path):
     life = RunLifecycle(tmp_path / "run", mode="downpour", state="downpour")
     life.open(get_recipe("digits-downpour"), resume=False)
-    life.begin(_at(get_recipe("digits-downpour"), 0))
+    life.begin(at(get_recipe("digits-downpour"), 0))
     book = FailureBook(life, replicas=2, max_restarts=1)
     assert book.replica_failed(1, RuntimeError("killed"), position=10) is True
     assert book.replica_failed(1, RuntimeError("again"), position=20) is False
@@ -60,16 +60,11 @@ def test_failure_book_counts_each_death_once_and_gives_up_after_max_restarts(tmp
     assert records[-1]["updates_lost"] == 3 and life.counters["shard_updates_lost"] == 3
 
 
-def _at(config, position):
-    """Where a scheme stands, as `RunLifecycle.begin` reads it."""
-    return types.SimpleNamespace(config=config, device="cpu", position=position)
-
-
 def _saved_run(tmp_path, mode="downpour", state="downpour"):
     config = get_recipe("digits-downpour").replace(mode=mode)
     life = RunLifecycle(tmp_path, mode=mode, state=state)
     life.open(config, resume=False)
-    life.begin(_at(config, 0))
+    life.begin(at(config, 0))
     for i in (10, 20, 30):
         life.log({"kind": "train", "iteration": i})
     life.counters["replica_failures"] = 2
@@ -83,7 +78,7 @@ def test_resume_continues_from_the_state_and_drops_later_records(tmp_path):
     saved = life.open(config.replace(iterations=2000), resume=True, same=("replicas",))
     assert saved["steps"] == 20 and saved["mode"] == "downpour"
     assert life.counters["replica_failures"] == 2
-    life.begin(_at(config.replace(iterations=2000), 20))
+    life.begin(at(config.replace(iterations=2000), 20))
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["iteration"] for r in records] == [10, 20, 20]
     assert records[-1] == {"kind": "resume", "iteration": 20}
@@ -119,12 +114,12 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_over(tmp_path):
     config = get_recipe("digits")
     life = RunLifecycle(tmp_path, mode="single", state="last")
     life.open(config, resume=False)
-    life.begin(_at(config, 0))
+    life.begin(at(config, 0))
     life.log({"kind": "train", "iteration": 25})
     life.release()  # the first process ended
     again = RunLifecycle(tmp_path, mode="single", state="last")
     assert again.open(config, resume=True) is None
-    again.begin(_at(config, 0))
+    again.begin(at(config, 0))
     assert read_jsonl(tmp_path / "metrics.jsonl") == [{"kind": "resume", "iteration": 0}]
 
 
@@ -192,7 +187,7 @@ def test_a_distributed_checkpoint_is_one_generation_published_by_its_manifest(tm
     config = get_recipe("digits-downpour")
     life = RunLifecycle(tmp_path, mode="downpour", state="downpour")
     life.open(config, resume=False)
-    life.begin(_at(config, 0))
+    life.begin(at(config, 0))
     model = {"config": config.to_dict(), "model": {"w": torch.zeros(2)}, "iteration": 10}
     life.save_generation(config, {"steps": 10}, {"shard-0": {"shard": {"v": 10}}, "last": model},
                          10)
@@ -210,7 +205,7 @@ def test_a_distributed_checkpoint_is_one_generation_published_by_its_manifest(tm
     assert saved["steps"] == 20 and run.state_file("shard-0").parent.name == "gen-000002"
     assert load_checkpoint(run.state_file("shard-0"))["shard"] == {"v": 20}
     assert load_checkpoint(run.checkpoint)["iteration"] == 20  # last.pt, for `distbelief eval`
-    again.begin(_at(config, 20))
+    again.begin(at(config, 20))
     again.save_generation(config, {"steps": 30}, {"shard-0": {"shard": {"v": 30}}}, 30)
     # A new number, past the torn folder's (which goes with the older generations).
     assert [p.name for p in run.checkpoints.glob("gen-*")] == ["gen-000004"]

@@ -14,13 +14,7 @@ from distbelief.engine.lifecycle import RunLifecycle, saved_state
 from distbelief.engine.rundir import RunDir, RunLock, read_jsonl
 from distbelief.errors import CheckpointError, ConfigError, StorageError
 from distbelief.recipes import get_recipe
-
-
-class _At:
-    """Enough of a trainer for `RunLifecycle.begin`."""
-
-    def __init__(self, config, position):
-        self.config, self.position, self.device = config, position, "cpu"
+from support.runs import at
 
 
 def started_run(folder, config=None):
@@ -28,7 +22,7 @@ def started_run(folder, config=None):
     config = config or get_recipe("digits")
     life = RunLifecycle(folder, mode="single", state="last")
     life.open(config, resume=False)
-    life.begin(_At(config, 0))
+    life.begin(at(config, 0))
     return life, config
 
 
