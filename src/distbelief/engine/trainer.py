@@ -26,7 +26,7 @@ from distbelief.engine.base import BaseTrainer
 from distbelief.engine.checkpoint import load_checkpoint, load_model_state
 from distbelief.engine.config import TrainConfig
 from distbelief.engine.evaluate import evaluate
-from distbelief.engine.fast import CompiledStep, tensor_lr
+from distbelief.engine.fast import CompiledStep, taken, tensor_lr
 from distbelief.engine.lifecycle import Diverged, TrainingInterrupted
 from distbelief.engine.losses import get_loss
 from distbelief.engine.schedule import LRSchedule
@@ -131,7 +131,8 @@ class Trainer(BaseTrainer):
         self.compiled = None
         if config.compile:
             tensor_lr(self.optimizer, self.device)
-            self.compiled = CompiledStep(self.model, self.optimizer, self.device)
+            self.compiled = CompiledStep(self.model, self.optimizer, self.loss, self.device,
+                                         bf16=config.bf16, channels_last=config.channels_last)
 
     @staticmethod
     def check(config: TrainConfig) -> None:
@@ -175,8 +176,16 @@ class Trainer(BaseTrainer):
 
     def summary(self) -> dict:
         per_epoch = self.data.train.batches_per_epoch
-        return {"epochs": round(self.iteration / per_epoch, 3), "train_s": round(self.train_s, 3),
-                "images_per_s": round(self.examples / max(self.train_s, 1e-9), 1)}
+        summary = {"epochs": round(self.iteration / per_epoch, 3),
+                   "train_s": round(self.train_s, 3),
+                   "images_per_s": round(self.examples / max(self.train_s, 1e-9), 1)}
+        if self.compiled:  # after the warm-up steps, any compile or recording is a bug
+            summary["compile_events"] = self.compiled.events.report()
+        return summary
+
+    def close(self) -> None:
+        if self.compiled:
+            self.compiled.close()
 
     def gather(self) -> None:
         """Bring the training state into `model` and `optimizer` before they are read (here
@@ -253,24 +262,31 @@ class Trainer(BaseTrainer):
                 lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One training step on batch (x, y) at `lr`: (the batch's mean loss, misclassified
         examples), as tensors not yet synchronized with the device."""
+        if self.compiled:
+            return self._compiled_step(x, y, lr)
         c, opt = self.config, self.optimizer
         if c.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        forward = self.compiled.forward if self.compiled else self.model
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
-            logits = forward(x)
+            logits = self.model(x)
             loss = self.loss(logits, y)
-        # Counted before the update: a compiled update's graph may reuse the forward's outputs.
         wrong = self.loss.wrong(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.compiled:
-            self.compiled.update(lr)
-        else:
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.step()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
         return loss, wrong
+
+    def _compiled_step(self, x: torch.Tensor, y: torch.Tensor,
+                       lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, wrong = self.compiled.forward_loss(x, y)
+        # Copied before the update: a CUDA graph's next replay overwrites its outputs.
+        values = taken(loss, wrong)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.compiled.update(lr)
+        return values
 
     def _log_window(self, window: _Window, lr: float, checkpoint_now: bool, bar) -> None:
         """Log the window's training record (its mean loss and error, images/s).
