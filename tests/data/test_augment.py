@@ -3,35 +3,61 @@
 import torch
 
 from distbelief.data import build_data
-from distbelief.data.augment import (colour_pca, pca_lighting, random_crop, random_flip,
-                                     step_generator)
+from distbelief.data.augment import (colour_pca, crop_flip, pca_lighting, step_generator,
+                                     step_seed)
 from distbelief.engine.config import TrainConfig
 
 
-def test_random_crop_takes_windows_of_the_zero_padded_image():
+def test_crop_flip_takes_windows_of_the_zero_padded_image_mirrored_or_not():
     x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5) + 1
-    out = random_crop(x, 2, step_generator(torch.device("cpu"), 0, 7))
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
-    assert out.shape == x.shape
-    for b in range(2):
-        windows = [padded[b, :, i:i + 5, j:j + 5] for i in range(5) for j in range(5)]
-        assert any(torch.equal(out[b], w) for w in windows)
+    for flip in (False, True):
+        out = crop_flip(x, 2, flip, step_generator(torch.device("cpu"), 0, 7))
+        assert out.shape == x.shape
+        for b in range(2):
+            windows = [padded[b, :, i:i + 5, j:j + 5] for i in range(5) for j in range(5)]
+            if flip:
+                windows += [w.flip(2) for w in windows]
+            assert any(torch.equal(out[b], w) for w in windows)
 
 
-def test_crop_offsets_cover_the_whole_range():
+def test_crop_flip_is_the_crop_then_the_mirror_its_draw_encodes():
+    """The reference: per image, slice the window at (r % S, r // S % S) and mirror it when
+    r // S^2 is 1, with r the one integer drawn per image."""
+    x = torch.randn(64, 2, 4, 6)
+    pad, side = 1, 3
+    out = crop_flip(x, pad, True, torch.Generator().manual_seed(5))
+    r = torch.randint(0, side * side * 2, (64, 1), generator=torch.Generator().manual_seed(5))
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    for b in range(64):
+        k = int(r[b])
+        dy, dx, mirrored = k % side, k // side % side, k // (side * side)
+        want = padded[b, :, dy:dy + 4, dx:dx + 6]
+        assert torch.equal(out[b], want.flip(2) if mirrored else want), (b, k)
+
+
+def test_crop_offsets_cover_the_whole_range_and_flips_half():
     x = torch.zeros(4000, 1, 3, 3)
     x[:, :, 1, 1] = 1  # a marked centre pixel shows where each crop came from
-    out = random_crop(x, 1, step_generator(torch.device("cpu"), 0, 0))
+    out = crop_flip(x, 1, False, step_generator(torch.device("cpu"), 0, 0))
     positions = {tuple(p.tolist()) for p in out[:, 0].flatten(1).argmax(1, keepdim=True)}
     assert len(positions) == 9
-
-
-def test_flip_mirrors_about_half():
-    x = torch.arange(4.0).view(1, 1, 1, 4).expand(1000, 1, 1, 4)
-    out = random_flip(x, step_generator(torch.device("cpu"), 1, 2))
+    row = torch.arange(4.0).view(1, 1, 1, 4).expand(1000, 1, 1, 4)
+    out = crop_flip(row, 0, True, step_generator(torch.device("cpu"), 1, 2))
     flipped = (out[:, 0, 0, 0] == 3).float().mean()
     assert 0.4 < flipped < 0.6
     assert torch.equal(out[out[:, 0, 0, 0] == 3][0, 0, 0], torch.tensor([3.0, 2, 1, 0]))
+    assert torch.equal(out[out[:, 0, 0, 0] == 0][0, 0, 0], torch.tensor([0.0, 1, 2, 3]))
+    assert crop_flip(row, 0, False, torch.Generator()) is row  # nothing to do
+
+
+def test_one_reseeded_generator_draws_what_a_new_one_per_step_draws():
+    g = torch.Generator()
+    for it in (0, 1, 9):
+        g.manual_seed(step_seed(4, it))
+        fresh = step_generator(torch.device("cpu"), 4, it)
+        assert torch.equal(torch.randint(0, 99, (8,), generator=g),
+                           torch.randint(0, 99, (8,), generator=fresh))
 
 
 def test_lighting_adds_one_colour_shift_per_image():

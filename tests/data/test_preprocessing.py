@@ -77,3 +77,20 @@ def test_training_views_are_padded_crops_or_their_mirrors(cifar):
             seen_shift |= any((dy, dx) != (4, 4) for dy, dx, _ in matches)
             seen_flip |= all(flip for _, _, flip in matches)
     assert seen_shift and seen_flip  # both augmentations are on, not just allowed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sandblaster_inputs_are_the_same_normalized_images(cifar, dtype):
+    """Sandblaster's portions (`inputs`: unaugmented, in the objective's dtype) get the same
+    training-split per-pixel mean subtracted as the trainer's batches (the mean is held in
+    float32, hence the float32 tolerance in float64 too)."""
+    config, train, _ = cifar
+    stream = build_data(config, torch.device("cpu")).train
+    index = torch.tensor([5, 0, 17, 3])
+    x = stream.inputs(index, dtype)
+    assert x.dtype == dtype
+    torch.testing.assert_close(x.double(), _expected(train.images[index], train.images),
+                               atol=1e-6, rtol=0)
+    # Not the test split's mean, nor a per-channel one: those differ by far more than 1e-6.
+    per_channel = train.images.double().div(255).mean((0, 2, 3))[:, None, None]
+    assert (x.double() - (train.images[index].double().div(255) - per_channel)).abs().max() > 1e-3

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from distbelief.data import build_data
-from distbelief.data.augment import Rows, pca_lighting, random_crop, random_flip, step_generator
+from distbelief.data.augment import Rows, crop_flip, pca_lighting, step_generator
 from distbelief.data.imagenet import EpochBatches
 from distbelief.data.tensors import TensorSplit, TensorTrainStream
 from distbelief.recipes import get_recipe
@@ -44,11 +44,11 @@ def test_a_rank_augments_only_its_own_rows(monkeypatch):
 
     seen = []
 
-    def spy(x, pad, g, rows=None):
+    def spy(x, pad, flip, g, rows=None):
         seen.append(x.shape[0])
-        return random_crop(x, pad, g, rows)
+        return crop_flip(x, pad, flip, g, rows)
 
-    monkeypatch.setattr(streams, "random_crop", spy)
+    monkeypatch.setattr(streams, "crop_flip", spy)
     next(build_data(digits(), CPU, rows=(8, 16)).train.batches(0))
     assert seen == [8]  # 1/3 of the global batch of 24, not all of it
 
@@ -56,7 +56,8 @@ def test_a_rank_augments_only_its_own_rows(monkeypatch):
 def test_augmentation_of_rows_equals_the_rows_of_the_whole():
     x = torch.randn(10, 3, 6, 6)
     eigval, eigvec = torch.tensor([0.2, 0.1, 0.05]), torch.eye(3)
-    for fn in (lambda t, g, r: random_crop(t, 2, g, r), random_flip,
+    for fn in (lambda t, g, r: crop_flip(t, 2, True, g, r),
+               lambda t, g, r: crop_flip(t, 0, True, g, r),
                lambda t, g, r: pca_lighting(t, 0.1, eigval, eigvec, g, r)):
         whole = fn(x, step_generator(CPU, 3, 7), None)
         part = fn(x[4:9], step_generator(CPU, 3, 7), Rows(4, 9, 10))

@@ -31,12 +31,18 @@ def _count(x: torch.Tensor, rows: Rows | None) -> int:
     return x.shape[0] if rows is None else rows.of
 
 
+def step_seed(seed: int, iteration: int, stream: int = 0) -> int:
+    """The seed of one iteration's draws: distinct (seed, iteration, stream) give distinct
+    draws."""
+    # Large odd multipliers keep nearby seeds and iterations from colliding.
+    return (seed * 0x9E3779B1 + iteration * 0x85EBCA77 + stream * 0xC2B2AE3D) % (2**63)
+
+
 def step_generator(device: torch.device, seed: int, iteration: int, stream: int = 0
                    ) -> torch.Generator:
-    """A generator for one iteration: distinct (seed, iteration, stream) give distinct draws."""
-    # Large odd multipliers keep nearby seeds and iterations from colliding.
-    mixed = (seed * 0x9E3779B1 + iteration * 0x85EBCA77 + stream * 0xC2B2AE3D) % (2**63)
-    return torch.Generator(device=device).manual_seed(mixed)
+    """A new generator for one iteration (a stream that reseeds one generator per iteration
+    with `step_seed` draws the same numbers without making one per step)."""
+    return torch.Generator(device=device).manual_seed(step_seed(seed, iteration, stream))
 
 
 def epoch_permutation(size: int, seed: int, epoch: int) -> torch.Tensor:
@@ -44,30 +50,30 @@ def epoch_permutation(size: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
 
 
-def random_crop(x: torch.Tensor, pad: int, g: torch.Generator,
-                rows: Rows | None = None) -> torch.Tensor:
-    """Zero-pad by `pad` px on each side, then take a random H x W crop per image.
+def crop_flip(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator,
+              rows: Rows | None = None) -> torch.Tensor:
+    """`random_crop` by `pad`, then with `flip` a left-right mirror with probability 1/2, as
+    one gather from one draw per image (a few kernel launches per batch, not a dozen: what a
+    GPU step waits on).
 
-    Padding happens after mean subtraction, so a padded pixel equals the mean image there.
-    """
-    if pad == 0:
+    One integer per image in [0, S * S * F) (S = 2 pad + 1 offsets per axis, F = 2 with flips)
+    encodes the row offset (r % S), the column offset (r // S % S) and the flip (r // S^2)."""
+    if pad == 0 and not flip:
         return x
     b, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    side = 2 * pad + 1
     n = _count(x, rows)
-    dy = _mine(torch.randint(0, 2 * pad + 1, (n, 1), generator=g, device=x.device), rows)
-    dx = _mine(torch.randint(0, 2 * pad + 1, (n, 1), generator=g, device=x.device), rows)
-    rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]  # B x 1 x H x 1
-    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]  # B x 1 x 1 x W
+    r = _mine(torch.randint(0, side * side * (2 if flip else 1), (n, 1), generator=g,
+                            device=x.device), rows)
+    dy, dx, mirrored = r % side, r // side % side, r // (side * side)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad else x
+    across = torch.arange(w, device=x.device)
+    # A mirrored crop's column j is the crop's column w - 1 - j.
+    cols = dx + torch.where(mirrored.bool(), w - 1 - across, across)  # B x W
+    at_rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]  # B x 1 x H x 1
     batch = torch.arange(b, device=x.device)[:, None, None, None]
     chan = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch, chan, rows, cols]
-
-
-def random_flip(x: torch.Tensor, g: torch.Generator, rows: Rows | None = None) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2."""
-    flip = _mine(torch.rand(_count(x, rows), generator=g, device=x.device), rows) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    return padded[batch, chan, at_rows, cols[:, None, None, :]]
 
 
 def pca_lighting(x: torch.Tensor, std: float, eigval: torch.Tensor, eigvec: torch.Tensor,

@@ -9,8 +9,7 @@ from typing import Iterator
 import torch
 
 from distbelief.data.arrays import ImageArrays
-from distbelief.data.augment import (Rows, epoch_permutation, random_crop, random_flip,
-                                     step_generator)
+from distbelief.data.augment import Rows, crop_flip, epoch_permutation, step_seed
 from distbelief.data.bundle import Batch, EvalSource, TrainStream
 from distbelief.errors import ConfigError
 
@@ -36,6 +35,9 @@ class ArrayTrainStream(TrainStream):
         self.batches_per_epoch = len(data) // batch_size  # the last partial batch is dropped
         self.rows = None if rows is None else Rows(*rows, batch_size)
         self._epoch, self._perm = None, None
+        # One generator, reseeded per iteration: a new one per step is a host-side allocation
+        # (and on CUDA a device query) on every step.
+        self._g = torch.Generator(device=device)
 
     def inputs(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The images at `index`, normalized, unaugmented, in `dtype` (Sandblaster's
@@ -52,10 +54,8 @@ class ArrayTrainStream(TrainStream):
             index = index[self.rows.lo:self.rows.hi]
         x = _normalize(self.images[index], self.mean)
         if self.augment:
-            g = step_generator(self.device, self.seed, iteration)
-            x = random_crop(x, self.pad, g, self.rows)
-            if self.flip:
-                x = random_flip(x, g, self.rows)
+            self._g.manual_seed(step_seed(self.seed, iteration))
+            x = crop_flip(x, self.pad, self.flip, self._g, self.rows)
         return x, self.labels[index]
 
     def batches(self, start: int) -> Iterator[Batch]:
