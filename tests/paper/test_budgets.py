@@ -1,4 +1,5 @@
-"""What each budget trains: the paper's recipe unchanged for full, scaled down for short."""
+"""What each budget trains: the paper's recipe unchanged for full, scaled down for short and
+medium; how seeds make runs."""
 
 import pytest
 
@@ -31,9 +32,32 @@ def test_short_scales_the_schedule_down():
     assert run_config("resnet20", Options(data="cifar10", data_dir="d", compile=True)).channels_last
 
 
+def test_medium_trains_to_the_end_of_a_schedule_with_its_lr_drops():
+    options = Options(budget="medium")
+    assert options.dataset == "digits" and options.tag == "medium-digits"
+    digits = run_config("resnet110", options)
+    assert (digits.iterations, digits.milestones, digits.batch_size, digits.lr) == (
+        3000, (2000, 2500), 64, 0.1)
+    assert digits.warmup_until_error == 0.8  # the paper's warm-up stays for 110 layers
+    cifar = run_config("resnet20", Options(budget="medium", data="cifar10", data_dir="d"))
+    assert (cifar.iterations, cifar.milestones, cifar.batch_size) == (16000, (8000, 12000), 128)
+
+
+def test_seeds_are_consecutive_runs_each_named_by_its_seed():
+    runs = Options(budget="medium", seed=1, seeds=3).each_seed()
+    assert [(o.seed, o.seeds, o.tag) for o in runs] == [
+        (1, 1, "medium-digits-seed1"), (2, 1, "medium-digits-seed2"),
+        (3, 1, "medium-digits-seed3")]
+    assert [o.tag for o in Options(seeds=2).each_seed()] == ["short-digits",
+                                                            "short-digits-seed1"]
+    for bad in (0, 101, True, 2.5):
+        with pytest.raises(ConfigError, match="--seeds must be"):
+            Options(seeds=bad)
+
+
 def test_bad_options_are_one_line_errors():
     with pytest.raises(ConfigError, match="budget"):
-        Options(budget="medium")
+        Options(budget="long")
     with pytest.raises(ConfigError, match="data"):
         Options(data="mnist")
     with pytest.raises(ConfigError, match="fig7 trains plain20, resnet20; --models resnet32"):

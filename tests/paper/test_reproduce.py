@@ -22,7 +22,7 @@ def test_table1_is_exact(tmp_path, capsys):
     assert main(["reproduce", "table1", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "table1" / "results.json").read_text())
     rows = {r["model"]: r for r in results["rows"]}
-    assert rows["resnet50"]["params"] == rows["resnet50"]["paper params"] == 25_557_032
+    assert rows["resnet50"]["params"] == rows["resnet50"]["torchvision params"] == 25_557_032
     assert rows["resnet152"]["params"] == 60_192_808
     assert abs(rows["resnet34"]["GMACs"] - 3.6) < 0.1 and abs(rows["resnet101"]["GMACs"] - 7.6) < 0.1
     assert results["checks"] and all(c["holds"] for c in results["checks"])
@@ -35,6 +35,7 @@ def test_table1_is_exact(tmp_path, capsys):
     (["reproduce", "table7"], "invalid choice: 'table7'"),
     (["reproduce", "fig6", "--models", "resnet999"], "fig6 trains plain20"),
     (["reproduce", "fig6", "--parallel", "0"], "--parallel must be a positive"),
+    (["reproduce", "fig6", "--seeds", "0"], "--seeds must be a number of runs per net"),
     (["reproduce", "downpour", "--models", "resnet20"], "--models does not apply"),
     (["reproduce", "fig7", "--data", "cifar10", "--data-dir", "/nonexistent"],
      "CIFAR-10 folder /nonexistent does not exist"),
@@ -81,6 +82,42 @@ def test_fig6_and_fig7_reports_from_runs_cut_short(tmp_path, monkeypatch):
     assert rows["plain20"]["layers"] == rows["resnet20"]["layers"] == 19
     again = reproduce("fig7", tmp_path, models=["plain20", "resnet20"], say=lines.append)
     assert again["rows"] == fig7["rows"] and "2 of 2 runs already done" in lines[-1]
+
+
+def test_seeds_train_one_run_each_and_report_their_spread(tmp_path, monkeypatch):
+    """--seeds 2: the first seed's runs are the one-seed runs (reused), the second seed's are
+    new; the numbers are the seeds' mean, std and best, computed from each run's summary."""
+    import distbelief.paper.experiments as experiments
+
+    budget = experiments.run_config
+    monkeypatch.setattr(experiments, "run_config", lambda model, options: budget(
+        model, options).replace(iterations=20, milestones=(), log_every=10, eval_every=0,
+                                checkpoint_every=20))
+    lines = []
+    reproduce("table6", tmp_path, models=["resnet20"], say=lines.append)
+    table = reproduce("table6", tmp_path, models=["resnet20"], seeds=2, say=lines.append)
+    assert "1 of 2 runs already done" in " ".join(lines)
+    errors = [100 * json.loads((tmp_path / "runs" / name / "summary.json").read_text())[
+        "test_error"] for name in ("resnet20-short-digits", "resnet20-short-digits-seed1")]
+    assert errors[0] != errors[1]  # two seeds, two runs
+    row = table["rows"][0]
+    assert row["test error %"] == pytest.approx(sum(errors) / 2)
+    assert row["best %"] == pytest.approx(min(errors))
+    assert row["std"] == pytest.approx(abs(errors[0] - errors[1]) / 2 ** 0.5)
+    report = (tmp_path / "table6" / "report.md").read_text()
+    assert "2 seeds (0 to 1)" in report
+    fig6 = reproduce("fig6", tmp_path, models=["plain20", "resnet20"], seeds=2,
+                     say=lines.append)
+    check = next(c for c in fig6["checks"] if c["claim"].startswith("resnet20 trains"))
+    assert check["separated"] is not None and "+-" in check["detail"]
+    assert check["mark"] in ("holds", "holds, within the spread", "does NOT hold")
+
+
+@pytest.mark.parametrize("experiment", ["table1", "downpour"])
+def test_seeds_apply_to_the_trained_tables_and_figures_only(tmp_path, experiment):
+    with pytest.raises(ConfigError, match="--seeds applies to table6, fig6 and fig7"):
+        reproduce(experiment, tmp_path / "out", seeds=2)
+    assert not (tmp_path / "out").exists()
 
 
 # ~3 minutes of real training on the short budget, which the orderings need; the machinery is

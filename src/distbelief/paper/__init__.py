@@ -28,18 +28,21 @@ def reproduce(experiment: str, out: str | os.PathLike = "reproduction", *,
               budget: str = "short", data: str | None = None,
               data_dir: str = "data/cifar-10-batches-py", device: str = "auto",
               models=None, parallel: int = 1, compile: bool = False, bf16: bool = False,
-              seed: int = 0, say: Callable[[str], None] = print,
+              seed: int = 0, seeds: int = 1, say: Callable[[str], None] = print,
               progress: bool = False) -> dict:
     """Train what `experiment` needs into OUT/runs (skipping finished runs, resuming
     unfinished ones), then write OUT/EXPERIMENT/report.md, results.json and the figures.
     Returns results.json's content plus "report" (the report's path).
 
     Args:
-        budget: "short" (minutes on a laptop CPU; digits by default) or "full" (the paper's
-            schedule; CIFAR-10).
+        budget: "short" (minutes on a laptop CPU; digits by default), "medium" (until the
+            training errors stop falling; digits by default, ~11 min per seed for Fig. 7's
+            nets on 2 cores) or "full" (the paper's schedule; CIFAR-10).
         data: "digits" or "cifar10" (default: the budget's); data_dir: the CIFAR-10 folder.
         models: a subset of the experiment's models (names), default all of them.
         parallel: trainings side by side (processes; several small nets on one GPU).
+        seed, seeds: the first seed and how many runs of each net (seeds seed .. seed +
+            seeds - 1; table6, fig6 and fig7 report mean +- std and the best run).
         compile, bf16: the GPU fast path (`--compile`, bfloat16 autocast) for every run.
 
     Raises:
@@ -51,8 +54,11 @@ def reproduce(experiment: str, out: str | os.PathLike = "reproduction", *,
         raise ConfigError(f"--parallel must be a positive number of runs, got {parallel}")
     models = tuple(models) if models is not None else None
     options = Options(budget=budget, data=data, data_dir=data_dir, device=device,
-                      models=models, seed=seed, compile=compile, bf16=bf16)
+                      models=models, seed=seed, seeds=seeds, compile=compile, bf16=bf16)
     kind = EXPERIMENTS[experiment]
+    if options.seeds > 1 and experiment in ("table1", "downpour"):
+        raise ConfigError(f"--seeds applies to table6, fig6 and fig7; {experiment} has one run "
+                          f"per scheme")
     specs = kind.specs(options)  # every config is built, and so validated, before any run
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -65,5 +71,5 @@ def reproduce(experiment: str, out: str | os.PathLike = "reproduction", *,
     report = kind.report(options, out / "runs", out / experiment)
     path = report.write(out / experiment)
     results = {"report": str(path), "title": report.title, "rows": report.rows,
-               "checks": [vars(c) for c in report.checks], "figures": report.figures}
+               "checks": report.check_dicts(), "figures": report.figures}
     return results

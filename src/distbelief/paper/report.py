@@ -14,11 +14,64 @@ from distbelief.engine.rundir import RunDir, read_jsonl
 
 @dataclass
 class Check:
-    """One of the paper's claims, tested on our runs."""
+    """One of the paper's claims, tested on our runs. `holds`: the means are ordered as the
+    paper says; `separated`: and by more than their spread (None: one run each, no spread)."""
 
     claim: str
     holds: bool
     detail: str = ""
+    separated: bool | None = None
+
+    @property
+    def mark(self) -> str:
+        if not self.holds:
+            return "does NOT hold"
+        return "holds, within the spread" if self.separated is False else "holds"
+
+
+@dataclass(frozen=True)
+class Stat:
+    """One number measured on each seed's run: their mean, sample std (0 for one run) and best
+    (lowest: errors and responses, lower is better)."""
+
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return sum(self.values) / len(self.values)
+
+    @property
+    def std(self) -> float:
+        n = len(self.values)
+        if n < 2:
+            return 0.0
+        return (sum((v - self.mean) ** 2 for v in self.values) / (n - 1)) ** 0.5
+
+    @property
+    def best(self) -> float:
+        return min(self.values)
+
+    def text(self, fmt: str = "{:.2f}") -> str:
+        """"1.23" for one run, "1.23 +- 0.45" for several."""
+        mean = fmt.format(self.mean)
+        return mean if len(self.values) < 2 else f"{mean} +- {fmt.format(self.std)}"
+
+
+def below(claim: str, a: Stat, b: Stat, fmt: str = "{:.2f}", *,
+          or_equal: bool = False) -> Check:
+    """The claim "a is below b" (or with `or_equal`, "a is not above b beyond the spread").
+
+    Strict: holds when a's mean is below b's, separated when by more than the two stds
+    together. Or-equal: holds when a's mean is at most b's plus the two stds (a tie within the
+    noise is "as well"), separated when a's mean is at most b's."""
+    spread = a.std + b.std
+    several = len(a.values) > 1 and len(b.values) > 1
+    if or_equal:
+        holds, separated = a.mean <= b.mean + spread, a.mean <= b.mean
+    else:
+        holds, separated = a.mean < b.mean, b.mean - a.mean > spread
+    return Check(claim, holds, f"{a.text(fmt)} vs {b.text(fmt)}",
+                 separated if several else None)
 
 
 @dataclass
@@ -43,17 +96,20 @@ class Report:
             lines += [f"![{figure}]({figure})", ""]
         if self.checks:
             lines += ["## The paper's claims on these runs", ""]
-            lines += [f"- {'holds' if c.holds else 'does NOT hold'}: {c.claim}"
+            lines += [f"- {c.mark}: {c.claim}"
                       + (f" ({c.detail})" if c.detail else "") for c in self.checks]
             lines.append("")
         lines += [f"{note}" for note in self.notes]
         return "\n".join(lines).rstrip() + "\n"
 
+    def check_dicts(self) -> list[dict]:
+        return [{**vars(c), "mark": c.mark} for c in self.checks]
+
     def write(self, folder: Path) -> Path:
         """report.md and results.json into `folder`, each atomically; returns report.md."""
         folder.mkdir(parents=True, exist_ok=True)
         results = {"title": self.title, "rows": self.rows, "figures": self.figures,
-                   "checks": [vars(c) for c in self.checks]}
+                   "checks": self.check_dicts()}
         atomic_write_text(folder / "results.json", json.dumps(results, indent=2) + "\n")
         atomic_write_text(folder / "report.md", self.markdown())
         return folder / "report.md"
@@ -82,7 +138,8 @@ def final_train_error(path: Path, tail: float = 0.1) -> float | None:
 
 def plot_responses(curves: dict[str, list[float]], output: Path) -> Path:
     """Fig. 7: each net's layer-response stds in the original layer order (top) and sorted by
-    magnitude (bottom); plain nets dashed, ResNets solid."""
+    magnitude (bottom); plain nets dashed, ResNets solid. The std axis is logarithmic, so one
+    net's outlier layer (a plain-56 at 22 beside ResNets at ~1) leaves every curve visible."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,7 +154,8 @@ def plot_responses(curves: dict[str, list[float]], output: Path) -> Path:
     top.set_xlabel("layer index (original)")
     bottom.set_xlabel("layer index (sorted by magnitude)")
     for ax in (top, bottom):
-        ax.set_ylabel("std")
+        ax.set_yscale("log")
+        ax.set_ylabel("std (log scale)")
         ax.grid(alpha=0.3)
     top.legend(fontsize="small")
     fig.tight_layout()
