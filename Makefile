@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast test-all docs bench clean
+.PHONY: run test test-fast test-all docs bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ps.py
 	$(BIN)/python benchmarks/bench_downpour.py --amortize
 	$(BIN)/python benchmarks/bench_sandblaster.py
+
+# The one GPU check (benchmarks/gpu_check.py): under 8 minutes on one H100/H200, results in
+# gpu-check.md. `benchmarks/gpu_check.sh --cpu-dry-run` runs it anywhere at tiny sizes.
+gpu-check: $(STAMP)
+	benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache src/*.egg-info site

@@ -41,24 +41,14 @@ def _round(trainer: Trainer, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet20")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=50, help="steps per round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps (compilation)")
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
-
+def measure(args) -> dict:
+    """Eager against compiled in one run: {"eager_ms", "compiled_ms" (median per step),
+    "speedup", "warmup_s", "compile_events" (the compiled trainer's), "device", "where"}."""
     eager, fast = _trainer(args, False), _trainer(args, True)
     start = time.perf_counter()
     for t in (eager, fast):
         t.train_until(args.warmup)
-    print(f"warm-up of {args.warmup} steps each, compilation included: "
-          f"{time.perf_counter() - start:.1f} s")
+    warmup_s = time.perf_counter() - start
     times = {"eager": [], "compiled": []}
     for r in range(args.rounds):
         order = [("eager", eager), ("compiled", fast)][:: 1 if r % 2 == 0 else -1]
@@ -66,14 +56,41 @@ def main() -> None:
             times[name].append(_round(trainer, args.steps))
     device = eager.device
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    events = fast.compiled.events.report()
+    fast.close()
+    eager_s, fast_s = statistics.median(times["eager"]), statistics.median(times["compiled"])
+    return {"eager_ms": 1e3 * eager_s, "compiled_ms": 1e3 * fast_s,
+            "speedup": eager_s / fast_s, "warmup_s": warmup_s, "compile_events": events,
+            "device": str(device), "where": where or platform.machine()}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=50, help="steps per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps (compilation)")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
+    got = measure(args)
+    print(f"warm-up of {args.warmup} steps each, compilation included: {got['warmup_s']:.1f} s")
     print(f"{args.model}, batch {args.batch_size}, bf16={args.bf16}, "
-          f"channels_last={args.channels_last}, {device} ({where or platform.machine()}), "
+          f"channels_last={args.channels_last}, {got['device']} ({got['where']}), "
           f"torch {torch.__version__}")
-    for name, ts in times.items():
-        ms = 1e3 * statistics.median(ts)
+    for name in ("eager", "compiled"):
+        ms = got[f"{name}_ms"]
         print(f"{name:>9}: {ms:8.2f} ms/step  {args.batch_size / ms * 1e3:10.0f} images/s")
-    ratio = statistics.median(times["eager"]) / statistics.median(times["compiled"])
-    print(f"speed-up eager / compiled: {ratio:.2f}x")
+    print(f"speed-up eager / compiled: {got['speedup']:.2f}x")
+    events = got["compile_events"]
+    print(f"compiled trainer: {events['compiles']} compiles, {events['recordings']} CUDA-graph "
+          f"recordings; after the warm-up steps: {events['after_warmup']}")
 
 
 if __name__ == "__main__":
