@@ -3,8 +3,9 @@ OUT/runs; a finished one (summary.json) is skipped, an unfinished one resumed fr
 checkpoint, a new one started. Interrupt and rerun: only unfinished work is done. A run
 directory trained with other settings (another seed, schedule, ...) is refused, never mixed.
 
-With `parallel` K > 1 (several small nets side by side on one GPU) single-process runs train in
-K child processes at once, each in a process group of its own. A SIGINT or SIGTERM to the
+With `parallel` K > 1 (several small nets side by side on one GPU) single-process runs train
+in K child processes at once, each in a process group of its own; on a GPU under a CUDA MPS
+daemon (`paper.mps`), so that their kernels run side by side instead of time-slicing it. A SIGINT or SIGTERM to the
 command is passed on to them as SIGTERM: the first makes each checkpoint and stop, a second
 stops them at once, as for `distbelief train`. A child whose parent dies stops the same way.
 Distributed runs (their own Ray) always go one at a time, in this process. Linux semantics
@@ -27,6 +28,7 @@ from distbelief.engine.config import TrainConfig
 from distbelief.engine.lifecycle import TrainingInterrupted
 from distbelief.engine.rundir import RunDir
 from distbelief.errors import ConfigError, DistbeliefError
+from distbelief.paper.mps import Mps
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 # What makes two runs the same experiment; device, compile and the data folder's path may
@@ -133,16 +135,34 @@ class Runner:
     def _run_children(self, specs: list[RunSpec]) -> None:
         ctx = multiprocessing.get_context("spawn")  # no forked torch or Ray state
         waiting, live, failed = list(specs), {}, []
-        with _SignalRelay(live) as stop:
-            while waiting or live:
-                while waiting and len(live) < self.parallel and not stop.signum:
-                    self._start(ctx, waiting.pop(0), live)
-                self._reap(live, failed, stop)
+        mps = self._share_gpu(specs)
+        try:
+            with _SignalRelay(live) as stop:
+                while waiting or live:
+                    while waiting and len(live) < self.parallel and not stop.signum:
+                        self._start(ctx, waiting.pop(0), live)
+                    self._reap(live, failed, stop)
+        finally:
+            mps.stop()
         if stop.signum:
             raise _interrupted(stop.signum)
         if failed:
             raise DistbeliefError(f"{len(failed)} run(s) failed: {', '.join(failed)} (see the "
                                   f"lines above); rerun to retry them")
+
+    def _share_gpu(self, specs: list[RunSpec]) -> Mps:
+        """CUDA MPS for children that train on a GPU, so that they run side by side instead of
+        time-slicing it (a no-op `Mps` otherwise)."""
+        import torch
+
+        on_gpu = torch.cuda.is_available() and any(
+            s.config.device in ("auto", "cuda") or s.config.device.startswith("cuda:")
+            for s in specs)
+        if not on_gpu:
+            return Mps("")
+        mps = Mps.start()
+        self.say(mps.note)
+        return mps
 
     def _start(self, ctx, spec: RunSpec, live: dict) -> None:
         """Start a child for `spec` and record it in `live` with the stop signals held back
