@@ -454,7 +454,7 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--budget", default="short", choices=("short", "medium", "full"),
                    help="short (default): a scaled-down schedule, minutes on a laptop CPU, "
                         "shows early orderings; medium: until the training errors stop "
-                        "falling (digits: ~11 min per seed for fig7's nets on 2 cores); "
+                        "falling (digits: ~12 min per seed for fig7's nets on 2 cores); "
                         "full: the paper's schedule")
     p.add_argument("--data", choices=("digits", "cifar10"),
                    help="default: digits for short and medium, cifar10 for full")

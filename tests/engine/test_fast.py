@@ -55,6 +55,7 @@ def test_momentum_buffers_exist_before_anything_compiles():
     trainer = Trainer(_config(compile=True))  # torch.compile is lazy: nothing compiled yet
     for p in trainer.model.parameters():
         assert torch.equal(trainer.optimizer.state[p]["momentum_buffer"], torch.zeros_like(p))
+    trainer.close()
     # A resumed run's buffers are its own, not replaced by zeros; no momentum, no buffers.
     model = torch.nn.Linear(3, 2)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -50,3 +50,21 @@ def test_the_report_writes_each_claims_mark(tmp_path):
     assert "- holds, within the spread: x (d)" in text and "- does NOT hold: y" in text
     assert [c["mark"] for c in report.check_dicts()] == ["holds, within the spread",
                                                          "does NOT hold"]
+
+
+def test_fig6s_claims_name_the_nets_in_their_order_and_check_every_deeper_resnet():
+    from distbelief.paper.experiments import _degradation_checks
+
+    train = {"plain20": Stat((1.0,)), "plain56": Stat((50.0,)), "resnet20": Stat((0.5,)),
+             "resnet56": Stat((0.4,)), "resnet110": Stat((0.9,))}
+    checks = {c.claim: c for c in _degradation_checks(train)}
+    degradation = checks["degradation: the deeper plain net trains worse (plain56 above "
+                         "plain20)"]
+    assert degradation.holds and degradation.detail == "50.00% vs 1.00%"
+    assert checks["resnet20 trains better than plain20"].holds
+    assert checks["resnet56 trains better than plain56"].holds
+    assert checks["deeper: resnet56 trains at least as well as resnet20"].holds
+    assert not checks["deeper: resnet110 trains at least as well as resnet20"].holds
+    assert len(checks) == 5
+    flat = _degradation_checks({**train, "plain56": Stat((0.5,))})
+    assert not flat[0].holds  # a deeper plain net that trains as well is no degradation

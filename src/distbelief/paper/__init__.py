@@ -36,7 +36,7 @@ def reproduce(experiment: str, out: str | os.PathLike = "reproduction", *,
 
     Args:
         budget: "short" (minutes on a laptop CPU; digits by default), "medium" (until the
-            training errors stop falling; digits by default, ~11 min per seed for Fig. 7's
+            training errors stop falling; digits by default, ~12 min per seed for Fig. 7's
             nets on 2 cores) or "full" (the paper's schedule; CIFAR-10).
         data: "digits" or "cifar10" (default: the budget's); data_dir: the CIFAR-10 folder.
         models: a subset of the experiment's models (names), default all of them.

@@ -10,11 +10,13 @@
   not the paper's error rates.
 - `medium`: the nets trained until their training error has stopped falling, on data a laptop
   fits. On the digits the `digits` recipe at 3,000 iterations of 64 (~134 epochs, lr / 10 at
-  2,000 and 2,500): every net's training error is flat over the last 500 iterations (plain-56
-  at ~45%, the ResNets near 0), so Fig. 6's and Fig. 7's orderings are measured where training
-  has ended, not where the deep nets are still starting; ~11 min per seed for the five nets of
-  Fig. 7 on 2 CPU cores. On CIFAR-10 the paper's recipe at 1/4 of its schedule (16,000
-  iterations, lr / 10 at 8,000 and 12,000): a GPU's minutes, a CPU's hours.
+  2,000 and 2,500): the ResNets' and plain-20's training errors are flat (within 0.05 points
+  over the last 500 iterations, near 0); plain-56 still creeps down at the last lr (~1 point per
+  250 iterations, 45-71% by seed), the degradation the paper reports. So Fig. 6's and Fig. 7's
+  orderings are measured where training has ended, not where the deep nets are still
+  starting; ~12 min per seed for the five nets of Fig. 7 on 2 CPU cores. On CIFAR-10 the
+  paper's recipe at 1/4 of its schedule (16,000 iterations, lr / 10 at 8,000 and 12,000): a
+  GPU's minutes, a CPU's hours.
 """
 
 from __future__ import annotations

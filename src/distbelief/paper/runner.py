@@ -7,9 +7,9 @@ With `parallel` K > 1 (several small nets side by side on one GPU) single-proces
 in K child processes at once, each in a process group of its own; on a GPU under a CUDA MPS
 daemon (`paper.mps`), so that their kernels run side by side instead of time-slicing it. A
 SIGINT or SIGTERM to the command is passed on to them as SIGTERM: the first makes each
-checkpoint and stop, a second stops them at once, as for `distbelief train`. A child whose parent dies stops the same way.
-Distributed runs (their own Ray) always go one at a time, in this process. Linux semantics
-(signal masks, process groups).
+checkpoint and stop, a second stops them at once, as for `distbelief train`. A child whose
+parent dies stops the same way. Distributed runs (their own Ray) always go one at a time, in
+this process. Linux semantics (signal masks, process groups).
 """
 
 from __future__ import annotations
