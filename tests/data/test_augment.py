@@ -92,3 +92,17 @@ def test_each_epoch_visits_every_image_once():
     stream = data.train.batches(4)  # the second epoch
     seen = torch.cat([next(stream)[0].flatten(1) for _ in range(4)])
     assert len(torch.unique(seen, dim=0)) == 64
+
+
+def test_crop_flip_is_five_kernels_per_batch_once_its_tables_exist():
+    """The draw, two table lookups, the pad and the gather: what a GPU step waits on outside
+    its graphs. An index table rebuilt per batch, or a flip done as its own pass, fails."""
+    from torch.profiler import profile
+
+    x, g = torch.randn(32, 3, 8, 8), torch.Generator()
+    crop_flip(x, 2, True, g)  # builds the tables for this shape
+    with profile() as prof:
+        crop_flip(x, 2, True, g)
+    ops = [e.name for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")
+           and e.name not in ("aten::unsqueeze", "aten::slice", "aten::select")]
+    assert sorted(ops) == ["aten::index"] * 3 + ["aten::pad", "aten::randint"], ops
