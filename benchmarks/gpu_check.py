@@ -17,7 +17,7 @@ says why in its place and the others still run):
 check cannot rot before a GPU arrives). Exit status: 0 when every section passed and nothing
 compiled after the warm-up, 1 otherwise.
 
-    benchmarks/gpu_check.sh [--out gpu-check.md] [--cifar-seconds 150]
+    benchmarks/gpu_check.sh [--out gpu-check.md] [--cifar-seconds 120]
                             [--data-dir ../shared/data/cifar-10-batches-py] [--cpu-dry-run]
 """
 
@@ -181,7 +181,7 @@ def downpour(args):
 def arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu-check.md", type=Path)
-    parser.add_argument("--cifar-seconds", type=float, default=150.0)
+    parser.add_argument("--cifar-seconds", type=float, default=120.0)
     parser.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data" /
                                                   "cifar-10-batches-py"))
     parser.add_argument("--cpu-dry-run", dest="dry", action="store_true",
