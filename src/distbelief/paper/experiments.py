@@ -15,7 +15,7 @@ from distbelief.engine.rundir import RunDir
 from distbelief.models import summarize
 from distbelief.plot import plot_runs
 from distbelief.paper.budgets import Options, check_models, run_config
-from distbelief.paper.report import (Check, Report, Stat, below, final_train_error,
+from distbelief.paper.report import (Check, Report, Stat, above, below, final_train_error,
                                      plot_responses)
 from distbelief.paper.runner import RunSpec
 
@@ -148,7 +148,7 @@ class Table6(ModelRuns):
             gap = stat.mean - paper if options.dataset == "cifar10" else None
             report.rows.append({"model": model, "params": summarize(model)["params"],
                                 "paper params": params_text, "test error %": stat.mean,
-                                "std": _std(stat), "best %": stat.best, "paper %": paper,
+                                "std": stat.spread, "best %": stat.best, "paper %": paper,
                                 "gap (points)": gap})
             if options.dataset == "cifar10" and options.budget == "full":
                 # The paper prints the best of its runs (ResNet-110: best of 5).
@@ -160,10 +160,6 @@ class Table6(ModelRuns):
                                           "has lower test error than", "{:.2f}%")
         report.notes += _seeds_note(options)
         return report
-
-
-def _std(stat: Stat) -> float | None:
-    return stat.std if len(stat.values) > 1 else None
 
 
 class Fig6(ModelRuns):
@@ -181,8 +177,8 @@ class Fig6(ModelRuns):
                                       lambda path: 100 * final_train_error(path))
             test[model] = over_seeds(runs, model, options, _test_error)
             report.rows.append({"model": model, "training error %": train[model].mean,
-                                "training std": _std(train[model]),
-                                "test error %": test[model].mean, "test std": _std(test[model])})
+                                "training std": train[model].spread,
+                                "test error %": test[model].mean, "test std": test[model].spread})
         first = options.each_seed()[0]
         for family in ("plain", "resnet"):
             names = [f"{m}-{first.tag}" for m in self.chosen(options) if m.startswith(family)]
@@ -209,10 +205,8 @@ def _degradation_checks(train: dict[str, Stat]) -> list[Check]:
     plain = sorted((m for m in train if m.startswith("plain")), key=_depth)
     if len(plain) > 1:
         a, b = plain[0], plain[-1]
-        check = below(f"degradation: the deeper plain net trains worse ({b} above {a})",
-                      train[a], train[b], "{:.2f}%")
-        check.detail = f"{train[b].text('{:.2f}%')} vs {train[a].text('{:.2f}%')}"
-        checks.append(check)
+        checks.append(above(f"degradation: the deeper plain net trains worse ({b} above {a})",
+                            train[b], train[a], "{:.2f}%"))
     return checks + _residual_checks(train, "trains better than", "{:.2f}%",
                                      deeper="trains at least as well as")
 
@@ -249,7 +243,7 @@ class Fig7(ModelRuns):
             curves[model] = [sum(layer) / len(layer) for layer in zip(*per_seed)]
             means[model] = Stat(tuple(sum(s) / len(s) for s in per_seed))
             report.rows.append({"model": model, "layers": len(curves[model]),
-                                "mean std": means[model].mean, "spread": _std(means[model]),
+                                "mean std": means[model].mean, "spread": means[model].spread,
                                 "max std": max(max(s) for s in per_seed)})
         plot_responses(curves, folder / "fig7.png")
         report.figures.append("fig7.png")

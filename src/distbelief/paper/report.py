@@ -5,7 +5,7 @@ programs and tests) and the figures."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from distbelief.engine.checkpoint import atomic_write, atomic_write_text
@@ -48,6 +48,11 @@ class Stat:
         return (sum((v - self.mean) ** 2 for v in self.values) / (n - 1)) ** 0.5
 
     @property
+    def spread(self) -> float | None:
+        """The std where there is one (several runs), else None (a table's "-")."""
+        return self.std if len(self.values) > 1 else None
+
+    @property
     def best(self) -> float:
         return min(self.values)
 
@@ -72,6 +77,11 @@ def below(claim: str, a: Stat, b: Stat, fmt: str = "{:.2f}", *,
         holds, separated = a.mean < b.mean, b.mean - a.mean > spread
     return Check(claim, holds, f"{a.text(fmt)} vs {b.text(fmt)}",
                  separated if several else None)
+
+
+def above(claim: str, a: Stat, b: Stat, fmt: str = "{:.2f}") -> Check:
+    """The claim "a is above b": `below(b, a)`, its detail in the claim's order."""
+    return replace(below(claim, b, a, fmt), detail=f"{a.text(fmt)} vs {b.text(fmt)}")
 
 
 @dataclass
