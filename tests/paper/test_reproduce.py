@@ -111,6 +111,17 @@ def test_seeds_train_one_run_each_and_report_their_spread(tmp_path, monkeypatch)
     check = next(c for c in fig6["checks"] if c["claim"].startswith("resnet20 trains"))
     assert check["separated"] is not None and "+-" in check["detail"]
     assert check["mark"] in ("holds", "holds, within the spread", "does NOT hold")
+    plain = next(r for r in fig6["rows"] if r["model"] == "plain20")
+    assert plain["best test %"] <= plain["test error %"] and plain["test std"] is not None
+    fig7 = reproduce("fig7", tmp_path, models=["plain20", "resnet20"], seeds=2,
+                     say=lines.append)
+    row = next(r for r in fig7["rows"] if r["model"] == "resnet20")
+    # Each run's responses, as measured and kept beside the report: the row averages the runs.
+    means = [sum(r["std"] for r in layers) / len(layers) for layers in (
+        json.loads((tmp_path / "fig7" / f"responses-{name}.json").read_text())
+        for name in ("resnet20-short-digits", "resnet20-short-digits-seed1"))]
+    assert row["mean std"] == pytest.approx(sum(means) / 2)
+    assert row["spread"] == pytest.approx(abs(means[0] - means[1]) / 2 ** 0.5)
 
 
 @pytest.mark.parametrize("experiment", ["table1", "downpour"])

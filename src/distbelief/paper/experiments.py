@@ -169,8 +169,8 @@ class Fig6(ModelRuns):
 
     def report(self, options: Options, runs: Path, folder: Path) -> Report:
         report = Report(self.title, budget_note(options),
-                        ("model", "training error %", "training std", "test error %",
-                         "test std"))
+                        ("model", "training error %", "training std", "best training %",
+                         "test error %", "test std", "best test %"))
         train, test = {}, {}
         for model in self.chosen(options):
             train[model] = over_seeds(runs, model, options,
@@ -178,7 +178,9 @@ class Fig6(ModelRuns):
             test[model] = over_seeds(runs, model, options, _test_error)
             report.rows.append({"model": model, "training error %": train[model].mean,
                                 "training std": train[model].spread,
-                                "test error %": test[model].mean, "test std": test[model].spread})
+                                "best training %": train[model].best,
+                                "test error %": test[model].mean, "test std": test[model].spread,
+                                "best test %": test[model].best})
         first = options.each_seed()[0]
         for family in ("plain", "resnet"):
             names = [f"{m}-{first.tag}" for m in self.chosen(options) if m.startswith(family)]
