@@ -5,6 +5,7 @@ programs and tests) and the figures."""
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -38,14 +39,11 @@ class Stat:
 
     @property
     def mean(self) -> float:
-        return sum(self.values) / len(self.values)
+        return statistics.fmean(self.values)
 
     @property
     def std(self) -> float:
-        n = len(self.values)
-        if n < 2:
-            return 0.0
-        return (sum((v - self.mean) ** 2 for v in self.values) / (n - 1)) ** 0.5
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
 
     @property
     def spread(self) -> float | None:
