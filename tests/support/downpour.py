@@ -1,6 +1,7 @@
 """Downpour test helpers: a small digits config and in-process shards."""
 
-from distbelief.distributed.downpour import ParameterShard, initial_vector
+from distbelief.distributed.downpour import ParameterShard
+from distbelief.distributed.downpour.layout import plain_layout
 from distbelief.engine.config import TrainConfig
 from distbelief.optim import shard_bounds
 
@@ -13,6 +14,8 @@ def digits_config(**kw):
 
 
 def make_shards(config, data, count):
-    w0, n_params = initial_vector(config, data)
-    return [ParameterShard(k, lo, hi, n_params, w0[lo:hi], config)
+    """`count` in-process shards over the initial server vector (the trainer's layout)."""
+    w0, slots, retention = plain_layout(config, data)
+    n_params = slots[0].param_end
+    return [ParameterShard(k, lo, hi, n_params, w0[lo:hi], config, retention=retention[lo:hi])
             for k, (lo, hi) in enumerate(shard_bounds(w0.numel(), count))], n_params

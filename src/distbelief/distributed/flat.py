@@ -56,6 +56,17 @@ class FlatModel:
             torch._foreach_copy_(tensors, [v.view(t.shape) for v, t in zip(pieces, tensors)])
 
     @torch.no_grad()
+    def load_buffers(self, buffers: torch.Tensor) -> None:
+        """Copy a flat buffers vector in."""
+        pieces = buffers.to(self.buffers[0].device).split(self.sizes[len(self.params):])
+        torch._foreach_copy_(self.buffers, [v.view(t.shape) for v, t in zip(pieces, self.buffers)])
+
+    @torch.no_grad()
+    def parameter_vector(self) -> torch.Tensor:
+        """Flat float32 copy of the parameters, on the model's device."""
+        return torch.cat([p.reshape(-1).float() for p in self.params])
+
+    @torch.no_grad()
     def gradient(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Flat gradient of the parameters (zeros where one got none) on the model's device,
         float32 unless `dtype`."""

@@ -34,8 +34,10 @@ DATASETS = ("digits", "cifar10", "imagenet", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
 WARMUP_MODES = ("constant", "linear")
 OPTIMIZERS = ("sgd", "adagrad")
-STALENESS_RULES = ("none", "lr", "momentum", "dc", "dana")  # distributed.downpour.rules
+# distributed.downpour.rules
+STALENESS_RULES = ("none", "lr", "momentum", "dc", "dana", "dana-slim")
 TRANSFER_DTYPES = ("float32", "bfloat16", "float16")  # distributed.wire
+BN_STATS = ("batch", "delta")  # distributed.downpour.statistics
 MODES = ("single", "downpour", "sandblaster", "sync")
 DISTRIBUTED_MODES = ("downpour", "sandblaster", "sync")
 LINE_SEARCHES = ("strong_wolfe", "none")
@@ -158,8 +160,16 @@ class DownpourConfig:
                                "Zheng 2017), none (Dean 2012); combined with +, as dana+lr "
                                "(the default: dana, and lr for staleness beyond 1)",
                                default="dana+lr")
-    dc_lambda: float = _opt("downpour: lambda of --staleness-rule dc", check=non_negative,
-                            default=0.04)
+    dc_lambda: float = _opt("downpour: lambda_0 of --staleness-rule dc (adaptive: lambda_t = "
+                            "lambda_0 / sqrt(MeanSquare(g)), Zheng 2017's DC-ASGD-a)",
+                            check=non_negative, default=2.0)
+    bn_stats: str = _opt("downpour: how the server's BatchNorm running statistics follow the "
+                         "replicas: batch (replicas push their batches' statistics, the shard "
+                         "runs the moving average: no delayed feedback) or delta (replicas push "
+                         "the change of their own running statistics)", default="batch")
+    lockstep: bool = _opt("downpour: run the replicas in one process, one step each in turn "
+                          "against the real shards and rules (staleness exactly replicas - 1, "
+                          "repeatable bit for bit; no Ray)", default=False)
     ps_transfer_dtype: str = _opt("downpour: the dtype pushes and pulls travel in: float32, "
                                   "bfloat16 or float16 (half the bytes; the shards keep and "
                                   "update float32)", default="float32")
@@ -317,6 +327,10 @@ class TrainConfig:
                                         "killed outright loses at most this window",
                                         check=non_negative, default=300.0)
     eval_batch_size: int = _opt("images per evaluation batch", check=positive, default=500)
+    bn_recalibrate: int = _opt("before every evaluation (and the checkpoint's model) re-estimate "
+                               "BatchNorm's running statistics as the plain average over this "
+                               "many training batches at the current weights ('precise BN'; 0: "
+                               "off)", check=non_negative, default=0)
     tensorboard: bool = _opt("also write TensorBoard event files into RUN_DIR/tensorboard "
                              "(loss, error, lr, images/s, staleness, per-shard updates/s)",
                              default=False)
@@ -469,6 +483,7 @@ def validate(c: TrainConfig) -> None:
     for rule in c.downpour.staleness_rule.split("+"):
         check_choice("staleness rule", rule, STALENESS_RULES)
     check_choice("transfer dtype", c.downpour.ps_transfer_dtype, TRANSFER_DTYPES)
+    check_choice("BatchNorm statistics", c.downpour.bn_stats, BN_STATS)
     if c.shortcut is not None:
         check_choice("shortcut option", c.shortcut, ("A", "B", "C"))
     if c.variant is not None:
@@ -544,11 +559,21 @@ def _check_rules(c: TrainConfig) -> None:
 
 def _check_staleness_rule(c: TrainConfig) -> None:
     rules = set(c.downpour.staleness_rule.split("+"))
-    if "dana" not in rules:
+    if c.downpour.lockstep and c.mode == "downpour" and c.cluster.partitions > 1:
+        raise ConfigError("--lockstep runs whole replicas in one process: --partitions 1")
+    dana = rules & {"dana", "dana-slim"}
+    if not dana:
         return
+    if len(dana) > 1:
+        raise ConfigError("--staleness-rule: dana and dana-slim are one algorithm; name one")
+    name = dana.pop()
     if rules & {"momentum", "dc"}:
-        raise ConfigError("--staleness-rule dana combines with lr only (it replaces the "
-                          "momentum correction, and dc would compensate from the wrong values)")
+        raise ConfigError(f"--staleness-rule {name} combines with lr only (it replaces the "
+                          f"momentum correction, and dc would compensate from the wrong "
+                          f"values)")
+    if name == "dana-slim" and c.nesterov:
+        raise ConfigError("--staleness-rule dana-slim is Nesterov-shaped by construction: "
+                          "drop --nesterov")
 
 
 def _check_partitions(c: TrainConfig) -> None:

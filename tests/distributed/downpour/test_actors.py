@@ -21,6 +21,10 @@ def config():
                                  iterations=1000, snapshot_every_s=1000.0)
 
 
+# Elements 6 and 7 are buffers: a moving average (momentum 0.1) and a count.
+RETENTION = np.array([1.0] * 6 + [0.9, 1.0], dtype=np.float32)
+
+
 def until(check, timeout_s=60.0):
     deadline = time.monotonic() + timeout_s
     while True:
@@ -41,7 +45,7 @@ def test_a_killed_shard_comes_back_with_its_snapshot_and_applies_retried_pushes_
         [strategy] = session.place_shards(1)
         shard = ShardActor.options(name=session.name("shard-0"), max_restarts=1,
                                    max_task_retries=-1, scheduling_strategy=strategy).remote(
-            0, 0, 8, 6, config(), session.keeper_name)
+            0, 0, 8, 6, config(), session.keeper_name, RETENTION)
         session.shards = [shard]
         ray.get(shard.start.remote(np.arange(8, dtype=np.float32)))
         pushes = [(np.full(8, float(i), dtype=np.float32), (1, "replica-1", i))
@@ -59,7 +63,9 @@ def test_a_killed_shard_comes_back_with_its_snapshot_and_applies_retried_pushes_
         # Ray retries what was in flight: push 2 (in the snapshot) is skipped, 3 and 4 applied.
         replies = [ray.get(shard.push.remote(u, 0, 1, (), src)) for u, src in pushes[1:]]
         assert [r.get("duplicate", False) for r in replies] == [True, False, False]
-        reference = ParameterShard(0, 0, 8, 6, torch.arange(8.0), config())
+        # A restarted shard folds the buffers as before (its retention came back with it).
+        reference = ParameterShard(0, 0, 8, 6, torch.arange(8.0), config(),
+                                   retention=RETENTION)
         for update, source in pushes:
             reference.push(torch.from_numpy(update), 0, source=source)
         values, version = ray.get(shard.pull.remote())
@@ -78,7 +84,7 @@ def test_without_snapshots_nothing_reaches_the_keeper_and_a_killed_shard_stays_d
         [strategy] = session.place_shards(1)
         shard = ShardActor.options(name=session.name("shard-0"), max_restarts=1,
                                    max_task_retries=0, scheduling_strategy=strategy).remote(
-            0, 0, 8, 6, config().replace(snapshot_every_s=0.0), session.keeper_name)
+            0, 0, 8, 6, config().replace(snapshot_every_s=0.0), session.keeper_name, RETENTION)
         session.shards = [shard]
         ray.get(shard.start.remote(np.arange(8, dtype=np.float32)))
         ray.get(shard.push.remote(np.ones(8, dtype=np.float32), 0, 1, (), (1, "r", 1)))
@@ -112,7 +118,8 @@ def test_one_put_or_a_slice_per_shard_apply_the_same_push_in_the_transfer_dtype(
     bounds, n = [(0, 5), (5, 12)], 12
     w0, g = torch.randn(n), torch.randn(n).to(torch.bfloat16)
     try:
-        shards = [ShardActor.remote(k, lo, hi, 10, c, session.keeper_name)
+        retention = np.array([1.0] * 10 + [0.9, 0.9], dtype=np.float32)
+        shards = [ShardActor.remote(k, lo, hi, 10, c, session.keeper_name, retention[lo:hi])
                   for k, (lo, hi) in enumerate(bounds)]
         session.shards = shards
         results = []
@@ -125,7 +132,8 @@ def test_one_put_or_a_slice_per_shard_apply_the_same_push_in_the_transfer_dtype(
             assert [r["accepted"] for r in replies] == [True, True] and versions == [1, 1]
             assert pulled.dtype == torch.bfloat16
             results.append((pulled.clone(), server_vector(shards).clone()))
-        local = [ParameterShard(k, lo, hi, 10, w0[lo:hi], c) for k, (lo, hi) in enumerate(bounds)]
+        local = [ParameterShard(k, lo, hi, 10, w0[lo:hi], c, retention=retention[lo:hi])
+                 for k, (lo, hi) in enumerate(bounds)]
         for s, (lo, hi) in zip(local, bounds):
             s.push(g[lo:hi], 0)
         expected = torch.cat([s.w for s in local])

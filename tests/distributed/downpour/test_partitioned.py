@@ -53,9 +53,9 @@ def test_block_layout_round_trips():
 
 def local_partitioned(config, data):
     """One partitioned replica over in-process stages and aligned in-process shards."""
-    initial, plan, slots = server_layout(config, data)
-    shards = [ParameterShard(k, s.lo, s.hi, s.param_end, initial[s.lo:s.hi], config)
-              for k, s in enumerate(slots)]
+    initial, plan, slots, retention = server_layout(config, data)
+    shards = [ParameterShard(k, s.lo, s.hi, s.param_end, initial[s.lo:s.hi], config,
+                             retention=retention[s.lo:s.hi]) for k, s in enumerate(slots)]
     with torch.device("meta"):
         modules = plan.modules_of(build_model(config, data))
     offsets = [min(s.lo for s in slots if s.part == p) for p in range(len(modules))]
@@ -85,7 +85,7 @@ def test_one_partitioned_replica_equals_one_whole_replica(parts, channels_last):
     server = torch.cat([s.w for s in shards])
     reference = build_model(config, data)
     FlatModel(reference).load(whole_shards[0].w)
-    _, plan, _ = server_layout(config, data)
+    _, plan, _, _ = server_layout(config, data)
     torch.testing.assert_close(server, BlockFlat(plan.modules_of(reference)).vector(),
                                rtol=0, atol=1e-6)
     assert all(s.version == 8 for s in shards)

@@ -80,20 +80,37 @@ def test_momentum_rule_is_the_recipe_s_momentum_without_staleness():
 
 
 def test_dc_rule_compensates_with_what_the_pushing_replica_fetched():
+    """DC-ASGD-a: lambda_t = lambda_0 / sqrt(MeanSquare), MeanSquare <- 0.95 ms + 0.05 g*g."""
     s = shard([1.0], staleness_rule="dc", dc_lambda=0.5)
     for replica in (0, 1):
         s.pull(source=replica)  # both fetch w = 1 at version 0
     s.push(torch.tensor([1.0]), 0, source=(1, "a", 1))  # fresh: g unchanged, w = 0.9
     close(s.w, [0.9])
-    s.push(torch.tensor([2.0]), 0, source=(0, "b", 1))  # g + 0.5 * 4 * (0.9 - 1) = 1.8
-    close(s.w, [0.9 - 0.18])
-    s.pull(source=0)  # replica 0 fetches w = 0.72 at version 2
+    ms = 0.95 * 0.05 + 0.05 * 4.0
+    g = 2.0 + 0.5 / (ms + 1e-7) ** 0.5 * 4.0 * (0.9 - 1.0)
+    s.push(torch.tensor([2.0]), 0, source=(0, "b", 1))
+    close(s.w, [0.9 - 0.1 * g])
+    w = 0.9 - 0.1 * g
+    assert abs(g - 2.0) > 0.3  # the adaptive term is of the gradient's size (constant: 0.2)
+    s.pull(source=0)  # replica 0 fetches at version 2
     s.push(torch.tensor([1.0]), 2, source=(0, "b", 2))
-    close(s.w, [0.72 - 0.1])
+    close(s.w, [w - 0.1])
     assert list(s.update.fetched[0]) == [2]  # the version-0 copy is dropped
     s.push(torch.tensor([1.0]), 1, source=(1, "a", 2))  # a fetch the shard never served
-    close(s.w, [0.62 - 0.1])
+    close(s.w, [w - 0.2])
     assert s.update.uncompensated == 1 and s.stats()["uncompensated"] == 1
+    ms = 0.95 * (0.95 * ms + 0.05) + 0.05  # every push moves MeanSquare, compensated or not
+    close(s.update.mean_square, [ms])
+
+
+def test_dc_mean_square_survives_a_snapshot():
+    a = shard([1.0], staleness_rule="dc")
+    a.pull(source=0)
+    a.push(torch.tensor([3.0]), 0, source=(0, "a", 1))
+    b = shard([0.0], staleness_rule="dc")
+    b.restore(a.snapshot())
+    torch.testing.assert_close(b.update.mean_square, a.update.mean_square, rtol=0, atol=0)
+    assert float(b.update.mean_square) == pytest.approx(0.05 * 9)
 
 
 def test_rules_survive_a_snapshot():
@@ -111,7 +128,7 @@ def test_rules_survive_a_snapshot():
 def test_describe_names_the_rule_in_force():
     assert "staleness rule dana+lr" in describe(config(momentum=0.9))  # the default
     assert "Mitliagkas" in describe(config(momentum=0.9, staleness_rule="momentum"))
-    assert "lambda 0.04" in describe(config(staleness_rule="dc"))
+    assert "lambda 2" in describe(config(staleness_rule="dc"))
     for rule in ("momentum", "dana"):
         assert "do not apply" in describe(config(staleness_rule=rule, optimizer="adagrad"))
     with pytest.raises(ConfigError, match="staleness rule"):

@@ -12,8 +12,11 @@ from distbelief.optim import sgd_update
 
 
 def config(**kw):
+    """Buffers as pushed changes (--bn-stats delta): the batch statistics' fold has its own
+    tests (tests/distributed/downpour/test_statistics.py)."""
     return TrainConfig().replace(**{"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0,
-                                    "milestones": (3,), "iterations": 100, **kw})
+                                    "milestones": (3,), "iterations": 100, "bn_stats": "delta",
+                                    **kw})
 
 
 def shard(n_params=6, lo=0, hi=8, clock=None, **kw):

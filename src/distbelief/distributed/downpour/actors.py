@@ -103,8 +103,9 @@ class ShardActor:
     does not fit): a shard that dies then cannot restart, and the run stops with one line;
     --resume continues from the last checkpoint."""
 
-    def __init__(self, index: int, lo: int, hi: int, n_params: int, config, keeper_name: str):
-        self.args, self.config = (index, lo, hi, n_params), config
+    def __init__(self, index: int, lo: int, hi: int, n_params: int, config, keeper_name: str,
+                 retention: np.ndarray | None = None):
+        self.args, self.config, self.retention = (index, lo, hi, n_params), config, retention
         self.dtype = wire_dtype(config)
         # Its update runs on --ps-threads Python threads (`optim.Ranges`), never on torch's
         # OpenMP workers, which spin on cores the replicas compute on.
@@ -127,7 +128,8 @@ class ShardActor:
     def _build(self, values) -> None:
         index, lo, hi, n_params = self.args
         initial = torch.zeros(hi - lo) if values is None else tensor_view(values)
-        self.shard = ParameterShard(index, lo, hi, n_params, initial, self.config)
+        self.shard = ParameterShard(index, lo, hi, n_params, initial, self.config,
+                                    retention=self.retention)
 
     def start(self, values: np.ndarray | None = None, state: dict | None = None) -> int:
         """Begin at `values`, or at a checkpointed snapshot `state`; returns the version. The
@@ -172,6 +174,10 @@ class ShardActor:
         if self.snapshots:
             self.sender.send(snapshot)
         return snapshot
+
+    def retire(self, replica: int) -> bool:
+        """Replica `replica` is gone for good (`ParameterShard.retire`)."""
+        return self.shard.retire(replica)
 
     def status(self) -> dict:
         return {**self.shard.stats(), "incarnation": self.incarnation,

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from distbelief.distributed.downpour.replica import initial_model, initial_vector
-from distbelief.distributed.flat import BlockFlat
+from distbelief.distributed.downpour.replica import initial_model
+from distbelief.distributed.downpour.statistics import server_retention
+from distbelief.distributed.flat import BlockFlat, FlatModel
 from distbelief.distributed.pipeline.partition import Plan, partition
 from distbelief.errors import CheckpointError, ConfigError
 from distbelief.optim import shard_bounds
@@ -65,21 +66,24 @@ def aligned_shards(blocks: list[tuple[int, int]], shards: int) -> list[ShardSlot
     return slots
 
 
-def plain_layout(config, data) -> tuple[torch.Tensor, list[ShardSlot]]:
-    """An unpartitioned run's start: (the initial server vector, the shards' slots). The model
-    is initialized as the single-process trainer initializes it (`replica.initial_vector`)."""
-    vector, n_params = initial_vector(config, data)
-    return vector, [ShardSlot(0, lo, hi, n_params)
-                    for lo, hi in shard_bounds(vector.numel(), config.cluster.ps_shards)]
+def plain_layout(config, data) -> tuple[torch.Tensor, list[ShardSlot], torch.Tensor]:
+    """An unpartitioned run's start: (the initial server vector, the shards' slots, the
+    vector's `statistics.server_retention`). The model is initialized as the single-process
+    trainer initializes it (`replica.initial_model`)."""
+    flat = FlatModel(initial_model(config, data))
+    vector = flat.vector()
+    return vector, [ShardSlot(0, lo, hi, flat.n_params)
+                    for lo, hi in shard_bounds(vector.numel(), config.cluster.ps_shards)], \
+        server_retention(flat)
 
 
-def server_layout(config, data,
-                  saved: dict | None = None) -> tuple[torch.Tensor, Plan, list[ShardSlot]]:
+def server_layout(config, data, saved: dict | None = None
+                  ) -> tuple[torch.Tensor, Plan, list[ShardSlot], torch.Tensor]:
     """A partitioned Downpour run's start: (the initial server vector, the plan, the shards'
-    slots). The model is initialized as the single-process trainer initializes it
-    (`replica.initial_model`), cut by the partitioner (measured on one training
-    example) and laid out part after part (`flat.BlockFlat`); the shards are aligned to the
-    parts (`aligned_shards`).
+    slots, the vector's `statistics.server_retention`). The model is initialized as the
+    single-process trainer initializes it (`replica.initial_model`), cut by the partitioner
+    (measured on one training example) and laid out part after part (`flat.BlockFlat`); the
+    shards are aligned to the parts (`aligned_shards`).
 
     Raises:
         ConfigError: the model cannot be cut so, or fewer shards than parts.
@@ -93,6 +97,6 @@ def server_layout(config, data,
     flat = BlockFlat(plan.modules_of(model))
     slots = aligned_shards([(b.n_params, b.n_buffers) for b in flat.blocks],
                            config.cluster.ps_shards)
-    vector = flat.vector()
+    vector, retention = flat.vector(), server_retention(flat)
     model.to("meta")  # the plan keeps the parts' modules: free their values (now the vector's)
-    return vector, plan, slots
+    return vector, plan, slots, retention

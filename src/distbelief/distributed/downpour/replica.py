@@ -38,7 +38,9 @@ from collections import deque
 import torch
 
 from distbelief.data import BatchCursor, build_data
+from distbelief.distributed.downpour.rules import slim_momentum
 from distbelief.distributed.downpour.shard import ParameterShard
+from distbelief.distributed.downpour.statistics import BufferSync
 from distbelief.distributed.flat import FlatModel, all_finite, model_vector
 from distbelief.distributed.pending import Done, ItemOf
 from distbelief.distributed.wire import wire_dtype
@@ -141,6 +143,8 @@ class Exchange:
     def __init__(self, source_index: int, config, client, flat: FlatModel):
         self.source_index, self.config, self.client, self.flat = source_index, config, client, flat
         self.n_buffers = flat.n_buffers
+        self.buffers = BufferSync(flat.model, config.downpour.bn_stats)
+        self.slim = slim_momentum(config)  # dana-slim: this replica's momentum
         self.dtype = wire_dtype(config)
         self.wire: torch.Tensor | None = None  # a push as it travels, reused (module doc)
         self.versions: list[int] | None = None  # shard versions of the parameters in use
@@ -163,11 +167,12 @@ class Exchange:
         n_params = vector.numel() - self.n_buffers
         server_buffers = vector[n_params:].to(torch.float32, copy=True)
         buffers = server_buffers
-        if self.buffer_base is not None and self.n_buffers:
-            # Keep the statistics changes not yet pushed on top of the server's statistics.
-            buffers = server_buffers + (self.flat.buffer_vector() - self.buffer_base)
+        if self.n_buffers:
+            # The statistics not yet pushed stay (`statistics.BufferSync`).
+            local = None if self.buffer_base is None else self.flat.buffer_vector()
+            buffers = self.buffers.installed(server_buffers, local, self.buffer_base)
         self.flat.load_parts(vector[:n_params], buffers)
-        self.buffer_base = server_buffers
+        self.buffer_base = self.buffers.base(server_buffers)
         self.versions = list(versions)
 
     def add(self, gradient: torch.Tensor, error: float, copy: bool = False) -> None:
@@ -207,10 +212,15 @@ class Exchange:
         if self.n_buffers:
             buffers_now = self.flat.buffer_vector()
             self.wire[n_params:].copy_(buffers_now - self.buffer_base)
-            self.buffer_base = buffers_now
+            self.buffer_base = self.buffers.base(buffers_now)
+            if self.buffers.ema is not None:  # the accumulators start again from zero
+                self.flat.load_buffers(self.buffer_base)
         return self.wire
 
     def push(self, step: int, metrics: dict) -> None:
+        if self.slim is not None:  # what DANA-Slim sends: d + momentum * v (`SlimMomentum`)
+            self.accum = self.slim.push(self.accum, self.flat.parameter_vector()
+                                        if self.slim.weight_decay else None)
         vector = self._vector()
         steps, errors = len(self.accum_errors), tuple(float(e) for e in self.accum_errors)
         versions = self.accum_versions

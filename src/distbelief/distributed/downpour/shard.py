@@ -4,13 +4,14 @@ and the update rule it applies to every push on arrival. Plain Python: no Ray he
 `optim.shard_bounds` cuts the vector into K contiguous slices balanced by size; shard k owns
 w[lo:hi).
 
-BatchNorm statistics. A replica's running statistics are an exponential moving average of the
-batch statistics it sees. The server keeps one such average over the batches of all replicas:
-a push carries, for buffer elements, the change the replica's forward passes made to its
-running statistics since its last push, and the shard adds it. With one replica this is exactly
-the single-process trainer's running average; with several, every replica's batches move the
-server's average as they arrive (asynchronously, as gradients do). So the model evaluated from
-the server has statistics computed on recent parameters and on all replicas' data.
+BatchNorm statistics. The server keeps one moving average over the batches of all replicas: a
+push carries, for buffer elements, what the replica's forward passes since its last push make
+of it, and the shard folds it in (`statistics.fold`: with --bn-stats batch, the replica's own
+moving average of those batches started at zero, r <- (1 - a)^k r + c; with delta, the change
+of the replica's running statistics, added). With one replica either is exactly the
+single-process trainer's running average; with several, every replica's batches move the
+server's average as they arrive, so the model evaluated from the server has statistics computed
+on recent parameters and on all replicas' data (`downpour.statistics`).
 
 Exactly once. Ray retries a push that was in flight when a shard died on the restarted shard,
 which starts from its latest snapshot: a push the snapshot already holds must not be applied
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from distbelief.distributed.downpour.rules import StaleUpdate
+from distbelief.distributed.downpour.statistics import fold
 from distbelief.distributed.flat import all_finite
 from distbelief.engine.schedule import LRSchedule
 from distbelief.errors import CheckpointError
@@ -48,7 +50,9 @@ class ParameterShard:
     Gradient elements (those below `n_params`) are updated by the configured rule: SGD with
     momentum, weight decay and the recipe's lr schedule, or Adagrad (per-parameter step
     gamma / sqrt(sum of squared gradients)), with --staleness-rule's correction for the push's
-    staleness (`downpour.rules`). Buffer elements get pushed deltas added.
+    staleness (`downpour.rules`). Buffer elements fold in what is pushed for them
+    (`statistics.fold`); `retention` (this slice's elements of `statistics.server_retention`)
+    is required for a slice holding buffers under --bn-stats batch.
 
     `version` counts applied pushes; a push states the version its gradient was computed
     from, so `version - base_version` is its staleness. `steps` counts the minibatch gradients
@@ -63,7 +67,7 @@ class ParameterShard:
     """
 
     def __init__(self, index: int, lo: int, hi: int, n_params: int, values: torch.Tensor,
-                 config, clock=time.monotonic):
+                 config, clock=time.monotonic, retention=None):
         if values.shape != (hi - lo,):
             raise ValueError(f"shard {index} owns [{lo}, {hi}) but got {tuple(values.shape)} "
                              f"values")
@@ -71,6 +75,13 @@ class ParameterShard:
         self.split = max(0, min(hi, n_params) - lo)  # w[:split] are parameters, the rest buffers
         self.w = values.detach().float().clone()
         self.config = config
+        # Under --bn-stats batch, the buffers' 1 - momentum (`statistics.server_retention`).
+        self.retention = None
+        if config.downpour.bn_stats == "batch" and hi > lo + self.split:
+            if retention is None:  # folding by addition would silently be the wrong average
+                raise ValueError(f"shard {index} holds buffers: --bn-stats batch needs their "
+                                 f"retention (statistics.server_retention)")
+            self.retention = torch.as_tensor(retention, dtype=torch.float32)[self.split:].clone()
         self.rule = config.optimizer
         self.schedule = LRSchedule(config)
         self.update = StaleUpdate(config, self.split, config.cluster.ps_threads)
@@ -136,7 +147,8 @@ class ParameterShard:
             return {"accepted": False, "version": self.version, "steps": self.steps}
         staleness = max(self.version - base_version, 0)
         self.staleness[min(staleness, STALENESS_CAP)] += 1
-        self._apply(update, staleness, None if source is None else source[0], base_version)
+        self._apply(update, staleness, None if source is None else source[0], base_version,
+                    steps)
         self._count(steps, errors)
         self.version += 1
         return {"accepted": True, "version": self.version, "steps": self.steps}
@@ -151,10 +163,15 @@ class ParameterShard:
         return False
 
     def _apply(self, update: torch.Tensor, staleness: int, replica: int | None,
-               base_version: int) -> None:
+               base_version: int, steps: int) -> None:
         self.update.apply(self.w[:self.split], update[:self.split],
                           self.schedule.lr_at(self.steps), staleness, replica, base_version)
-        self.w[self.split:].add_(update[self.split:])
+        fold(self.w[self.split:], update[self.split:].float(), self.retention,
+             steps * self.config.cluster.micro_batches)
+
+    def retire(self, replica: int) -> bool:
+        """Replica `replica` is gone for good (`StaleUpdate.retire`): whether it held state."""
+        return self.update.retire(replica)
 
     def _count(self, steps: int, errors: tuple[float, ...]) -> None:
         for j, error in enumerate(errors):

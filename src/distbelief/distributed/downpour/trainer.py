@@ -107,9 +107,10 @@ class DownpourTrainer(BaseTrainer):
         start = self.config.replace(init_from=None) if saved else self.config
         self.plan: Plan | None = None
         if self.config.cluster.partitions > 1:  # shards aligned to the parts (`partitioned`)
-            self.initial, self.plan, self.slots = server_layout(start, self.data, saved)
+            self.initial, self.plan, self.slots, self.retention = server_layout(
+                start, self.data, saved)
         else:
-            self.initial, self.slots = plain_layout(start, self.data)
+            self.initial, self.slots, self.retention = plain_layout(start, self.data)
         check_model(self.config, values=self.initial.numel())
         self.bounds = [(s.lo, s.hi) for s in self.slots]
         # The driver's model: evaluates and checkpoints.
@@ -156,7 +157,8 @@ class DownpourTrainer(BaseTrainer):
         session.shards = [
             ShardActor.options(name=name, max_restarts=c.cluster.max_restarts,
                                max_task_retries=-1, scheduling_strategy=strategy).remote(
-                k, slot.lo, slot.hi, slot.param_end, c, session.keeper_name)
+                k, slot.lo, slot.hi, slot.param_end, c, session.keeper_name,
+                self.retention[slot.lo:slot.hi].numpy())
             for k, (slot, name, strategy) in enumerate(
                 zip(self.slots, self.shard_names, session.place_shards(len(self.slots))))]
         # Replicas start (a few seconds each) while the shards load; work waits for both.
@@ -236,6 +238,8 @@ class DownpourTrainer(BaseTrainer):
         work.failed(r, give_up=not restarted)
         if restarted:
             work.pause(r)
+        else:  # gone for good: its momentum leaves every shard's look-ahead
+            get([s.retire.remote(r) for s in self.session.shards], shard_lost(self.config))
 
     def _release(self) -> bool:
         """Whether the warmstart is over; logs the moment it ends (the others get work)."""
