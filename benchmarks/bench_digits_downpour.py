@@ -1,9 +1,9 @@
 """Downpour on the unchanged `digits` recipe: test accuracy over seeds, with 2 and 4 replicas.
 
-The acceptance of the asynchrony issue: `distbelief train --mode downpour --replicas R
+The acceptance of the asynchrony issues: `distbelief train --mode downpour --replicas R
 --ps-shards 2 --seed S` on the `digits` recipe as it is (ResNet-20, batch 64, lr 0.1, momentum
 0.9, 1,200 minibatches over all replicas) reaches >= 97% test accuracy with 2 replicas and
->= 96% with 4, in every run. Each run is a subprocess of the CLI; prints one line per run
+>= 96% with 4 and with 8, in every run. Each run is a subprocess of the CLI; prints one line per run
 (accuracy, mean staleness, momentum in force, time a replica waited for its fetches, images/s)
 and the worst accuracy per replica count.
 
@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-TARGET = {2: 0.97, 4: 0.96}  # the issue's acceptance, per replica count
+TARGET = {2: 0.97, 4: 0.96, 8: 0.96}  # the issues' acceptance, per replica count
 
 
 def train(run: Path, replicas: int, seed: int, extra: list[str]) -> dict | None:

@@ -97,7 +97,8 @@ def make_config(model, train_data, test_data=None, *, mode: str = "single",
 def trainer_for(config: TrainConfig, run_dir, *, resume: bool = False, progress: bool = False,
                 address: str | None = None, dashboard: bool = False):
     """The trainer of `config`'s scheme (`Trainer`, `PipelineTrainer` for --partitions,
-    `DownpourTrainer`, `SandblasterTrainer`, `SyncTrainer`), ready to `fit()`. Nothing is
+    `DownpourTrainer` (`LockstepTrainer` with --lockstep), `SandblasterTrainer`,
+    `SyncTrainer`), ready to `fit()`. Nothing is
     written.
 
     Raises:
@@ -109,6 +110,13 @@ def trainer_for(config: TrainConfig, run_dir, *, resume: bool = False, progress:
         from distbelief.engine import Trainer
 
         return Trainer(config, run_dir, resume=resume, progress=progress)
+    if config.mode == "downpour" and config.downpour.lockstep:
+        if address or dashboard:
+            raise ConfigError("--lockstep runs every replica in this process: drop --address "
+                              "and --dashboard")
+        from distbelief.distributed.downpour.lockstep import LockstepTrainer
+
+        return LockstepTrainer(config, run_dir, resume=resume, progress=progress)
     from distbelief.distributed import (DownpourTrainer, PipelineTrainer, SandblasterTrainer,
                                         SyncTrainer)
 

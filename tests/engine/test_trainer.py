@@ -173,3 +173,29 @@ def test_evaluate_averages_softmax_over_views():
     as_list = evaluate(model, [([x[:1, 0], x[:1, 1]], y[:1])])
     assert as_list["loss"] == pytest.approx(float(-probs[0, 0].log()), rel=1e-5)
     assert result["top5_error"] == 0.0 and model.training
+
+
+def test_bn_recalibrate_re_estimates_before_evaluations_and_checkpoints(tmp_path):
+    """--bn-recalibrate: the evaluations and the checkpoint's model use statistics re-estimated
+    at the final weights from the batches at the run's position; the weights' path is the
+    plain run's (training never reads the running statistics)."""
+    from distbelief.engine.evaluate import recalibrate_for
+
+    plain = Trainer(digits_config(), tmp_path / "plain")
+    plain.fit()
+    config = digits_config(bn_recalibrate=3)
+    trainer = Trainer(config, tmp_path / "run")
+    summary = trainer.fit()
+    ours = load_checkpoint(tmp_path / "run/checkpoints/last.pt")["model"]
+    theirs = load_checkpoint(tmp_path / "plain/checkpoints/last.pt")["model"]
+    weights = [k for k in ours if "running" not in k and "tracked" not in k]
+    assert all(torch.equal(ours[k], theirs[k]) for k in weights)
+    assert not torch.allclose(ours["bn1.running_var"], theirs["bn1.running_var"])
+    torch.manual_seed(0)
+    model = plain.model
+    recalibrate_for(model, config, plain.data, 20)
+    torch.testing.assert_close(ours["bn1.running_var"], model.state_dict()["bn1.running_var"])
+    records = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["bn_recalibrated"] for r in evals] == [3, 3]
+    assert summary["test_error"] == evals[-1]["error"]

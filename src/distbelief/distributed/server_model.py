@@ -13,6 +13,7 @@ import torch
 
 from distbelief.data import DataBundle, build_data
 from distbelief.distributed.flat import FlatModel
+from distbelief.engine.evaluate import recalibrate_for
 from distbelief.engine.lifecycle import Diverged
 from distbelief.engine.setup import build_model
 
@@ -67,8 +68,9 @@ class ServerModel:
 
     def checkpoint(self, vector: torch.Tensor, position: int, wall_s: float, mode: str) -> dict:
         """The model at `vector` as an ordinary checkpoint for `distbelief eval` (with `mode`,
-        which --resume checks); its tensors are copies."""
-        self.load(vector)
+        which --resume checks); its tensors are copies. With --bn-recalibrate its BatchNorm
+        statistics are re-estimated first, as an evaluation's are (the shards keep theirs)."""
+        recalibrate_for(self.load(vector), self.config, self.data, position)
         return {"config": self.config.to_dict(), "iteration": position,
                 "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
                 "data_stats": self.data.stats, "num_classes": self.data.num_classes,

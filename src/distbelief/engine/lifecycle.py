@@ -42,7 +42,7 @@ import torch
 from distbelief.data import DataBundle, build_data
 from distbelief.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from distbelief.engine.config import TrainConfig, resolve
-from distbelief.engine.evaluate import evaluate
+from distbelief.engine.evaluate import evaluate, recalibrate_for
 from distbelief.engine.losses import error_text
 from distbelief.engine.rundir import RunDir, RunLock, read_jsonl
 from distbelief.engine.setup import resolve_device
@@ -306,12 +306,16 @@ class RunLifecycle:
     def evaluate(self, trainer: BaseTrainer) -> dict:
         """Evaluate the trainer's model on every split; log, print and return the records."""
         model, c = trainer.eval_model(), trainer.config
+        # --bn-recalibrate: the statistics re-estimated at these weights first (precise BN).
+        recalibrated = recalibrate_for(model, c, trainer.data, trainer.position)
         results = {}
         for split, source in trainer.data.splits.items():
             r = {"kind": "eval", "split": split, "iteration": trainer.position,
                  "examples": trainer.examples, "wall_s": round(self.wall_s, 3),
                  **evaluate(model, source.batches(), channels_last=c.channels_last,
                             bf16=c.bf16, loss=c.loss)}
+            if recalibrated:
+                r["bn_recalibrated"] = recalibrated
             results[split] = r
             self.log(r)
         main = _main(results)

@@ -25,7 +25,7 @@ from distbelief.data import build_data
 from distbelief.engine.base import BaseTrainer
 from distbelief.engine.checkpoint import load_checkpoint, load_model_state
 from distbelief.engine.config import TrainConfig
-from distbelief.engine.evaluate import evaluate
+from distbelief.engine.evaluate import evaluate, recalibrate_for
 from distbelief.engine.fast import CompiledStep, taken, tensor_lr
 from distbelief.engine.lifecycle import Diverged, TrainingInterrupted
 from distbelief.engine.losses import get_loss
@@ -212,6 +212,11 @@ class Trainer(BaseTrainer):
                 "in_chans": self.data.in_chans, "train_s": self.train_s}
 
     def save(self) -> None:
+        # --bn-recalibrate: the checkpoint's model has the statistics an evaluation would use
+        # (training in train mode never reads them, so the weights' path is unchanged).
+        if self.config.bn_recalibrate:
+            self.gather()
+            recalibrate_for(self.model, self.config, self.data, self.iteration)
         self.life.save_state(self.config, self.checkpoint_state())
 
     def train_until(self, until: int) -> None:

@@ -215,3 +215,110 @@ def test_dana_survives_a_snapshot():
 def test_dana_refuses_what_it_cannot_combine_with(settings, message):
     with pytest.raises(ConfigError, match=message):
         config(**settings)
+
+
+def test_dana_lr_looks_ahead_by_the_steps_the_shard_will_take():
+    """Under dana+lr the fetched point is w minus exactly what the shard is about to apply: the
+    next push of every replica, with a zero gradient and its last staleness, steps by
+    lr / staleness * momentum * v (not the schedule's undivided lr)."""
+    s = shard([1.0, -2.0], staleness_rule="dana+lr", momentum=0.9, replicas=3)
+    for replica, staleness in ((0, 0), (1, 0), (2, 0), (0, 2), (1, 3), (2, 1), (1, 3)):
+        s.push(torch.tensor([1.0, 0.5]) * (replica + 1), s.version - staleness,
+               source=(replica, "r", s.version))
+    ahead, _ = s.pull(source=0)
+    follower = shard([0.0, 0.0], staleness_rule="dana+lr", momentum=0.9, replicas=3)
+    follower.restore(s.snapshot())
+    for replica, staleness in ((0, 2), (2, 1), (1, 3)):  # each replica's last staleness
+        follower.push(torch.zeros(2), follower.version - staleness,
+                      source=(replica, "r", 100 + replica))
+    torch.testing.assert_close(ahead, follower.w, rtol=0, atol=1e-6)
+    undivided = s.w - 0.1 * 0.9 * sum(s.update.lookahead.velocity.values())
+    assert (ahead - undivided).abs().max() > 1e-2  # the old look-ahead went further
+
+
+def test_a_retired_replica_leaves_no_momentum_in_the_look_ahead():
+    s = shard([1.0], staleness_rule="dana", momentum=0.5, replicas=2)
+    s.push(torch.tensor([1.0]), 0, source=(0, "a", 1))  # v0 = 1
+    s.push(torch.tensor([2.0]), 0, source=(1, "b", 1))  # v1 = 2
+    assert s.retire(1) and not s.retire(1)
+    close(s.pull(source=0)[0], [float(s.w) - 0.1 * 0.5 * 1.0])
+    assert sorted(s.stats()["lookahead_sources"]) == [0]
+    b = shard([0.0], staleness_rule="dana", momentum=0.5, replicas=2)
+    b.restore(s.snapshot())  # the retirement survives a snapshot
+    close(b.pull(source=0)[0], [float(s.w) - 0.05])
+
+
+def _lockstep_quadratic(rule, replicas=3, rounds=5, **kw):
+    """Replicas in round robin on 0.5 w'Aw + b_r'w against one shard: each pushes the gradient
+    at what it fetched right after its own last push (staleness replicas - 1). Returns the
+    points the replicas computed at, in order."""
+    from distbelief.distributed.downpour.rules import slim_momentum
+
+    a = torch.tensor([[2.0, 0.5], [0.5, 1.0]])
+    c = config(staleness_rule=rule, momentum=0.9, replicas=replicas, **kw)
+    s = ParameterShard(0, 0, 2, 2, torch.tensor([1.0, -1.0]), c)
+    slim = [slim_momentum(c) for _ in range(replicas)]
+    held = [s.pull(source=r) for r in range(replicas)]
+    points = []
+    for step in range(rounds * replicas):
+        r = step % replicas
+        w, version = held[r]
+        points.append(w.clone())
+        g = a @ w + torch.tensor([0.1 * r, -0.2])
+        if slim[r] is not None:
+            g = slim[r].push(g, w)
+        s.push(g, version, source=(r, "x", step + 1))
+        held[r] = s.pull(source=r)
+    return points
+
+
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_dana_slim_equals_dana_zero_in_lockstep(replicas):
+    zero = _lockstep_quadratic("dana", replicas)
+    slim = _lockstep_quadratic("dana-slim", replicas)
+    for z, s in zip(zero, slim):
+        torch.testing.assert_close(s, z, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(zero[-1], _lockstep_quadratic("none", replicas)[-1], atol=1e-3)
+
+
+def test_dana_slim_with_one_replica_is_torch_s_nesterov_sgd():
+    a = torch.tensor([[2.0, 0.5], [0.5, 1.0]])
+    p = torch.tensor([1.0, -1.0], requires_grad=True)
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, nesterov=True)
+    points = _lockstep_quadratic("dana-slim", replicas=1, rounds=6)
+    for point in points:
+        torch.testing.assert_close(point, p.detach(), rtol=0, atol=1e-6)
+        opt.zero_grad()
+        (0.5 * p @ a @ p + torch.tensor([0.0, -0.2]) @ p).backward()
+        opt.step()
+
+
+def test_dana_slim_replica_pushes_d_plus_momentum_v_and_the_shard_steps_plainly():
+    from distbelief.distributed.downpour.rules import SlimMomentum
+
+    m = SlimMomentum(0.9, 0.01)
+    w, g1, g2 = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.5]), torch.tensor([-1.0, 1.0])
+    d1 = g1 + 0.01 * w
+    close(m.push(g1, w), (d1 + 0.9 * d1).tolist())
+    d2 = g2 + 0.01 * w
+    v2 = 0.9 * d1 + d2
+    close(m.push(g2, w), (d2 + 0.9 * v2).tolist())
+    close(g1, [1.0, 0.5])  # the caller's gradient is left as it was
+    s = shard([1.0], staleness_rule="dana-slim+lr", momentum=0.9, weight_decay=0.5)
+    assert s.update.momentum() == 0.0
+    s.push(torch.tensor([2.0]), 0)
+    s.push(torch.tensor([2.0]), 0)  # staleness 1: lr 0.1; no weight decay, no momentum here
+    close(s.w, [1.0 - 0.4])
+    s.push(torch.tensor([3.0]), 0)  # staleness 2: lr 0.05
+    close(s.w, [0.6 - 0.15])
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"staleness_rule": "dana+dana-slim"}, "one algorithm"),
+    ({"staleness_rule": "dana-slim+dc"}, "combines with lr only"),
+    ({"staleness_rule": "dana-slim", "nesterov": True}, "Nesterov-shaped"),
+])
+def test_dana_slim_refuses_what_it_cannot_combine_with(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        config(**settings)
+

@@ -67,6 +67,18 @@ def test_a_killed_replica_is_restarted_and_training_completes(tmp_path):
     assert failures[0]["actor"] == "replica 1" and failures[0]["restarted"]
 
 
+def test_a_replica_that_is_gone_for_good_leaves_the_look_ahead(tmp_path):
+    """--max-restarts 0: replica 1 dies and is not restarted; replica 0 finishes the run and
+    the shards' dana look-ahead holds replica 0's momentum alone."""
+    config = get_recipe("digits-downpour").replace(iterations=240, max_restarts=0,
+                                                   eval_every=0, checkpoint_every=0)
+    trainer = DownpourTrainer(config, tmp_path / "run")
+    kill_when(trainer, 60, lambda t: t.session.replicas[1])
+    summary = trainer.fit()
+    assert summary["replica_failures"] == 1 and summary["replica_restarts"] == 0
+    assert summary["iterations"] == 240 and summary["lookahead_sources"] == [0]
+
+
 @pytest.mark.slow  # ~1 min; make test-all
 def test_a_killed_shard_restarts_from_its_snapshot(tmp_path):
     run = tmp_path / "run"

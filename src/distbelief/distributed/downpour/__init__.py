@@ -9,6 +9,9 @@ sharded parameter server.
     work.py         WorkQueue: which replica trains which of its steps next (no Ray)
     records.py      ChunkWindow, ShardMonitor, the summary: what the trainer records (no Ray)
     actors.py       the Ray actors around shards, replicas and partitions; the replicas' client
+    statistics.py   BatchNorm running statistics pushed and folded (--bn-stats; no Ray)
+    generation.py   a checkpoint generation as both drivers write and read it (no Ray)
+    lockstep.py     LockstepTrainer: N replicas in turn in one process (--lockstep; no Ray)
     trainer.py      DownpourTrainer: hands out work, evaluates, logs, checkpoints, recovers
 
 A Downpour step: replica r installs the parameters its last fetch brought (the shards' slices,

@@ -171,6 +171,8 @@ def summary_entries(statuses: list[dict], counters: Counter, replica_images: lis
                               for st in statuses],
         "staleness": dict(sorted(histogram.items())),
         "staleness_mean": mean_staleness(histogram),
+        # dana: the replicas whose momentum the look-ahead holds (a retired one is gone).
+        "lookahead_sources": sorted({r for st in statuses for r in st["lookahead_sources"]}),
         # Computing, blocked on a fetch or on the in-flight push bound, and the rest (sending,
         # installing parameters, flattening gradients).
         "replica_time_s": {**{k: round(time_split[k], 3) for k in TIME_PARTS},

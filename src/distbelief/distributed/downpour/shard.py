@@ -235,6 +235,8 @@ class ParameterShard:
                 "lr": self.schedule.lr_at(self.steps), "momentum": self.update.momentum(),
                 "mean_staleness": self.update.mean_staleness,
                 "uncompensated": self.update.uncompensated,
+                "lookahead_sources": sorted(self.update.lookahead.velocity)
+                if self.update.lookahead is not None else [],
                 "snapshot_version": self.snapshot_version,
                 "finite": bool(math.isfinite(float(self.w.sum())))}
 

@@ -29,11 +29,12 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
 import torch
 
 from distbelief.distributed.downpour.actors import (PartitionedReplicaActor, ReplicaActor,
                                                     ServerStageActor, ShardActor, server_vector)
+from distbelief.distributed.downpour.generation import (SAME, STATE, check_snapshots,
+                                                        load_snapshot, save_generation)
 from distbelief.distributed.downpour.layout import ShardSlot, plain_layout, server_layout
 from distbelief.distributed.downpour.records import (ChunkWindow, ReplicaProgress,
                                                      ShardMonitor, partition_summary,
@@ -47,37 +48,15 @@ from distbelief.distributed.pipeline import Plan
 from distbelief.distributed.runtime.calls import ReplicaCalls, get
 from distbelief.distributed.runtime.cluster import granted_device, replica_options, wait_started
 from distbelief.distributed.runtime.session import DriverSession
-from distbelief.distributed.server_model import ServerModel, as_tensors
+from distbelief.distributed.server_model import ServerModel
 from distbelief.engine.base import BaseTrainer
-from distbelief.engine.checkpoint import load_checkpoint
 from distbelief.engine.config import TrainConfig, check_model
 from distbelief.engine.failures import FailureBook
 from distbelief.engine.setup import build_model
-from distbelief.errors import CheckpointError
 
-STATE = "downpour"  # checkpoints/downpour.pt
-# Fixed for a run's life.
-SAME = ("model", "variant", "replicas", "ps_shards", "partitions", "optimizer", "data")
 CHUNK_STEPS = 10  # replica steps per work request (WorkQueue)
 QUEUED_CHUNKS = 2  # chunks queued per replica, so it keeps training while the driver is busy
 POLL_S = 0.5  # longest wait for a result before the driver checks its clocks
-
-
-def snapshot_name(k: int) -> str:
-    return f"shard-{k}"  # checkpoints/shard-K.pt
-
-
-def check_snapshots(run, shards: int) -> None:
-    """Raise `CheckpointError` unless every shard's snapshot is in the run directory."""
-    missing = [k for k in range(shards) if not run.state_file(snapshot_name(k)).is_file()]
-    if missing:
-        raise CheckpointError(f"{run.path} lacks the snapshot of shard(s) "
-                              f"{', '.join(map(str, missing))}")
-
-
-def load_snapshot(run, k: int) -> dict:
-    """Shard k's snapshot in the checkpoint `run` resumes from."""
-    return load_checkpoint(run.state_file(snapshot_name(k)))["shard"]
 
 
 class DownpourTrainer(BaseTrainer):
@@ -283,14 +262,7 @@ class DownpourTrainer(BaseTrainer):
         if self.life.run is None:
             return
         snapshots = get([s.snapshot.remote() for s in self.session.shards], shard_lost(self.config))
-        vector = torch.from_numpy(np.concatenate([snap["w"] for snap in snapshots]))
-        ServerModel.check_finite(vector, self.steps)
-        files = {snapshot_name(k): {"shard": as_tensors(snap)}
-                 for k, snap in enumerate(snapshots)}
-        files["last"] = self.server.checkpoint(vector, self.steps, self.life.wall_s, "downpour")
-        self.life.save_generation(self.config, {
-            **self.progress.state(), "data_stats": self.data.stats,
-            "partition_bounds": self.plan.bounds if self.plan else None}, files, self.steps)
+        save_generation(self, snapshots, self.plan.bounds if self.plan else None)
 
     def summary(self) -> dict:
         c = self.config

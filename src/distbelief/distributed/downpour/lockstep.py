@@ -1,0 +1,154 @@
+"""Downpour in lockstep (--lockstep): N replicas in one process, one step each in turn, against
+the real shards and update rules. No Ray here.
+
+Replica r computes its gradient on the parameters that came back with its own last push; the
+other N - 1 replicas push before it pushes again, so every gradient after the first round is
+exactly N - 1 versions stale, and the run is a pure function of the config: repeated, it ends
+with the same parameters bit for bit (CPU, --deterministic). It is how a laptop studies what
+16 or 64 replicas do to an update rule, with the staleness fixed instead of whatever the
+machine's timing gives. The shards, rules, replicas (`DownpourReplica` over a `LocalClient`),
+n_fetch / n_push, warmstart, records, checkpoints (the Ray driver's generations,
+`generation`) and run directory are those of a Ray run; only the timing is not.
+
+A checkpoint holds the shards; the replicas' in-flight state (the parameters each fetched, a
+push being accumulated, dana-slim's momentum) is not in it, so a resumed run's replicas start
+with a fresh fetch: the first round after a resume is less stale than N - 1.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from distbelief.distributed.downpour.generation import (SAME, STATE, check_snapshots,
+                                                        load_snapshot, save_generation)
+from distbelief.distributed.downpour.layout import plain_layout
+from distbelief.distributed.downpour.records import (ChunkWindow, ReplicaProgress,
+                                                     ShardMonitor, summary_entries)
+from distbelief.distributed.downpour.replica import DownpourReplica, LocalClient
+from distbelief.distributed.downpour.rules import describe
+from distbelief.distributed.downpour.shard import ParameterShard
+from distbelief.distributed.downpour.work import WorkQueue
+from distbelief.distributed.server_model import ServerModel
+from distbelief.engine.base import BaseTrainer
+from distbelief.engine.config import TrainConfig, check_model
+from distbelief.engine.failures import FailureBook
+
+
+class LockstepTrainer(BaseTrainer):
+    """Downpour with its replicas in lockstep (module doc): `LockstepTrainer(config,
+    run_dir).fit()` returns the summary dict, with the Downpour trainer's entries.
+
+    Raises:
+        ConfigError, DataError, CheckpointError: before anything in `run_dir` is written.
+        Diverged: a replica's loss, or the server, became NaN or infinite.
+    """
+
+    mode, state, same = "downpour", STATE, SAME
+
+    def __init__(self, config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
+                 resume: bool = False, progress: bool = False, **_ray_options):
+        saved = self.open_run(config, run_dir, resume=resume, progress=progress)
+        if saved:
+            check_snapshots(self.life.run, self.config.cluster.ps_shards)
+        start = self.config.replace(init_from=None) if saved else self.config
+        self.initial, self.slots, self.retention = plain_layout(start, self.data)
+        check_model(self.config, values=self.initial.numel())
+        self.server = ServerModel(self.config, self.data, self.device)
+        self.progress = ReplicaProgress(self.config.cluster.replicas, saved)
+        self.resumed_shards = saved is not None
+        self.shards: list[ParameterShard] = []
+        self.replicas: list[DownpourReplica] = []
+
+    @property
+    def steps(self) -> int:
+        return self.progress.steps
+
+    @property
+    def position(self) -> int:
+        return self.steps
+
+    @property
+    def examples(self) -> int:
+        return self.steps * self.config.batch_size
+
+    def start(self) -> None:
+        c = self.config
+        self.life.say(f"downpour update: {describe(c)}; {c.cluster.replicas} replicas in "
+                      f"lockstep (staleness {c.cluster.replicas - 1}), in this process")
+        self.shards = [ParameterShard(k, s.lo, s.hi, s.param_end, self.initial[s.lo:s.hi], c,
+                                      retention=self.retention[s.lo:s.hi])
+                       for k, s in enumerate(self.slots)]
+        if self.resumed_shards:
+            for k, shard in enumerate(self.shards):
+                shard.restore(load_snapshot(self.life.run, k))
+        self.initial = None
+        client = LocalClient(self.shards)
+        self.replicas = [DownpourReplica(r, c, client, stats=self.data.stats, device=self.device)
+                         for r in range(c.cluster.replicas)]
+
+    def eval_model(self) -> torch.nn.Module:
+        return self.server.load(torch.cat([s.pull()[0] for s in self.shards]))
+
+    def statuses(self) -> list[dict]:
+        """The shards' `stats`, as the Ray driver's shard statuses read (one incarnation)."""
+        return [{**s.stats(), "incarnation": "lockstep", "restored_version": None}
+                for s in self.shards]
+
+    def train(self) -> None:
+        c, life = self.config, self.life
+        monitor = ShardMonitor(FailureBook(life, c.cluster.replicas, c.cluster.max_restarts))
+        # One step per replica in turn: chunks of 1, one queued each (`WorkQueue` hands them
+        # out replica after replica, and only replica 0 during a warmstart).
+        work = WorkQueue(self.progress.positions, c.iterations, c.downpour.warmstart_steps, 1, 1)
+        classifies = c.loss == "cross_entropy"
+        cadence = life.cadences(c, self.steps)
+        window = ChunkWindow(c.cluster.replicas, classifies)
+        life.clock.start()
+        try:
+            while not life.stop_requested and (chunks := work.take()):
+                for chunk in chunks:
+                    r, start, steps = chunk
+                    metrics = self.replicas[r].run(start, steps)
+                    self.progress.finished(work, chunk, metrics)
+                    window.add(r, metrics)
+                if cadence.log.due(self.steps) or not work.busy() and self.steps >= c.iterations:
+                    self._log_train(window, monitor)
+                    window = ChunkWindow(c.cluster.replicas, classifies)
+                    cadence.log.done(self.steps)
+                if cadence.eval.due(self.steps):
+                    life.evaluate(self)
+                    cadence.eval.done(self.steps)
+                if cadence.checkpoint.due(self.steps):
+                    self.save()
+                    cadence.checkpoint.done(self.steps)
+        finally:
+            life.clock.stop()
+        self.save()
+        if life.stop_requested and self.steps < c.iterations:
+            raise life.interrupted(self.steps)
+
+    def _log_train(self, window: ChunkWindow, monitor: ShardMonitor) -> None:
+        if not window.sums["steps"]:
+            return
+        statuses = monitor.observe(self.statuses(), self.steps)
+        self.life.log_train({
+            "kind": "train", "iteration": self.steps, "examples": self.examples,
+            "epoch": round(self.examples / self.data.train_size, 4),
+            "wall_s": round(self.life.wall_s, 3),
+            **window.record(statuses, monitor.rates(statuses, time.perf_counter()))})
+
+    def save(self) -> None:
+        if self.life.run is not None:
+            save_generation(self, [s.snapshot() for s in self.shards], None)
+
+    def summary(self) -> dict:
+        c, statuses = self.config, self.statuses()
+        return {"replicas": c.cluster.replicas, "ps_shards": c.cluster.ps_shards,
+                "optimizer": c.optimizer, "update_rule": describe(c), "lockstep": True,
+                "n_fetch": c.downpour.n_fetch, "n_push": c.downpour.n_push,
+                **summary_entries(statuses, self.life.counters, self.progress.replica_images,
+                                  self.progress.replica_seconds, self.progress.time_split,
+                                  self.life.wall_s)}
