@@ -2,6 +2,7 @@
 
 from distbelief.distributed.downpour import ParameterShard
 from distbelief.distributed.downpour.layout import plain_layout
+from distbelief.distributed.downpour.statistics import buffer_slice
 from distbelief.engine.config import TrainConfig
 from distbelief.optim import shard_bounds
 
@@ -17,5 +18,6 @@ def make_shards(config, data, count):
     """`count` in-process shards over the initial server vector (the trainer's layout)."""
     w0, slots, retention = plain_layout(config, data)
     n_params = slots[0].param_end
-    return [ParameterShard(k, lo, hi, n_params, w0[lo:hi], config, retention=retention[lo:hi])
+    return [ParameterShard(k, lo, hi, n_params, w0[lo:hi], config,
+                           retention=buffer_slice(retention, lo, hi, n_params))
             for k, (lo, hi) in enumerate(shard_bounds(w0.numel(), count))], n_params

@@ -22,7 +22,7 @@ def config():
 
 
 # Elements 6 and 7 are buffers: a moving average (momentum 0.1) and a count.
-RETENTION = np.array([1.0] * 6 + [0.9, 1.0], dtype=np.float32)
+RETENTION = np.array([0.9, 1.0], dtype=np.float32)
 
 
 def until(check, timeout_s=60.0):
@@ -118,8 +118,8 @@ def test_one_put_or_a_slice_per_shard_apply_the_same_push_in_the_transfer_dtype(
     bounds, n = [(0, 5), (5, 12)], 12
     w0, g = torch.randn(n), torch.randn(n).to(torch.bfloat16)
     try:
-        retention = np.array([1.0] * 10 + [0.9, 0.9], dtype=np.float32)
-        shards = [ShardActor.remote(k, lo, hi, 10, c, session.keeper_name, retention[lo:hi])
+        retention = [None, np.array([0.9, 0.9], dtype=np.float32)]  # shard 1's buffers
+        shards = [ShardActor.remote(k, lo, hi, 10, c, session.keeper_name, retention[k])
                   for k, (lo, hi) in enumerate(bounds)]
         session.shards = shards
         results = []
@@ -132,7 +132,7 @@ def test_one_put_or_a_slice_per_shard_apply_the_same_push_in_the_transfer_dtype(
             assert [r["accepted"] for r in replies] == [True, True] and versions == [1, 1]
             assert pulled.dtype == torch.bfloat16
             results.append((pulled.clone(), server_vector(shards).clone()))
-        local = [ParameterShard(k, lo, hi, 10, w0[lo:hi], c, retention=retention[lo:hi])
+        local = [ParameterShard(k, lo, hi, 10, w0[lo:hi], c, retention=retention[k])
                  for k, (lo, hi) in enumerate(bounds)]
         for s, (lo, hi) in zip(local, bounds):
             s.push(g[lo:hi], 0)

@@ -13,9 +13,9 @@ from distbelief.recipes import get_recipe
 
 
 def lockstep_config(**kw):
-    settings = dict(mode="downpour", lockstep=True, replicas=16, ps_shards=2, iterations=64,
-                    batch_size=32, milestones=(48,), deterministic=True, device="cpu",
-                    channels_last=False, log_every=16, eval_every=32, checkpoint_every=32)
+    settings = dict(mode="downpour", lockstep=True, replicas=16, ps_shards=2, iterations=48,
+                    batch_size=32, milestones=(32,), deterministic=True, device="cpu",
+                    channels_last=False, log_every=16, eval_every=24, checkpoint_every=24)
     return get_recipe("digits").replace(**{**settings, **kw})
 
 
@@ -26,16 +26,16 @@ def test_sixteen_replicas_are_exactly_fifteen_stale_and_repeat_bit_for_bit(tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
     s = summaries[0]
     # The first round fetches fresh; after it every push is 15 versions late, on both shards.
-    assert s["staleness"] == {0: 16 * 2, 15: (64 - 16) * 2} and s["lockstep"]
-    assert s["iterations"] == 64 and s["shard_updates"] == [64, 64]
+    assert s["staleness"] == {0: 16 * 2, 15: (48 - 16) * 2} and s["lockstep"]
+    assert s["iterations"] == 48 and s["shard_updates"] == [48, 48]
     assert s["lookahead_sources"] == list(range(16))
     records = read_jsonl(runs[0] / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
-    assert [r["iteration"] for r in train] == [16, 32, 48, 64]
-    assert train[-1]["staleness_mean"] == pytest.approx(15 * 48 / 64)
-    assert train[-1]["lr"] == pytest.approx(0.01)  # the schedule's, past milestone 48
+    assert [r["iteration"] for r in train] == [16, 32, 48]
+    assert train[-1]["staleness_mean"] == pytest.approx(15 * 32 / 48)
+    assert train[-1]["lr"] == pytest.approx(0.01)  # the schedule's, past milestone 32
     evals = [r for r in records if r["kind"] == "eval"]
-    assert [r["iteration"] for r in evals] == [32, 64] and evals[-1]["error"] < 0.9
+    assert [r["iteration"] for r in evals] == [24, 48] and evals[-1]["error"] < 0.9
 
 
 def test_stop_and_resume_continue_the_records_and_the_shards(tmp_path, monkeypatch):

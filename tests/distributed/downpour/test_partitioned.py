@@ -8,6 +8,7 @@ from torch import nn
 from distbelief.data import build_data
 from distbelief.distributed.downpour import DownpourReplica, LocalClient, ParameterShard
 from distbelief.distributed.downpour.layout import aligned_shards, server_layout
+from distbelief.distributed.downpour.statistics import buffer_slice
 from distbelief.distributed.downpour.partitioned import PartitionedReplica, ServerStage
 from distbelief.distributed.flat import BlockFlat, FlatModel
 from distbelief.engine.losses import get_loss
@@ -55,7 +56,8 @@ def local_partitioned(config, data):
     """One partitioned replica over in-process stages and aligned in-process shards."""
     initial, plan, slots, retention = server_layout(config, data)
     shards = [ParameterShard(k, s.lo, s.hi, s.param_end, initial[s.lo:s.hi], config,
-                             retention=retention[s.lo:s.hi]) for k, s in enumerate(slots)]
+                             retention=buffer_slice(retention, s.lo, s.hi, s.param_end))
+              for k, s in enumerate(slots)]
     with torch.device("meta"):
         modules = plan.modules_of(build_model(config, data))
     offsets = [min(s.lo for s in slots if s.part == p) for p in range(len(modules))]

@@ -30,6 +30,7 @@ from distbelief.distributed.downpour.records import (ChunkWindow, ReplicaProgres
 from distbelief.distributed.downpour.replica import DownpourReplica, LocalClient
 from distbelief.distributed.downpour.rules import describe
 from distbelief.distributed.downpour.shard import ParameterShard
+from distbelief.distributed.downpour.statistics import buffer_slice
 from distbelief.distributed.downpour.work import WorkQueue
 from distbelief.distributed.server_model import ServerModel
 from distbelief.engine.base import BaseTrainer
@@ -79,7 +80,8 @@ class LockstepTrainer(BaseTrainer):
         self.life.say(f"downpour update: {describe(c)}; {c.cluster.replicas} replicas in "
                       f"lockstep (staleness {c.cluster.replicas - 1}), in this process")
         self.shards = [ParameterShard(k, s.lo, s.hi, s.param_end, self.initial[s.lo:s.hi], c,
-                                      retention=self.retention[s.lo:s.hi])
+                                      retention=buffer_slice(self.retention, s.lo, s.hi,
+                                                             s.param_end))
                        for k, s in enumerate(self.slots)]
         if self.resumed_shards:
             for k, shard in enumerate(self.shards):
@@ -109,26 +111,29 @@ class LockstepTrainer(BaseTrainer):
         life.clock.start()
         try:
             while not life.stop_requested and (chunks := work.take()):
-                for chunk in chunks:
-                    r, start, steps = chunk
-                    metrics = self.replicas[r].run(start, steps)
+                for chunk in chunks:  # a round: every replica one step, in turn
+                    r = chunk[0]
+                    metrics = self.replicas[r].run(chunk[1], chunk[2])
                     self.progress.finished(work, chunk, metrics)
                     window.add(r, metrics)
-                if cadence.log.due(self.steps) or not work.busy() and self.steps >= c.iterations:
-                    self._log_train(window, monitor)
-                    window = ChunkWindow(c.cluster.replicas, classifies)
-                    cadence.log.done(self.steps)
-                if cadence.eval.due(self.steps):
-                    life.evaluate(self)
-                    cadence.eval.done(self.steps)
-                if cadence.checkpoint.due(self.steps):
-                    self.save()
-                    cadence.checkpoint.done(self.steps)
+                    if cadence.log.due(self.steps) or self.steps >= c.iterations:
+                        self._log_train(window, monitor)
+                        window = ChunkWindow(c.cluster.replicas, classifies)
+                        cadence.log.done(self.steps)
+                    self._evaluate_and_checkpoint(cadence)
         finally:
             life.clock.stop()
         self.save()
         if life.stop_requested and self.steps < c.iterations:
             raise life.interrupted(self.steps)
+
+    def _evaluate_and_checkpoint(self, cadence) -> None:
+        if cadence.eval.due(self.steps):
+            self.life.evaluate(self)
+            cadence.eval.done(self.steps)
+        if cadence.checkpoint.due(self.steps):
+            self.save()
+            cadence.checkpoint.done(self.steps)
 
     def _log_train(self, window: ChunkWindow, monitor: ShardMonitor) -> None:
         if not window.sums["steps"]:

@@ -51,8 +51,8 @@ class ParameterShard:
     momentum, weight decay and the recipe's lr schedule, or Adagrad (per-parameter step
     gamma / sqrt(sum of squared gradients)), with --staleness-rule's correction for the push's
     staleness (`downpour.rules`). Buffer elements fold in what is pushed for them
-    (`statistics.fold`); `retention` (this slice's elements of `statistics.server_retention`)
-    is required for a slice holding buffers under --bn-stats batch.
+    (`statistics.fold`); `retention` (of this slice's buffer elements,
+    `statistics.buffer_slice`) is required for a slice holding buffers under --bn-stats batch.
 
     `version` counts applied pushes; a push states the version its gradient was computed
     from, so `version - base_version` is its staleness. `steps` counts the minibatch gradients
@@ -78,10 +78,12 @@ class ParameterShard:
         # Under --bn-stats batch, the buffers' 1 - momentum (`statistics.server_retention`).
         self.retention = None
         if config.downpour.bn_stats == "batch" and hi > lo + self.split:
-            if retention is None:  # folding by addition would silently be the wrong average
-                raise ValueError(f"shard {index} holds buffers: --bn-stats batch needs their "
-                                 f"retention (statistics.server_retention)")
-            self.retention = torch.as_tensor(retention, dtype=torch.float32)[self.split:].clone()
+            if retention is None or len(retention) != hi - lo - self.split:
+                # Folding by addition would silently be the wrong average.
+                raise ValueError(f"shard {index} holds {hi - lo - self.split} buffer elements: "
+                                 f"--bn-stats batch needs their retention "
+                                 f"(statistics.buffer_slice)")
+            self.retention = torch.as_tensor(retention, dtype=torch.float32).clone()
         self.rule = config.optimizer
         self.schedule = LRSchedule(config)
         self.update = StaleUpdate(config, self.split, config.cluster.ps_threads)

@@ -51,6 +51,14 @@ def server_retention(flat) -> torch.Tensor:
                       for b in blocks])
 
 
+def buffer_slice(retention: torch.Tensor, lo: int, hi: int, n_params: int) -> torch.Tensor:
+    """The retention of the buffer elements of the shard owning [lo, hi) of a vector whose
+    parameters end at `n_params` (what `ParameterShard` takes): a few numbers per BatchNorm
+    channel, small enough to travel inline with an actor's constructor (Ray keeps a large
+    argument in its object store, where a restart may no longer find it)."""
+    return retention[max(lo, n_params):hi]
+
+
 def fold(values: torch.Tensor, pushed: torch.Tensor, retention: torch.Tensor | None,
          passes: int) -> None:
     """The shard's side: values <- retention^passes * values + pushed, in place (just

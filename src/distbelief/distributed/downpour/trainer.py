@@ -42,6 +42,7 @@ from distbelief.distributed.downpour.records import (ChunkWindow, ReplicaProgres
 from distbelief.distributed.downpour.replica import FetchWait
 from distbelief.distributed.downpour.rules import describe
 from distbelief.distributed.downpour.shard import shard_lost
+from distbelief.distributed.downpour.statistics import buffer_slice
 from distbelief.distributed.downpour.work import WorkQueue
 from distbelief.distributed.flat import BlockFlat, FlatModel
 from distbelief.distributed.pipeline import Plan
@@ -137,7 +138,7 @@ class DownpourTrainer(BaseTrainer):
             ShardActor.options(name=name, max_restarts=c.cluster.max_restarts,
                                max_task_retries=-1, scheduling_strategy=strategy).remote(
                 k, slot.lo, slot.hi, slot.param_end, c, session.keeper_name,
-                self.retention[slot.lo:slot.hi].numpy())
+                buffer_slice(self.retention, slot.lo, slot.hi, slot.param_end).numpy())
             for k, (slot, name, strategy) in enumerate(
                 zip(self.slots, self.shard_names, session.place_shards(len(self.slots))))]
         # Replicas start (a few seconds each) while the shards load; work waits for both.
