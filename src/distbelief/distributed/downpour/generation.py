@@ -1,5 +1,5 @@
-"""A Downpour checkpoint generation, as both drivers (`trainer`, on Ray; `lockstep`, in one
-process) write and read it. No Ray here.
+"""What both Downpour drivers (`trainer`, on Ray; `lockstep`, in one process) share: their base
+(`DownpourBase`) and the checkpoint generation they write and read. No Ray here.
 
     checkpoints/gen-N/downpour.pt   the driver's state: replica positions, counters, clock
     checkpoints/gen-N/shard-K.pt    shard K's snapshot (its slice, optimizer state, version)
@@ -12,12 +12,42 @@ import numpy as np
 import torch
 
 from distbelief.distributed.server_model import ServerModel, as_tensors
+from distbelief.engine.base import BaseTrainer
 from distbelief.engine.checkpoint import load_checkpoint
 from distbelief.errors import CheckpointError
 
 STATE = "downpour"  # checkpoints/downpour.pt
 # Fixed for a run's life.
 SAME = ("model", "variant", "replicas", "ps_shards", "partitions", "optimizer", "data")
+
+
+class DownpourBase(BaseTrainer):
+    """What both Downpour drivers share: the mode, checkpoint and fixed fields, positions
+    counted in minibatches over all replicas (`progress`, a `records.ReplicaProgress`), and
+    the evaluation and checkpoint cadence."""
+
+    mode, state, same = "downpour", STATE, SAME
+
+    @property
+    def steps(self) -> int:
+        """Steps completed over all replicas."""
+        return self.progress.steps
+
+    @property
+    def position(self) -> int:
+        return self.steps
+
+    @property
+    def examples(self) -> int:
+        return self.steps * self.config.batch_size
+
+    def _evaluate_and_checkpoint(self, cadence) -> None:
+        if cadence.eval.due(self.steps):
+            self.life.evaluate(self)
+            cadence.eval.done(self.steps)
+        if cadence.checkpoint.due(self.steps):
+            self.save()
+            cadence.checkpoint.done(self.steps)
 
 
 def snapshot_name(k: int) -> str:

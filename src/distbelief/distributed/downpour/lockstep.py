@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from distbelief.distributed.downpour.generation import (SAME, STATE, check_snapshots,
+from distbelief.distributed.downpour.generation import (DownpourBase, check_snapshots,
                                                         load_snapshot, save_generation)
 from distbelief.distributed.downpour.layout import plain_layout
 from distbelief.distributed.downpour.records import (ChunkWindow, ReplicaProgress,
@@ -33,12 +33,11 @@ from distbelief.distributed.downpour.shard import ParameterShard
 from distbelief.distributed.downpour.statistics import buffer_slice
 from distbelief.distributed.downpour.work import WorkQueue
 from distbelief.distributed.server_model import ServerModel
-from distbelief.engine.base import BaseTrainer
 from distbelief.engine.config import TrainConfig, check_model
 from distbelief.engine.failures import FailureBook
 
 
-class LockstepTrainer(BaseTrainer):
+class LockstepTrainer(DownpourBase):
     """Downpour with its replicas in lockstep (module doc): `LockstepTrainer(config,
     run_dir).fit()` returns the summary dict, with the Downpour trainer's entries.
 
@@ -46,8 +45,6 @@ class LockstepTrainer(BaseTrainer):
         ConfigError, DataError, CheckpointError: before anything in `run_dir` is written.
         Diverged: a replica's loss, or the server, became NaN or infinite.
     """
-
-    mode, state, same = "downpour", STATE, SAME
 
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
                  resume: bool = False, progress: bool = False, **_ray_options):
@@ -62,18 +59,6 @@ class LockstepTrainer(BaseTrainer):
         self.resumed_shards = saved is not None
         self.shards: list[ParameterShard] = []
         self.replicas: list[DownpourReplica] = []
-
-    @property
-    def steps(self) -> int:
-        return self.progress.steps
-
-    @property
-    def position(self) -> int:
-        return self.steps
-
-    @property
-    def examples(self) -> int:
-        return self.steps * self.config.batch_size
 
     def start(self) -> None:
         c = self.config
@@ -126,14 +111,6 @@ class LockstepTrainer(BaseTrainer):
         self.save()
         if life.stop_requested and self.steps < c.iterations:
             raise life.interrupted(self.steps)
-
-    def _evaluate_and_checkpoint(self, cadence) -> None:
-        if cadence.eval.due(self.steps):
-            self.life.evaluate(self)
-            cadence.eval.done(self.steps)
-        if cadence.checkpoint.due(self.steps):
-            self.save()
-            cadence.checkpoint.done(self.steps)
 
     def _log_train(self, window: ChunkWindow, monitor: ShardMonitor) -> None:
         if not window.sums["steps"]:

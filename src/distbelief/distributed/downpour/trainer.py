@@ -33,7 +33,7 @@ import torch
 
 from distbelief.distributed.downpour.actors import (PartitionedReplicaActor, ReplicaActor,
                                                     ServerStageActor, ShardActor, server_vector)
-from distbelief.distributed.downpour.generation import (SAME, STATE, check_snapshots,
+from distbelief.distributed.downpour.generation import (DownpourBase, check_snapshots,
                                                         load_snapshot, save_generation)
 from distbelief.distributed.downpour.layout import ShardSlot, plain_layout, server_layout
 from distbelief.distributed.downpour.records import (ChunkWindow, ReplicaProgress,
@@ -50,7 +50,6 @@ from distbelief.distributed.runtime.calls import ReplicaCalls, get
 from distbelief.distributed.runtime.cluster import granted_device, replica_options, wait_started
 from distbelief.distributed.runtime.session import DriverSession
 from distbelief.distributed.server_model import ServerModel
-from distbelief.engine.base import BaseTrainer
 from distbelief.engine.config import TrainConfig, check_model
 from distbelief.engine.failures import FailureBook
 from distbelief.engine.setup import build_model
@@ -60,7 +59,7 @@ QUEUED_CHUNKS = 2  # chunks queued per replica, so it keeps training while the d
 POLL_S = 0.5  # longest wait for a result before the driver checks its clocks
 
 
-class DownpourTrainer(BaseTrainer):
+class DownpourTrainer(DownpourBase):
     """Downpour SGD: `DownpourTrainer(config, run_dir).fit()` returns the summary dict.
 
     `address` joins a Ray cluster; without it a local Ray is started and shut down at the end
@@ -73,8 +72,6 @@ class DownpourTrainer(BaseTrainer):
         Diverged: a replica's loss became NaN or infinite (`ReplicaProgress.finished`).
         DistbeliefError: every replica failed more than `max_restarts` times, or a shard did.
     """
-
-    mode, state, same = "downpour", STATE, SAME
 
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
                  resume: bool = False, progress: bool = False, address: str | None = None,
@@ -103,19 +100,6 @@ class DownpourTrainer(BaseTrainer):
         return BlockFlat(self.plan.modules_of(model))
 
     # --- what the lifecycle calls ------------------------------------------------------
-
-    @property
-    def steps(self) -> int:
-        """Steps completed over all replicas."""
-        return self.progress.steps
-
-    @property
-    def position(self) -> int:
-        return self.steps
-
-    @property
-    def examples(self) -> int:
-        return self.steps * self.config.batch_size
 
     def start(self) -> None:
         """Ray, then the shards (loading their snapshots on resume) and the replicas, once all
@@ -228,14 +212,6 @@ class DownpourTrainer(BaseTrainer):
         self.life.log({"kind": "release", "iteration": self.steps,
                        "positions": list(self.progress.positions)})
         return True
-
-    def _evaluate_and_checkpoint(self, cadence) -> None:
-        if cadence.eval.due(self.steps):
-            self.life.evaluate(self)
-            cadence.eval.done(self.steps)
-        if cadence.checkpoint.due(self.steps):
-            self.save()
-            cadence.checkpoint.done(self.steps)
 
     # --- records and checkpoints ------------------------------------------------------------
 
