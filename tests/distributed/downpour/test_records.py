@@ -14,7 +14,8 @@ from distbelief.engine.lifecycle import Diverged, RunLifecycle
 def status(shard, version, incarnation="a", restored=None, **kw):
     return {"shard": shard, "version": version, "incarnation": incarnation, "rejected": 0,
             "restored_version": restored, "bytes_in": 100 * version, "bytes_out": 10 * version,
-            "staleness": {0: version}, "lr": 0.1, "momentum": 0.4, **kw}
+            "staleness": {0: version}, "lr": 0.1, "momentum": 0.4, "lookahead_sources": [0],
+            **kw}
 
 
 def test_a_new_incarnation_is_a_restart_that_lost_the_updates_since_its_snapshot():
@@ -39,7 +40,8 @@ def test_rates_are_per_second_between_polls_of_the_same_incarnation():
 
 
 def test_staleness_adds_up_over_shards_and_the_summary_splits_the_replicas_time():
-    statuses = [status(0, 4, staleness={0: 1, 2: 3}), status(1, 4, staleness={"2": 4})]
+    statuses = [status(0, 4, staleness={0: 1, 2: 3}),
+                status(1, 4, staleness={"2": 4}, lookahead_sources=[0, 2])]
     assert staleness(statuses) == Counter({0: 1, 2: 7}) and mean_staleness(Counter()) == 0.0
     assert mean_staleness(staleness(statuses)) == round(14 / 8, 3)
     summary = summary_entries(statuses, Counter(replica_failures=1), [640, 320], [2.0, 4.0],
@@ -49,6 +51,7 @@ def test_staleness_adds_up_over_shards_and_the_summary_splits_the_replicas_time(
                                          "push_wait_s": 0.5, "other_s": 1.0}
     assert summary["replica_failures"] == 1 and summary["shard_updates"] == [4, 4]
     assert summary["shard_updates_per_s"] == [2.0, 2.0]
+    assert summary["lookahead_sources"] == [0, 2]  # over all shards
 
 
 def test_the_window_averages_over_images_and_keeps_each_replica_s_rate():
