@@ -65,7 +65,7 @@ def test_stop_and_resume_continue_the_records_and_the_shards(tmp_path, monkeypat
 
 
 def test_bn_recalibrate_re_estimates_the_evaluated_and_checkpointed_statistics(tmp_path):
-    from distbelief.engine.evaluate import recalibrate_for
+    from distbelief.engine.evaluate import recalibrate
 
     run = tmp_path / "run"
     config = lockstep_config(replicas=2, iterations=16, eval_every=0, checkpoint_every=0,
@@ -78,7 +78,7 @@ def test_bn_recalibrate_re_estimates_the_evaluated_and_checkpointed_statistics(t
     # The shards keep their own moving average; the checkpoint's model has the re-estimate.
     model = trainer.server.load(torch.cat([s.pull()[0] for s in trainer.shards]))
     shards_mean = model.state_dict()["bn1.running_mean"].clone()
-    recalibrate_for(model, trainer.config, trainer.data, 16)
+    recalibrate(model, trainer.data.train.batches(16), 3)  # the batches at its position
     torch.testing.assert_close(saved["bn1.running_mean"], model.state_dict()["bn1.running_mean"])
     assert not torch.allclose(saved["bn1.running_mean"], shards_mean)
     assert summary["test_error"] == evals[-1]["error"]

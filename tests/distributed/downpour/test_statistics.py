@@ -18,26 +18,32 @@ def test_retention_is_one_minus_momentum_for_moving_statistics_only():
     torch.testing.assert_close(buffer_retention(model), torch.tensor(expected))
 
 
-def _lockstep_statistics(bn_stats, replicas=3, rounds=3):
+def _lockstep_statistics(bn_stats, replicas=3, rounds=4, n_push=1):
     """Replicas of ResNet-20 at lr 1e-12 (weights fixed: batch statistics depend on the
-    batches alone) in round robin against in-process shards; returns (server buffers, the buffers of
-    one model run over the same batches in the order they were pushed)."""
+    batches alone) in round robin against in-process shards, fetching every step and pushing
+    every `n_push`; returns (server buffers, the buffers of one model run over the same
+    batches in the order their pushes arrived)."""
     from distbelief.data import build_data
     from distbelief.distributed.downpour.replica import initial_model
 
     config = digits_config(lr=1e-12, momentum=0.0, replicas=replicas, overlap=True,
-                           bn_stats=bn_stats, ps_shards=2)
+                           bn_stats=bn_stats, ps_shards=2, n_push=n_push)
     data = build_data(config, torch.device("cpu"))
     shards, n = make_shards(config, data, 2)
     client = LocalClient(shards)
     reps = [DownpourReplica(r, config, client, stats=data.stats) for r in range(replicas)]
     reference = initial_model(config, data)  # the server's start, buffers included
     reference.train()
+    pending = [[] for _ in reps]  # each replica's batches not pushed yet
     for step in range(rounds):
         for r, rep in enumerate(reps):
             rep.run(step, 1)
-            with torch.no_grad():
-                reference(next(rep.data.train.batches(step))[0])
+            pending[r].append(next(rep.data.train.batches(step))[0])
+            if (step + 1) % n_push == 0:
+                with torch.no_grad():
+                    for x in pending[r]:
+                        reference(x)
+                pending[r] = []
     server = torch.cat([s.w for s in shards])[n:]
     expected = torch.cat([b.reshape(-1).float() for b in reference.buffers()])
     return server, expected
@@ -49,6 +55,22 @@ def test_with_replicas_in_lockstep_the_shard_s_statistics_are_the_single_moving_
     # Changes of the replicas' own averages (delta) lag by the staleness: not the same.
     delayed, _ = _lockstep_statistics("delta")
     assert (delayed - expected).abs().max() > 1e-2
+
+
+def test_a_push_of_several_steps_folds_them_all_and_keeps_them_across_fetches():
+    """n_push 2 with a fetch every step: the accumulators survive the fetch in between, and
+    the shard folds two batches' worth of decay."""
+    server, expected = _lockstep_statistics("batch", replicas=2, n_push=2)
+    torch.testing.assert_close(server, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_shard_folds_retention_to_the_power_of_the_forward_passes():
+    """A push of 3 steps with 2 micro-batches each: 6 passes of BatchNorm's moving average."""
+    c = TrainConfig().replace(partitions=2, micro_batches=2, batch_size=8)
+    s = ParameterShard(0, 0, 2, 0, torch.tensor([1.0, 5.0]), c,
+                       retention=torch.tensor([0.9, 1.0]))
+    s.push(torch.tensor([0.25, 6.0]), 0, steps=3)
+    torch.testing.assert_close(s.w, torch.tensor([0.9 ** 6 + 0.25, 11.0]))
 
 
 def _fold_at_staleness(bn_stats, staleness=30, pushes=600, momentum=0.1):
