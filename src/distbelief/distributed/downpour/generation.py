@@ -8,8 +8,13 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
+
+from distbelief.distributed.downpour.records import summary_entries
+from distbelief.distributed.downpour.rules import describe
 
 from distbelief.distributed.server_model import ServerModel, as_tensors
 from distbelief.engine.base import BaseTrainer
@@ -40,6 +45,25 @@ class DownpourBase(BaseTrainer):
     @property
     def examples(self) -> int:
         return self.steps * self.config.batch_size
+
+    def _log_window(self, window, statuses: list[dict], monitor) -> None:
+        """The training record of `window` (a `records.ChunkWindow`), with the shards'
+        `statuses` and their rates since the last record (`monitor`, a `ShardMonitor`)."""
+        self.life.log_train({
+            "kind": "train", "iteration": self.steps, "examples": self.examples,
+            "epoch": round(self.examples / self.data.train_size, 4),
+            "wall_s": round(self.life.wall_s, 3),
+            **window.record(statuses, monitor.rates(statuses, time.perf_counter()))})
+
+    def _summary(self, statuses: list[dict]) -> dict:
+        """The summary's Downpour entries from the shards' `statuses`."""
+        c = self.config
+        return {"replicas": c.cluster.replicas, "ps_shards": c.cluster.ps_shards,
+                "optimizer": c.optimizer, "update_rule": describe(c),
+                "n_fetch": c.downpour.n_fetch, "n_push": c.downpour.n_push,
+                **summary_entries(statuses, self.life.counters, self.progress.replica_images,
+                                  self.progress.replica_seconds, self.progress.time_split,
+                                  self.life.wall_s)}
 
     def _evaluate_and_checkpoint(self, cadence) -> None:
         if cadence.eval.due(self.steps):

@@ -18,7 +18,6 @@ with a fresh fetch: the first round after a resume is less stale than N - 1.
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 
@@ -26,7 +25,7 @@ from distbelief.distributed.downpour.generation import (DownpourBase, check_snap
                                                         load_snapshot, save_generation)
 from distbelief.distributed.downpour.layout import plain_layout
 from distbelief.distributed.downpour.records import (ChunkWindow, ReplicaProgress,
-                                                     ShardMonitor, summary_entries)
+                                                     ShardMonitor)
 from distbelief.distributed.downpour.replica import DownpourReplica, LocalClient
 from distbelief.distributed.downpour.rules import describe
 from distbelief.distributed.downpour.shard import ParameterShard
@@ -47,7 +46,7 @@ class LockstepTrainer(DownpourBase):
     """
 
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
-                 resume: bool = False, progress: bool = False, **_ray_options):
+                 resume: bool = False, progress: bool = False):
         saved = self.open_run(config, run_dir, resume=resume, progress=progress)
         if saved:
             check_snapshots(self.life.run, self.config.cluster.ps_shards)
@@ -115,22 +114,11 @@ class LockstepTrainer(DownpourBase):
     def _log_train(self, window: ChunkWindow, monitor: ShardMonitor) -> None:
         if not window.sums["steps"]:
             return
-        statuses = monitor.observe(self.statuses(), self.steps)
-        self.life.log_train({
-            "kind": "train", "iteration": self.steps, "examples": self.examples,
-            "epoch": round(self.examples / self.data.train_size, 4),
-            "wall_s": round(self.life.wall_s, 3),
-            **window.record(statuses, monitor.rates(statuses, time.perf_counter()))})
+        self._log_window(window, monitor.observe(self.statuses(), self.steps), monitor)
 
     def save(self) -> None:
         if self.life.run is not None:
             save_generation(self, [s.snapshot() for s in self.shards], None)
 
     def summary(self) -> dict:
-        c, statuses = self.config, self.statuses()
-        return {"replicas": c.cluster.replicas, "ps_shards": c.cluster.ps_shards,
-                "optimizer": c.optimizer, "update_rule": describe(c), "lockstep": True,
-                "n_fetch": c.downpour.n_fetch, "n_push": c.downpour.n_push,
-                **summary_entries(statuses, self.life.counters, self.progress.replica_images,
-                                  self.progress.replica_seconds, self.progress.time_split,
-                                  self.life.wall_s)}
+        return {**self._summary(self.statuses()), "lockstep": True}

@@ -27,7 +27,6 @@ node if its node is lost: at most that window of updates is lost (reported).
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 
@@ -37,8 +36,7 @@ from distbelief.distributed.downpour.generation import (DownpourBase, check_snap
                                                         load_snapshot, save_generation)
 from distbelief.distributed.downpour.layout import ShardSlot, plain_layout, server_layout
 from distbelief.distributed.downpour.records import (ChunkWindow, ReplicaProgress,
-                                                     ShardMonitor, partition_summary,
-                                                     summary_entries)
+                                                     ShardMonitor, partition_summary)
 from distbelief.distributed.downpour.replica import FetchWait
 from distbelief.distributed.downpour.rules import describe
 from distbelief.distributed.downpour.shard import shard_lost
@@ -225,12 +223,7 @@ class DownpourTrainer(DownpourBase):
                                   for st in self._poll_shards()]})
 
     def _log_train(self, window: ChunkWindow) -> None:
-        statuses = self._poll_shards()
-        self.life.log_train({
-            "kind": "train", "iteration": self.steps, "examples": self.examples,
-            "epoch": round(self.examples / self.data.train_size, 4),
-            "wall_s": round(self.life.wall_s, 3),
-            **window.record(statuses, self.monitor.rates(statuses, time.perf_counter()))})
+        self._log_window(window, self._poll_shards(), self.monitor)
 
     def save(self) -> None:
         """One checkpoint generation: every shard's snapshot, the model they hold together
@@ -242,16 +235,10 @@ class DownpourTrainer(DownpourBase):
         save_generation(self, snapshots, self.plan.bounds if self.plan else None)
 
     def summary(self) -> dict:
-        c = self.config
         statuses = self._poll_shards()
-        out = {"replicas": c.cluster.replicas, "ps_shards": c.cluster.ps_shards,
-               "optimizer": c.optimizer, "update_rule": describe(c), "n_fetch": c.downpour.n_fetch,
-               "n_push": c.downpour.n_push,
-               **summary_entries(statuses, self.life.counters, self.progress.replica_images,
-                                 self.progress.replica_seconds, self.progress.time_split,
-                                 self.life.wall_s)}
+        out = self._summary(statuses)
         if self.plan is not None:
-            out.update(partition_summary(statuses, self.slots, c.cluster.partitions))
+            out.update(partition_summary(statuses, self.slots, self.config.cluster.partitions))
         return out
 
 
