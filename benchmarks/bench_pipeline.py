@@ -5,9 +5,12 @@ between two actors through Ray, against the bytes.
 
 All runs train ResNet-20 on synthetic 3x32x32 images (batch --batch, no evaluation) for
 --steps steps after a warm-up; images/s of the training loop and the ratio to the single
-process measured in the same run.
+process measured in the same run, and that ratio as a share of the ideal M / (M + P - 1)
+("of ideal"). Each schedule (--schedules: gpipe, 1f1b, 1f1b+recompute) is run at each M, with
+each partition's peak activation bytes held for backward.
 
     python benchmarks/bench_pipeline.py [--partitions 2] [--micro 1,2,4,8] [--steps 30]
+        [--schedules gpipe,1f1b,1f1b+recompute]
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ def main() -> None:
     parser.add_argument("--micro", default="1,2,4,8")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--schedules", default="gpipe,1f1b,1f1b+recompute")
     args = parser.parse_args()
     p = args.partitions
     base = TrainConfig().replace(
@@ -79,20 +83,27 @@ def main() -> None:
     torch.set_num_threads(p)  # the single process gets the partitions' cores
     single = images_per_s(Trainer(base), args.steps)
     torch.set_num_threads(threads)
-    print(f"{'run':<28} {'images/s':>9} {'ratio':>6} {'bubble':>7} {'ideal':>6}")
-    print(f"{'single process, ' + str(p) + ' threads':<28} {single:>9.0f} {1:>6.2f}")
+    print(f"{'run':<34} {'images/s':>9} {'ratio':>6} {'of ideal':>8} {'bubble':>7} "
+          f"{'ideal':>6}")
+    print(f"{'single process, ' + str(p) + ' threads':<34} {single:>9.0f} {1:>6.2f}")
     start_ray()
     for m in map(int, args.micro.split(",")):
-        trainer = PipelineTrainer(base.replace(partitions=p, micro_batches=m))
-        trainer.start()
-        try:
-            rate = images_per_s(trainer, args.steps)
-            pipe = trainer.life.last_train["pipeline"]  # the measured steps' window
-        finally:
-            trainer.close()
-        ideal = (p - 1) / (m + p - 1)
-        print(f"{f'{p} partitions x {m} micro':<28} {rate:>9.0f} {rate / single:>6.2f} "
-              f"{pipe['bubble']:>7.2f} {ideal:>6.2f}   bytes/step {pipe['bytes_per_step']}")
+        for schedule in args.schedules.split(","):
+            name, _, recompute = schedule.partition("+")
+            trainer = PipelineTrainer(base.replace(partitions=p, micro_batches=m,
+                                                   pipeline_schedule=name,
+                                                   recompute=bool(recompute)))
+            trainer.start()
+            try:
+                rate = images_per_s(trainer, args.steps)
+                pipe = trainer.life.last_train["pipeline"]  # the measured steps' window
+            finally:
+                trainer.close()
+            ideal = (p - 1) / (m + p - 1)
+            peak = [round(b / 2**20, 1) for b in pipe["peak_activation_bytes"]]
+            print(f"{f'{p} partitions x {m} micro, {schedule}':<34} {rate:>9.0f} "
+                  f"{rate / single:>6.2f} {rate / single / (1 - ideal):>8.2f} "
+                  f"{pipe['bubble']:>7.2f} {ideal:>6.2f}   peak activations MiB {peak}")
     print("boundary activations between two actors through Ray:")
     for size, seconds in transfer_times([64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]):
         print(f"  {size / 2**20:>7.2f} MiB  {seconds * 1e3:>7.2f} ms  "

@@ -38,6 +38,7 @@ OPTIMIZERS = ("sgd", "adagrad")
 STALENESS_RULES = ("none", "lr", "momentum", "dc", "dana", "dana-slim")
 TRANSFER_DTYPES = ("float32", "bfloat16", "float16")  # distributed.wire
 BN_STATS = ("batch", "delta")  # distributed.downpour.statistics
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")  # distributed.pipeline.schedule
 MODES = ("single", "downpour", "sandblaster", "sync")
 DISTRIBUTED_MODES = ("downpour", "sandblaster", "sync")
 LINE_SEARCHES = ("strong_wolfe", "none")
@@ -125,6 +126,15 @@ class ClusterConfig:
     micro_batches: int = _opt("with --partitions: micro-batches per batch, pipelined through "
                               "the partitions (each normalised on its own by BatchNorm)",
                               check=positive, default=1)
+    pipeline_schedule: str = _opt("with --partitions: the order of each step's passes on a "
+                                  "partition: 1f1b (one forward, one backward: at most P "
+                                  "micro-batches' activations per partition) or gpipe "
+                                  "(fill-drain: all M); the same arithmetic",
+                                  default="1f1b")
+    recompute: bool = _opt("with --partitions: each partition keeps only its input per "
+                           "micro-batch and runs its forward again in the backward pass "
+                           "(activation memory for compute: about one forward more)",
+                           default=False)
     train_storage: str | None = _opt("sync: where Ray Train keeps the run's checkpoints, in a "
                                      "folder of its own under this one: a folder every node "
                                      "sees, or a URI such as s3://bucket/path (default: "
@@ -578,8 +588,11 @@ def _check_staleness_rule(c: TrainConfig) -> None:
 
 def _check_partitions(c: TrainConfig) -> None:
     parts = c.cluster.partitions
+    check_choice("pipeline schedule", c.cluster.pipeline_schedule, PIPELINE_SCHEDULES)
     if c.cluster.micro_batches > 1 and parts == 1:
         raise ConfigError("--micro-batches applies with --partitions 2 or more")
+    if c.cluster.recompute and parts == 1:
+        raise ConfigError("--recompute applies with --partitions 2 or more")
     if parts == 1:
         return
     if c.mode in ("sandblaster", "sync"):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from distbelief.data import build_data
+from distbelief.data import BatchCursor, build_data
 from distbelief.distributed.downpour import DownpourReplica, LocalClient, ParameterShard
 from distbelief.distributed.downpour.layout import aligned_shards, server_layout
 from distbelief.distributed.downpour.statistics import buffer_slice
@@ -119,3 +119,60 @@ def test_a_failed_chunk_leaves_nothing_behind():
     # Step 3 trained again: its push holds it alone (step 2's gradient went with the failure).
     assert replica.run(3, 2)["pushes"] == 2
     assert [s.version for s in shards] == [v + 1 for v in versions]
+
+
+def whole_run(config, data, steps):
+    """The server vector one whole (unpartitioned) replica leaves after `steps`, laid out as
+    the partitioned server is (part by part)."""
+    whole_config = config.replace(partitions=1, ps_shards=1, micro_batches=1)
+    whole_shards, _ = make_shards(whole_config, data, 1)
+    DownpourReplica(0, whole_config, LocalClient(whole_shards), stats=data.stats).run(0, steps)
+    reference = build_model(config, data)
+    FlatModel(reference).load(whole_shards[0].w)
+    _, plan, _, _ = server_layout(config, data)
+    return BlockFlat(plan.modules_of(reference)).vector()
+
+
+@pytest.mark.parametrize("n_push,micro,schedule", [
+    (2, 1, "1f1b"), (3, 1, "1f1b"), (2, 4, "1f1b"), (3, 4, "gpipe")])
+def test_accumulated_pushes_and_micro_batches_equal_one_whole_replica(n_push, micro, schedule):
+    # Each partition adds n_push steps' gradients before it pushes: a gradient kept without
+    # its copy (the next step's backward writes into it) would push n_push x the last one.
+    # A BatchNorm-free model, so that M micro-batches compute the whole batch's gradient.
+    config = digits_config(model="mlp", partitions=2, ps_shards=2, n_push=n_push,
+                           micro_batches=micro, pipeline_schedule=schedule)
+    data = build_data(config, torch.device("cpu"))
+    replica, shards, _ = local_partitioned(config, data)
+    start = torch.cat([s.w for s in shards]).clone()
+    metrics = replica.run(0, 6)
+    assert metrics["pushes"] == 2 * (6 // n_push)
+    server = torch.cat([s.w for s in shards])
+    torch.testing.assert_close(server, whole_run(config, data, 6), rtol=0, atol=1e-6)
+    assert (server - start).abs().max() > 1e-3  # it trained
+
+
+def test_micro_batches_with_batchnorm_are_normalised_each_on_its_own():
+    # One step of M = 2 micro-batches: the gradient is the sum of each half's weighted
+    # gradient with BatchNorm over that half alone, and the server's running statistics are
+    # the model's after the two halves' forward passes, one after the other.
+    config = digits_config(partitions=2, ps_shards=2, micro_batches=2, staleness_rule="none",
+                           momentum=0.0, weight_decay=0.0)
+    data = build_data(config, torch.device("cpu"))
+    replica, shards, _ = local_partitioned(config, data)
+    w0 = torch.cat([s.w for s in shards]).clone()
+    replica.run(0, 1)
+    model = build_model(config, data)
+    _, plan, _, _ = server_layout(config, data)
+    layout = BlockFlat(plan.modules_of(model))
+    layout.load(w0)
+    x, y = next(BatchCursor(build_data(config, torch.device("cpu"), stats=data.stats,
+                                       part=(0, 1)).train).at(0))
+    loss = get_loss("cross_entropy")
+    model.train()
+    for xm, ym in zip(x.chunk(2), y.chunk(2)):
+        (loss(model(xm), ym) * len(ym) / len(y)).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= config.lr * p.grad
+    torch.testing.assert_close(torch.cat([s.w for s in shards]), layout.vector(), rtol=0,
+                               atol=1e-5)

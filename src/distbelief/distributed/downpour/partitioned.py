@@ -45,7 +45,8 @@ class ServerStage(Stage):
         if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
             module = module.to_empty(device=device)
         super().__init__(index, count, module, loss, None, device=device,
-                         channels_last=config.channels_last, bf16=config.bf16)
+                         channels_last=config.channels_last, bf16=config.bf16,
+                         recompute=config.cluster.recompute)
         self.flat = FlatModel(self.module)
         has_values = self.flat.n_params + self.flat.n_buffers > 0
         self.exchange = Exchange(replica, config, client, self.flat) if has_values else None
@@ -116,7 +117,8 @@ class PartitionedReplica:
         self.count = count
         self.data = build_data(config, torch.device("cpu"), stats=stats,
                                part=(index, config.cluster.replicas))
-        self.pipeline = Pipeline(call, resolve, count, config.cluster.micro_batches)
+        self.pipeline = Pipeline(call, resolve, count, config.cluster.micro_batches,
+                                 config.cluster.pipeline_schedule)
         self.cursor = BatchCursor(self.data.train)
         self.failed: BaseException | None = None
 

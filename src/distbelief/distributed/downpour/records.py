@@ -67,12 +67,16 @@ class ChunkWindow:
         for p, stage in enumerate(m.get("partitions", [])):
             if p == len(self.partitions):
                 self.partitions.append(Counter())
-            self.partitions[p].update(stage)
+            peak = stage.get("peak_activation_bytes", 0)  # a peak: the largest, not a sum
+            self.partitions[p].update({k: v for k, v in stage.items()
+                                       if k != "peak_activation_bytes"})
+            self.partitions[p]["peak_activation_bytes"] = max(
+                self.partitions[p]["peak_activation_bytes"], peak)
 
     def partition_record(self) -> dict:
         """Per partition over the window (all replicas together): compute, fetch and push
-        waits, bytes handed on per step; and the bubble, the share of the partitions' time
-        (replica seconds x partitions) not spent computing."""
+        waits, bytes handed on per step, peak activation bytes held; and the bubble, the
+        share of the partitions' time (replica seconds x partitions) not spent computing."""
         steps = max(self.sums["steps"], 1)
         compute = [c["compute_s"] for c in self.partitions]
         busy = sum(s for _, s in self.per_replica) * len(compute)
@@ -80,6 +84,7 @@ class ChunkWindow:
                 "fetch_wait_s": [round(c["fetch_wait_s"], 3) for c in self.partitions],
                 "push_wait_s": [round(c["push_wait_s"], 3) for c in self.partitions],
                 "bytes_per_step": [c["bytes_out"] // steps for c in self.partitions],
+                "peak_activation_bytes": [c["peak_activation_bytes"] for c in self.partitions],
                 "bubble": round(1 - sum(compute) / max(busy, 1e-9), 4)}
 
     def record(self, statuses: list[dict], shards: list[dict]) -> dict:

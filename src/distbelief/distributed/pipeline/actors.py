@@ -50,7 +50,8 @@ class StageHost:
         has_params = any(True for _ in module.parameters())
         opt = optimizer(config, module) if optimizer is not None and has_params else None
         self.stage = Stage(index, count, module, get_loss(config.loss), opt, device=device,
-                           channels_last=config.channels_last, bf16=config.bf16)
+                           channels_last=config.channels_last, bf16=config.bf16,
+                           recompute=config.cluster.recompute)
         if optimizer_state is not None and opt is not None:
             opt.load_state_dict(optimizer_state)
 

@@ -57,7 +57,7 @@ class PipelineRunner:
             optimizer_slice(full, part.offset, part.n_tensors)) for part in self.parts]
         info = wait_started(self.session.replicas, shape)
         self.pipeline = Pipeline(caller(self.session.replicas), self._get, count,
-                                 c.cluster.micro_batches)
+                                 c.cluster.micro_batches, c.cluster.pipeline_schedule)
         return info
 
     def _get(self, refs):
@@ -86,16 +86,20 @@ class PipelineRunner:
 
     def metrics(self) -> dict:
         """Per partition since the last call: compute seconds, seconds idle or moving data
-        (the step's wall time minus compute), bytes handed on per step; and the bubble: the
+        (the step's wall time minus compute), bytes handed on per step, the peak bytes of
+        activations held for backward; and the bubble: the
         fraction of the partitions' time spent not computing."""
         times = self._get([a.take_times.remote() for a in self.session.replicas])
         wall, steps = self.step_s, max(self.steps, 1)
         self.step_s, self.steps = 0.0, 0
         compute = [t["compute_s"] for t in times]
-        return {"partitions": len(times), "micro_batches": self.config.cluster.micro_batches,
+        c = self.config.cluster
+        return {"partitions": len(times), "micro_batches": c.micro_batches,
+                "schedule": c.pipeline_schedule, "recompute": c.recompute,
                 "compute_s": [round(s, 4) for s in compute],
                 "idle_s": [round(max(wall - s, 0.0), 4) for s in compute],
                 "bytes_per_step": [t["bytes_out"] // steps for t in times],
+                "peak_activation_bytes": [t["peak_activation_bytes"] for t in times],
                 "bubble": round(1 - sum(compute) / max(wall * len(times), 1e-9), 4)}
 
     def close(self) -> None:

@@ -3,17 +3,28 @@ No Ray here: the calls go through `call(p, method, *args)`, which runs them at o
 `Stage`s (tests) or submits them to stage actors (`pipeline.actors`), where each result is an
 object reference the next call takes as its argument.
 
-GPipe's fill-drain (Huang et al., 2019): the forward passes of all M micro-batches, then their
-backward passes in reverse order, then every stage's update. On actors every call of a step is
-submitted at once; Ray runs each actor's calls in the order they were submitted and starts one
-as soon as its argument exists, so stage p works on micro-batch m+1 while stage p+1 works on
-m: the stages overlap, and the step's idle time per stage is the bubble, ideally
-(P - 1) / (M + P - 1) of it.
+Two schedules (`--pipeline-schedule`), the same arithmetic in another order:
+
+- ``gpipe``, GPipe's fill-drain (Huang et al., 2019): each stage runs the forward passes of
+  all M micro-batches, then their backward passes in reverse order; every stage holds the
+  activations of all M micro-batches at its peak.
+- ``1f1b``, one-forward-one-backward (PipeDream-Flush, Narayanan et al., 2021): stage p of P
+  runs min(P - p - 1, M) forward passes to fill the pipeline, then alternates one forward and
+  one backward, then drains the backward passes left; a micro-batch's backward starts as soon
+  as its forward has reached the last stage, so stage p holds at most P - p micro-batches'
+  activations, whatever M. The bubble is the same as GPipe's, (P - 1) / (M + P - 1).
+
+On actors every call of a step is submitted at once, each stage's in its schedule's order;
+Ray runs each actor's calls in the order they were submitted and starts one as soon as its
+argument exists, so stage p works on micro-batch m+1 while stage p+1 works on m: the stages
+overlap. Every update comes after every stage's last backward.
 """
 
 from __future__ import annotations
 
 import torch
+
+SCHEDULES = ("gpipe", "1f1b")
 
 
 def micro_batches(x: torch.Tensor, y: torch.Tensor, count: int) -> list[tuple]:
@@ -25,37 +36,88 @@ def micro_batches(x: torch.Tensor, y: torch.Tensor, count: int) -> list[tuple]:
             for xm, ym in zip(torch.tensor_split(x, count), torch.tensor_split(y, count))]
 
 
-class Pipeline:
-    """Steps of `count` stages reached through `call` (module doc); `resolve(results)` turns
-    the results of calls into values (the identity for local stages, ray.get on actors)."""
+def stage_order(schedule: str, stage: int, count: int, micro: int) -> list[tuple[str, int]]:
+    """The passes stage `stage` of `count` runs in one step, in order: ("F", m) and ("B", m)
+    for micro-batch m of `micro`."""
+    if schedule == "gpipe":
+        return [("F", m) for m in range(micro)] + [("B", m) for m in reversed(range(micro))]
+    if schedule != "1f1b":
+        raise ValueError(f"unknown pipeline schedule {schedule!r}")
+    warmup = min(count - stage - 1, micro)
+    order = [("F", m) for m in range(warmup)]
+    for m in range(micro - warmup):
+        order += [("F", warmup + m), ("B", m)]
+    return order + [("B", m) for m in range(micro - warmup, micro)]
 
-    def __init__(self, call, resolve, count: int, micro: int):
+
+def submission_order(schedule: str, count: int, micro: int) -> list[tuple[int, str, int]]:
+    """Every pass of a step as (stage, "F" or "B", micro-batch), each stage's in its own order
+    (`stage_order`) and each after the pass it takes its argument from: a forward after the
+    previous stage's forward of the same micro-batch, a backward after the next stage's
+    backward (the last stage's after its own forward). Submitted in this order, no call waits
+    on one submitted after it."""
+    orders = [stage_order(schedule, p, count, micro) for p in range(count)]
+    done: set[tuple[int, str, int]] = set()
+    position, out = [0] * count, []
+
+    def ready(p: int, kind: str, m: int) -> bool:
+        if kind == "F":
+            return p == 0 or (p - 1, "F", m) in done
+        return (p, "F", m) in done and (p == count - 1 or (p + 1, "B", m) in done)
+
+    while len(out) < 2 * count * micro:
+        moved = False
+        for p in range(count):
+            while position[p] < len(orders[p]) and ready(p, *orders[p][position[p]]):
+                kind, m = orders[p][position[p]]
+                done.add((p, kind, m))
+                out.append((p, kind, m))
+                position[p] += 1
+                moved = True
+        if not moved:  # not reachable for the schedules above; a guard for new ones
+            raise RuntimeError(f"pipeline schedule {schedule} deadlocks at {position}")
+    return out
+
+
+class Pipeline:
+    """Steps of `count` stages reached through `call` (module doc) with `micro` micro-batches
+    under `schedule` (``gpipe`` or ``1f1b``); `resolve(results)` turns the results of calls
+    into values (the identity for local stages, ray.get on actors)."""
+
+    def __init__(self, call, resolve, count: int, micro: int, schedule: str = "1f1b"):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown pipeline schedule {schedule!r}")
         self.call, self.resolve, self.count, self.micro = call, resolve, count, micro
+        self.schedule = schedule
 
     def submit_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> list:
-        """Every call of one training step at `lr` (fill-drain); returns the results of the
-        last stage's losses followed by the stages' updates."""
+        """Every call of one training step at `lr`; returns the results of the last stage's
+        losses followed by the stages' updates."""
         losses = self.submit_passes(x, y)
         return losses + [self.call(p, "update", lr) for p in range(self.count)]
 
     def submit_passes(self, x: torch.Tensor, y: torch.Tensor) -> list:
         """The forward and backward passes of a step (gradients zeroed first, accumulated over
-        the micro-batches); returns the results of the last stage's losses."""
+        the micro-batches); returns the results of the last stage's losses, in micro-batch
+        order."""
         call, last = self.call, self.count - 1
         zeroed = [call(p, "zero_grad") for p in range(self.count)]
-        losses = []
         parts = micro_batches(x, y, self.micro)
-        for m, (xm, ym, weight) in enumerate(parts):
-            a = xm
-            for p in range(last):
-                a = call(p, "forward", m, a)
-            losses.append(call(last, "forward_loss", m, a, ym, weight))
-        for m in reversed(range(len(parts))):
-            g = call(last, "backward", m)
-            for p in reversed(range(last)):
-                g = call(p, "backward", m, g)
+        activations: dict[tuple[int, int], object] = {}  # (stage, m) -> its forward's result
+        grads: dict[tuple[int, int], object] = {}  # (stage, m) -> its backward's result
+        losses = {}
+        for p, kind, m in submission_order(self.schedule, self.count, len(parts)):
+            xm, ym, weight = parts[m]
+            if kind == "F" and p == last:
+                losses[m] = call(p, "forward_loss", m, activations.pop((p - 1, m), xm), ym,
+                                 weight)
+            elif kind == "F":
+                activations[(p, m)] = call(p, "forward", m, activations.pop((p - 1, m), xm))
+            else:
+                args = () if p == last else (grads.pop((p + 1, m)),)
+                grads[(p, m)] = call(p, "backward", m, *args)
         del zeroed  # ordered before the forward passes on each stage; nothing to wait for
-        return losses
+        return [losses[m] for m in range(len(parts))]
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[float, int]:
         """One training step: (the batch's mean loss, misclassified images), once every stage
@@ -65,8 +127,8 @@ class Pipeline:
         return sum(loss for loss, _ in losses), sum(wrong for _, wrong in losses)
 
 
-def local_pipeline(stages: list, micro: int) -> Pipeline:
+def local_pipeline(stages: list, micro: int, schedule: str = "1f1b") -> Pipeline:
     """A pipeline over in-process `Stage`s: every call runs at once, in order (tests, and
     the reference the actors are checked against)."""
     return Pipeline(lambda p, method, *args: getattr(stages[p], method)(*args), list,
-                    len(stages), micro)
+                    len(stages), micro, schedule)
