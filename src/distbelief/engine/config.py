@@ -186,9 +186,12 @@ class DownpourConfig:
     warmstart_steps: int = _opt("downpour: steps trained by one replica before the others "
                                 "start", check=non_negative, default=0)
     snapshot_every_s: float = _opt("downpour: seconds between a shard's snapshots to the keeper "
-                                   "on the driver's node, from which Ray restarts a dead shard "
-                                   "(0: none, for a server too large to copy; a shard that "
-                                   "dies then ends the run)", check=non_negative, default=5.0)
+                                   "on the driver's node, from which Ray restarts a dead shard; "
+                                   "single with --partitions: between the partitions' "
+                                   "snapshots, to which they all go back when one is "
+                                   "restarted (0: none, for a server too large to copy; a "
+                                   "shard or partition that dies then ends the run)",
+                                   check=non_negative, default=5.0)
 
 
 @dataclass(frozen=True)

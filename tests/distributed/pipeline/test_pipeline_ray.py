@@ -107,6 +107,88 @@ def test_a_partition_that_dies_stops_the_run_with_one_line(ray_cluster, tmp_path
     assert trainer.runner.session.replicas == []  # released
 
 
+def test_a_killed_partition_is_restarted_in_place_and_the_run_completes(ray_cluster, tmp_path):
+    # Partition 1 killed between steps 5 and 6, with a snapshot after every step: Ray restarts
+    # it, every partition goes back to the snapshot of step 5 (none lost), step 6 runs again,
+    # and the run ends where an uninterrupted one ends.
+    import ray
+
+    c = config(partitions=2, snapshot_every_s=1e-6, checkpoint_every=0)
+    trainer = PipelineTrainer(c, tmp_path / "run")
+    step = trainer.runner.step
+
+    def step_then_kill(x, y, lr, iteration):
+        out = step(x, y, lr, iteration)
+        if iteration == 4:  # the fifth step
+            ray.kill(trainer.runner.session.replicas[1], no_restart=False)
+        return out
+
+    trainer.runner.step = step_then_kill
+    summary = trainer.fit()
+    failures = [r for r in read_jsonl(tmp_path / "run/metrics.jsonl") if r["kind"] == "failure"]
+    assert [(f["actor"], f["iteration"], f["restored_step"], f["steps_lost"])
+            for f in failures] == [("partition 1", 5, 5, 0)]
+    assert summary["partition_failures"] == 1 and summary["partition_steps_lost"] == 0
+    reference = reference_run(c)
+    assert_same_model(reference.model.state_dict(),
+                      load_checkpoint(tmp_path / "run/checkpoints/last.pt")["model"])
+
+
+def test_every_partition_goes_back_to_the_same_snapshot(ray_cluster, tmp_path):
+    # Only the start's snapshot: after partition 1 dies at step 4, partition 0 (alive, 3 steps
+    # further) goes back to the start too, so that the parts are of one model.
+    import copy
+
+    import ray
+
+    c = config(partitions=2, snapshot_every_s=3600.0, iterations=6)
+    trainer = PipelineTrainer(c, tmp_path / "run")
+    start = copy.deepcopy(trainer.model.state_dict())
+    step, restore, restored = trainer.runner.step, trainer.runner._restore, []
+
+    def step_then_kill(x, y, lr, iteration):
+        out = step(x, y, lr, iteration)
+        if iteration == 2:
+            ray.kill(trainer.runner.session.replicas[1], no_restart=False)
+        return out
+
+    def restore_and_look(lost):
+        at = restore(lost)
+        states = ray.get([a.state.remote() for a in trainer.runner.session.replicas])
+        restored.append((at, [v for s in states for v in s["module"].values()]))
+        return at
+
+    trainer.runner.step, trainer.runner._restore = step_then_kill, restore_and_look
+    summary = trainer.fit()
+    assert summary["partition_steps_lost"] == 3
+    (at, values), = restored
+    assert at == 0
+    # The parts' state dicts, in order, are the whole model's entries in order.
+    assert len(values) == len(start)
+    for (name, expected), value in zip(start.items(), values):
+        assert torch.equal(value, expected), name
+
+
+@pytest.mark.slow  # a second run; make test kills between steps (above)
+def test_a_partition_killed_during_a_step_is_restarted(ray_cluster, tmp_path):
+    import ray
+
+    trainer = PipelineTrainer(config(partitions=2, snapshot_every_s=1e-6), tmp_path / "run")
+
+    def kill_one():
+        while trainer.iteration < 4:
+            threading.Event().wait(0.005)
+        ray.kill(trainer.runner.session.replicas[0], no_restart=False)
+
+    killer = threading.Thread(target=kill_one)
+    killer.start()
+    summary = trainer.fit()
+    killer.join()
+    assert summary["iterations"] == 12 and summary["partition_failures"] == 1
+    # The snapshot taken as it died, if it was, is skipped for the one before.
+    assert summary["partition_steps_lost"] <= 1
+
+
 @pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
 def test_stages_overlap(ray_cluster, schedule):
     # Stages whose every pass sleeps 40 ms: run one after the other, a step of 2 stages x 8
@@ -137,7 +219,7 @@ def test_stages_overlap(ray_cluster, schedule):
             time.sleep(0.04)
             return grad
 
-        def update(self, lr):
+        def update(self, lr, after=None):
             pass
 
     stages = [Sleeper.remote() for _ in range(2)]

@@ -12,6 +12,7 @@ restarted replica its next chunk.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 import warnings
@@ -218,6 +219,7 @@ class ServerStageHost(StageHost):
 
     def __init__(self, index: int, count: int, module, config, threads: int, device: str,
                  shard_names: list[str], bounds: list, replica: int):
+        self.incarnation = os.urandom(8).hex()
         device = self.settle(config, threads, device)
         client = RayClient([ray.get_actor(n) for n in shard_names], bounds, wire_dtype(config),
                            one_put=len(nodes()) == 1)

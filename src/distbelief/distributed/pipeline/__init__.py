@@ -1,10 +1,11 @@
 """Model parallelism inside a replica (Dean et al., 2012, Sec. 3): a model cut into P parts,
 each a Ray actor computing its layers, activations travelling forward and gradients backward
-between them through Ray's object store, M micro-batches in flight (GPipe's fill-drain).
+between them through Ray's object store, M micro-batches in flight (1F1B or GPipe's
+fill-drain, with or without recomputation).
 
     partition.py   the partitioner: contiguous parts balanced by multiply-adds (no Ray)
     stage.py       Stage: one part's forward, backward and update (no Ray)
-    schedule.py    Pipeline: one training step as calls to the stages (no Ray)
+    schedule.py    Pipeline: one training step as calls to the stages, 1F1B or GPipe (no Ray)
     actors.py      StageActor: a Stage in its own process
     runner.py      PipelineRunner: the partition actors of a single-mode run
     trainer.py     PipelineTrainer: single mode with `--partitions P` (the trainer's loop)

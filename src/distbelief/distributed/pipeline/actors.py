@@ -6,15 +6,27 @@ it (results under 100 KiB travel inline, through the caller)."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import ray
 import torch
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, ObjectLostError, \
+    RayActorError, RayTaskError
 
 from distbelief.distributed.pipeline.stage import Stage
 from distbelief.distributed.runtime.cluster import memory, node_id
 from distbelief.distributed.wire import tensor_view
 from distbelief.engine.losses import get_loss
 from distbelief.engine.setup import set_determinism
+from distbelief.errors import DistbeliefError
+
+RESTART_WAIT_S = 120.0  # how long a restarting partition has to answer again
+
+
+class PartitionGone(DistbeliefError):
+    """A partition, or a snapshot of it, that is not coming back."""
 
 
 def caller(actors: list):
@@ -45,6 +57,7 @@ class StageHost:
 
     def __init__(self, index: int, count: int, module, config, threads: int, device: str,
                  optimizer=None, optimizer_state: dict | None = None):
+        self.incarnation = os.urandom(8).hex()  # a restart by Ray gets a new one
         device = self.settle(config, threads, device)
         module = module.to(device)
         has_params = any(True for _ in module.parameters())
@@ -76,8 +89,11 @@ class StageHost:
     def backward(self, micro: int, grad=None):
         return _array(self.stage.backward(micro, None if grad is None else _tensor(grad)))
 
-    def update(self, lr: float) -> None:
+    def update(self, lr: float, after=None) -> None:
         self.stage.update(lr)
+
+    def load_state(self, state: dict) -> None:
+        self.stage.load_state(state)
 
     def take_times(self) -> dict:
         return self.stage.take_times()
@@ -88,8 +104,58 @@ class StageHost:
     def info(self) -> dict:
         params = sum(p.numel() for p in self.stage.module.parameters())
         return {"partition": self.stage.index, "node": node_id(), "params": params,
+                "incarnation": self.incarnation,
                 "device": str(self.stage.device), "threads": torch.get_num_threads(),
                 "memory": memory()}
 
 
 StageActor = ray.remote(StageHost)
+
+
+# --- the driver's side of restarts: snapshots and pings, Ray's errors turned into ours ---
+
+def put(value):
+    """`value` in Ray's object store, owned by this process (a restarted actor's arguments)."""
+    return ray.put(value)
+
+
+def take_snapshot(actors: list) -> list:
+    """Each actor's `state()` as a result left where it runs; returns once all exist (or
+    failed), without fetching them."""
+    refs = [a.state.remote() for a in actors]
+    ray.wait(refs, num_returns=len(refs), fetch_local=False)
+    return refs
+
+
+def load_snapshot(actors: list, refs: list) -> bool:
+    """Each actor loaded with its `take_snapshot` result; False when one of them is an error
+    (taken as its actor died).
+
+    Raises:
+        PartitionGone: an actor died while loading, or a snapshot was lost with its node."""
+    try:
+        ray.get([a.load_state.remote(r) for a, r in zip(actors, refs)])
+        return True
+    except RayTaskError:
+        return False
+    except (RayActorError, ObjectLostError) as e:
+        raise PartitionGone(str(e).splitlines()[0]) from None
+
+
+def answer(actor, wait: bool = False) -> dict | None:
+    """`actor.info()`; None while Ray restarts it (with `wait`: until its restart answers).
+
+    Raises:
+        PartitionGone: it is gone for good, or did not answer in RESTART_WAIT_S."""
+    deadline = time.monotonic() + RESTART_WAIT_S
+    while True:
+        try:
+            return ray.get(actor.info.remote(), timeout=RESTART_WAIT_S)
+        except ActorUnavailableError:  # restarting
+            if not wait:
+                return None
+            if time.monotonic() > deadline:
+                raise PartitionGone("a partition did not come back") from None
+            time.sleep(0.2)
+        except (RayActorError, GetTimeoutError) as e:
+            raise PartitionGone(str(e).splitlines()[0]) from None

@@ -4,8 +4,17 @@ the parts' parameters and optimizer states home when the trainer evaluates or ch
 
 The trainer keeps its whole-model optimizer and checkpoint format: a partitioned run's
 checkpoint is an ordinary single-process checkpoint (`distbelief eval` reads it; --resume may
-use another --partitions or none). A partition actor that dies loses its part's training
-since the last checkpoint, so the run stops with one line naming it; --resume continues from
+use another --partitions or none).
+
+A partition actor that dies is restarted in place by Ray (up to --max-restarts times each),
+and every partition goes back to the newest snapshot, taken at the start and then every
+--snapshot-every-s seconds: each partition's weights and optimizer state, left in Ray's
+object store as the result of a call, owned by this process and never fetched by it (so no
+process holds more than its part, and Ray may spill them to disk). All go back, not only the
+restarted one, so that the parts stay one model; the steps since the snapshot are lost
+(`partition_steps_lost`), and the step that failed runs again. A partition that died more
+than --max-restarts times, is gone for good, or whose snapshot was lost with its node stops
+the run with one line (as does any death under --snapshot-every-s 0); --resume continues from
 the last checkpoint.
 """
 
@@ -15,11 +24,12 @@ import time
 
 import torch
 
-from distbelief.distributed.pipeline.actors import StageActor, caller
+from distbelief.distributed.pipeline.actors import (PartitionGone, StageActor, answer, caller,
+                                                   load_snapshot, put, take_snapshot)
 from distbelief.distributed.pipeline.partition import partition
 from distbelief.distributed.pipeline.schedule import Pipeline
 from distbelief.distributed.pipeline.stage import optimizer_join, optimizer_slice
-from distbelief.distributed.runtime.calls import get_unless_dead
+from distbelief.distributed.runtime.calls import ActorsLost, get_unless_dead
 from distbelief.distributed.runtime.cluster import replica_options, wait_started
 from distbelief.distributed.runtime.session import DriverSession
 from distbelief.engine.config import TrainConfig
@@ -39,23 +49,37 @@ class PipelineRunner:
         self.session = DriverSession(address, dashboard, config.cluster.connect_timeout_s)
         self.pipeline: Pipeline | None = None
         self.step_s, self.steps = 0.0, 0  # wall time of the steps since the last `metrics`
+        # (step, each partition's state as a Ray result): the newest, and the one before it
+        self.snapshots: tuple | None = None
+        self.previous: tuple | None = None
+        self.snapshot_at = time.monotonic()
+        self.restarts = [0] * len(self.plan.parts)
+        self.failures: list[dict] = []  # restarts since the trainer last took them
 
     @property
     def parts(self):
         return self.plan.parts
 
-    def start(self, optimizer: torch.optim.Optimizer, build_optimizer) -> list[dict]:
+    def start(self, optimizer: torch.optim.Optimizer, build_optimizer, step: int = 0
+              ) -> list[dict]:
         """Place one actor per part (each with its weights and its slice of `optimizer`'s
-        state); returns the actors' `info()` once all answer."""
+        state) at the run's step `step` (its first snapshot's); returns the actors' `info()`
+        once all answer."""
         c, count = self.config, len(self.parts)
         self.session.start()
         options, shape = replica_options(c, count=count)
-        options["max_restarts"] = 0  # a restarted partition would have lost its weights
+        options["max_restarts"] = c.cluster.max_restarts  # then loaded from its snapshot
         full = optimizer.state_dict()
+        # Held for the run's life: a partition Ray restarts is built from them again (Ray
+        # does not keep an actor's arguments for its restarts, ray-project/ray#53727).
+        self.start_values = [(put(part.module), put(optimizer_slice(
+            full, part.offset, part.n_tensors))) for part in self.parts]
         self.session.replicas = [StageActor.options(**options).remote(
-            part.index, count, part.module, c, shape.threads, shape.device, build_optimizer,
-            optimizer_slice(full, part.offset, part.n_tensors)) for part in self.parts]
+            part.index, count, module, c, shape.threads, shape.device, build_optimizer, state)
+            for part, (module, state) in zip(self.parts, self.start_values)]
         info = wait_started(self.session.replicas, shape)
+        self.incarnations = [i["incarnation"] for i in info]
+        self._snapshot_if_due(step, force=True)  # the values they start from
         self.pipeline = Pipeline(caller(self.session.replicas), self._get, count,
                                  c.cluster.micro_batches, c.cluster.pipeline_schedule)
         return info
@@ -65,13 +89,72 @@ class PipelineRunner:
             f"partition actor(s) {', '.join(map(str, dead)) or '?'} died; their weights since "
             f"the last checkpoint are lost: --resume continues from it"))
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[float, int]:
-        """One training step (`Pipeline.step`)."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, iteration: int = 0
+             ) -> tuple[float, int]:
+        """One training step (`Pipeline.step`) as step `iteration` of the run; a partition
+        that dies is restarted from its snapshot and the step run again (module doc)."""
         start = time.perf_counter()
-        out = self.pipeline.step(x, y, lr)
+        while True:
+            try:
+                out = self.pipeline.step(x, y, lr)
+                break
+            except ActorsLost as lost:
+                self._restart(lost, iteration)
         self.step_s += time.perf_counter() - start
         self.steps += 1
+        self._snapshot_if_due(iteration + 1)
         return out
+
+    def _snapshot_if_due(self, step: int, force: bool = False) -> None:
+        """Each partition's state as of `step` steps, when --snapshot-every-s says so: results
+        left where the partitions are (this process holds only their refs, and waits until
+        they exist without fetching them). The one before is kept too: a snapshot taken
+        from a partition that died while taking it is an error, and `_restore` falls back."""
+        every = self.config.downpour.snapshot_every_s
+        if not every or (time.monotonic() - self.snapshot_at < every and not force):
+            return
+        refs = take_snapshot(self.session.replicas)
+        self.previous = self.snapshots
+        self.snapshots = (step, refs)
+        self.snapshot_at = time.monotonic()
+
+    def _restore(self, lost: ActorsLost) -> int:
+        """Every partition loaded with the newest snapshot that holds values for all of them;
+        the step it is from."""
+        for snapshot in (self.snapshots, self.previous):
+            if snapshot is None:
+                continue
+            step, refs = snapshot
+            try:
+                if load_snapshot(self.session.replicas, refs):
+                    return step
+            except PartitionGone:
+                raise lost from None
+        raise lost  # --snapshot-every-s 0: no snapshots
+
+    def _restart(self, lost: ActorsLost, iteration: int) -> None:
+        """After partitions died: those Ray restarted, and then every partition, go back to
+        the newest snapshot (the same step for all, so that the model stays one model: a
+        partition may have updated in the step that failed); raises `lost` when a dead one
+        may not be restarted (no restarts left, or gone for good) or the snapshot is lost."""
+        # Ray may have restarted one already: its incarnation tells.
+        try:
+            answers = [answer(a) for a in self.session.replicas]
+            dead = [p for p, info in enumerate(answers)
+                    if info is None or info["incarnation"] != self.incarnations[p]]
+            if not dead or any(self.restarts[p] >= self.config.cluster.max_restarts
+                               for p in dead):
+                raise lost
+            for p in dead:
+                self.restarts[p] += 1
+                info = answers[p] or answer(self.session.replicas[p], wait=True)
+                self.incarnations[p] = info["incarnation"]
+        except PartitionGone:
+            raise lost from None
+        restored = self._restore(lost)
+        self.failures += [{"kind": "failure", "actor": f"partition {p}", "iteration": iteration,
+                           "restarted": True, "restored_step": restored,
+                           "steps_lost": iteration - restored} for p in dead]
 
     def gather(self, optimizer: torch.optim.Optimizer) -> None:
         """Load the parts' current weights into the driver's model (the parts share its
@@ -104,3 +187,4 @@ class PipelineRunner:
 
     def close(self) -> None:
         self.session.close()
+

@@ -89,12 +89,16 @@ class Pipeline:
             raise ValueError(f"unknown pipeline schedule {schedule!r}")
         self.call, self.resolve, self.count, self.micro = call, resolve, count, micro
         self.schedule = schedule
+        self.last_pass = None  # the result of the last step's last pass (`submit_step`)
 
     def submit_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> list:
         """Every call of one training step at `lr`; returns the results of the last stage's
-        losses followed by the stages' updates."""
+        losses followed by the stages' updates. Every update takes the step's last pass's
+        result (the first stage's last backward, which needs every other stage's last
+        backward): on actors, if any pass failed, no stage updates."""
         losses = self.submit_passes(x, y)
-        return losses + [self.call(p, "update", lr) for p in range(self.count)]
+        last = self.last_pass
+        return losses + [self.call(p, "update", lr, last) for p in range(self.count)]
 
     def submit_passes(self, x: torch.Tensor, y: torch.Tensor) -> list:
         """The forward and backward passes of a step (gradients zeroed first, accumulated over
@@ -117,6 +121,7 @@ class Pipeline:
                 args = () if p == last else (grads.pop((p + 1, m)),)
                 grads[(p, m)] = call(p, "backward", m, *args)
         del zeroed  # ordered before the forward passes on each stage; nothing to wait for
+        self.last_pass = grads[(0, 0 if self.schedule == "gpipe" else len(parts) - 1)]
         return [losses[m] for m in range(len(parts))]
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[float, int]:

@@ -167,8 +167,10 @@ class Stage:
         self.saved.clear()  # a step cut short (a failure elsewhere) leaves activations behind
         self.held.clear()
 
-    def update(self, lr: float) -> None:
-        """One optimizer step at learning rate `lr` with the accumulated gradients."""
+    def update(self, lr: float, after=None) -> None:
+        """One optimizer step at learning rate `lr` with the accumulated gradients. `after`,
+        the step's last pass's result, is not read: on actors it makes the update wait for
+        that pass, and fail without running when any pass of the step failed."""
         if self.optimizer is None:  # a part without parameters (a flatten, an activation)
             return
         start = time.perf_counter()
@@ -186,6 +188,14 @@ class Stage:
         return out
 
     # --- state in the whole model's terms ------------------------------------------------
+
+    def load_state(self, state: dict) -> None:
+        """`state()`'s values back into the module and the optimizer (a restarted partition
+        from its snapshot)."""
+        self.module.load_state_dict(state["module"])
+        if self.optimizer is not None and state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.zero_grad()
 
     def state(self) -> dict:
         """The module's state_dict and the optimizer's state, as CPU tensors (the driver may

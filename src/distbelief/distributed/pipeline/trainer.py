@@ -29,8 +29,9 @@ class PipelineTrainer(Trainer):
     Raises:
         ConfigError, DataError, CheckpointError: as `Trainer`, before anything is written.
         Diverged: as `Trainer`.
-        DistbeliefError: a partition actor died (its weights since the last checkpoint are
-            lost: --resume continues from it).
+        DistbeliefError: a partition actor died and could not be restarted in place (more
+            than --max-restarts times, or gone for good: --resume continues from the last
+            checkpoint).
     """
 
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
@@ -54,7 +55,7 @@ class PipelineTrainer(Trainer):
         return "cpu"
 
     def start(self) -> None:
-        self.placed = self.runner.start(self.optimizer, build_optimizer)
+        self.placed = self.runner.start(self.optimizer, build_optimizer, self.iteration)
 
     def train(self) -> None:
         self.life.log({"kind": "cluster", "iteration": self.iteration, "partitions": [
@@ -65,7 +66,15 @@ class PipelineTrainer(Trainer):
     def compute(self, x: torch.Tensor, y: torch.Tensor,
                 lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         # The partitions choose their own memory format.
-        loss, wrong = self.runner.step(x, y, lr)
+        loss, wrong = self.runner.step(x, y, lr, self.iteration)
+        for failure in self.runner.failures:  # partitions restarted in place
+            self.life.counters["partition_failures"] += 1
+            self.life.counters["partition_steps_lost"] += failure["steps_lost"]
+            self.life.log({**failure, "wall_s": round(self.life.wall_s, 3)})
+            self.life.say(f"{failure['actor']} failed and was restarted from its snapshot at "
+                          f"step {failure['restored_step']} ({failure['steps_lost']} of its "
+                          f"steps lost)")
+        self.runner.failures.clear()
         return torch.tensor(loss), torch.tensor(wrong)
 
     def gather(self) -> None:
@@ -80,8 +89,11 @@ class PipelineTrainer(Trainer):
 
     def summary(self) -> dict:
         c = self.config.cluster
+        counters = self.life.counters
         return {**super().summary(), "partitions": c.partitions,
-                "micro_batches": c.micro_batches}
+                "micro_batches": c.micro_batches, "pipeline_schedule": c.pipeline_schedule,
+                "recompute": c.recompute, "partition_failures": counters["partition_failures"],
+                "partition_steps_lost": counters["partition_steps_lost"]}
 
     def close(self) -> None:
         self.runner.close()

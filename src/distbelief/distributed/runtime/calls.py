@@ -17,6 +17,14 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from distbelief.errors import DistbeliefError
 
 
+class ActorsLost(DistbeliefError):
+    """Calls failed because actors died: `dead`, their indices (`get_unless_dead`)."""
+
+    def __init__(self, message: str, dead: list[int]):
+        super().__init__(message)
+        self.dead = dead
+
+
 class ShardLost(DistbeliefError):
     """A parameter-server shard did not answer: it died, and Ray is restarting it
     (`restarting`) or it is gone for good. Its message is one line for the user."""
@@ -41,8 +49,8 @@ def get(refs, lost: str | None = None):
 
 def get_unless_dead(refs, actors: list, message):
     """ray.get(refs); when a call failed because an actor died (its own, or the one whose
-    result it took as argument), `DistbeliefError(message(dead))`, `dead` being the indices of
-    the `actors` that no longer answer."""
+    result it took as argument), `ActorsLost(message(dead), dead)`, `dead` being the indices
+    of the `actors` that no longer answer."""
     try:
         return ray.get(refs)
     except RayTaskError as e:
@@ -50,7 +58,8 @@ def get_unless_dead(refs, actors: list, message):
             raise remote_error(e, None) from None
     except RayActorError:
         pass
-    raise DistbeliefError(message(dead_actors(actors)))
+    dead = dead_actors(actors)
+    raise ActorsLost(message(dead), dead)
 
 
 def dead_actors(actors: list, timeout_s: float = 60.0) -> list[int]:
