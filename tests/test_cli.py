@@ -35,9 +35,12 @@ def test_models_options_reach_the_model(capsys):
 def test_models_partitions_table_and_json(capsys):
     assert main(["models", "resnet20", "--partitions", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["model", "partition", "units", "params", "MACs", "share"]
+    assert lines[0].split() == ["model", "partition", "units", "params", "MACs", "share",
+                                "state", "activations/example"]
     assert [line.split()[1] for line in lines[1:]] == ["0", "1", "2"]
     assert lines[1].split()[2] == "stem" and lines[-1].split()[4] == "head"
+    # The last part: 222,730 parameters x 12 bytes (weight, gradient, momentum).
+    assert lines[-1].split()[5] == "222,730" and lines[-1].split()[-4:-2] == ["2.5", "MiB"]
     assert main(["models", "resnet20", "--partitions", "3", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert sum(r["params"] for r in rows) == 269_722

@@ -39,6 +39,13 @@ def _format_count(n: int) -> str:
     return str(n)
 
 
+def _format_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def _models_table(rows: list[dict]) -> str:
     header = ("name", "family", "depth", "shortcuts", "params", "MACs", "input")
     lines = [
@@ -80,15 +87,17 @@ def _print_split(names: list[str], args: argparse.Namespace, options: dict) -> i
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    header = ("model", "partition", "units", "params", "MACs", "share")
+    header = ("model", "partition", "units", "params", "MACs", "share", "state",
+              "activations/example")
     total = {}
     for r in rows:
         total[r["model"]] = total.get(r["model"], 0) + r["macs"]
     lines = [(r["model"], str(r["partition"]), r["units"], f"{r['params']:,}",
-              _format_count(r["macs"]), f"{r['macs'] / max(total[r['model']], 1):.0%}")
+              _format_count(r["macs"]), f"{r['macs'] / max(total[r['model']], 1):.0%}",
+              _format_bytes(r["state_bytes"]), _format_bytes(r["activation_bytes_per_example"]))
              for r in rows]
     widths = [max(len(c) for c in col) for col in zip(header, *lines)]
-    fmt = "  ".join(f"{{:{a}{w}}}" for a, w in zip("<><>>>", widths))
+    fmt = "  ".join(f"{{:{a}{w}}}" for a, w in zip("<><>>>>>", widths))
     print("\n".join(fmt.format(*line).rstrip() for line in (header, *lines)))
     return 0
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from distbelief.distributed.pipeline.partition import (linear_partition, partition, split_table,
+from distbelief.distributed.pipeline.partition import (ACTIVATION_COST, linear_partition,
+                                                       partition, split_table, unit_profile,
                                                        units)
 from distbelief.errors import ConfigError
 from distbelief.models import create_model
@@ -46,8 +47,9 @@ def test_every_parameter_in_exactly_one_contiguous_part(name, parts):
     assert offsets == [sum(pt.n_tensors for pt in plan.parts[:i]) for i in range(parts)]
     assert sum(p.params for p in plan.parts) == sum(p.numel() for p in model.parameters())
     # Balanced: no part above the mean part plus the costliest unit.
-    assert max(p.macs + len(p.names) for p in plan.parts) <= plan.bound
-    assert sum(p.macs for p in plan.parts) == sum(plan.unit_costs)
+    costs = [p.macs + ACTIVATION_COST * p.kept for p in plan.parts]
+    assert max(c + len(p.names) for c, p in zip(costs, plan.parts)) <= plan.bound
+    assert sum(costs) == sum(plan.unit_costs)
 
 
 def test_parts_in_order_compute_the_model():
@@ -94,8 +96,30 @@ def test_split_table_is_measured_on_the_meta_device():
     rows = split_table("resnet152", 4)
     assert [r["partition"] for r in rows] == [0, 1, 2, 3]
     assert sum(r["params"] for r in rows) == 60_192_808  # torchvision's resnet152
-    macs = [r["macs"] for r in rows]
-    assert max(macs) / (sum(macs) / 4) < 1.1  # 50 blocks: a fine enough grain to balance
+    assert [r["state_bytes"] for r in rows] == [12 * r["params"] for r in rows]
+    costs = [r["macs"] + ACTIVATION_COST * r["activation_bytes_per_example"] // 4 for r in rows]
+    assert max(costs) / (sum(costs) / 4) < 1.1  # 50 blocks: a fine enough grain to balance
+
+
+def test_the_cost_counts_the_elements_kept_for_backward():
+    # Linear(4, 8) keeps its input (4), Tanh its output (8), Linear(8, 2) its input (the same
+    # tensor, counted by each layer that keeps it: 8); weights are not activations.
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    assert unit_profile(units(model), torch.zeros(1, 4)) == [(32, 4), (0, 8), (16, 8)]
+    plan = partition(model, 2, torch.zeros(1, 4))
+    assert [p.kept for p in plan.parts] == [12, 8]
+    assert plan.unit_costs == [32 + 4 * ACTIVATION_COST, 8 * ACTIVATION_COST,
+                               16 + 8 * ACTIVATION_COST]
+
+
+def test_a_resnets_wide_activations_weigh_in_the_cut():
+    # ResNet-20's 16-channel blocks at 32x32 have the multiply-adds of its 32-channel blocks
+    # at 16x16 and twice their activations: by multiply-adds alone the first part would take
+    # layer2.0 as well; its step took 1.4x the second part's (docs/benchmarks.md).
+    plan = partition(create_model("resnet20", num_classes=10), 2, torch.zeros(1, 3, 32, 32))
+    assert [p.describe() for p in plan.parts] == ["stem .. layer1.2", "layer2.0 .. head"]
+    first, second = plan.parts
+    assert first.macs < second.macs and first.kept > second.kept
 
 
 def test_a_module_used_twice_is_a_unit_each_time():

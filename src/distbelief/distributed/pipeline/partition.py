@@ -1,6 +1,7 @@
 """The partitioner: a model cut into P contiguous parts along its natural boundaries, balanced
-by multiply-adds (Dean et al., 2012, Sec. 3: "the model is partitioned ... each machine is
-responsible for a part of the model"). No Ray here.
+by a cost that counts multiply-adds and the activations kept for backward (Dean et al., 2012,
+Sec. 3: "the model is partitioned ... each machine is responsible for a part of the model").
+No Ray here.
 
 Units are the pieces a model may be cut between:
 
@@ -14,11 +15,16 @@ copied), so running the parts in order computes the model's `forward`, and a par
 modules in registration order): part p holds the model's parameters offset_p .. offset_p+n_p-1,
 which is how optimizer states move between the whole model and its parts.
 
-Balance. The cut minimizes the largest part's cost, a unit's cost being its forward
-multiply-adds plus one (so units without any still count): the classic linear partition,
-solved exactly by dynamic programming. The largest part is then at most the mean part plus the
-costliest unit (`Plan.bound`), the tolerance the tests hold it to. Backward costs about twice
-the forward for every layer with weights, so balancing the forward balances the step.
+Balance. The cut minimizes the largest part's cost: the classic linear partition, solved
+exactly by dynamic programming. The largest part is then at most the mean part plus the
+costliest unit (`Plan.bound`), the tolerance the tests hold it to. A unit's cost is its
+forward multiply-adds plus ACTIVATION_COST per element it keeps for backward, per example,
+plus one (so units without either still count). Multiply-adds alone leave a ResNet's parts
+lopsided: a block of 16 channels at 32x32 has the multiply-adds of one of 32 at 16x16 but
+twice its activations, and its step takes 1.65x as long, the time going to memory traffic
+(BatchNorm, ReLU, the additions). The activations are what a partition holds in memory too,
+so the same cost balances the parts' memory. Backward costs about twice the forward for
+every layer with weights, so balancing the forward balances the step.
 """
 
 from __future__ import annotations
@@ -31,6 +37,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from distbelief.errors import ConfigError
 
+# Multiply-adds that one element kept for backward costs in a step: a least-squares fit of
+# ResNet-20's and ResNet-56's units' step times (forward and backward, micro-batches of 16,
+# one CPU thread) to their multiply-adds and kept elements gave 126 and 157
+# (docs/benchmarks.md, "Balancing the parts").
+ACTIVATION_COST = 128
+# Bytes of training state per parameter: float32 weight, gradient and one optimizer slot
+# (SGD's momentum; Adagrad's sum of squares).
+STATE_BYTES_PER_PARAM = 12
+
 
 @dataclass
 class Part:
@@ -42,6 +57,17 @@ class Part:
     params: int  # parameter elements
     macs: int  # forward multiply-adds per example
     offset: int  # index of its first tensor in the model's parameters()
+    kept: int = 0  # elements kept for backward per example (activations, float32)
+
+    @property
+    def state_bytes(self) -> int:
+        """Its training state: weights, gradients and one optimizer slot, float32."""
+        return self.params * STATE_BYTES_PER_PARAM
+
+    @property
+    def activation_bytes(self) -> int:
+        """Bytes of activations it keeps for backward per example, float32."""
+        return self.kept * 4
 
     @property
     def n_tensors(self) -> int:
@@ -84,21 +110,38 @@ def check_disjoint(model: nn.Module, modules: list[nn.Module]) -> None:
                           "layers run (give an nn.Sequential or a ResNet)")
 
 
-def unit_costs(pieces: list[tuple[str, nn.Module]], sample: torch.Tensor) -> list[int]:
-    """Forward multiply-adds of each unit on `sample` (one example, batch dimension 1), counted
-    as it flows through the units in order; BatchNorm statistics are left untouched."""
-    costs, x = [], sample
+def unit_profile(pieces: list[tuple[str, nn.Module]], sample: torch.Tensor
+                 ) -> list[tuple[int, int]]:
+    """(forward multiply-adds, elements kept for backward) per example of each unit on
+    `sample` (one example, batch dimension 1), counted as it flows through the units in order;
+    in eval mode, so BatchNorm statistics are left untouched (what train mode keeps on top is
+    a per-channel vector or two)."""
+    out, x = [], sample.detach().requires_grad_(sample.is_floating_point())
     modes = [m.training for _, m in pieces]
     try:
         for _, module in pieces:
             module.eval()
-            with FlopCounterMode(display=False) as counter, torch.no_grad():
-                x = module(x)
-            costs.append(counter.get_total_flops() // 2)
+            kept = [0]
+
+            def pack(t: torch.Tensor, kept=kept) -> torch.Tensor:
+                if not isinstance(t if t._base is None else t._base, nn.Parameter):
+                    kept[0] += t.numel()  # an activation: not a weight, nor a view of one
+                return t
+
+            with FlopCounterMode(display=False) as counter, torch.enable_grad(), \
+                    torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = module(x)
+            out.append((counter.get_total_flops() // 2, kept[0]))
+            x = y.detach().requires_grad_(y.is_floating_point())
     finally:
         for (_, module), mode in zip(pieces, modes):
             module.train(mode)
-    return costs
+    return out
+
+
+def unit_costs(pieces: list[tuple[str, nn.Module]], sample: torch.Tensor) -> list[int]:
+    """Each unit's cost (module doc): multiply-adds plus ACTIVATION_COST per kept element."""
+    return [macs + ACTIVATION_COST * kept for macs, kept in unit_profile(pieces, sample)]
 
 
 def linear_partition(costs: list[int], parts: int) -> list[int]:
@@ -148,7 +191,7 @@ class Plan:
 
 
 def partition(model: nn.Module, parts: int, sample: torch.Tensor) -> Plan:
-    """`model` cut into `parts` contiguous parts balanced by multiply-adds, measured on `sample`
+    """`model` cut into `parts` contiguous parts balanced by cost (module doc), measured on `sample`
     (one example with its batch dimension, on the model's device).
 
     Raises:
@@ -161,14 +204,17 @@ def partition(model: nn.Module, parts: int, sample: torch.Tensor) -> Plan:
                 else f"it has {len(pieces)} units ({', '.join(n for n, _ in pieces[:8])}"
                      f"{' ...' if len(pieces) > 8 else ''})")
         raise ConfigError(f"cannot cut the model into {parts} partitions: {what}")
-    costs = unit_costs(pieces, sample)
+    profile = unit_profile(pieces, sample)
+    costs = [macs + ACTIVATION_COST * kept for macs, kept in profile]
     bounds = [0, *linear_partition([c + 1 for c in costs], parts), len(pieces)]
     out, offset = [], 0
     modules = [nn.Sequential(*(m for _, m in pieces[lo:hi])) for lo, hi in zip(bounds, bounds[1:])]
     check_disjoint(model, modules)
     for p, ((lo, hi), module) in enumerate(zip(zip(bounds, bounds[1:]), modules)):
         part = Part(p, [n for n, _ in pieces[lo:hi]], module,
-                    sum(t.numel() for t in module.parameters()), sum(costs[lo:hi]), offset)
+                    sum(t.numel() for t in module.parameters()),
+                    sum(m for m, _ in profile[lo:hi]), offset,
+                    sum(k for _, k in profile[lo:hi]))
         offset += part.n_tensors
         out.append(part)
     return Plan(out, costs, bounds)
@@ -176,8 +222,8 @@ def partition(model: nn.Module, parts: int, sample: torch.Tensor) -> Plan:
 
 def split_table(name: str, parts: int, input_size: int | None = None, **kwargs) -> list[dict]:
     """`distbelief models NAME --partitions P`: one row per part of the registered model
-    `name` (its units, parameters and multiply-adds), measured on the meta device (no memory,
-    no compute)."""
+    `name` (its units, parameters, multiply-adds, training state and activation bytes per
+    example), measured on the meta device (no memory, no compute)."""
     from distbelief.models import create_model, model_info
 
     info = model_info(name)
@@ -189,4 +235,5 @@ def split_table(name: str, parts: int, input_size: int | None = None, **kwargs) 
         sample = torch.zeros(1, kwargs.get("in_chans", 3), size, size)
     plan = partition(model, parts, sample)
     return [{"model": name, "partition": p.index, "units": p.describe(), "params": p.params,
-             "macs": p.macs} for p in plan.parts]
+             "macs": p.macs, "state_bytes": p.state_bytes,
+             "activation_bytes_per_example": p.activation_bytes} for p in plan.parts]
