@@ -17,7 +17,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, ObjectLostErr
 
 from distbelief.distributed.pipeline.stage import Stage
 from distbelief.distributed.runtime.cluster import memory, node_id
-from distbelief.distributed.wire import tensor_view
+from distbelief.distributed.wire import decode, encode, tensor_view
 from distbelief.engine.losses import get_loss
 from distbelief.engine.setup import set_determinism
 from distbelief.errors import DistbeliefError
@@ -38,20 +38,36 @@ def caller(actors: list):
     return call
 
 
+class Bits16:
+    """A bfloat16 tensor on its way between stages: the int16 array of its bits (numpy has no
+    bfloat16, and widening to float32 would double the bytes; Ray moves the array out of band,
+    without pickling its bytes)."""
+
+    __slots__ = ("bits",)
+
+    def __init__(self, bits: np.ndarray):
+        self.bits = bits
+
+
 def _tensor(value):
+    """What a stage receives: a tensor over the array Ray delivered (no copy)."""
+    if isinstance(value, Bits16):
+        return decode(value.bits, torch.bfloat16)
     return tensor_view(value) if isinstance(value, np.ndarray) else value
 
 
 def _array(value):
+    """What a stage hands on: its output or input gradient in its own dtype."""
     if value is None:
         return None
-    return value.detach().float().cpu().numpy() if value.dtype == torch.bfloat16 else \
-        value.detach().cpu().numpy()
+    value = value.detach().cpu()
+    return Bits16(encode(value)) if value.dtype == torch.bfloat16 else value.numpy()
 
 
 class StageHost:
     """Partition `index` of `count` in its own process (`StageActor`): its module (only its
-    own part of the model), its optimizer (`optimizer` builds one over the module's parameters;
+    own part of the model; built on the meta device, it is allocated here and its values come
+    with `load_state`), its optimizer (`optimizer` builds one over the module's parameters;
     its state `optimizer_state` in the part's numbering), `threads` CPU threads on `device`.
     A plain class, so that Downpour's partitions (`downpour.actors`) extend it."""
 
@@ -59,6 +75,8 @@ class StageHost:
                  optimizer=None, optimizer_state: dict | None = None):
         self.incarnation = os.urandom(8).hex()  # a restart by Ray gets a new one
         device = self.settle(config, threads, device)
+        if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+            module = module.to_empty(device=device)
         module = module.to(device)
         has_params = any(True for _ in module.parameters())
         opt = optimizer(config, module) if optimizer is not None and has_params else None
@@ -114,9 +132,15 @@ StageActor = ray.remote(StageHost)
 
 # --- the driver's side of restarts: snapshots and pings, Ray's errors turned into ours ---
 
-def put(value):
-    """`value` in Ray's object store, owned by this process (a restarted actor's arguments)."""
-    return ray.put(value)
+def send_states(actors: list, states: list[dict]) -> None:
+    """Each actor's `load_state` of its state (`Stage.state`'s form), through the object store.
+
+    Raises:
+        PartitionGone: an actor died on the way."""
+    try:
+        ray.get([a.load_state.remote(ray.put(s)) for a, s in zip(actors, states)])
+    except (RayActorError, ObjectLostError) as e:
+        raise PartitionGone(str(e).splitlines()[0]) from None
 
 
 def take_snapshot(actors: list) -> list:

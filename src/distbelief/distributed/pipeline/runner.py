@@ -20,12 +20,13 @@ the last checkpoint.
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
 
 from distbelief.distributed.pipeline.actors import (PartitionGone, StageActor, answer, caller,
-                                                   load_snapshot, put, take_snapshot)
+                                                   load_snapshot, send_states, take_snapshot)
 from distbelief.distributed.pipeline.partition import partition
 from distbelief.distributed.pipeline.schedule import Pipeline
 from distbelief.distributed.pipeline.stage import optimizer_join, optimizer_slice
@@ -70,15 +71,17 @@ class PipelineRunner:
         options, shape = replica_options(c, count=count)
         options["max_restarts"] = c.cluster.max_restarts  # then loaded from its snapshot
         full = optimizer.state_dict()
-        # Held for the run's life: a partition Ray restarts is built from them again (Ray
-        # does not keep an actor's arguments for its restarts, ray-project/ray#53727).
-        self.start_values = [(put(part.module), put(optimizer_slice(
-            full, part.offset, part.n_tensors))) for part in self.parts]
+        # The parts travel empty (on the meta device: a few bytes, which Ray keeps for a
+        # restart) and their values after them, through the object store.
         self.session.replicas = [StageActor.options(**options).remote(
-            part.index, count, module, c, shape.threads, shape.device, build_optimizer, state)
-            for part, (module, state) in zip(self.parts, self.start_values)]
+            part.index, count, _empty(part.module), c, shape.threads, shape.device,
+            build_optimizer) for part in self.parts]
         info = wait_started(self.session.replicas, shape)
         self.incarnations = [i["incarnation"] for i in info]
+        send_states(self.session.replicas, [
+            {"module": part.module.state_dict(),
+             "optimizer": optimizer_slice(full, part.offset, part.n_tensors)}
+            for part in self.parts])
         self._snapshot_if_due(step, force=True)  # the values they start from
         self.pipeline = Pipeline(caller(self.session.replicas), self._get, count,
                                  c.cluster.micro_batches, c.cluster.pipeline_schedule)
@@ -188,3 +191,10 @@ class PipelineRunner:
     def close(self) -> None:
         self.session.close()
 
+
+def _empty(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module` on the meta device, made without copying its values."""
+    memo = {id(b): torch.empty_like(b, device="meta") for b in module.buffers()}
+    memo.update({id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+                 for p in module.parameters()})
+    return copy.deepcopy(module, memo=memo)
