@@ -10,7 +10,10 @@ process measured in the same run, and that ratio as a share of the ideal M / (M 
 each partition's peak activation bytes held for backward.
 
     python benchmarks/bench_pipeline.py [--partitions 2] [--micro 1,2,4,8] [--steps 30]
-        [--schedules gpipe,1f1b,1f1b+recompute]
+        [--schedules gpipe,1f1b,1f1b+recompute] [--micro-size S]
+
+With --micro-size S every run's batch is M x S (the single process's is --batch): the
+activations a partition holds then depend on the schedule and M alone.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--schedules", default="gpipe,1f1b,1f1b+recompute")
+    parser.add_argument("--micro-size", type=int, default=0,
+                        help="images per micro-batch (batch M x this); 0: --batch for all")
     args = parser.parse_args()
     p = args.partitions
     base = TrainConfig().replace(
@@ -90,8 +95,9 @@ def main() -> None:
     for m in map(int, args.micro.split(",")):
         for schedule in args.schedules.split(","):
             name, _, recompute = schedule.partition("+")
+            batch = m * args.micro_size if args.micro_size else args.batch
             trainer = PipelineTrainer(base.replace(partitions=p, micro_batches=m,
-                                                   pipeline_schedule=name,
+                                                   pipeline_schedule=name, batch_size=batch,
                                                    recompute=bool(recompute)))
             trainer.start()
             try:
@@ -103,7 +109,8 @@ def main() -> None:
             peak = [round(b / 2**20, 1) for b in pipe["peak_activation_bytes"]]
             print(f"{f'{p} partitions x {m} micro, {schedule}':<34} {rate:>9.0f} "
                   f"{rate / single:>6.2f} {rate / single / (1 - ideal):>8.2f} "
-                  f"{pipe['bubble']:>7.2f} {ideal:>6.2f}   peak activations MiB {peak}")
+                  f"{pipe['bubble']:>7.2f} {ideal:>6.2f}   peak activations MiB {peak}, "
+                  f"batch {batch}")
     print("boundary activations between two actors through Ray:")
     for size, seconds in transfer_times([64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]):
         print(f"  {size / 2**20:>7.2f} MiB  {seconds * 1e3:>7.2f} ms  "

@@ -232,3 +232,30 @@ def test_stages_overlap(ray_cluster, schedule):
     assert loss == pytest.approx(1.0)  # every micro-batch's weight, once
     serial, pipelined = 2 * 8 * 2 * 0.04, (8 + 1) * 2 * 0.04
     assert wall < (serial + pipelined) / 2, (wall, serial, pipelined)
+
+
+def test_evaluations_run_through_the_partitions(ray_cluster, tmp_path):
+    # The driver sends images and gets logits: no weights come home for an evaluation, and
+    # the numbers are those of the whole model evaluated at the partitions' weights.
+    from distbelief.engine.evaluate import evaluate
+
+    trainer = PipelineTrainer(config(partitions=2, micro_batches=2), tmp_path / "run")
+    trainer.start()
+    try:
+        trainer.life.begin(trainer)
+        trainer.train_until(5)
+        gathers = []
+        trainer.runner.gather = lambda optimizer: gathers.append(1)  # would bring weights
+        trainer._gathered_at = None
+        results = trainer.life.evaluate(trainer)
+        assert gathers == []
+        del trainer.runner.gather
+        trainer.gather()
+        expected = evaluate(trainer.model, trainer.data.splits["test"].batches())
+    finally:
+        trainer.close()
+        trainer.life.release()
+    got = results["test"]
+    assert got["images"] == expected["images"] > 0
+    assert got["loss"] == pytest.approx(expected["loss"], abs=1e-5)
+    assert got["error"] == pytest.approx(expected["error"], abs=1e-9)

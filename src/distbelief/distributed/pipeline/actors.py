@@ -49,8 +49,9 @@ class Bits16:
         self.bits = bits
 
 
-def _tensor(value):
-    """What a stage receives: a tensor over the array Ray delivered (no copy)."""
+def received(value):
+    """What a stage (or the driver) receives: a tensor over the array Ray delivered (no
+    copy)."""
     if isinstance(value, Bits16):
         return decode(value.bits, torch.bfloat16)
     return tensor_view(value) if isinstance(value, np.ndarray) else value
@@ -99,13 +100,13 @@ class StageHost:
         self.stage.zero_grad()
 
     def forward(self, micro: int, x, train: bool = True):
-        return _array(self.stage.forward(micro, _tensor(x), train))
+        return _array(self.stage.forward(micro, received(x), train))
 
     def forward_loss(self, micro: int, x, y, weight: float):
-        return self.stage.forward_loss(micro, _tensor(x), _tensor(y), weight)
+        return self.stage.forward_loss(micro, received(x), received(y), weight)
 
     def backward(self, micro: int, grad=None):
-        return _array(self.stage.backward(micro, None if grad is None else _tensor(grad)))
+        return _array(self.stage.backward(micro, None if grad is None else received(grad)))
 
     def update(self, lr: float, after=None) -> None:
         self.stage.update(lr)

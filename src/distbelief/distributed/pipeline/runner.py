@@ -26,7 +26,8 @@ import time
 import torch
 
 from distbelief.distributed.pipeline.actors import (PartitionGone, StageActor, answer, caller,
-                                                   load_snapshot, send_states, take_snapshot)
+                                                   load_snapshot, received, send_states,
+                                                   take_snapshot)
 from distbelief.distributed.pipeline.partition import partition
 from distbelief.distributed.pipeline.schedule import Pipeline
 from distbelief.distributed.pipeline.stage import optimizer_join, optimizer_slice
@@ -158,6 +159,11 @@ class PipelineRunner:
         self.failures += [{"kind": "failure", "actor": f"partition {p}", "iteration": iteration,
                            "restarted": True, "restored_step": restored,
                            "steps_lost": iteration - restored} for p in dead]
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's output for `x` in eval mode (float32), computed by the partitions
+        (`Pipeline.infer`): what an evaluation needs, without their weights moving."""
+        return torch.cat([received(o).float() for o in self.pipeline.infer(x)])
 
     def gather(self, optimizer: torch.optim.Optimizer) -> None:
         """Load the parts' current weights into the driver's model (the parts share its

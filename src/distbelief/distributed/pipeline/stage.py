@@ -125,8 +125,9 @@ class Stage:
         start = time.perf_counter()
         out, _ = self._first_pass(micro, x, None, train)
         result = out.detach()
-        self.bytes_out += result.numel() * result.element_size()
-        self.compute_s += time.perf_counter() - start
+        if train:  # the metrics are the training steps'
+            self.bytes_out += result.numel() * result.element_size()
+            self.compute_s += time.perf_counter() - start
         return result
 
     def forward_loss(self, micro: int, x: torch.Tensor, y: torch.Tensor,

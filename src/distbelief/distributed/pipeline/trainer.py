@@ -1,9 +1,11 @@
 """Single-mode model parallelism (`--partitions P`): `PipelineTrainer(config, run_dir).fit()`.
 
 The single-process trainer's loop, run directory and checkpoints, with each step computed by
-P partition actors on Ray (`runner.PipelineRunner`) instead of in this process. This process
-keeps the whole model and optimizer only to evaluate and checkpoint: the parts' weights and
-optimizer states come home (`gather`) when they are read, once per iteration at most. A
+P partition actors on Ray (`runner.PipelineRunner`) instead of in this process. Evaluations
+run through the partitions too (`PartitionedModel`: the driver sends images and gets logits).
+This process keeps the whole model and optimizer only to checkpoint (and to re-estimate
+BatchNorm statistics, --bn-recalibrate): the parts' weights and optimizer states come home
+(`gather`) when they are read, once per iteration at most. A
 partitioned run's checkpoint is an ordinary single-process checkpoint (`distbelief eval` reads
 it; --resume may use another --partitions or none).
 """
@@ -77,6 +79,17 @@ class PipelineTrainer(Trainer):
         self.runner.failures.clear()
         return torch.tensor(loss), torch.tensor(wrong)
 
+    def eval_model(self) -> torch.nn.Module:
+        # --bn-recalibrate re-estimates the statistics on a model of its own: the gathered one.
+        if self.config.bn_recalibrate:
+            return super().eval_model()
+        return PartitionedModel(self.runner)
+
+    def trained_model(self) -> torch.nn.Module:
+        """The whole model at the parameters `fit` ended with: brought home by the checkpoint
+        every run writes at its end (and read from it by a run resumed at its end)."""
+        return self.model
+
     def gather(self) -> None:
         """The partitions' weights and optimizer states, into the driver's model and
         optimizer (once per iteration)."""
@@ -97,3 +110,15 @@ class PipelineTrainer(Trainer):
 
     def close(self) -> None:
         self.runner.close()
+
+
+class PartitionedModel(torch.nn.Module):
+    """The partitioned model as an evaluation sees it: `model(x)` is the partitions' output
+    in eval mode (`PipelineRunner.infer`); it holds no parameters of its own."""
+
+    def __init__(self, runner: PipelineRunner):
+        super().__init__()
+        self.runner = runner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.runner.infer(x)
