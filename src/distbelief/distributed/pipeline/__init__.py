@@ -3,7 +3,8 @@ each a Ray actor computing its layers, activations travelling forward and gradie
 between them through Ray's object store, M micro-batches in flight (1F1B or GPipe's
 fill-drain, with or without recomputation).
 
-    partition.py   the partitioner: contiguous parts balanced by multiply-adds (no Ray)
+    partition.py   the partitioner: contiguous parts balanced by multiply-adds and
+                   activations (no Ray)
     stage.py       Stage: one part's forward, backward and update (no Ray)
     schedule.py    Pipeline: one training step as calls to the stages, 1F1B or GPipe (no Ray)
     actors.py      StageActor: a Stage in its own process

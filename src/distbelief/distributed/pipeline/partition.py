@@ -139,11 +139,6 @@ def unit_profile(pieces: list[tuple[str, nn.Module]], sample: torch.Tensor
     return out
 
 
-def unit_costs(pieces: list[tuple[str, nn.Module]], sample: torch.Tensor) -> list[int]:
-    """Each unit's cost (module doc): multiply-adds plus ACTIVATION_COST per kept element."""
-    return [macs + ACTIVATION_COST * kept for macs, kept in unit_profile(pieces, sample)]
-
-
 def linear_partition(costs: list[int], parts: int) -> list[int]:
     """Where to cut `costs` into `parts` non-empty contiguous runs minimizing the largest sum:
     the start index of every run but the first. Exact (dynamic programming, O(parts n^2))."""

@@ -1,6 +1,7 @@
 """The driver's side of a partitioned replica in single mode (`--partitions P`): it starts one
-`StageActor` per part of the model on Ray, runs the pipeline schedule step by step, and brings
-the parts' parameters and optimizer states home when the trainer evaluates or checkpoints.
+`StageActor` per part of the model on Ray, runs the pipeline schedule step by step, runs
+evaluations through the parts (`infer`), and brings the parts' parameters and optimizer
+states home when the trainer checkpoints.
 
 The trainer keeps its whole-model optimizer and checkpoint format: a partitioned run's
 checkpoint is an ordinary single-process checkpoint (`distbelief eval` reads it; --resume may
