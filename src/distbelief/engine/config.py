@@ -39,6 +39,7 @@ STALENESS_RULES = ("none", "lr", "momentum", "dc", "dana", "dana-slim")
 TRANSFER_DTYPES = ("float32", "bfloat16", "float16")  # distributed.wire
 BN_STATS = ("batch", "delta")  # distributed.downpour.statistics
 PIPELINE_SCHEDULES = ("1f1b", "gpipe")  # distributed.pipeline.schedule
+PARTITION_DTYPES = ("float32", "bfloat16")  # distributed.downpour.partitioned
 MODES = ("single", "downpour", "sandblaster", "sync")
 DISTRIBUTED_MODES = ("downpour", "sandblaster", "sync")
 LINE_SEARCHES = ("strong_wolfe", "none")
@@ -131,6 +132,10 @@ class ClusterConfig:
                                   "micro-batches' activations per partition) or gpipe "
                                   "(fill-drain: all M); the same arithmetic",
                                   default="1f1b")
+    partition_dtype: str = _opt("downpour with --partitions: the dtype of each partition's "
+                                "weights, activations and gradients: float32 or bfloat16 (half "
+                                "the memory and bytes; the shards keep and update float32)",
+                                default="float32")
     recompute: bool = _opt("with --partitions: each partition keeps only its input per "
                            "micro-batch and runs its forward again in the backward pass "
                            "(activation memory for compute: about one forward more)",
@@ -596,6 +601,10 @@ def _check_partitions(c: TrainConfig) -> None:
         raise ConfigError("--micro-batches applies with --partitions 2 or more")
     if c.cluster.recompute and parts == 1:
         raise ConfigError("--recompute applies with --partitions 2 or more")
+    check_choice("partition dtype", c.cluster.partition_dtype, PARTITION_DTYPES)
+    if c.cluster.partition_dtype != "float32" and (parts == 1 or c.mode != "downpour"):
+        raise ConfigError(f"--partition-dtype {c.cluster.partition_dtype} applies under --mode "
+                          f"downpour with --partitions 2 or more (the shards keep float32)")
     if parts == 1:
         return
     if c.mode in ("sandblaster", "sync"):

@@ -176,3 +176,24 @@ def test_micro_batches_with_batchnorm_are_normalised_each_on_its_own():
             p -= config.lr * p.grad
     torch.testing.assert_close(torch.cat([s.w for s in shards]), layout.vector(), rtol=0,
                                atol=1e-5)
+
+
+def test_bfloat16_partitions_train_near_the_float32_ones():
+    # Weights, activations and gradients in bfloat16 on the stages, float32 on the shards: the
+    # server moves as the float32 run's does, to bfloat16's precision, and not identically.
+    config = digits_config(model="mlp", partitions=2, ps_shards=2, n_push=2)
+    data = build_data(config, torch.device("cpu"))
+    low = config.replace(partition_dtype="bfloat16")
+    replica, shards, stages = local_partitioned(low, data)
+    start = torch.cat([s.w for s in shards]).clone()
+    replica.run(0, 6)
+    assert all(p.dtype == torch.bfloat16 for st in stages for p in st.module.parameters())
+    assert all(st.gradient.dtype == torch.bfloat16 for st in stages)
+    assert all(s.w.dtype == torch.float32 for s in shards)
+    server = torch.cat([s.w for s in shards])
+    reference, reference_shards, _ = local_partitioned(config, data)
+    reference.run(0, 6)
+    expected = torch.cat([s.w for s in reference_shards])
+    moved = (expected - start).abs().max()
+    assert moved > 1e-2
+    assert 1e-6 < (server - expected).abs().max() < 0.1 * moved

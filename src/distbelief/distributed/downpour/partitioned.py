@@ -38,15 +38,19 @@ STAGE_METRICS = ("compute_s", "fetch_wait_s", "push_wait_s", "bytes_out", "fetch
 class ServerStage(Stage):
     """Stage `index` of `count` of replica `replica`, whose part's values live on the shards
     `client` reaches (its slice of the server vector, `BlockFlat` order). A module built on the
-    meta device is allocated here (its values come with the first fetch)."""
+    meta device is allocated here (its values come with the first fetch). Under
+    --partition-dtype bfloat16 its weights (BatchNorm's statistics too), activations and
+    gradients are bfloat16: fetches are rounded once into them, and pushes arrive on the
+    shards as their exact float32 values."""
 
     def __init__(self, index: int, count: int, module: torch.nn.Module, loss, config, client,
                  replica: int, device: torch.device = torch.device("cpu")):
         if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
             module = module.to_empty(device=device)
+        dtype = torch.bfloat16 if config.cluster.partition_dtype == "bfloat16" else None
         super().__init__(index, count, module, loss, None, device=device,
                          channels_last=config.channels_last, bf16=config.bf16,
-                         recompute=config.cluster.recompute)
+                         recompute=config.cluster.recompute, dtype=dtype)
         self.flat = FlatModel(self.module)
         has_values = self.flat.n_params + self.flat.n_buffers > 0
         self.exchange = Exchange(replica, config, client, self.flat) if has_values else None
@@ -57,7 +61,8 @@ class ServerStage(Stage):
         # flattening copy (at a billion parameters, each copy is gigabytes). A channels-last
         # weight then has a gradient of another layout; accumulation in place is still exact.
         warnings.filterwarnings("ignore", message="grad and param do not obey the gradient")
-        self.gradient = torch.zeros(self.flat.n_params, device=device)
+        self.gradient = torch.zeros(self.flat.n_params, device=device,
+                                    dtype=dtype or torch.float32)
         with torch.no_grad():
             for p, view in zip(self.flat.params, self.gradient.split(
                     [p.numel() for p in self.flat.params])):

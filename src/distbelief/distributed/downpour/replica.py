@@ -178,12 +178,14 @@ class Exchange:
     def add(self, gradient: torch.Tensor, error: float, copy: bool = False) -> None:
         """Accumulate one step's gradient (and its training error, for the shards' warmup: a
         number or a 0-d tensor, read at the push);
-        `copy`: the first is copied (the caller reuses `gradient`'s memory before the push)."""
+        `copy`: the first is copied, to float32 (the caller reuses `gradient`'s memory before
+        the push, and several steps add up)."""
         if self.step_start is not None:
             self.wait.step_took(time.perf_counter() - self.step_start)
             self.step_start = None
         if self.accum is None:
-            self.accum = gradient.clone() if copy else gradient
+            # Several steps add up in float32 (a bfloat16 partition's gradients too).
+            self.accum = gradient.to(torch.float32, copy=True) if copy else gradient
             self.accum_versions = list(self.versions)
         else:
             self.accum += gradient

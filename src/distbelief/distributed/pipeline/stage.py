@@ -45,15 +45,18 @@ class Stage:
             without parameters has none).
         channels_last, bf16: the run's memory format and autocast.
         recompute: keep only the input of each micro-batch in flight (module doc).
+        dtype: the module's weights, activations and gradients in this dtype (bfloat16 for
+            --partition-dtype; None: as the module is); its input is cast to it, and the loss
+            is taken in float32.
     """
 
     def __init__(self, index: int, count: int, module: nn.Module, loss, optimizer=None, *,
                  device: torch.device = torch.device("cpu"), channels_last: bool = False,
-                 bf16: bool = False, recompute: bool = False):
+                 bf16: bool = False, recompute: bool = False, dtype: torch.dtype | None = None):
         self.index, self.count, self.loss, self.optimizer = index, count, loss, optimizer
         self.device, self.channels_last, self.bf16 = device, channels_last, bf16
-        self.recompute = recompute
-        self.module = module.to(device)
+        self.recompute, self.dtype = recompute, dtype
+        self.module = module.to(device) if dtype is None else module.to(device, dtype)
         if channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         # micro-batch -> (input leaf, output or loss), or under recompute (input leaf, what
@@ -66,6 +69,8 @@ class Stage:
     def _input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the leaf whose gradient backward hands on, the tensor the layers read)."""
         x = x.to(self.device)
+        if self.dtype is not None and x.is_floating_point():
+            x = x.to(self.dtype)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.index == 0:
@@ -82,7 +87,7 @@ class Stage:
             if target is None:
                 return out, out
             y, weight = target
-            return self.loss(out, y) * weight, out
+            return self.loss(out if self.dtype is None else out.float(), y) * weight, out
 
     def _first_pass(self, micro: int, x: torch.Tensor, target: tuple | None, train: bool):
         """Forward of micro-batch `micro`, keeping for backward what the mode asks (module
