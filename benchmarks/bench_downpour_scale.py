@@ -3,12 +3,15 @@
 Runs the CLI (one subprocess per run, so each has the machine to itself): the single process,
 then `--mode downpour --lockstep --replicas N` for each N of --replicas (staleness exactly
 N - 1, no timing noise), and with --ray N also real Ray replicas, all on the same recipe,
-minibatches and flags. Prints, per run, the training error of the last training record, the
-final test error and both as ratios to the single process's, with the mean staleness.
+minibatches and flags; with --large-batch N, one process taking N minibatches as one step
+(the large-batch bound: the same images without staleness). Prints, per run, the training
+error of the last training record, the final test error and both as ratios to the single
+process's, with the mean staleness.
 
     python benchmarks/bench_downpour_scale.py --data-dir ../shared/data/cifar-10-batches-py \\
         [--recipe cifar10-paper] [--iterations 2000] [--replicas 4 8 16] [--ray 4] \\
-        [--out /tmp/downpour-scale] [-- extra train flags, e.g. --bn-recalibrate 100]
+        [--large-batch 4 8 16] [--out /tmp/downpour-scale] [-- extra train flags, e.g.
+        --bn-recalibrate 100]
 
 Run it alone: every run takes the whole machine.
 """
@@ -43,6 +46,20 @@ def train(run: Path, args, flags: list[str]) -> dict:
     return summary
 
 
+def large_batch(args, n: int) -> list[str]:
+    """The flags of one process doing N replicas' minibatches as one step (`--large-batch`):
+    the same images, N times fewer steps, the lr scaled by N after a linear warmup from the
+    recipe's (Goyal et al., 2017), the training window of the same number of images."""
+    from distbelief.recipes import get_recipe
+
+    recipe = get_recipe(args.recipe)
+    steps = args.iterations // n
+    return ["--iterations", str(steps), "--batch-size", str(recipe.batch_size * n),
+            "--lr", str(recipe.lr * n), "--warmup-iterations", str(steps // 4),
+            "--warmup-mode", "linear", "--warmup-lr", str(recipe.lr),
+            "--log-every", str(max(1, 100 // n))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="cifar10-paper")
@@ -51,6 +68,11 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, nargs="*", default=[4, 8, 16])
     parser.add_argument("--ray", type=int, nargs="*", default=[])
     parser.add_argument("--ps-shards", type=int, default=2)
+    parser.add_argument("--large-batch", type=int, nargs="*", default=[],
+                        help="for each N: one process at batch 128 x N for iterations / N "
+                             "steps, lr x N after a linear warmup over a quarter of them: "
+                             "what a synchronous step over N replicas' minibatches does "
+                             "with the same images (the large-batch bound)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/downpour-scale"))
     parser.add_argument("extra", nargs="*", help="flags for every run, after --")
     args = parser.parse_args()
@@ -62,6 +84,7 @@ def main() -> None:
     runs += [(f"ray {n}x{args.ps_shards}", ["--mode", "downpour", "--replicas", str(n),
                                             "--ps-shards", str(args.ps_shards)])
              for n in args.ray]
+    runs += [(f"batch x{n}", large_batch(args, n)) for n in args.large_batch]
     base = None
     for name, flags in runs:
         s = train(args.out / name.replace(" ", "-"), args, [*flags, *args.extra])
