@@ -69,11 +69,11 @@ class StageHost:
     """Partition `index` of `count` in its own process (`StageActor`): its module (only its
     own part of the model; built on the meta device, it is allocated here and its values come
     with `load_state`), its optimizer (`optimizer` builds one over the module's parameters;
-    its state `optimizer_state` in the part's numbering), `threads` CPU threads on `device`.
+    its state comes with `load_state` too), `threads` CPU threads on `device`.
     A plain class, so that Downpour's partitions (`downpour.actors`) extend it."""
 
     def __init__(self, index: int, count: int, module, config, threads: int, device: str,
-                 optimizer=None, optimizer_state: dict | None = None):
+                 optimizer=None):
         self.incarnation = os.urandom(8).hex()  # a restart by Ray gets a new one
         device = self.settle(config, threads, device)
         if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
@@ -84,8 +84,6 @@ class StageHost:
         self.stage = Stage(index, count, module, get_loss(config.loss), opt, device=device,
                            channels_last=config.channels_last, bf16=config.bf16,
                            recompute=config.cluster.recompute)
-        if optimizer_state is not None and opt is not None:
-            opt.load_state_dict(optimizer_state)
 
     @staticmethod
     def settle(config, threads: int, device: str) -> torch.device:
