@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from distbelief.models.init import seeded
 from distbelief.models.registry import register_model
 
 
@@ -24,23 +25,30 @@ def _features(in_chans: int, input_size) -> int:
 @register_model("dense", depth=1)
 def softmax(num_classes: int = 10, in_chans: int = 3, input_size=32) -> nn.Module:
     """Softmax regression: one linear layer on the flattened image (a convex objective)."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(_features(in_chans, input_size), num_classes))
+    features = _features(in_chans, input_size)
+    return seeded(lambda: nn.Sequential(nn.Flatten(), nn.Linear(features, num_classes)))
 
 
 @register_model("dense", depth=2)
 def mlp(num_classes: int = 10, in_chans: int = 3, input_size=32, hidden: int = 256) -> nn.Module:
     """Multilayer perceptron: flattened image, one tanh hidden layer of `hidden` units."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(_features(in_chans, input_size), hidden),
-                         nn.Tanh(), nn.Linear(hidden, num_classes))
+    features = _features(in_chans, input_size)
+    return seeded(lambda: nn.Sequential(nn.Flatten(), nn.Linear(features, hidden), nn.Tanh(),
+                                        nn.Linear(hidden, num_classes)))
 
 
 @register_model("dense", depth=6)
 def deep_mlp(num_classes: int = 10, in_chans: int = 3, input_size=32,
              hidden: int = 1024) -> nn.Module:
     """Deep wide MLP: five ReLU layers of `hidden` units (--hidden 16384: 1.07B parameters)."""
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = _features(in_chans, input_size)
-    for _ in range(5):
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
-        width = hidden
-    return nn.Sequential(*layers, nn.Linear(width, num_classes))
+    features = _features(in_chans, input_size)
+
+    def construct() -> nn.Module:
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = features
+        for _ in range(5):
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        return nn.Sequential(*layers, nn.Linear(width, num_classes))
+
+    return seeded(construct)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distbelief.errors import ConfigError, check_choice
+from distbelief.models.init import default_device, default_rule, draw_seed, set_seed
 from distbelief.models.registry import register_model
 
 SHORTCUTS = ("A", "B", "C")
@@ -139,6 +140,28 @@ class Bottleneck(nn.Module):
         return self.relu(out)
 
 
+class HeInit:
+    """How a ResNet starts, module by module (`init.initialize`): convolutions by He et al.
+    (2015, "Delving deep"; fan_out, as torchvision), BatchNorm at weight 1, bias 0 and fresh
+    statistics, anything else as torch does; with `zero_init_residual`, each block's last BN
+    weight at 0."""
+
+    def __init__(self, zero_init_residual: bool = False):
+        self.zero_init_residual = zero_init_residual
+
+    def __call__(self, unit: nn.Module, name: str, module: nn.Module) -> None:
+        if isinstance(module, nn.Conv2d):
+            if module.bias is not None:  # torch's own bias (the paper's convs have none)
+                default_rule(unit, name, module)
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            return
+        default_rule(unit, name, module)  # BN: weight 1, bias 0, fresh statistics
+        if isinstance(module, nn.BatchNorm2d) and self.zero_init_residual and \
+                module is getattr(unit, "bn3" if isinstance(unit, Bottleneck) else "bn2", None) \
+                and isinstance(unit, (BasicBlock, Bottleneck)):
+            nn.init.zeros_(module.weight)
+
+
 class ResNet(nn.Module):
     """A stem, stages of blocks (the first at stride 1, each later one halving the resolution),
     global average pooling and a linear classifier.
@@ -173,6 +196,17 @@ class ResNet(nn.Module):
         if zero_init_residual and not residual:
             raise ConfigError("zero_init_residual needs shortcuts: it would silence a plain net")
 
+        # As `init.seeded`: one number drawn, the layers built on the meta device (drawing
+        # and allocating nothing), then given their values by name where the caller builds.
+        seed, where = draw_seed(), default_device()
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            self._build(block, layers, widths, stem, num_classes, in_chans,
+                        shortcut=shortcut, residual=residual, variant=variant)
+        set_seed(self, seed, HeInit(zero_init_residual), where)
+
+    def _build(self, block: type[BasicBlock | Bottleneck], layers: Sequence[int],
+               widths: Sequence[int], stem: str, num_classes: int, in_chans: int,
+               **options) -> None:
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_chans, widths[0], 7, stride=2, padding=3, bias=False)
             self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
@@ -189,30 +223,13 @@ class ResNet(nn.Module):
             for j in range(blocks):
                 # Downsample with a stride-2 first block in every stage but the first (Sec. 3.3).
                 stride = 2 if i > 0 and j == 0 else 1
-                stage.append(block(in_planes, planes, stride, shortcut=shortcut,
-                                   residual=residual, variant=variant))
+                stage.append(block(in_planes, planes, stride, **options))
                 in_planes = planes * block.expansion
             setattr(self, name, nn.Sequential(*stage))
 
         self.num_features = in_planes
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
-        self._init_weights(zero_init_residual)
-
-    def _init_weights(self, zero_init_residual: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                # He et al. (2015, "Delving deep") init; fan_out as torchvision does.
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, Bottleneck):
-                    nn.init.zeros_(m.bn3.weight)
-                elif isinstance(m, BasicBlock):
-                    nn.init.zeros_(m.bn2.weight)
 
     def stages(self) -> list[tuple[str, nn.Module]]:
         """The model as named, consecutive pieces: ("stem", ...), ("layer1", ...), ..., ("head", ...).

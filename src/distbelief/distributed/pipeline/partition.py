@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from distbelief.errors import ConfigError
+from distbelief.models.init import units
 
 # Multiply-adds that one element kept for backward costs in a step: a least-squares fit of
 # ResNet-20's and ResNet-56's units' step times (forward and backward, micro-batches of 16,
@@ -76,23 +77,6 @@ class Part:
     def describe(self) -> str:
         first, last = self.names[0], self.names[-1]
         return first if first == last else f"{first} .. {last}"
-
-
-def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's cuttable pieces in order, named as in the model (module doc). A module that
-    appears twice (an activation reused) is a unit each time it appears."""
-    if callable(getattr(type(model), "stages", None)):
-        out = []
-        for name, stage in model.stages():
-            if name in ("stem", "head"):
-                out.append((name, stage))
-            else:  # a stage of residual blocks: each block is a unit
-                out.extend((f"{name}.{i}", block) for i, block in enumerate(stage))
-        return out
-    if isinstance(model, nn.Sequential):
-        # Not named_children(), which skips a module seen before.
-        return [(name, m) for name, m in model._modules.items() if m is not None]
-    return [(type(model).__name__, model)]
 
 
 def check_disjoint(model: nn.Module, modules: list[nn.Module]) -> None:
