@@ -46,6 +46,14 @@ def test_export_then_init_from_starts_from_identical_outputs(digits_run, tmp_pat
     data = build_data(config, torch.device("cpu"))
     vector, _ = initial_vector(config, data)
     assert torch.equal(vector, model_vector(trained)[0])
+    # ... and partitioned, from the file's weights (read by the driver, not drawn by name).
+    from distbelief.distributed.downpour.layout import server_layout
+    from distbelief.distributed.flat import BlockFlat
+
+    cut = config.replace(mode="downpour", partitions=2, ps_shards=3)
+    starts, plan, _, _ = server_layout(cut, data)
+    whole = BlockFlat(plan.modules_of(trained)).vector()
+    assert torch.equal(torch.cat([torch.from_numpy(s) for s in starts]), whole)
 
 
 def test_torchvision_resnet50_loads_an_export_strictly(tmp_path, capsys):

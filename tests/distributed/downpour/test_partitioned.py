@@ -7,7 +7,7 @@ from torch import nn
 
 from distbelief.data import BatchCursor, build_data
 from distbelief.distributed.downpour import DownpourReplica, LocalClient, ParameterShard
-from distbelief.distributed.downpour.layout import aligned_shards, server_layout
+from distbelief.distributed.downpour.layout import aligned_shards, server_layout, start_values
 from distbelief.distributed.downpour.statistics import buffer_slice
 from distbelief.distributed.downpour.partitioned import PartitionedReplica, ServerStage
 from distbelief.distributed.flat import BlockFlat, FlatModel
@@ -39,6 +39,27 @@ def test_fewer_shards_than_parts_is_one_clear_error():
         aligned_shards([(10, 0), (10, 0)], 1)
 
 
+@pytest.mark.parametrize("parts,shards", [(2, 2), (3, 7)])
+def test_each_shard_computes_its_start_from_its_part_alone_as_the_whole_model_starts(parts,
+                                                                                     shards):
+    from distbelief.distributed.downpour.layout import PartSlice
+    from distbelief.distributed.downpour.replica import initial_model
+
+    config = digits_config(partitions=parts, ps_shards=shards, seed=9)
+    data = build_data(config, torch.device("cpu"))
+    starts, plan, slots, _ = server_layout(config, data)
+    assert all(isinstance(start, PartSlice) for start in starts)  # no values on the driver
+    assert all(not t.numel() or t.is_meta for part in plan.parts
+               for t in part.module.state_dict().values())
+    whole = BlockFlat(plan.modules_of(initial_model(config, data))).vector()
+    for start, slot in zip(starts, slots):
+        assert torch.equal(torch.from_numpy(start_values(start)), whole[slot.lo:slot.hi])
+    # The run's seed reaches the shards.
+    assert not torch.equal(torch.from_numpy(start_values(starts[0])),
+                           torch.from_numpy(start_values(server_layout(
+                               config.replace(seed=10), data)[0][0])))
+
+
 def test_block_layout_round_trips():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     parts = [nn.Sequential(model[0], model[1]), nn.Sequential(model[2])]
@@ -54,8 +75,9 @@ def test_block_layout_round_trips():
 
 def local_partitioned(config, data):
     """One partitioned replica over in-process stages and aligned in-process shards."""
-    initial, plan, slots, retention = server_layout(config, data)
-    shards = [ParameterShard(k, s.lo, s.hi, s.param_end, initial[s.lo:s.hi], config,
+    starts, plan, slots, retention = server_layout(config, data)
+    shards = [ParameterShard(k, s.lo, s.hi, s.param_end,
+                             torch.from_numpy(start_values(starts[k])), config,
                              retention=buffer_slice(retention, s.lo, s.hi, s.param_end))
               for k, s in enumerate(slots)]
     with torch.device("meta"):

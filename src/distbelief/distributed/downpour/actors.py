@@ -22,6 +22,7 @@ import ray
 import torch
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
+from distbelief.distributed.downpour.layout import PartSlice, start_values
 from distbelief.distributed.downpour.partitioned import PartitionedReplica, ServerStage
 from distbelief.distributed.downpour.replica import DownpourReplica
 from distbelief.distributed.downpour.shard import ParameterShard, shard_lost
@@ -132,10 +133,12 @@ class ShardActor:
         self.shard = ParameterShard(index, lo, hi, n_params, initial, self.config,
                                     retention=self.retention)
 
-    def start(self, values: np.ndarray | None = None, state: dict | None = None) -> int:
-        """Begin at `values`, or at a checkpointed snapshot `state`; returns the version. The
-        keeper has a snapshot before this returns, so a restart always finds one."""
-        self._build(values)
+    def start(self, values: np.ndarray | PartSlice | None = None,
+              state: dict | None = None) -> int:
+        """Begin at `values` (or those a `layout.PartSlice` computes here), or at a
+        checkpointed snapshot `state`; returns the version. The keeper has a snapshot before
+        this returns, so a restart always finds one."""
+        self._build(None if values is None else start_values(values))
         if state is not None:
             self.shard.restore(state)
         if self.snapshots:

@@ -10,15 +10,19 @@ starts from. No Ray here.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from distbelief.distributed.downpour.replica import initial_model
 from distbelief.distributed.downpour.statistics import server_retention
 from distbelief.distributed.flat import BlockFlat, FlatModel
 from distbelief.distributed.pipeline.partition import Plan, partition
+from distbelief.engine.setup import build_model
 from distbelief.errors import CheckpointError, ConfigError
+from distbelief.models.init import materialize
 from distbelief.optim import shard_bounds
 
 
@@ -77,19 +81,62 @@ def plain_layout(config, data) -> tuple[torch.Tensor, list[ShardSlot], torch.Ten
         server_retention(flat)
 
 
-def server_layout(config, data, saved: dict | None = None
-                  ) -> tuple[torch.Tensor, Plan, list[ShardSlot], torch.Tensor]:
-    """A partitioned Downpour run's start: (the initial server vector, the plan, the shards'
+class PartSlice:
+    """The initial values of a shard's slice, [lo, hi) of its part's block, computed by the
+    process that calls `values` (the shard) from the part alone: the part travels built on the
+    meta device (a few bytes) and is materialized and initialized by name (`models.init`) with
+    the whole model's seed, so no process ever holds more of the model than one part."""
+
+    def __init__(self, module: torch.nn.Module, names: list[str], seed: int, rule,
+                 lo: int, hi: int):
+        self.module, self.names, self.seed, self.rule = module, names, seed, rule
+        self.lo, self.hi = lo, hi
+
+    def values(self) -> np.ndarray:
+        """[lo, hi) of the part's [parameters; buffers], float32: only the tensors that
+        overlap it are copied (the part itself is freed on return)."""
+        part = FlatModel(materialize(copy.deepcopy(self.module), self.names, self.seed,
+                                     self.rule))
+        out, start = np.empty(self.hi - self.lo, np.float32), 0
+        for tensor in part.params + part.buffers:
+            end = start + tensor.numel()
+            lo, hi = max(start, self.lo), min(end, self.hi)
+            if lo < hi:
+                flat = tensor.detach().reshape(-1)[lo - start:hi - start]
+                out[lo - self.lo:hi - self.lo] = flat.float().numpy()
+            start = end
+        return out
+
+
+def start_values(start: np.ndarray | PartSlice) -> np.ndarray:
+    """A shard's initial values from its start (`server_layout`): the array, or computed."""
+    return start.values() if isinstance(start, PartSlice) else start
+
+
+def server_layout(config, data, saved: dict | None = None) -> tuple[list, Plan, list[ShardSlot],
+                                                                     torch.Tensor]:
+    """A partitioned Downpour run's start: (each shard's initial values, the plan, the shards'
     slots, the vector's `statistics.server_retention`). The model is initialized as the
     single-process trainer initializes it (`replica.initial_model`), cut by the partitioner
     (measured on one training example) and laid out part after part (`flat.BlockFlat`); the
     shards are aligned to the parts (`aligned_shards`).
 
+    A registry model is built on the meta device only: each shard's start is a `PartSlice`,
+    computed by the shard. A model given to `distbelief.fit` or loaded by --init-from is built
+    here whole, and each start is an array.
+
     Raises:
         ConfigError: the model cannot be cut so, or fewer shards than parts.
         CheckpointError: `saved` (the state a run resumes from) was cut elsewhere."""
-    model = initial_model(config, data)
     sample = next(data.train.batches(0))[0][:1]
+    sharded = config.init_from is None and config.user is None
+    if sharded:
+        torch.manual_seed(config.seed)  # as `initial_model`: the same seed is drawn
+        with torch.device("meta"):
+            model = build_model(config, data)
+        sample = sample.to("meta")
+    else:
+        model = initial_model(config, data)
     plan = partition(model, config.cluster.partitions, sample)
     if saved is not None and saved.get("partition_bounds") not in (None, plan.bounds):
         raise CheckpointError(f"the run's model was cut at units {saved['partition_bounds']}, "
@@ -97,6 +144,13 @@ def server_layout(config, data, saved: dict | None = None
     flat = BlockFlat(plan.modules_of(model))
     slots = aligned_shards([(b.n_params, b.n_buffers) for b in flat.blocks],
                            config.cluster.ps_shards)
-    vector, retention = flat.vector(), server_retention(flat)
-    model.to("meta")  # the plan keeps the parts' modules: free their values (now the vector's)
-    return vector, plan, slots, retention
+    offsets = np.cumsum([0, *flat.sizes]).tolist()
+    if sharded:
+        starts = [PartSlice(plan.parts[s.part].module, plan.parts[s.part].names,
+                            model.init_seed, model.init_rule, s.lo - offsets[s.part],
+                            s.hi - offsets[s.part]) for s in slots]
+    else:
+        vector = flat.vector()
+        starts = [vector[s.lo:s.hi].numpy() for s in slots]
+        model.to("meta")  # the plan keeps the parts' modules: free their values (now `starts`)
+    return starts, plan, slots, server_retention(flat)

@@ -82,11 +82,13 @@ class DownpourTrainer(DownpourBase):
         start = self.config.replace(init_from=None) if saved else self.config
         self.plan: Plan | None = None
         if self.config.cluster.partitions > 1:  # shards aligned to the parts (`partitioned`)
-            self.initial, self.plan, self.slots, self.retention = server_layout(
+            # Each shard's start: an array, or a `PartSlice` the shard computes itself.
+            self.starts, self.plan, self.slots, self.retention = server_layout(
                 start, self.data, saved)
         else:
-            self.initial, self.slots, self.retention = plain_layout(start, self.data)
-        check_model(self.config, values=self.initial.numel())
+            initial, self.slots, self.retention = plain_layout(start, self.data)
+            self.starts = [initial[s.lo:s.hi].numpy() for s in self.slots]
+        check_model(self.config, values=self.slots[-1].hi)
         self.bounds = [(s.lo, s.hi) for s in self.slots]
         # The driver's model: evaluates and checkpoints.
         self.server = ServerModel(self.config, self.data, self.device,
@@ -128,10 +130,10 @@ class DownpourTrainer(DownpourBase):
             self.shards_started = [s.start.remote(state=load_snapshot(self.life.run, k))
                                    for k, s in enumerate(session.shards)]
         else:
-            self.shards_started = [s.start.remote(self.initial[lo:hi].numpy())
-                                   for s, (lo, hi) in zip(session.shards, self.bounds)]
+            self.shards_started = [s.start.remote(start)
+                                   for s, start in zip(session.shards, self.starts)]
         # Ray copied the values into its object store: the shards hold them from here on.
-        self.initial = None
+        self.starts = None
 
     def _start_replicas(self) -> None:
         c = self.config
