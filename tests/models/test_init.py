@@ -48,6 +48,8 @@ def test_each_module_has_its_own_draw_and_keeps_it_whatever_else_was_built():
     small, deep = _build("resnet20", 3), _build("resnet32", 3)
     # Two convolutions of the same shape in one block: one seed for all would make them equal.
     assert not torch.equal(small.layer1[0].conv1.weight, small.layer1[0].conv2.weight)
+    # ... and the same layer of two blocks (the same name within its unit).
+    assert not torch.equal(small.layer1[0].conv1.weight, small.layer1[1].conv1.weight)
     # The same names in a deeper model: the same values (the stem, the first blocks).
     assert torch.equal(small.conv1.weight, deep.conv1.weight)
     assert torch.equal(small.layer2[0].conv2.weight, deep.layer2[0].conv2.weight)

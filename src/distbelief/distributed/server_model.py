@@ -78,8 +78,10 @@ class ServerModel:
 
 
 def as_tensors(snapshot: dict) -> dict:
-    """A snapshot with its numpy arrays as tensors: checkpoints are read with torch's
-    weights-only loader, which builds tensors, not arrays."""
+    """A snapshot with its numpy arrays as tensors (over the same memory where the array is
+    writable, else over a copy): checkpoints are read with torch's weights-only loader, which
+    builds tensors, not arrays."""
     return {k: as_tensors(v) if isinstance(v, dict) else
-            torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v
+            torch.from_numpy(v if v.flags.writeable else v.copy())
+            if isinstance(v, np.ndarray) else v
             for k, v in snapshot.items()}

@@ -95,13 +95,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+# A checkpoint whose model lies in other files (each shard's), not in "model".
+PIECES = "pieces"
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Save `state` (tensors, numbers, strings, lists, dicts) atomically at `path`."""
     atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **state}, f))
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint written by `save_checkpoint`.
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", assemble: bool = True) -> dict:
+    """Load a checkpoint written by `save_checkpoint`. One that says where its model's pieces
+    lie (`PIECES`, a partitioned Downpour run's last.pt) gets its "model" assembled from them
+    (`pieces.assemble_model`), unless not `assemble`.
 
     Raises:
         CheckpointError: the file is missing, truncated, corrupt, holds objects other than
@@ -121,6 +127,10 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {state.get('version')}; "
                               f"this distbelief reads version {VERSION}")
+    if PIECES in state and "model" not in state and assemble:
+        from distbelief.engine.pieces import assemble_model  # it builds models: imported late
+
+        state["model"] = assemble_model(state, path)
     return state
 
 

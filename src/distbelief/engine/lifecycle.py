@@ -318,6 +318,9 @@ class RunLifecycle:
                 r["bn_recalibrated"] = recalibrated
             results[split] = r
             self.log(r)
+        release = getattr(model, "release", None)
+        if callable(release):  # a model computed elsewhere (`ServerEval`): let go of it
+            release()
         main = _main(results)
         self.say(f"iteration {trainer.position}/{c.iterations} ({self.wall_s:.1f} s): "
                  f"{trainer.progress_text()}, {error_text(main, main['split'])}")
@@ -359,15 +362,17 @@ class RunLifecycle:
                             self._with_own(config, state))
 
     def save_generation(self, config: TrainConfig, state: dict, files: dict[str, dict],
-                        position: int) -> None:
+                        position: int, folder=None, pieces: tuple[str, ...] = ()) -> None:
         """One consistent checkpoint of a distributed run: the trainer's `state` (as in
         `save_state`) and its actors' `files` (name -> state; "last" is the model, which is
         also copied to checkpoints/last.pt for `distbelief eval`) in a new generation, published
-        by its manifest (`RunDir.write_generation`)."""
+        by its manifest (`RunDir.write_generation`); or in `folder`, where its actors already
+        wrote the files `pieces` (`RunDir.publish_generation`)."""
         if self.run is None:
             return
-        folder = self.run.write_generation(
-            {**files, self.state: self._with_own(config, state)}, position)
+        files = {**files, self.state: self._with_own(config, state)}
+        folder = self.run.write_generation(files, position) if folder is None else \
+            self.run.publish_generation(folder, files, position, pieces)
         if "last" in files:
             atomic_write(self.run.checkpoint,
                          lambda f: f.write((folder / "last.pt").read_bytes()))

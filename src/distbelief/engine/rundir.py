@@ -95,6 +95,15 @@ class RunDir:
 
         Raises:
             StorageError: a file cannot be written; the previous generation stays published."""
+        return self.publish_generation(self.new_generation(), files, iteration)
+
+    def new_generation(self) -> Path:
+        """A new, empty, unpublished generation folder, checkpoints/gen-N/, for the processes
+        that hold a run's pieces to write them into (`publish_generation` then publishes it,
+        `discard` drops it).
+
+        Raises:
+            StorageError: it cannot be made."""
         number = 1 + max([_generation_number(f.name) for f in self.checkpoints.glob("gen-*")]
                          + [0], default=0)
         folder = self.checkpoints / f"gen-{number:06d}"
@@ -102,16 +111,31 @@ class RunDir:
             folder.mkdir(parents=True)
         except OSError as e:
             raise storage_error("write", folder, e) from None
+        return folder
+
+    def publish_generation(self, folder: Path, files: dict[str, dict], iteration: int,
+                           pieces: tuple[str, ...] = ()) -> Path:
+        """Write `files` into `folder` (from `new_generation`), where the files `pieces` were
+        already written by others, then publish it (`write_generation`)."""
+        missing = [name for name in pieces if not (folder / name).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder} lacks {', '.join(missing)}: not published")
         for name, state in files.items():
             save_checkpoint(folder / f"{name}.pt", state)
         _fsync_directory(folder)
         atomic_write_text(self.manifest, json.dumps(
-            {"generation": number, "folder": folder.name, "iteration": iteration,
-             "files": sorted(f"{name}.pt" for name in files)}, indent=2) + "\n")
+            {"generation": _generation_number(folder.name), "folder": folder.name,
+             "iteration": iteration,
+             "files": sorted([f"{name}.pt" for name in files] + list(pieces))}, indent=2) + "\n")
         for old in self.checkpoints.glob("gen-*"):
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)
         return folder
+
+    @staticmethod
+    def discard(folder: Path) -> None:
+        """Drop an unpublished generation folder (the published one stays)."""
+        shutil.rmtree(folder, ignore_errors=True)
 
     def _manifest(self) -> dict | None:
         """manifest.json's contents; None when there is none.

@@ -44,6 +44,43 @@ def test_one_partitioned_replica_without_overlap_equals_the_trainer(tmp_path):
                                    msg=name)
 
 
+def test_a_partitioned_run_is_never_whole_on_the_driver_and_resumes_from_its_pieces(tmp_path):
+    """Evaluated by the partitions, checkpointed as the shards' own files (last.pt says where
+    they are), resumed bitwise from them, assembled only by `distbelief.load`."""
+    import json
+
+    import distbelief
+    from distbelief.data import build_data
+    from distbelief.engine.checkpoint import PIECES
+    from distbelief.engine.evaluate import evaluate
+
+    c = digits_config(iterations=12, milestones=(6,), log_every=4, eval_every=4,
+                      checkpoint_every=4, channels_last=False, replicas=1, ps_shards=3,
+                      partitions=2, replica_cpus=1)
+    straight = DownpourTrainer(c, tmp_path / "straight")
+    straight.fit()
+    assert straight.piecewise and straight.server._model is None  # never built here
+    DownpourTrainer(c.replace(iterations=8), tmp_path / "run").fit()
+    resumed = DownpourTrainer(c, tmp_path / "run", resume=True)
+    resumed.fit()
+    assert resumed.server._model is None
+    index = load_checkpoint(tmp_path / "run/checkpoints/last.pt", assemble=False)
+    assert "model" not in index and len(index[PIECES]["shards"]) == 3
+    manifest = json.loads((tmp_path / "run/checkpoints/manifest.json").read_text())
+    assert manifest["files"] == ["downpour.pt", "last.pt", "shard-0.pt", "shard-1.pt",
+                                 "shard-2.pt"] and manifest["iteration"] == 12
+    a, b = distbelief.load(tmp_path / "straight"), distbelief.load(tmp_path / "run")
+    for name, value in a.state_dict().items():
+        assert torch.equal(b.state_dict()[name], value), name
+    # The partitions' evaluation is the assembled model's.
+    last = [r for r in read_jsonl(tmp_path / "run/metrics.jsonl")
+            if r["kind"] == "eval" and r["split"] == "test"][-1]
+    data = build_data(c, torch.device("cpu"))
+    mine = evaluate(b, data.splits["test"].batches(), loss=c.loss)
+    assert last["iteration"] == 12 and mine["error"] == last["error"]
+    assert mine["loss"] == pytest.approx(last["loss"], abs=1e-5)
+
+
 def two_by_two(run, accuracy: float, **changes):
     """2 replicas of 2 partitions on the digits: each partition holds only its part and pushes
     on its own (its shards see stale pushes), and the model learns."""

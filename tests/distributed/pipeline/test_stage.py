@@ -111,12 +111,12 @@ def test_bfloat16_activations_travel_in_their_own_dtype():
     # Under --bf16 a stage's output is bfloat16: it travels as its 2-byte bits (not widened to
     # float32), and arrives as the same bfloat16 values.
     pytest.importorskip("ray")
-    from distbelief.distributed.pipeline.actors import Bits16, _array, received
+    from distbelief.distributed.pipeline.actors import Bits16, handed_on, received
 
     out = torch.randn(4, 8).to(torch.bfloat16)
-    sent = _array(out)
+    sent = handed_on(out)
     assert isinstance(sent, Bits16) and sent.bits.nbytes == 4 * 8 * 2
     arrived = received(sent)
     assert arrived.dtype == torch.bfloat16 and torch.equal(arrived, out)
-    plain = _array(torch.ones(3))
+    plain = handed_on(torch.ones(3))
     assert plain.dtype.name == "float32" and torch.equal(received(plain), torch.ones(3))

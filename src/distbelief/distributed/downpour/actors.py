@@ -22,15 +22,18 @@ import ray
 import torch
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
+from distbelief.distributed.downpour.generation import sees, write_piece
 from distbelief.distributed.downpour.layout import PartSlice, start_values
 from distbelief.distributed.downpour.partitioned import PartitionedReplica, ServerStage
 from distbelief.distributed.downpour.replica import DownpourReplica
 from distbelief.distributed.downpour.shard import ParameterShard, shard_lost
-from distbelief.distributed.pipeline.actors import StageHost, caller
-from distbelief.distributed.runtime.calls import RayPending, dead_actors
+from distbelief.distributed.pipeline import Pipeline
+from distbelief.distributed.pipeline.actors import StageHost, caller, handed_on, received
+from distbelief.distributed.runtime.calls import RayPending, dead_actors, get
 from distbelief.distributed.runtime.cluster import START_TIMEOUT_S, memory, node_id, nodes
 from distbelief.distributed.runtime.snapshots import SnapshotSender
 from distbelief.distributed.wire import decode, encode, join_slices, tensor_view, wire_dtype
+from distbelief.engine.checkpoint import load_checkpoint
 from distbelief.engine.losses import get_loss
 from distbelief.errors import DistbeliefError
 
@@ -134,11 +137,14 @@ class ShardActor:
                                     retention=self.retention)
 
     def start(self, values: np.ndarray | PartSlice | None = None,
-              state: dict | None = None) -> int:
+              state: dict | None = None, state_file: str | None = None) -> int:
         """Begin at `values` (or those a `layout.PartSlice` computes here), or at a
-        checkpointed snapshot `state`; returns the version. The keeper has a snapshot before
-        this returns, so a restart always finds one."""
+        checkpointed snapshot `state` (or the one this process reads from `state_file`);
+        returns the version. The keeper has a snapshot before this returns, so a restart
+        always finds one."""
         self._build(None if values is None else start_values(values))
+        if state_file is not None:
+            state = load_checkpoint(state_file)["shard"]
         if state is not None:
             self.shard.restore(state)
         if self.snapshots:
@@ -178,6 +184,21 @@ class ShardActor:
         if self.snapshots:
             self.sender.send(snapshot)
         return snapshot
+
+    def sees(self, path: str, seen: tuple[int, int]) -> bool:
+        """Whether this process sees the driver's file `path` (`generation.sees`)."""
+        return sees(path, seen)
+
+    def write_piece(self, path: str, marker: str, seen: tuple[int, int]) -> dict | None:
+        """The snapshot written by this process as its file of a generation
+        (`generation.write_piece`; the keeper gets it too); None when it does not see the
+        generation's folder (its `marker`)."""
+        if not sees(marker, seen):
+            return None
+        snapshot = self.shard.snapshot()
+        if self.snapshots:
+            self.sender.send(snapshot)
+        return write_piece(snapshot, path)
 
     def retire(self, replica: int) -> bool:
         """Replica `replica` is gone for good (`ParameterShard.retire`)."""
@@ -245,7 +266,42 @@ class ServerStageHost(StageHost):
         self.stage.reset()
 
 
+    def begin_eval(self) -> None:
+        self.stage.begin_eval()
+
+    def evaluate(self, micro: int, x):
+        return handed_on(self.stage.evaluate(micro, received(x)))
+
+    def end_eval(self) -> None:
+        self.stage.end_eval()
+
+
 ServerStageActor = ray.remote(ServerStageHost)
+
+
+class ServerEval(torch.nn.Module):
+    """The server's model as an evaluation sees it, computed by one replica's partition
+    actors `stages`: after `begin()`, `model(x)` is their eval-mode output on copies of their
+    parts at the server's values then (`ServerStage.begin_eval`), `micro` micro-batches
+    pipelined; `release()` drops the copies. This process holds no parameters."""
+
+    def __init__(self, stages: list, micro: int, lost: str):
+        super().__init__()
+        self.stages, self.lost = stages, lost
+        self.pipeline = Pipeline(caller(stages), self._get, len(stages), micro)
+
+    def _get(self, refs):
+        return get(refs, self.lost)
+
+    def begin(self) -> ServerEval:
+        self._get([s.begin_eval.remote() for s in self.stages])
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([received(o).float() for o in self.pipeline.infer(x, evaluation=True)])
+
+    def release(self) -> None:
+        self._get([s.end_eval.remote() for s in self.stages])
 
 
 class PartitionLost(DistbeliefError):

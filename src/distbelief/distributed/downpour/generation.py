@@ -4,11 +4,20 @@
     checkpoints/gen-N/downpour.pt   the driver's state: replica positions, counters, clock
     checkpoints/gen-N/shard-K.pt    shard K's snapshot (its slice, optimizer state, version)
     checkpoints/gen-N/last.pt       the model the snapshots hold together
+
+Each shard writes its own snapshot into the new generation (`write_piece`) where it sees the
+run directory (the driver's machine, or a filesystem shared with it: `sees`), and reads it
+back on resume the same way; a shard that does not see it sends its snapshot through the
+driver. The driver writes its state and last.pt, then publishes the generation. A
+partitioned run's last.pt holds no model but says where it lies (`PIECES`): `load_checkpoint`
+assembles the whole model from the shards' files, tensor by tensor, only when it is read.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,10 +27,12 @@ from distbelief.distributed.downpour.rules import describe
 
 from distbelief.distributed.server_model import ServerModel, as_tensors
 from distbelief.engine.base import BaseTrainer
-from distbelief.engine.checkpoint import load_checkpoint
+from distbelief.engine.checkpoint import PIECES, load_checkpoint, save_checkpoint
+from distbelief.engine.lifecycle import Diverged
 from distbelief.errors import CheckpointError
 
 STATE = "downpour"  # checkpoints/downpour.pt
+MARKER = ".driver"  # in a generation being written: what tells a shard it sees the folder
 # Fixed for a run's life.
 SAME = ("model", "variant", "replicas", "ps_shards", "partitions", "optimizer", "data")
 
@@ -104,3 +115,69 @@ def save_generation(trainer, snapshots: list[dict], bounds) -> None:
     trainer.life.save_generation(trainer.config, {
         **trainer.progress.state(), "data_stats": trainer.data.stats,
         "partition_bounds": bounds}, files, trainer.steps)
+
+
+def fingerprint(path: str | os.PathLike) -> tuple[int, int]:
+    """(size, modification time in ns) of `path`: what another process compares (`sees`)."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def sees(path: str | os.PathLike, seen: tuple[int, int]) -> bool:
+    """Whether this process sees at `path` the file the driver saw as `seen` (`fingerprint`):
+    on another machine, a local folder of the same name holds no such file."""
+    try:
+        return fingerprint(path) == tuple(seen)
+    except OSError:
+        return False
+
+
+def write_piece(snapshot: dict, path: str | os.PathLike) -> dict:
+    """Shard snapshot `snapshot` written (atomically) as its file of a generation; returns
+    {"finite": whether its values are all finite}."""
+    save_checkpoint(path, {"shard": as_tensors(snapshot)})
+    return {"finite": bool(np.isfinite(snapshot["w"]).all())}
+
+
+def begin_pieces(run) -> tuple[Path, tuple[int, int]]:
+    """A new generation folder for the shards to write into, and the fingerprint of its
+    marker (`sees`)."""
+    folder = run.new_generation()
+    (folder / MARKER).write_text(f"{os.getpid()}@{os.uname().nodename} {time.time_ns()}\n")
+    return folder, fingerprint(folder / MARKER)
+
+
+def check_pieces(trainer, written: list[dict]) -> None:
+    """Raise `Diverged` unless every shard's values are finite (`written`: their
+    `write_piece` replies): a server holding NaN or Inf never replaces a good checkpoint."""
+    if not all(w["finite"] for w in written):
+        raise Diverged(f"the server's parameters are not finite at iteration {trainer.steps}; "
+                       f"lower --lr (the last checkpoint is kept)")
+
+
+def read_pieces(files: list[Path]) -> torch.Tensor:
+    """The server's vector, read back from its shards' files (in shard order)."""
+    return torch.cat([load_checkpoint(f)["shard"]["w"] for f in files])
+
+
+def publish_pieces(trainer, folder: Path, shards: int, model: dict) -> None:
+    """Publish the generation in `folder`, where the `shards` shards wrote their snapshots,
+    with `model` as last.pt (the model as a checkpoint, or `pieces_index`)."""
+    trainer.life.save_generation(trainer.config, {
+        **trainer.progress.state(), "data_stats": trainer.data.stats,
+        "partition_bounds": trainer.plan.bounds if trainer.plan else None}, {"last": model},
+        trainer.steps, folder=folder,
+        pieces=tuple(f"{snapshot_name(k)}.pt" for k in range(shards)))
+
+
+def pieces_index(trainer, folder: Path) -> dict:
+    """last.pt of a partitioned run: everything `distbelief.load` needs but the model, and
+    where the model is (`PIECES`: the generation folder, the cut, each shard's file and
+    slice of the server's vector)."""
+    return {"config": trainer.config.to_dict(), "iteration": trainer.steps,
+            "data_stats": trainer.data.stats, "num_classes": trainer.data.num_classes,
+            "in_chans": trainer.data.in_chans, "wall_s": trainer.life.wall_s,
+            "mode": "downpour",
+            PIECES: {"folder": folder.name, "bounds": list(trainer.plan.bounds),
+                     "shards": [[f"{snapshot_name(k)}.pt", s.lo, s.hi]
+                                for k, s in enumerate(trainer.slots)]}}

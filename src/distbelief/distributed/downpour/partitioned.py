@@ -30,6 +30,7 @@ from distbelief.data import BatchCursor, build_data
 from distbelief.distributed.downpour.replica import Exchange, chunk_metrics
 from distbelief.distributed.flat import FlatModel
 from distbelief.distributed.pipeline import Pipeline, Stage
+from distbelief.distributed.pipeline.stage import empty_copy
 
 STAGE_METRICS = ("compute_s", "fetch_wait_s", "push_wait_s", "bytes_out", "fetches", "pushes",
                  "rejected")
@@ -55,6 +56,7 @@ class ServerStage(Stage):
         has_values = self.flat.n_params + self.flat.n_buffers > 0
         self.exchange = Exchange(replica, config, client, self.flat) if has_values else None
         self.metrics = dict.fromkeys(STAGE_METRICS, 0)
+        self.evaluating: torch.nn.Module | None = None  # `begin_eval`'s copy
         self.n_push = config.downpour.n_push
         # The parameters' gradients are views of one flat vector, in the server's (logical)
         # order, into which backward accumulates in place: the push sends it as it is, no
@@ -93,6 +95,27 @@ class ServerStage(Stage):
         self.compute_s += time.perf_counter() - start
         if self.exchange.push_due(step):
             self.exchange.push(step, self.metrics)
+
+    def begin_eval(self) -> None:
+        """An evaluation copy of the part (`evaluate` runs it) at the server's values now,
+        fetched from its shards; the training state (weights, activations, gradient) is left
+        as it is, whatever calls come between."""
+        self.evaluating = self.module
+        if self.exchange is not None:
+            vector, _ = self.exchange.client.fetch().result()
+            self.evaluating = empty_copy(self.module).to_empty(device=self.device)
+            FlatModel(self.evaluating).load(vector)
+
+    def evaluate(self, micro: int, x: torch.Tensor) -> torch.Tensor:
+        """The evaluation copy's output for `x`, in eval mode (`forward`, train=False)."""
+        trained, self.module = self.module, self.evaluating
+        try:
+            return self.forward(micro, x, train=False)
+        finally:
+            self.module = trained
+
+    def end_eval(self) -> None:
+        self.evaluating = None
 
     def take_metrics(self) -> dict:
         """Since the last call: compute seconds, fetch and push waits, bytes handed on to the

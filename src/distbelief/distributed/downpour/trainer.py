@@ -31,9 +31,11 @@ import os
 import torch
 
 from distbelief.distributed.downpour.actors import (PartitionedReplicaActor, ReplicaActor,
-                                                    ServerStageActor, ShardActor, server_vector)
-from distbelief.distributed.downpour.generation import (DownpourBase, check_snapshots,
-                                                        load_snapshot, save_generation)
+                                                    ServerEval, ServerStageActor, ShardActor,
+                                                    server_vector)
+from distbelief.distributed.downpour.generation import (
+    MARKER, DownpourBase, begin_pieces, check_pieces, check_snapshots, fingerprint,
+    load_snapshot, pieces_index, publish_pieces, read_pieces, snapshot_name, write_piece)
 from distbelief.distributed.downpour.layout import ShardSlot, plain_layout, server_layout
 from distbelief.distributed.downpour.records import (ChunkWindow, ReplicaProgress,
                                                      ShardMonitor, partition_summary)
@@ -90,7 +92,11 @@ class DownpourTrainer(DownpourBase):
             self.starts = [initial[s.lo:s.hi].numpy() for s in self.slots]
         check_model(self.config, values=self.slots[-1].hi)
         self.bounds = [(s.lo, s.hi) for s in self.slots]
-        # The driver's model: evaluates and checkpoints.
+        # Partitioned, a registry model is never whole here: evaluated by the partitions
+        # (`ServerEval`), checkpointed as its shards' pieces (`generation`). Else the
+        # driver's model evaluates and checkpoints (it is built for that alone).
+        self.piecewise = self.plan is not None and self.config.user is None and \
+            not self.config.bn_recalibrate
         self.server = ServerModel(self.config, self.data, self.device,
                                   flat_of=self._block_flat if self.plan else FlatModel)
         self.progress = ReplicaProgress(self.config.cluster.replicas, saved)
@@ -126,9 +132,15 @@ class DownpourTrainer(DownpourBase):
             for k, (slot, name, strategy) in enumerate(
                 zip(self.slots, self.shard_names, session.place_shards(len(self.slots))))]
         # Replicas start (a few seconds each) while the shards load; work waits for both.
-        if self.resumed_shards:
-            self.shards_started = [s.start.remote(state=load_snapshot(self.life.run, k))
-                                   for k, s in enumerate(session.shards)]
+        if self.resumed_shards:  # each reads its own snapshot, where it sees the file
+            run = self.life.run
+            files = [run.state_file(snapshot_name(k)) for k in range(len(session.shards))]
+            seen = get([s.sees.remote(str(f), fingerprint(f))
+                        for s, f in zip(session.shards, files)])
+            self.shards_started = [
+                s.start.remote(state_file=str(f)) if sees_it else
+                s.start.remote(state=load_snapshot(run, k))
+                for k, (s, f, sees_it) in enumerate(zip(session.shards, files, seen))]
         else:
             self.shards_started = [s.start.remote(start)
                                    for s, start in zip(session.shards, self.starts)]
@@ -150,6 +162,9 @@ class DownpourTrainer(DownpourBase):
         self.session.close()
 
     def eval_model(self) -> torch.nn.Module:
+        if self.piecewise:  # replica 0's partitions, on copies of their parts
+            return ServerEval(self.session.stages[:self.config.cluster.partitions],
+                              self.config.cluster.micro_batches, shard_lost(self.config)).begin()
         return self.server.load(server_vector(self.session.shards))
 
     # --- the loop ---------------------------------------------------------------------------
@@ -228,13 +243,30 @@ class DownpourTrainer(DownpourBase):
         self._log_window(window, self._poll_shards(), self.monitor)
 
     def save(self) -> None:
-        """One checkpoint generation: every shard's snapshot, the model they hold together
-        (last.pt) and the driver state. A server holding NaN or Inf never replaces a good
+        """One checkpoint generation (`generation`): each shard writes its snapshot (or sends
+        it here when it does not see the run directory), then this process writes last.pt
+        (the model read back from those files, or where they lie when piecewise) and its
+        state, and publishes them. A server holding NaN or Inf never replaces a good
         checkpoint."""
         if self.life.run is None:
             return
-        snapshots = get([s.snapshot.remote() for s in self.session.shards], shard_lost(self.config))
-        save_generation(self, snapshots, self.plan.bounds if self.plan else None)
+        folder, seen = begin_pieces(self.life.run)
+        try:
+            files = [folder / f"{snapshot_name(k)}.pt" for k in range(len(self.slots))]
+            written = get([s.write_piece.remote(str(f), str(folder / MARKER), seen)
+                           for s, f in zip(self.session.shards, files)],
+                          shard_lost(self.config))
+            for k, reply in enumerate(written):
+                if reply is None:  # the shard does not see the run directory: through here
+                    written[k] = write_piece(get(self.session.shards[k].snapshot.remote(),
+                                                 shard_lost(self.config)), files[k])
+            check_pieces(self, written)
+            model = pieces_index(self, folder) if self.piecewise else self.server.checkpoint(
+                read_pieces(files), self.steps, self.life.wall_s, "downpour")
+            publish_pieces(self, folder, len(files), model)
+        except BaseException:
+            self.life.run.discard(folder)
+            raise
 
     def summary(self) -> dict:
         statuses = self._poll_shards()

@@ -57,7 +57,7 @@ def received(value):
     return tensor_view(value) if isinstance(value, np.ndarray) else value
 
 
-def _array(value):
+def handed_on(value):
     """What a stage hands on: its output or input gradient in its own dtype."""
     if value is None:
         return None
@@ -98,13 +98,13 @@ class StageHost:
         self.stage.zero_grad()
 
     def forward(self, micro: int, x, train: bool = True):
-        return _array(self.stage.forward(micro, received(x), train))
+        return handed_on(self.stage.forward(micro, received(x), train))
 
     def forward_loss(self, micro: int, x, y, weight: float):
         return self.stage.forward_loss(micro, received(x), received(y), weight)
 
     def backward(self, micro: int, grad=None):
-        return _array(self.stage.backward(micro, None if grad is None else received(grad)))
+        return handed_on(self.stage.backward(micro, None if grad is None else received(grad)))
 
     def update(self, lr: float, after=None) -> None:
         self.stage.update(lr)

@@ -21,7 +21,6 @@ the last checkpoint.
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
@@ -31,7 +30,7 @@ from distbelief.distributed.pipeline.actors import (PartitionGone, StageActor, a
                                                    take_snapshot)
 from distbelief.distributed.pipeline.partition import partition
 from distbelief.distributed.pipeline.schedule import Pipeline
-from distbelief.distributed.pipeline.stage import optimizer_join, optimizer_slice
+from distbelief.distributed.pipeline.stage import empty_copy, optimizer_join, optimizer_slice
 from distbelief.distributed.runtime.calls import ActorsLost, get_unless_dead
 from distbelief.distributed.runtime.cluster import replica_options, wait_started
 from distbelief.distributed.runtime.session import DriverSession
@@ -76,7 +75,7 @@ class PipelineRunner:
         # The parts travel empty (on the meta device: a few bytes, which Ray keeps for a
         # restart) and their values after them, through the object store.
         self.session.replicas = [StageActor.options(**options).remote(
-            part.index, count, _empty(part.module), c, shape.threads, shape.device,
+            part.index, count, empty_copy(part.module), c, shape.threads, shape.device,
             build_optimizer) for part in self.parts]
         info = wait_started(self.session.replicas, shape)
         self.incarnations = [i["incarnation"] for i in info]
@@ -197,11 +196,3 @@ class PipelineRunner:
 
     def close(self) -> None:
         self.session.close()
-
-
-def _empty(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `module` on the meta device, made without copying its values."""
-    memo = {id(b): torch.empty_like(b, device="meta") for b in module.buffers()}
-    memo.update({id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
-                 for p in module.parameters()})
-    return copy.deepcopy(module, memo=memo)

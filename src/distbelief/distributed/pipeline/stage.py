@@ -30,6 +30,7 @@ offset), so a partitioned run's checkpoints are ordinary single-process checkpoi
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 
 import torch
@@ -311,3 +312,12 @@ def optimizer_join(parts: list[dict], offsets: list[int], template: dict) -> dic
     (group,) = template["param_groups"]
     hyper = {k: v for k, v in parts_offsets[0][0]["param_groups"][0].items() if k != "params"}
     return {"state": state, "param_groups": [{**hyper, "params": group["params"]}]}
+
+
+def empty_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` on the meta device (same dtypes and layouts), made without copying
+    its values."""
+    memo = {id(b): torch.empty_like(b, device="meta") for b in module.buffers()}
+    memo.update({id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+                 for p in module.parameters()})
+    return copy.deepcopy(module, memo=memo)
