@@ -1,21 +1,18 @@
-"""A model no single worker holds: a deep MLP of --hidden 15810 (1.0 billion parameters,
-4.0 GB in float32) trained for a few Downpour steps with every replica cut into P partitions
-and the server into K shards aligned to them, on this one machine.
+"""A model no process holds whole: a deep MLP of --hidden 15810 (1.0 billion parameters, 4.0 GB
+in float32) trained under Downpour with the replica cut into P partitions and the server into K
+shards aligned to them, the way a user trains it: momentum 0.9, weight decay, shard snapshots on
+(written to disk by each shard, --snapshot-store disk), evaluated through the partitions,
+checkpointed piece by piece by the shards, then resumed from those pieces and trained on.
 
-Reported per partition actor and per shard: the parameters it holds, its private resident
-memory at the end (its own tensors: a partition's values and gradients, a shard's slice) and
-its peak resident memory (which also counts the pages of Ray's shared object store it touched:
-the pushes and pulls), next to the model's total; the driver's; seconds per step. Each
-partition should hold about 1/P of the parameters, each shard about 1/K.
-
-What has to fit in the machine's memory is the server's copy (on the shards), each partition's
-values and gradients, and the pushes and pulls in flight in Ray's object store. So momentum
-and weight decay are off (the shards keep no optimizer state beside the values), shard
-snapshots are off (--snapshot-every-s 0: no second copy of the server at the keeper), there is
-no run directory and nothing is evaluated: after the start, where it initializes the values
-once as the single-process trainer would, the driver never holds the whole model.
+Reported per process (the driver, each shard, each partition, the replica's head) and per phase
+(start, training, evaluation, checkpoint, resume, training after the resume): the peak private
+memory, sampled every 0.2 s as the process's anonymous resident pages (RssAnon: its own tensors
+and arrays; the pages of Ray's shared-memory object store a process maps are RssShmem, reported
+apart as their peak over all processes), against the bound 1/P of the model's training state
+(values and momentum in float32) + 1.5 GB. And the training loss, first and last records.
 
     python benchmarks/bench_big_model.py [--hidden 15810] [--partitions 4] [--shards 4]
+        [--steps 200] [--resume-steps 10] [--out DIR]
 """
 
 from __future__ import annotations
@@ -23,17 +20,119 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import ray
 import torch
 
 from distbelief.distributed import DownpourTrainer
-from distbelief.distributed.runtime.cluster import memory
 from distbelief.distributed.runtime.startup import start_ray
 from distbelief.engine.config import TrainConfig
+from distbelief.engine.rundir import read_jsonl
 
 GB = 1e9
+
+
+class Sampler:
+    """Every 0.2 s, each process's RssAnon and RssShmem (from /proc), kept as the peak per
+    (phase, process). Processes: this one and Ray's workers (named by their pid once known)."""
+
+    def __init__(self):
+        self.phase, self.names = "start", {os.getpid(): "driver"}
+        self.peaks: dict[str, dict[str, float]] = {}
+        self.shm: dict[str, float] = {}
+        self.stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for pid, title in [(os.getpid(), "driver"), *_ray_workers()]:
+                anon, shm = _rss(pid)
+                key = self.names.setdefault(pid, f"other Ray worker ({title})")
+                row = self.peaks.setdefault(self.phase, {})
+                row[key] = max(row.get(key, 0.0), anon)
+                self.shm[self.phase] = max(self.shm.get(self.phase, 0.0), shm)
+            time.sleep(0.2)
+
+    def name(self, pid: int, name: str) -> None:
+        """Name `pid`; what was sampled under its first name moves to this one."""
+        before, self.names[pid] = self.names.get(pid), name
+        for row in self.peaks.values():
+            if before in row and before != name:
+                row[name] = max(row.pop(before), row.get(name, 0.0))
+
+
+def _ray_workers() -> list[tuple[int, str]]:
+    """(pid, process title) of Ray's worker processes ("ray::Class.method")."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    title = f.read(80).split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith("ray::"):
+                out.append((int(entry), title.split(".")[0]))
+    return out
+
+
+def _rss(pid: int) -> tuple[float, float]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return (int(fields["RssAnon"].split()[0]) * 1024 / GB,
+                int(fields["RssShmem"].split()[0]) * 1024 / GB)
+    except (OSError, KeyError, ValueError):
+        return 0.0, 0.0
+
+
+def phased(trainer, sampler: Sampler, start_phase: str, train_phase: str) -> None:
+    """Switch the sampler's phase around the trainer's start, train, save and evaluation."""
+    def wrap(obj, method: str, phase: str, after=None):
+        original = getattr(obj, method)
+
+        def call(*args, **kwargs):
+            before, sampler.phase = sampler.phase, phase
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if after is not None:
+                    after()
+                sampler.phase = before
+        setattr(obj, method, call)
+
+    wrap(trainer, "start", start_phase, lambda: name_actors(trainer, sampler))
+    wrap(trainer, "train", train_phase)
+    wrap(trainer, "save", "checkpoint")
+    wrap(trainer.life, "evaluate", "evaluation")
+
+
+def name_actors(trainer, sampler: Sampler) -> None:
+    for st in ray.get([s.status.remote() for s in trainer.session.shards]):
+        sampler.name(st["pid"], f"shard {st['shard']}")
+    for info in ray.get([r.info.remote() for r in trainer.session.replicas]):
+        sampler.name(info["pid"], f"head {info['replica']}")
+        for part in info["partitions"]:
+            sampler.name(part["pid"], f"partition {part['partition']}")
+
+
+def report(sampler: Sampler, bound_gb: float, phases: list[str]) -> None:
+    names = sorted({k for row in sampler.peaks.values() for k in row},
+                   key=lambda n: (n != "driver", n))
+    print(f"| process | {' | '.join(phases)} |")
+    print(f"|---|{'---|' * len(phases)}")
+    for name in names:
+        cells = [sampler.peaks.get(p, {}).get(name) for p in phases]
+        print(f"| {name} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
+    print(f"| object store pages (max over processes) | "
+          + " | ".join(f"{sampler.shm.get(p, 0.0):.2f}" for p in phases) + " |")
+    worst = max(v for row in sampler.peaks.values() for v in row.values())
+    print(f"largest private peak {worst:.2f} GB; bound {bound_gb:.2f} GB: "
+          f"{'within' if worst <= bound_gb else 'EXCEEDED'}")
 
 
 def main() -> None:
@@ -41,51 +140,45 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=15810)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--resume-steps", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     args = parser.parse_args()
     config = TrainConfig().replace(
         recipe="bench", model="deep_mlp", hidden=args.hidden, data="digits", mode="downpour",
-        replicas=args.replicas, partitions=args.partitions, ps_shards=args.shards,
-        iterations=args.steps, batch_size=32, lr=1e-4, momentum=0.0, weight_decay=0.0,
-        eval_every=0, checkpoint_every=0, log_every=args.steps, device="cpu",
-        snapshot_every_s=0.0, max_in_flight=1)
+        replicas=1, partitions=args.partitions, ps_shards=args.shards, iterations=args.steps,
+        batch_size=32, lr=args.lr, momentum=0.9, weight_decay=1e-4, milestones=(10**9,),
+        eval_every=0, checkpoint_every=0, log_every=10, device="cpu", snapshot_every_s=120.0,
+        snapshot_store="disk", partition_dtype="bfloat16", ps_transfer_dtype="bfloat16",
+        max_in_flight=1)
     print(f"# {platform.node()}, {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GB:.1f} GB RAM, "
           f"torch {torch.__version__}, ray {ray.__version__}; {time.strftime('%Y-%m-%d')}")
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench-big-")) / "run"
     start_ray()
+    sampler = Sampler()
+    first = DownpourTrainer(config, out)
+    n_params = sum(p.params for p in first.plan.parts)
+    bound = n_params * 8 / args.partitions / GB + 1.5
+    print(f"deep_mlp --hidden {args.hidden}: {n_params:,} parameters ({n_params * 4 / GB:.2f} GB "
+          f"float32; values and momentum {n_params * 8 / GB:.2f} GB), {args.partitions} "
+          f"partitions, {args.shards} shards; run directory {out}")
+    phased(first, sampler, "start", "training")
     begin = time.perf_counter()
-    trainer = DownpourTrainer(config)  # initializes the values, cuts the model, aligns shards
-    n_params = sum(p.params for p in trainer.plan.parts)
-    print(f"deep_mlp --hidden {args.hidden}: {n_params:,} parameters "
-          f"({n_params * 4 / GB:.2f} GB float32), {args.replicas} replica(s) x "
-          f"{args.partitions} partitions, {args.shards} shards")
-    try:
-        trainer.start()
-        trainer.life.begin(trainer)
-        started = time.perf_counter()
-        trainer.train()  # the real loop, without the final evaluation
-        trained = time.perf_counter() - started
-        report(trainer, n_params, trained, args.steps, started - begin)
-    finally:
-        trainer.close()
-
-
-def report(trainer, n_params: int, seconds: float, steps: int, startup_s: float) -> None:
-    stages = ray.get([s.info.remote() for s in trainer.session.stages])
-    shards = ray.get([s.status.remote() for s in trainer.session.shards])
-    print(f"start-up {startup_s:.1f} s; {steps} steps in {seconds:.1f} s "
-          f"({seconds / steps:.2f} s per step)")
-    print(f"{'actor':<14} {'parameters':>13} {'share':>6} {'private GB':>11} {'peak RSS GB':>12}")
-    rows = [(f"partition {i['partition']}", i["params"], i["memory"]) for i in stages]
-    rows += [(f"shard {st['shard']}", st["elements"], st["memory"]) for st in shards]
-    rows.append(("driver", None, memory()))
-    for name, count, mem in rows:
-        held = "" if count is None else f"{count:>13,} {count / n_params:>6.1%}"
-        print(f"{name:<14} {held:>20} {mem.get('private', 0) / GB:>11.2f} "
-              f"{mem['peak'] / GB:>12.2f}")
-    print(f"the whole model: {n_params * 4 / GB:.2f} GB of float32 values; shard updates "
-          f"{[st['version'] for st in shards]}, all finite: {all(st['finite'] for st in shards)}")
+    summary = first.fit()
+    print(f"trained {args.steps} steps in {time.perf_counter() - begin:.0f} s (start, training, "
+          f"checkpoint, evaluation); test accuracy {summary.get('test_accuracy')}")
+    resumed = DownpourTrainer(config.replace(iterations=args.steps + args.resume_steps), out,
+                              resume=True)
+    phased(resumed, sampler, "resume", "training after resume")
+    resumed.fit()
+    sampler.stop.set()
+    losses = [(r["iteration"], r["loss"]) for r in read_jsonl(out / "metrics.jsonl")
+              if r["kind"] == "train"]
+    print(f"training loss by iteration: {losses}")
+    report(sampler, bound, ["start", "training", "checkpoint", "evaluation", "resume",
+                            "training after resume"])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The snapshot keeper: the newest snapshot of every shard, held on the driver's node so that a
 shard Ray restarts on any node, after its process or its whole node died, starts again from it.
-No Ray here (`runtime.snapshots.KeeperActor` wraps it).
+No Ray here (`runtime.snapshots.KeeperActor` wraps it). `SnapshotFile`: the same on disk, on
+the shard's own node, for a server too large to copy in memory.
 
 A snapshot is a dict of numpy arrays and plain values with an `order` entry (a shard's version,
 or the L-BFGS iteration); snapshots of one key can arrive out of order, and an older one never
@@ -9,6 +10,11 @@ depend on the memory of the shard that sent them.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -73,3 +79,41 @@ class SnapshotKeeper:
     def orders(self) -> dict[str, int]:
         """Each key's kept order (for tests and records)."""
         return {k: v["order"] for k, v in self.snapshots.items()}
+
+
+class SnapshotFile:
+    """A shard's newest snapshot as a file on its own node (--snapshot-store disk), with the
+    interface of `runtime.snapshots.SnapshotSender`: `send` writes it at once, atomically,
+    from the shard's live state (`ParameterShard.snapshot(live=True)`: the shard's thread
+    writes it between two pushes, so nothing changes under it, and no copy of the server is
+    ever made in memory); `restore` reads it back in a shard Ray restarted on the same node
+    (None elsewhere: the file is lost with its node). The file is under the machine's
+    temporary folder, in `run` (a name unique to the run)."""
+
+    def __init__(self, run: str, key: str):
+        self.path = Path(tempfile.gettempdir()) / "distbelief-snapshots" / run / f"{key}.pt"
+        self.sent = 0
+
+    def busy(self) -> bool:
+        return False
+
+    def send(self, snapshot: dict) -> None:
+        from distbelief.distributed.server_model import as_tensors
+        from distbelief.engine.checkpoint import save_checkpoint
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(self.path, {"snapshot": as_tensors(snapshot)})
+        self.sent += 1
+
+    send_now = send
+
+    def restore(self) -> dict | None:
+        from distbelief.engine.checkpoint import load_checkpoint
+
+        return load_checkpoint(self.path)["snapshot"] if self.path.is_file() else None
+
+    def forget(self) -> None:
+        """Remove the file and its run's folder, once empty (the run is over)."""
+        for remove, path in ((os.unlink, self.path), (os.rmdir, self.path.parent)):
+            with contextlib.suppress(OSError):
+                remove(path)

@@ -104,10 +104,12 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **state}, f))
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu", assemble: bool = True) -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", assemble: bool = True,
+                    mmap: bool = False) -> dict:
     """Load a checkpoint written by `save_checkpoint`. One that says where its model's pieces
     lie (`PIECES`, a partitioned Downpour run's last.pt) gets its "model" assembled from them
-    (`pieces.assemble_model`), unless not `assemble`.
+    (`pieces.assemble_model`), unless not `assemble`. With `mmap` its tensors are views of
+    the file (read as they are used: nothing is held twice).
 
     Raises:
         CheckpointError: the file is missing, truncated, corrupt, holds objects other than
@@ -117,7 +119,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", assemble: bool 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # truncation and corruption surface as many exception types
         reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
         raise CheckpointError(f"checkpoint {path} is corrupt, truncated or unsafe to load "

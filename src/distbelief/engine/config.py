@@ -37,6 +37,7 @@ OPTIMIZERS = ("sgd", "adagrad")
 # distributed.downpour.rules
 STALENESS_RULES = ("none", "lr", "momentum", "dc", "dana", "dana-slim")
 TRANSFER_DTYPES = ("float32", "bfloat16", "float16")  # distributed.wire
+SNAPSHOT_STORES = ("memory", "disk")
 BN_STATS = ("batch", "delta")  # distributed.downpour.statistics
 PIPELINE_SCHEDULES = ("1f1b", "gpipe")  # distributed.pipeline.schedule
 PARTITION_DTYPES = ("float32", "bfloat16")  # distributed.downpour.partitioned
@@ -197,6 +198,11 @@ class DownpourConfig:
                                    "restarted (0: none, for a server too large to copy; a "
                                    "shard or partition that dies then ends the run)",
                                    check=non_negative, default=5.0)
+    snapshot_store: str = _opt("downpour: where a shard keeps its snapshots: memory (sent to the "
+                               "keeper on the driver's node: a restart on any node finds it) or "
+                               "disk (written by the shard from its live state to a file on its "
+                               "own node: no copy of the server in memory, a restart on the same "
+                               "node only)", default="memory")
 
 
 @dataclass(frozen=True)
@@ -502,6 +508,7 @@ def validate(c: TrainConfig) -> None:
         check_choice("staleness rule", rule, STALENESS_RULES)
     check_choice("transfer dtype", c.downpour.ps_transfer_dtype, TRANSFER_DTYPES)
     check_choice("BatchNorm statistics", c.downpour.bn_stats, BN_STATS)
+    check_choice("snapshot store", c.downpour.snapshot_store, SNAPSHOT_STORES)
     if c.shortcut is not None:
         check_choice("shortcut option", c.shortcut, ("A", "B", "C"))
     if c.variant is not None:

@@ -313,14 +313,12 @@ class RunLifecycle:
             r = {"kind": "eval", "split": split, "iteration": trainer.position,
                  "examples": trainer.examples, "wall_s": round(self.wall_s, 3),
                  **evaluate(model, source.batches(), channels_last=c.channels_last,
-                            bf16=c.bf16, loss=c.loss)}
-            if recalibrated:
-                r["bn_recalibrated"] = recalibrated
+                            bf16=c.bf16, loss=c.loss),
+                 **({"bn_recalibrated": recalibrated} if recalibrated else {})}
             results[split] = r
             self.log(r)
-        release = getattr(model, "release", None)
-        if callable(release):  # a model computed elsewhere (`ServerEval`): let go of it
-            release()
+        if callable(getattr(model, "release", None)):  # computed elsewhere (`ServerEval`)
+            model.release()
         main = _main(results)
         self.say(f"iteration {trainer.position}/{c.iterations} ({self.wall_s:.1f} s): "
                  f"{trainer.progress_text()}, {error_text(main, main['split'])}")
@@ -363,16 +361,14 @@ class RunLifecycle:
 
     def save_generation(self, config: TrainConfig, state: dict, files: dict[str, dict],
                         position: int, folder=None, pieces: tuple[str, ...] = ()) -> None:
-        """One consistent checkpoint of a distributed run: the trainer's `state` (as in
-        `save_state`) and its actors' `files` (name -> state; "last" is the model, which is
-        also copied to checkpoints/last.pt for `distbelief eval`) in a new generation, published
-        by its manifest (`RunDir.write_generation`); or in `folder`, where its actors already
-        wrote the files `pieces` (`RunDir.publish_generation`)."""
+        """The trainer's `state` (as `save_state`) and its actors' `files` (name -> state;
+        "last", the model, is copied to checkpoints/last.pt too) as one generation, new or
+        `folder` where they wrote `pieces` (`RunDir.publish_generation`)."""
         if self.run is None:
             return
         files = {**files, self.state: self._with_own(config, state)}
-        folder = self.run.write_generation(files, position) if folder is None else \
-            self.run.publish_generation(folder, files, position, pieces)
+        folder = self.run.publish_generation(folder or self.run.new_generation(), files,
+                                             position, pieces)
         if "last" in files:
             atomic_write(self.run.checkpoint,
                          lambda f: f.write((folder / "last.pt").read_bytes()))

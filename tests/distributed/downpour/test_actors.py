@@ -16,9 +16,10 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def config():
+def config(store: str = "memory"):
     return TrainConfig().replace(lr=0.1, momentum=0.9, weight_decay=0.0, milestones=(100,),
-                                 iterations=1000, snapshot_every_s=1000.0)
+                                 iterations=1000, snapshot_every_s=1000.0,
+                                 snapshot_store=store)
 
 
 # Elements 6 and 7 are buffers: a moving average (momentum 0.1) and a count.
@@ -38,22 +39,31 @@ def until(check, timeout_s=60.0):
         time.sleep(0.1)
 
 
-def test_a_killed_shard_comes_back_with_its_snapshot_and_applies_retried_pushes_once():
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_a_killed_shard_comes_back_with_its_snapshot_and_applies_retried_pushes_once(store):
+    from distbelief.distributed.keeper import SnapshotFile
+
     session = DriverSession()
     session.start()  # Ray runs already (the module's cluster): the keeper only
+    file = SnapshotFile(session.keeper_name, "shard-0")  # --snapshot-store disk's, this node
     try:
         [strategy] = session.place_shards(1)
         shard = ShardActor.options(name=session.name("shard-0"), max_restarts=1,
                                    max_task_retries=-1, scheduling_strategy=strategy).remote(
-            0, 0, 8, 6, config(), session.keeper_name, RETENTION)
+            0, 0, 8, 6, config(store), session.keeper_name, RETENTION)
         session.shards = [shard]
         ray.get(shard.start.remote(np.arange(8, dtype=np.float32)))
         pushes = [(np.full(8, float(i), dtype=np.float32), (1, "replica-1", i))
                   for i in range(1, 5)]
         for update, source in pushes[:2]:
             ray.get(shard.push.remote(update, 0, 1, (), source))
-        snapshot = ray.get(shard.snapshot.remote())  # on its way to the keeper too
-        until(lambda: ray.get(session.keeper.orders.remote()).get("shard-0") == 2)
+        snapshot = ray.get(shard.snapshot.remote())  # on its way to the keeper (or file) too
+        if store == "memory":
+            until(lambda: ray.get(session.keeper.orders.remote()).get("shard-0") == 2)
+        else:  # written before the call returned; nothing reached the keeper
+            assert file.restore()["version"] == 2 and np.array_equal(
+                file.restore()["w"].numpy(), snapshot["w"])
+            assert ray.get(session.keeper.orders.remote()) == {}
         ray.get(shard.push.remote(*pushes[2][:1], 0, 1, (), pushes[2][1]))  # lost with it
         ray.kill(shard, no_restart=False)
         status = until(lambda: (st := ray.get(shard.status.remote()))["reconstructed"] and st)
@@ -71,8 +81,11 @@ def test_a_killed_shard_comes_back_with_its_snapshot_and_applies_retried_pushes_
         values, version = ray.get(shard.pull.remote())
         assert version == reference.version == 4
         assert np.array_equal(values, reference.w.numpy())
+        ray.get(shard.forget.remote())
+        assert not file.path.exists()
     finally:
         session.close()
+        file.forget()
 
 
 # make test-all; make test kills a shard that comes back from its snapshot (above).

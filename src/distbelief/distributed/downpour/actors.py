@@ -27,6 +27,7 @@ from distbelief.distributed.downpour.layout import PartSlice, start_values
 from distbelief.distributed.downpour.partitioned import PartitionedReplica, ServerStage
 from distbelief.distributed.downpour.replica import DownpourReplica
 from distbelief.distributed.downpour.shard import ParameterShard, shard_lost
+from distbelief.distributed.keeper import SnapshotFile
 from distbelief.distributed.pipeline import Pipeline
 from distbelief.distributed.pipeline.actors import StageHost, caller, handed_on, received
 from distbelief.distributed.runtime.calls import RayPending, dead_actors, get
@@ -115,7 +116,11 @@ class ShardActor:
         # Its update runs on --ps-threads Python threads (`optim.Ranges`), never on torch's
         # OpenMP workers, which spin on cores the replicas compute on.
         torch.set_num_threads(1)
-        self.sender = SnapshotSender(keeper_name, f"shard-{index}")
+        # Snapshots go to the keeper (copies) or, --snapshot-store disk, to a file on this
+        # node, written from the shard's live state.
+        self.live = config.downpour.snapshot_store == "disk"
+        self.sender = SnapshotFile(keeper_name, f"shard-{index}") if self.live else \
+            SnapshotSender(keeper_name, f"shard-{index}")
         self.incarnation = uuid.uuid4().hex  # new on every (re)start: the driver counts restarts
         with warnings.catch_warnings():  # Ray's own property trips its deprecation warning
             warnings.simplefilter("ignore")
@@ -126,7 +131,8 @@ class ShardActor:
             snapshot = self.sender.restore()
             if snapshot is None:  # snapshots off: no restart (Ray reports the shard dead)
                 raise DistbeliefError(f"shard {index} has no snapshot to restart from "
-                                      f"(--snapshot-every-s 0)")
+                                      f"(--snapshot-every-s 0, or --snapshot-store disk on "
+                                      f"another node)")
             self._build(None)
             self.restored_version = self.shard.restore(snapshot)
 
@@ -143,12 +149,12 @@ class ShardActor:
         returns the version. The keeper has a snapshot before this returns, so a restart
         always finds one."""
         self._build(None if values is None else start_values(values))
-        if state_file is not None:
-            state = load_checkpoint(state_file)["shard"]
+        if state_file is not None:  # read as restored, into the shard's own vector
+            state = load_checkpoint(state_file, mmap=True)["shard"]
         if state is not None:
             self.shard.restore(state)
         if self.snapshots:
-            self.sender.send_now(self.shard.snapshot())
+            self.sender.send_now(self.shard.snapshot(live=self.live))
         return self.shard.version
 
     def pull(self, source: int | None = None, exact: bool = False) -> tuple[np.ndarray, int]:
@@ -169,7 +175,7 @@ class ShardActor:
                                 None if source is None else tuple(source))
         if self.snapshots and self.shard.snapshot_due() and not self.sender.busy():
             # Into the same arrays every time: the sender has handed the last ones to Ray.
-            self.sender.send(self.shard.snapshot(self.buffers))
+            self.sender.send(self.shard.snapshot(self.buffers, live=self.live))
         return reply
 
     def push_pull(self, update: np.ndarray, base_version: int, steps: int, errors,
@@ -195,10 +201,15 @@ class ShardActor:
         generation's folder (its `marker`)."""
         if not sees(marker, seen):
             return None
-        snapshot = self.shard.snapshot()
+        snapshot = self.shard.snapshot(live=True)  # written before anything changes
         if self.snapshots:
-            self.sender.send(snapshot)
+            self.sender.send(snapshot if self.live else self.shard.snapshot())
         return write_piece(snapshot, path)
+
+    def forget(self) -> None:
+        """The run is over: a snapshot file goes (--snapshot-store disk)."""
+        if self.live:
+            self.sender.forget()
 
     def retire(self, replica: int) -> bool:
         """Replica `replica` is gone for good (`ParameterShard.retire`)."""
@@ -207,7 +218,7 @@ class ShardActor:
     def status(self) -> dict:
         return {**self.shard.stats(), "incarnation": self.incarnation,
                 "reconstructed": self.reconstructed, "restored_version": self.restored_version,
-                "snapshots_sent": self.sender.sent, "node": node_id(),
+                "snapshots_sent": self.sender.sent, "node": node_id(), "pid": os.getpid(),
                 "memory": memory()}
 
 
@@ -357,4 +368,5 @@ class PartitionedReplicaActor:
                     raise
                 time.sleep(0.1)
         self.replica.recover()  # what a failed chunk left on the partitions goes
-        return {"replica": self.replica.index, "node": node_id(), "partitions": parts}
+        return {"replica": self.replica.index, "node": node_id(), "pid": os.getpid(),
+                "partitions": parts}

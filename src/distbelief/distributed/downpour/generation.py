@@ -25,6 +25,7 @@ import torch
 from distbelief.distributed.downpour.records import summary_entries
 from distbelief.distributed.downpour.rules import describe
 
+from distbelief.distributed.flat import all_finite
 from distbelief.distributed.server_model import ServerModel, as_tensors
 from distbelief.engine.base import BaseTrainer
 from distbelief.engine.checkpoint import PIECES, load_checkpoint, save_checkpoint
@@ -136,7 +137,7 @@ def write_piece(snapshot: dict, path: str | os.PathLike) -> dict:
     """Shard snapshot `snapshot` written (atomically) as its file of a generation; returns
     {"finite": whether its values are all finite}."""
     save_checkpoint(path, {"shard": as_tensors(snapshot)})
-    return {"finite": bool(np.isfinite(snapshot["w"]).all())}
+    return {"finite": all_finite(torch.from_numpy(np.asarray(snapshot["w"])))}
 
 
 def begin_pieces(run) -> tuple[Path, tuple[int, int]]:

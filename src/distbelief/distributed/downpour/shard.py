@@ -32,6 +32,7 @@ import torch
 from distbelief.distributed.downpour.rules import StaleUpdate
 from distbelief.distributed.downpour.statistics import fold
 from distbelief.distributed.flat import all_finite
+from distbelief.distributed.wire import tensor_view
 from distbelief.engine.schedule import LRSchedule
 from distbelief.errors import CheckpointError
 
@@ -182,17 +183,19 @@ class ParameterShard:
 
     # --- snapshots -----------------------------------------------------------------------
 
-    def snapshot(self, out: dict | None = None) -> dict:
+    def snapshot(self, out: dict | None = None, live: bool = False) -> dict:
         """The whole state as numpy arrays and plain values, copied now; its "order" is the
         version (what `keeper.SnapshotKeeper` keeps the newest of). With `out` the arrays are
         copied into `out`'s (made there the first time): a fresh 100 MB array costs its page
-        faults, several times the copy itself, on every snapshot."""
+        faults, several times the copy itself, on every snapshot. With `live` they are not
+        copies but the shard's own memory: to be written out before the state changes
+        (`keeper.SnapshotFile`)."""
         self.last_snapshot, self.snapshot_version = self.clock(), self.version
         out = {} if out is None else out
 
         def copy(name: str, t: torch.Tensor | None):
-            if t is None:
-                return None
+            if t is None or live:
+                return None if t is None else t.detach().numpy()
             if name not in out or out[name].shape != tuple(t.shape):
                 out[name] = np.empty(tuple(t.shape), dtype=np.float32)
             np.copyto(out[name], t.numpy())
@@ -219,7 +222,9 @@ class ParameterShard:
             raise CheckpointError(f"shard snapshot holds (index, lo, hi, rule) {theirs}, this "
                                   f"shard is {mine}: the run used another model, shard count "
                                   f"or optimizer")
-        self.w = _tensor(state["w"])
+        # In place: a restored shard holds one vector of values, never two at once.
+        w = state["w"]
+        self.w.copy_(tensor_view(w) if isinstance(w, np.ndarray) else w)
         self.update.load_state_dict(state, _tensor)
         self.version, self.steps = state["version"], state["steps"]
         self.schedule.load_state_dict(state["schedule"])

@@ -46,7 +46,7 @@ from distbelief.distributed.downpour.statistics import buffer_slice
 from distbelief.distributed.downpour.work import WorkQueue
 from distbelief.distributed.flat import BlockFlat, FlatModel
 from distbelief.distributed.pipeline import Plan
-from distbelief.distributed.runtime.calls import ReplicaCalls, get
+from distbelief.distributed.runtime.calls import ReplicaCalls, get, wait_briefly
 from distbelief.distributed.runtime.cluster import granted_device, replica_options, wait_started
 from distbelief.distributed.runtime.session import DriverSession
 from distbelief.distributed.server_model import ServerModel
@@ -159,6 +159,9 @@ class DownpourTrainer(DownpourBase):
             self.shape.device) for r in range(c.cluster.replicas)]
 
     def close(self) -> None:
+        if self.config.downpour.snapshot_store == "disk" and self.session.shards:
+            # Best effort: a dead shard's file stays (in the machine's temporary folder).
+            wait_briefly([s.forget.remote() for s in self.session.shards], 30.0)
         self.session.close()
 
     def eval_model(self) -> torch.nn.Module:

@@ -120,8 +120,8 @@ class StageHost:
 
     def info(self) -> dict:
         params = sum(p.numel() for p in self.stage.module.parameters())
-        return {"partition": self.stage.index, "node": node_id(), "params": params,
-                "incarnation": self.incarnation,
+        return {"partition": self.stage.index, "node": node_id(), "pid": os.getpid(),
+                "params": params, "incarnation": self.incarnation,
                 "device": str(self.stage.device), "threads": torch.get_num_threads(),
                 "memory": memory()}
 

@@ -47,6 +47,12 @@ def get(refs, lost: str | None = None):
         raise ShardLost(lost, restarting=isinstance(e, ActorUnavailableError)) from None
 
 
+def wait_briefly(refs, timeout_s: float) -> None:
+    """Wait up to `timeout_s` for `refs` to finish, whatever their outcome (best-effort
+    clean-up calls: a dead or restarting actor is not waited for longer)."""
+    ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+
+
 def get_unless_dead(refs, actors: list, message):
     """ray.get(refs); when a call failed because an actor died (its own, or the one whose
     result it took as argument), `ActorsLost(message(dead), dead)`, `dead` being the indices
