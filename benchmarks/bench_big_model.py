@@ -128,7 +128,7 @@ def report(sampler: Sampler, bound_gb: float, phases: list[str]) -> None:
     for name in names:
         cells = [sampler.peaks.get(p, {}).get(name) for p in phases]
         print(f"| {name} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
-    print(f"| object store pages (max over processes) | "
+    print("| object store pages (max over processes) | "
           + " | ".join(f"{sampler.shm.get(p, 0.0):.2f}" for p in phases) + " |")
     worst = max(v for row in sampler.peaks.values() for v in row.values())
     print(f"largest private peak {worst:.2f} GB; bound {bound_gb:.2f} GB: "
