@@ -1,7 +1,9 @@
 """A model no process holds whole: a deep MLP of --hidden 15810 (1.0 billion parameters, 4.0 GB
 in float32) trained under Downpour with the replica cut into P partitions and the server into K
 shards aligned to them, the way a user trains it: momentum 0.9, weight decay, shard snapshots on
-(written to disk by each shard, --snapshot-store disk), evaluated through the partitions,
+(written to disk by each shard, --snapshot-store disk; the shards apply momentum SGD, whose
+one momentum vector is half the server's state: the staleness rules that keep one per replica
+would not fit), evaluated through the partitions,
 checkpointed piece by piece by the shards, then resumed from those pieces and trained on.
 
 Reported per process (the driver, each shard, each partition, the replica's head) and per phase
@@ -151,7 +153,7 @@ def main() -> None:
         batch_size=32, lr=args.lr, momentum=0.9, weight_decay=1e-4, milestones=(10**9,),
         eval_every=0, checkpoint_every=0, log_every=10, device="cpu", snapshot_every_s=120.0,
         snapshot_store="disk", partition_dtype="bfloat16", ps_transfer_dtype="bfloat16",
-        max_in_flight=1)
+        staleness_rule="momentum", max_in_flight=1)
     print(f"# {platform.node()}, {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GB:.1f} GB RAM, "
           f"torch {torch.__version__}, ray {ray.__version__}; {time.strftime('%Y-%m-%d')}")

@@ -317,8 +317,6 @@ class RunLifecycle:
                  **({"bn_recalibrated": recalibrated} if recalibrated else {})}
             results[split] = r
             self.log(r)
-        if callable(getattr(model, "release", None)):  # computed elsewhere (`ServerEval`)
-            model.release()
         main = _main(results)
         self.say(f"iteration {trainer.position}/{c.iterations} ({self.wall_s:.1f} s): "
                  f"{trainer.progress_text()}, {error_text(main, main['split'])}")

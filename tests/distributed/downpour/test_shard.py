@@ -168,3 +168,14 @@ def test_low_precision_pushes_apply_their_float32_values_and_pulls_round_once(dt
     assert pulled.dtype == dtype and version == 1
     assert torch.equal(pulled, exact.w.to(dtype)) and s.bytes_out == 8 * 2
     assert torch.equal(s.pull()[0], exact.w)  # float32 pulls (the driver's) stay exact
+
+
+def test_a_shard_copies_its_values_unless_given_them():
+    values = torch.arange(8.0)
+    kept = ParameterShard(0, 0, 8, 8, values, config())
+    taken = ParameterShard(0, 0, 8, 8, values, config(), take=True)
+    values.add_(1.0)  # the caller's later writes reach only the shard it gave them to
+    assert torch.equal(kept.w, torch.arange(8.0)) and torch.equal(taken.w, values)
+    assert taken.w.data_ptr() == values.data_ptr()
+    halves = torch.arange(8.0, dtype=torch.float16)  # another dtype is always a new vector
+    assert ParameterShard(0, 0, 8, 8, halves, config(), take=True).w.dtype == torch.float32

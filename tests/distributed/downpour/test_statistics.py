@@ -110,3 +110,23 @@ def test_recalibrate_is_the_plain_average_of_batch_statistics():
     torch.testing.assert_close(bn.running_mean, means, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(bn.running_var, variances, rtol=1e-5, atol=1e-6)
     assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 7 and not model.training
+
+
+def test_the_servers_retention_gives_every_run_without_holding_the_parameters_ones():
+    from torch import nn
+
+    from distbelief.distributed.downpour.statistics import server_retention
+    from distbelief.distributed.flat import BlockFlat, FlatModel
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2), nn.BatchNorm1d(2))
+    parts = [nn.Sequential(model[0], model[1]), nn.Sequential(model[2], model[3])]
+    for flat in (FlatModel(model), BlockFlat(parts)):
+        retention = server_retention(flat)
+        full = torch.cat([torch.cat([torch.ones(b.n_params), buffer_retention(b.model)])
+                          for b in getattr(flat, "blocks", [flat])])
+        assert len(retention) == len(full) and (full < 1).any()
+        for lo in range(len(full) + 1):
+            for hi in range(lo, len(full) + 1):
+                assert torch.equal(retention[lo:hi], full[lo:hi]), (lo, hi)
+        held = sum(len(values) for _, _, values in retention.runs if values is not None)
+        assert held == flat.n_buffers  # no vector of the parameters' ones

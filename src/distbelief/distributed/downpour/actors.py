@@ -28,7 +28,6 @@ from distbelief.distributed.downpour.partitioned import PartitionedReplica, Serv
 from distbelief.distributed.downpour.replica import DownpourReplica
 from distbelief.distributed.downpour.shard import ParameterShard, shard_lost
 from distbelief.distributed.keeper import SnapshotFile
-from distbelief.distributed.pipeline import Pipeline
 from distbelief.distributed.pipeline.actors import StageHost, caller, handed_on, received
 from distbelief.distributed.runtime.calls import RayPending, dead_actors, get
 from distbelief.distributed.runtime.cluster import START_TIMEOUT_S, memory, node_id, nodes
@@ -139,8 +138,10 @@ class ShardActor:
     def _build(self, values) -> None:
         index, lo, hi, n_params = self.args
         initial = torch.zeros(hi - lo) if values is None else tensor_view(values)
+        # Values of this process's own (zeros, computed here) become the shard's: no copy.
         self.shard = ParameterShard(index, lo, hi, n_params, initial, self.config,
-                                    retention=self.retention)
+                                    retention=self.retention,
+                                    take=values is None or values.flags.writeable)
 
     def start(self, values: np.ndarray | PartSlice | None = None,
               state: dict | None = None, state_file: str | None = None) -> int:
@@ -292,27 +293,25 @@ ServerStageActor = ray.remote(ServerStageHost)
 
 class ServerEval(torch.nn.Module):
     """The server's model as an evaluation sees it, computed by one replica's partition
-    actors `stages`: after `begin()`, `model(x)` is their eval-mode output on copies of their
-    parts at the server's values then (`ServerStage.begin_eval`), `micro` micro-batches
-    pipelined; `release()` drops the copies. This process holds no parameters."""
+    actors `stages`: `model(x)` is their eval-mode output, each partition running all of x's
+    `micro` micro-batches on a copy of its part at the server's values then
+    (`ServerStage.begin_eval`), dropped before the next partition makes its own: one part's
+    copy at a time on the whole cluster, for one more fetch of each part per batch. This
+    process holds no parameters."""
 
     def __init__(self, stages: list, micro: int, lost: str):
         super().__init__()
-        self.stages, self.lost = stages, lost
-        self.pipeline = Pipeline(caller(stages), self._get, len(stages), micro)
-
-    def _get(self, refs):
-        return get(refs, self.lost)
-
-    def begin(self) -> ServerEval:
-        self._get([s.begin_eval.remote() for s in self.stages])
-        return self
+        self.stages, self.micro, self.lost = stages, micro, lost
+        self.call = caller(stages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([received(o).float() for o in self.pipeline.infer(x, evaluation=True)])
-
-    def release(self) -> None:
-        self._get([s.end_eval.remote() for s in self.stages])
+        outputs = list(torch.tensor_split(x, max(1, min(self.micro, len(x)))))
+        for p, stage in enumerate(self.stages):
+            get(stage.begin_eval.remote(), self.lost)
+            outputs = [self.call(p, "evaluate", m, a) for m, a in enumerate(outputs)]
+            # Submitted after its evaluations, so they are done when it is.
+            get(stage.end_eval.remote(), self.lost)
+        return torch.cat([received(o).float() for o in get(outputs, self.lost)])
 
 
 class PartitionLost(DistbeliefError):

@@ -68,13 +68,16 @@ class ParameterShard:
     """
 
     def __init__(self, index: int, lo: int, hi: int, n_params: int, values: torch.Tensor,
-                 config, clock=time.monotonic, retention=None):
+                 config, clock=time.monotonic, retention=None, take: bool = False):
         if values.shape != (hi - lo,):
             raise ValueError(f"shard {index} owns [{lo}, {hi}) but got {tuple(values.shape)} "
                              f"values")
         self.index, self.lo, self.hi = index, lo, hi
         self.split = max(0, min(hi, n_params) - lo)  # w[:split] are parameters, the rest buffers
-        self.w = values.detach().float().clone()
+        # Copied, unless the caller gives `values` up (`take`: a float32 tensor of its own).
+        self.w = values.detach().float()
+        if not (take and self.w.dtype == values.dtype):
+            self.w = self.w.clone()
         self.config = config
         # Under --bn-stats batch, the buffers' 1 - momentum (`statistics.server_retention`).
         self.retention = None

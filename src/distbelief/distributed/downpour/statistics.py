@@ -43,12 +43,36 @@ def buffer_retention(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat(pieces) if pieces else torch.zeros(0)
 
 
-def server_retention(flat) -> torch.Tensor:
+class Retention:
     """The retention of every element of the server's vector (`FlatModel` or `BlockFlat`
-    order): 1 for parameters, `buffer_retention` for buffers."""
-    blocks = getattr(flat, "blocks", [flat])
-    return torch.cat([torch.cat([torch.ones(b.n_params), buffer_retention(b.model)])
-                      for b in blocks])
+    order): 1 for parameters, `buffer_retention` for buffers. Sliced (`retention[lo:hi]`),
+    it gives that run as a tensor; it holds only the buffers' values (a vector of ones as long
+    as a billion-parameter model would be 4 GB)."""
+
+    def __init__(self, flat):
+        self.runs, start = [], 0  # (start, end, values; None: ones)
+        for block in getattr(flat, "blocks", [flat]):
+            buffers = buffer_retention(block.model)
+            self.runs += [(start, start + block.n_params, None),
+                          (start + block.n_params, start + block.n_params + len(buffers),
+                           buffers)]
+            start += block.n_params + len(buffers)
+        self.size = start
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, where: slice) -> torch.Tensor:
+        lo, hi, _ = where.indices(self.size)
+        pieces = [torch.ones(min(end, hi) - max(begin, lo)) if values is None else
+                  values[max(begin, lo) - begin:min(end, hi) - begin]
+                  for begin, end, values in self.runs if max(begin, lo) < min(end, hi)]
+        return torch.cat(pieces) if pieces else torch.zeros(0)
+
+
+def server_retention(flat) -> Retention:
+    """The retention of every element of the server's vector (`Retention`)."""
+    return Retention(flat)
 
 
 def buffer_slice(retention: torch.Tensor, lo: int, hi: int, n_params: int) -> torch.Tensor:

@@ -167,7 +167,7 @@ class DownpourTrainer(DownpourBase):
     def eval_model(self) -> torch.nn.Module:
         if self.piecewise:  # replica 0's partitions, on copies of their parts
             return ServerEval(self.session.stages[:self.config.cluster.partitions],
-                              self.config.cluster.micro_batches, shard_lost(self.config)).begin()
+                              self.config.cluster.micro_batches, shard_lost(self.config))
         return self.server.load(server_vector(self.session.shards))
 
     # --- the loop ---------------------------------------------------------------------------

@@ -124,17 +124,15 @@ class Pipeline:
         self.last_pass = grads[(0, 0 if self.schedule == "gpipe" else len(parts) - 1)]
         return [losses[m] for m in range(len(parts))]
 
-    def infer(self, x: torch.Tensor, evaluation: bool = False) -> list:
+    def infer(self, x: torch.Tensor) -> list:
         """The model's output for `x` in eval mode, computed by the stages (the micro-batches
         pipelined through them, nothing kept for backward): the last stage's result for each
-        micro-batch, in order. With `evaluation`, by the stages' evaluation copies
-        (`ServerStage.evaluate`)."""
+        micro-batch, in order."""
         outputs = []
         for m, xm in enumerate(torch.tensor_split(x, max(1, min(self.micro, len(x))))):
             a = xm
             for p in range(self.count):
-                a = self.call(p, "evaluate", m, a) if evaluation else \
-                    self.call(p, "forward", m, a, False)
+                a = self.call(p, "forward", m, a, False)
             outputs.append(a)
         return self.resolve(outputs)
 
