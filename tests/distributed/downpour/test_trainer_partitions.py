@@ -72,6 +72,7 @@ def test_a_partitioned_run_is_never_whole_on_the_driver_and_resumes_from_its_pie
     a, b = distbelief.load(tmp_path / "straight"), distbelief.load(tmp_path / "run")
     for name, value in a.state_dict().items():
         assert torch.equal(b.state_dict()[name], value), name
+        assert torch.equal(resumed.trained_model().state_dict()[name], value), name
     # The partitions' evaluation is the assembled model's.
     last = [r for r in read_jsonl(tmp_path / "run/metrics.jsonl")
             if r["kind"] == "eval" and r["split"] == "test"][-1]

@@ -164,6 +164,7 @@ def read_pieces(files: list[Path]) -> torch.Tensor:
 def publish_pieces(trainer, folder: Path, shards: int, model: dict) -> None:
     """Publish the generation in `folder`, where the `shards` shards wrote their snapshots,
     with `model` as last.pt (the model as a checkpoint, or `pieces_index`)."""
+    (folder / MARKER).unlink(missing_ok=True)  # the shards are done with it
     trainer.life.save_generation(trainer.config, {
         **trainer.progress.state(), "data_stats": trainer.data.stats,
         "partition_bounds": trainer.plan.bounds if trainer.plan else None}, {"last": model},

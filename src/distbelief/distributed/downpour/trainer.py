@@ -170,6 +170,15 @@ class DownpourTrainer(DownpourBase):
                               self.config.cluster.micro_batches, shard_lost(self.config))
         return self.server.load(server_vector(self.session.shards))
 
+    def trained_model(self) -> torch.nn.Module | None:
+        """As `BaseTrainer.trained_model`; a piecewise run's is assembled from its last
+        checkpoint when asked (None without a run directory)."""
+        if not self.piecewise:
+            return super().trained_model()
+        from distbelief.api import load
+
+        return None if self.life.run is None else load(self.life.run.path)
+
     # --- the loop ---------------------------------------------------------------------------
 
     def train(self) -> None:
