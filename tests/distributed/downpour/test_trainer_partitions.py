@@ -44,13 +44,18 @@ def test_one_partitioned_replica_without_overlap_equals_the_trainer(tmp_path):
                                    msg=name)
 
 
-def test_a_partitioned_run_is_never_whole_on_the_driver_and_resumes_from_its_pieces(tmp_path):
+def test_a_partitioned_run_is_never_whole_on_the_driver_and_resumes_from_its_pieces(
+        tmp_path, monkeypatch):
     """Evaluated by the partitions, checkpointed as the shards' own files (last.pt says where
-    they are), resumed bitwise from them, assembled only by `distbelief.load`."""
+    they are), resumed bitwise from them, assembled only by `distbelief.load`. The run that
+    is stopped and resumed takes the other way: its shards are told they do not see the run
+    directory (as on another machine), so their snapshots go through the driver, both ways."""
     import json
 
     import distbelief
     from distbelief.data import build_data
+    from distbelief.distributed.downpour import generation
+    from distbelief.distributed.downpour import trainer as downpour_trainer
     from distbelief.engine.checkpoint import PIECES
     from distbelief.engine.evaluate import evaluate
 
@@ -60,9 +65,25 @@ def test_a_partitioned_run_is_never_whole_on_the_driver_and_resumes_from_its_pie
     straight = DownpourTrainer(c, tmp_path / "straight")
     straight.fit()
     assert straight.piecewise and straight.server._model is None  # never built here
+    through_driver = {"written": 0, "read": 0}
+
+    def counted(function, key):
+        def call(*args):
+            through_driver[key] += 1
+            return function(*args)
+        return call
+
+    for module in (generation, downpour_trainer):  # what the driver tells the shards it saw
+        monkeypatch.setattr(module, "fingerprint", lambda path: (0, 0))
+    monkeypatch.setattr(downpour_trainer, "write_piece",
+                        counted(downpour_trainer.write_piece, "written"))
+    monkeypatch.setattr(downpour_trainer, "load_snapshot",
+                        counted(downpour_trainer.load_snapshot, "read"))
     DownpourTrainer(c.replace(iterations=8), tmp_path / "run").fit()
     resumed = DownpourTrainer(c, tmp_path / "run", resume=True)
     resumed.fit()
+    # Every shard's piece of every checkpoint (at 4, 8, 12, and at the end), read once.
+    assert through_driver == {"written": 4 * 3, "read": 3}
     assert resumed.server._model is None
     index = load_checkpoint(tmp_path / "run/checkpoints/last.pt", assemble=False)
     assert "model" not in index and len(index[PIECES]["shards"]) == 3
