@@ -74,10 +74,8 @@ class ParameterShard:
                              f"values")
         self.index, self.lo, self.hi = index, lo, hi
         self.split = max(0, min(hi, n_params) - lo)  # w[:split] are parameters, the rest buffers
-        # Copied, unless the caller gives `values` up (`take`: a float32 tensor of its own).
-        self.w = values.detach().float()
-        if not (take and self.w.dtype == values.dtype):
-            self.w = self.w.clone()
+        # Copied, unless the caller gives `values` up (`take`; another dtype is converted).
+        self.w = values.detach().float() if take else values.detach().float().clone()
         self.config = config
         # Under --bn-stats batch, the buffers' 1 - momentum (`statistics.server_retention`).
         self.retention = None
