@@ -36,6 +36,7 @@ class BaseTrainer:
     mode: ClassVar[str]
     state: ClassVar[str]
     same: ClassVar[tuple[str, ...]] = ()
+    assembles: ClassVar[bool] = True  # a saved state written in pieces: assembled on resume
 
     life: RunLifecycle
     config: TrainConfig
@@ -51,7 +52,8 @@ class BaseTrainer:
         Raises:
             ConfigError, DataError, CheckpointError: the run cannot start or continue."""
         self.life = RunLifecycle(run_dir, mode=self.mode, state=self.state, progress=progress)
-        ready = self.life.prepare(config.replace(mode=self.mode), resume, self.same, device)
+        ready = self.life.prepare(config.replace(mode=self.mode), resume, self.same, device,
+                                  self.assembles)
         self.config, self.data, self.device = ready.config, ready.data, ready.device
         return ready.saved
 

@@ -95,7 +95,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-# A checkpoint whose model lies in other files (each shard's), not in "model".
+# A checkpoint whose model lies in other files (each shard's or partition's), not in "model".
 PIECES = "pieces"
 
 
@@ -107,9 +107,10 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 def load_checkpoint(path: str | os.PathLike, map_location="cpu", assemble: bool = True,
                     mmap: bool = False) -> dict:
     """Load a checkpoint written by `save_checkpoint`. One that says where its model's pieces
-    lie (`PIECES`, a partitioned Downpour run's last.pt) gets its "model" assembled from them
-    (`pieces.assemble_model`), unless not `assemble`. With `mmap` its tensors are views of
-    the file (read as they are used: nothing is held twice).
+    lie (`PIECES`, a partitioned run's last.pt) gets its "model" (and, for a single-mode
+    run's, its "optimizer") assembled from them (`pieces.assemble`), unless not `assemble`.
+    With `mmap` its tensors are views of the file (read as they are used: nothing is held
+    twice).
 
     Raises:
         CheckpointError: the file is missing, truncated, corrupt, holds objects other than
@@ -130,9 +131,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", assemble: bool 
         raise CheckpointError(f"{path} has checkpoint version {state.get('version')}; "
                               f"this distbelief reads version {VERSION}")
     if PIECES in state and "model" not in state and assemble:
-        from distbelief.engine.pieces import assemble_model  # it builds models: imported late
+        from distbelief.engine.pieces import assemble as assembled  # builds models: imported late
 
-        state["model"] = assemble_model(state, path)
+        state.update(assembled(state, path))
     return state
 
 

@@ -152,7 +152,7 @@ class RunLifecycle:
     # --- opening --------------------------------------------------------------------------
 
     def prepare(self, config: TrainConfig, resume: bool, same: tuple[str, ...] = (),
-                device: str = "cpu") -> "Prepared":
+                device: str = "cpu", assemble: bool = True) -> "Prepared":
         """The preamble of every trainer, in this order (a run's initial values depend on it):
         check that the run can start or continue (`open`), resolve `device` ("auto", "cpu",
         "cuda"), seed torch with `config.seed`, build the data there (normalized with the
@@ -162,7 +162,7 @@ class RunLifecycle:
         Raises:
             ConfigError, DataError, CheckpointError: as `open` and `build_data`."""
         try:
-            saved = self.open(config, resume, same)
+            saved = self.open(config, resume, same, assemble)
             where = resolve_device(device)
             torch.manual_seed(config.seed)
             data = build_data(config, where, stats=saved["data_stats"] if saved else None)
@@ -171,10 +171,11 @@ class RunLifecycle:
             self.release()  # a resumed run's folder, locked by `open`
             raise
 
-    def open(self, config: TrainConfig, resume: bool, same: tuple[str, ...] = ()) -> dict | None:
+    def open(self, config: TrainConfig, resume: bool, same: tuple[str, ...] = (),
+             assemble: bool = True) -> dict | None:
         """Check that the run can start or continue; nothing is written. Returns the saved
-        state to continue from, or None (a new run, or one stopped before its first
-        checkpoint, which starts over).
+        state to continue from (`load_checkpoint`'s, with `assemble`), or None (a new run, or
+        one stopped before its first checkpoint, which starts over).
 
         The saved state's clock, counters and last training record become the lifecycle's.
 
@@ -198,7 +199,7 @@ class RunLifecycle:
             self.run.require_run()
             self.run.check_writable()
             self.lock = self.lock or self.run.lock()  # one writer, from before the first read
-            self.saved = saved_state(self.run, self.mode, self.state, config, same)
+            self.saved = saved_state(self.run, self.mode, self.state, config, same, assemble)
         if self.saved is not None:
             self.load_state_dict(self.saved)
         return self.saved
@@ -356,6 +357,7 @@ class RunLifecycle:
         if self.run is not None:
             save_checkpoint(self.run.checkpoints / f"{self.state}.pt",
                             self._with_own(config, state))
+            self.run.drop_generations()  # older now (a partitioned run resumed whole)
 
     def save_generation(self, config: TrainConfig, state: dict, files: dict[str, dict],
                         position: int, folder=None, pieces: tuple[str, ...] = ()) -> None:
@@ -430,7 +432,7 @@ class Prepared:
 
 
 def saved_state(run: RunDir, mode: str, state: str, config: TrainConfig,
-                same: tuple[str, ...]) -> dict | None:
+                same: tuple[str, ...], assemble: bool = True) -> dict | None:
     """The state in `run` that a resumed `mode` run continues from (checkpoints/STATE.pt), or
     None for a run stopped before its first checkpoint.
 
@@ -445,7 +447,7 @@ def saved_state(run: RunDir, mode: str, state: str, config: TrainConfig,
         if run.checkpoint.is_file():  # a distributed run's last.pt without its state
             raise CheckpointError(f"{path} is missing: the run cannot be resumed")
         return None
-    saved = load_checkpoint(path)
+    saved = load_checkpoint(path, assemble=assemble)
     before = TrainConfig.from_dict(saved["config"])
     for name in same:
         if before.get(name) != config.get(name):

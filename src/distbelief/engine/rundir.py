@@ -132,6 +132,16 @@ class RunDir:
                 shutil.rmtree(old, ignore_errors=True)
         return folder
 
+    def drop_generations(self) -> None:
+        """Unpublish and remove every generation: checkpoints/STATE.pt, written after them,
+        is newer (manifest.json goes first, so a crash on the way leaves no stale generation
+        published)."""
+        if self.manifest.exists():
+            self.manifest.unlink()
+            _fsync_directory(self.checkpoints)
+        for old in self.checkpoints.glob("gen-*"):
+            shutil.rmtree(old, ignore_errors=True)
+
     @staticmethod
     def discard(folder: Path) -> None:
         """Drop an unpublished generation folder (the published one stays)."""

@@ -118,16 +118,13 @@ class Trainer(BaseTrainer):
                               device=self.device_for(config))
         config = self.config
         set_determinism(config.deterministic, self.device)
-        self.model = build_model(config, self.data, self.device)
-        if not saved:  # a resumed run's weights come from its checkpoint
-            load_init(self.model, config)
-        self.optimizer = build_optimizer(config, self.model)
         self.schedule = LRSchedule(config)
         self.loss = get_loss(config.loss)
         self.iteration = 0
         self.train_s = 0.0  # of the wall time, in training steps (no evaluation or checkpoints)
+        self.build(saved)
         if saved:
-            self._restore(saved)
+            self.restore_position(saved)
         self.compiled = None
         if config.compile:
             tensor_lr(self.optimizer, self.device)
@@ -146,13 +143,26 @@ class Trainer(BaseTrainer):
         """Where the model trains (and the data lives)."""
         return config.device
 
-    def _restore(self, saved: dict) -> None:
+    def build(self, saved: dict | None) -> None:
+        """Set `model` and `optimizer`: new (seeded by the lifecycle, then --init-from's
+        weights), or as `saved` holds them."""
+        self.model = build_model(self.config, self.data, self.device)
+        if not saved:  # a resumed run's weights come from its checkpoint
+            load_init(self.model, self.config)
+        self.optimizer = build_optimizer(self.config, self.model)
+        if saved:
+            self.restore_model(saved)
+
+    def restore_model(self, saved: dict) -> None:
         try:
             self.model.load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{self.life.run.checkpoint} does not fit this model "
                                   f"({str(e).splitlines()[0][:160]})") from None
+
+    def restore_position(self, saved: dict) -> None:
+        """The schedule, random generators, iteration and clock `saved` holds."""
         self.schedule.load_state_dict(saved["schedule"])
         _set_rng_state(saved["rng"], self.device)
         self.iteration, self.train_s = saved["iteration"], saved["train_s"]
@@ -202,11 +212,16 @@ class Trainer(BaseTrainer):
     def checkpoint_state(self) -> dict:
         """The training state (the lifecycle adds the config, clock and last record)."""
         self.gather()
+        return {**self.position_state(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict()}
+
+    def position_state(self) -> dict:
+        """The training state but the model and optimizer: where the run is, its schedule,
+        random generators and data."""
         epoch, batch = divmod(self.iteration, self.data.train.batches_per_epoch)
         return {"iteration": self.iteration,
                 # Batch i is a function of (seed, i); the position is recorded for readers.
                 "data_position": {"epoch": epoch, "batch_in_epoch": batch},
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "rng": _rng_state(self.device),
                 "data_stats": self.data.stats, "num_classes": self.data.num_classes,
                 "in_chans": self.data.in_chans, "train_s": self.train_s}

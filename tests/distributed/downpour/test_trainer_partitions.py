@@ -54,8 +54,8 @@ def test_a_partitioned_run_is_never_whole_on_the_driver_and_resumes_from_its_pie
 
     import distbelief
     from distbelief.data import build_data
-    from distbelief.distributed.downpour import generation
     from distbelief.distributed.downpour import trainer as downpour_trainer
+    from distbelief.engine import pieces
     from distbelief.engine.checkpoint import PIECES
     from distbelief.engine.evaluate import evaluate
 
@@ -73,7 +73,7 @@ def test_a_partitioned_run_is_never_whole_on_the_driver_and_resumes_from_its_pie
             return function(*args)
         return call
 
-    for module in (generation, downpour_trainer):  # what the driver tells the shards it saw
+    for module in (pieces, downpour_trainer):  # what the driver tells the shards it saw
         monkeypatch.setattr(module, "fingerprint", lambda path: (0, 0))
     monkeypatch.setattr(downpour_trainer, "write_piece",
                         counted(downpour_trainer.write_piece, "written"))

@@ -8,6 +8,8 @@ import threading
 import pytest
 import torch
 
+import distbelief
+
 from distbelief.distributed.pipeline import PipelineTrainer
 from distbelief.engine import Trainer, load_checkpoint
 from distbelief.engine.rundir import read_jsonl
@@ -72,18 +74,103 @@ def test_partitioned_replica_equals_the_trainer(ray_cluster, tmp_path, parts, mi
     assert (summary["partitions"], summary["micro_batches"]) == (parts, micro)
 
 
-def test_a_partitioned_checkpoint_resumes_with_other_partitions(ray_cluster, tmp_path):
-    c = config(checkpoint_every=6)
-    stopper = PipelineTrainer(c.replace(partitions=2), tmp_path / "run")
+def stop_at(c, run, until):
+    """A partitioned run of `c` in `run`, stopped after `until` steps (checkpointed there)."""
+    stopper = PipelineTrainer(c, run)
     stopper.start()
     stopper.life.begin(stopper)
-    stopper.train_until(6)
+    stopper.train_until(until)
     stopper.close()
     stopper.life.release()  # as its process's end would: the run folder has one writer
+
+
+def unseen(monkeypatch, *modules):
+    """The partitions told they do not see the run directory (every test cluster shares one
+    filesystem): the driver's fingerprints of its files are of no file."""
+    for module in modules:
+        monkeypatch.setattr(module, "fingerprint", lambda path: (-1, -1))
+
+
+# Each part reads its own tensors by name, whatever the cut; or through the driver.
+@pytest.mark.parametrize("through_driver", [False, True])
+def test_a_partitioned_checkpoint_resumes_with_other_partitions(ray_cluster, tmp_path,
+                                                                monkeypatch, through_driver):
+    from distbelief.distributed.pipeline import runner
+
+    c = config(checkpoint_every=6)
+    stop_at(c.replace(partitions=2), tmp_path / "run", 6)
+    last = load_checkpoint(tmp_path / "run/checkpoints/last.pt", assemble=False)
+    assert "model" not in last and "optimizer" not in last  # pieces, one per part
+    assert last["pieces"]["parts"] == ["part-0.pt", "part-1.pt"]
+    if through_driver:
+        unseen(monkeypatch, runner)
     PipelineTrainer(c.replace(partitions=3), tmp_path / "run", resume=True).fit()
     reference = reference_run(c)
     assert_same_model(reference.model.state_dict(),
                       load_checkpoint(tmp_path / "run/checkpoints/last.pt")["model"])
+
+
+def test_pieces_written_through_the_driver_resume_in_one_process(ray_cluster, tmp_path,
+                                                                  monkeypatch):
+    # The parts' pieces written by the driver (the parts do not see the run directory), then
+    # the run resumed without partitions: the model and optimizer assembled from them, and
+    # the whole checkpoint it writes replaces the generation of pieces.
+    from distbelief.engine import pieces
+    from distbelief.engine.rundir import RunDir
+
+    c = config(checkpoint_every=6)
+    with monkeypatch.context() as patch:
+        unseen(patch, pieces)
+        stop_at(c.replace(partitions=2), tmp_path / "run", 6)
+    assert RunDir(tmp_path / "run").generation() is not None
+    Trainer(c, tmp_path / "run", resume=True).fit()
+    assert RunDir(tmp_path / "run").generation() is None  # last.pt is the state again
+    saved = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    reference = reference_run(c)
+    assert saved["iteration"] == 12
+    assert_same_model(reference.model.state_dict(), saved["model"])
+    for i, state in reference.optimizer.state_dict()["state"].items():
+        torch.testing.assert_close(saved["optimizer"]["state"][i]["momentum_buffer"],
+                                   state["momentum_buffer"], rtol=0, atol=1e-6)
+
+
+def test_the_driver_never_holds_the_model(ray_cluster, tmp_path):
+    # A 38M-parameter MLP (152 MB of weights, 303 MB with momentum): the driver's private
+    # memory, sampled through start, training, a checkpoint and an evaluation, grows by far
+    # less than one part; each partition holds its part's parameters only.
+    import os
+    import time
+
+    from distbelief.distributed.runtime.cluster import memory
+
+    c = config(model="deep_mlp", hidden=3072, partitions=2, iterations=3, eval_every=3,
+               checkpoint_every=3, lr=0.01, milestones=())
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], memory()["private"])
+            time.sleep(0.005)
+
+    # What a first trainer in a process allocates once (the data, torch's own pools) is not
+    # the model's: a small one is built first.
+    PipelineTrainer(c.replace(hidden=16), tmp_path / "small")
+    before = memory()["private"]
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        trainer = PipelineTrainer(c, tmp_path / "run")
+        summary = trainer.fit()
+    finally:
+        done.set()
+        sampler.join()
+    whole = 37_991_434 * 4
+    assert sum(p["params"] for p in trainer.placed) == whole // 4
+    assert all(p["params"] < 0.6 * whole // 4 for p in trainer.placed)
+    assert all(p["pid"] != os.getpid() for p in trainer.placed)
+    assert peak[0] - before < whole / 4, (peak[0] - before) / 2**20
+    assert all(t.is_meta for t in trainer.model.parameters()) and trainer.optimizer is None
+    assert summary["iterations"] == 3 and summary["test_error"] is not None
 
 
 # The last partition dying: make test-all; make test kills the first.
@@ -143,7 +230,8 @@ def test_every_partition_goes_back_to_the_same_snapshot(ray_cluster, tmp_path):
 
     c = config(partitions=2, snapshot_every_s=3600.0, iterations=6)
     trainer = PipelineTrainer(c, tmp_path / "run")
-    start = copy.deepcopy(trainer.model.state_dict())
+    # The whole model at the start, as one process builds it: the parts draw theirs alone.
+    start = copy.deepcopy(reference_run(c, until=0).model.state_dict())
     step, restore, restored = trainer.runner.step, trainer.runner._restore, []
 
     def step_then_kill(x, y, lr, iteration):
@@ -248,10 +336,10 @@ def test_evaluations_run_through_the_partitions(ray_cluster, tmp_path):
         trainer.runner.gather = lambda optimizer: gathers.append(1)  # would bring weights
         trainer._gathered_at = None
         results = trainer.life.evaluate(trainer)
+        trainer.save()  # each part writes its piece: nothing comes home either
         assert gathers == []
-        del trainer.runner.gather
-        trainer.gather()
-        expected = evaluate(trainer.model, trainer.data.splits["test"].batches())
+        expected = evaluate(distbelief.load(tmp_path / "run"),
+                            trainer.data.splits["test"].batches())
     finally:
         trainer.close()
         trainer.life.release()

@@ -30,10 +30,10 @@ from distbelief.distributed.server_model import ServerModel, as_tensors
 from distbelief.engine.base import BaseTrainer
 from distbelief.engine.checkpoint import PIECES, load_checkpoint, save_checkpoint
 from distbelief.engine.lifecycle import Diverged
+from distbelief.engine.pieces import MARKER, begin_pieces, fingerprint, sees  # noqa: F401
 from distbelief.errors import CheckpointError
 
 STATE = "downpour"  # checkpoints/downpour.pt
-MARKER = ".driver"  # in a generation being written: what tells a shard it sees the folder
 # Fixed for a run's life.
 SAME = ("model", "variant", "replicas", "ps_shards", "partitions", "optimizer", "data")
 
@@ -118,34 +118,11 @@ def save_generation(trainer, snapshots: list[dict], bounds) -> None:
         "partition_bounds": bounds}, files, trainer.steps)
 
 
-def fingerprint(path: str | os.PathLike) -> tuple[int, int]:
-    """(size, modification time in ns) of `path`: what another process compares (`sees`)."""
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
-
-
-def sees(path: str | os.PathLike, seen: tuple[int, int]) -> bool:
-    """Whether this process sees at `path` the file the driver saw as `seen` (`fingerprint`):
-    on another machine, a local folder of the same name holds no such file."""
-    try:
-        return fingerprint(path) == tuple(seen)
-    except OSError:
-        return False
-
-
 def write_piece(snapshot: dict, path: str | os.PathLike) -> dict:
     """Shard snapshot `snapshot` written (atomically) as its file of a generation; returns
     {"finite": whether its values are all finite}."""
     save_checkpoint(path, {"shard": as_tensors(snapshot)})
     return {"finite": all_finite(torch.from_numpy(np.asarray(snapshot["w"])))}
-
-
-def begin_pieces(run) -> tuple[Path, tuple[int, int]]:
-    """A new generation folder for the shards to write into, and the fingerprint of its
-    marker (`sees`)."""
-    folder = run.new_generation()
-    (folder / MARKER).write_text(f"{os.getpid()}@{os.uname().nodename} {time.time_ns()}\n")
-    return folder, fingerprint(folder / MARKER)
 
 
 def check_pieces(trainer, written: list[dict]) -> None:

@@ -19,8 +19,10 @@ from distbelief.distributed.pipeline.stage import Stage
 from distbelief.distributed.runtime.cluster import memory, node_id
 from distbelief.distributed.wire import decode, encode, tensor_view
 from distbelief.engine.losses import get_loss
+from distbelief.engine.pieces import from_pieces, sees, write_part
 from distbelief.engine.setup import set_determinism
 from distbelief.errors import DistbeliefError
+from distbelief.models.init import materialize
 
 RESTART_WAIT_S = 120.0  # how long a restarting partition has to answer again
 
@@ -68,15 +70,19 @@ def handed_on(value):
 class StageHost:
     """Partition `index` of `count` in its own process (`StageActor`): its module (only its
     own part of the model; built on the meta device, it is allocated here and its values come
-    with `load_state`), its optimizer (`optimizer` builds one over the module's parameters;
-    its state comes with `load_state` too), `threads` CPU threads on `device`.
+    with `load_state`, or with `init`: (its units' names, the model's seed and rule), drawn
+    here by name as the whole model draws them, `models.init.materialize`), its optimizer
+    (`optimizer` builds one over the module's parameters; its state comes with `load_state`
+    too), `threads` CPU threads on `device`.
     A plain class, so that Downpour's partitions (`downpour.actors`) extend it."""
 
     def __init__(self, index: int, count: int, module, config, threads: int, device: str,
-                 optimizer=None):
+                 optimizer=None, init: tuple | None = None):
         self.incarnation = os.urandom(8).hex()  # a restart by Ray gets a new one
         device = self.settle(config, threads, device)
-        if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+        if init is not None:
+            module = materialize(module, *init, device=device)
+        elif any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
             module = module.to_empty(device=device)
         module = module.to(device)
         has_params = any(True for _ in module.parameters())
@@ -117,6 +123,28 @@ class StageHost:
 
     def state(self) -> dict:
         return self.stage.state()
+
+    def finite(self) -> bool:
+        """Whether the part's parameters are all finite."""
+        return all(bool(torch.isfinite(t).all()) for t in self.stage.module.parameters())
+
+    def write_part(self, names: list[str], path: str, marker: str, seen) -> dict | None:
+        """This part's piece of a checkpoint generation written at `path` by this process
+        (`pieces.write_part`), where it sees the generation's `marker` as the driver saw it
+        (`seen`); None where it does not (the driver then writes it from `state`)."""
+        if not sees(marker, seen):
+            return None
+        return write_part(self.stage.state(), self.stage.module, names, path)
+
+    def read_part(self, names: list[str], files: list[tuple[str, tuple]]) -> bool:
+        """This part's values and optimizer state read by name from a checkpoint's pieces
+        (`files`: (path, the driver's `fingerprint` of it)), memory-mapped; False, reading
+        nothing, where this process does not see them all."""
+        if not all(sees(path, seen) for path, seen in files):
+            return False
+        pieces = [torch.load(path, mmap=True, weights_only=True)["part"] for path, _ in files]
+        self.stage.load_state(from_pieces(pieces, self.stage.module, names))
+        return True
 
     def info(self) -> dict:
         params = sum(p.numel() for p in self.stage.module.parameters())

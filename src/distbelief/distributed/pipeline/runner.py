@@ -1,11 +1,10 @@
 """The driver's side of a partitioned replica in single mode (`--partitions P`): it starts one
-`StageActor` per part of the model on Ray, runs the pipeline schedule step by step, runs
-evaluations through the parts (`infer`), and brings the parts' parameters and optimizer
-states home when the trainer checkpoints.
-
-The trainer keeps its whole-model optimizer and checkpoint format: a partitioned run's
-checkpoint is an ordinary single-process checkpoint (`distbelief eval` reads it; --resume may
-use another --partitions or none).
+`StageActor` per part of the model on Ray (each drawing its initial values by name, or loading
+them), runs the pipeline schedule step by step, runs evaluations through the parts (`infer`),
+and has each part write its piece of a checkpoint (`write_parts`) and read it back by name
+(`read_parts`, whatever the cut it was written with). `gather` brings the parts' parameters
+and optimizer states home instead, for a trainer that keeps a whole copy (a model given to
+`distbelief.fit`, --bn-recalibrate).
 
 A partition actor that dies is restarted in place by Ray (up to --max-restarts times each),
 and every partition goes back to the newest snapshot, taken at the start and then every
@@ -22,6 +21,7 @@ the last checkpoint.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -34,15 +34,18 @@ from distbelief.distributed.pipeline.stage import empty_copy, optimizer_join, op
 from distbelief.distributed.runtime.calls import ActorsLost, get_unless_dead
 from distbelief.distributed.runtime.cluster import replica_options, wait_started
 from distbelief.distributed.runtime.session import DriverSession
+from distbelief.engine.checkpoint import load_checkpoint
 from distbelief.engine.config import TrainConfig
+from distbelief.engine.pieces import MARKER, fingerprint, from_pieces, write_part
+from distbelief.engine.trainer import build_optimizer
 
 
 class PipelineRunner:
     """`model` cut into `config.cluster.partitions` parts (`partition.partition`, measured on
     `sample`, one example), trained by stage actors with `config.cluster.micro_batches`
-    micro-batches per step. `start(optimizer, build_optimizer)` places the actors with the
-    model's current weights and `optimizer`'s state (each part's optimizer made by
-    `build_optimizer(config, module)`); `close()` releases them."""
+    micro-batches per step. `start` places the actors (each part's optimizer made by
+    `build_optimizer(config, module)`); `close()` releases them. `model` may be on the meta
+    device (the parts then get their values from `start`)."""
 
     def __init__(self, config: TrainConfig, model: torch.nn.Module, sample: torch.Tensor,
                  address: str | None = None, dashboard: bool = False):
@@ -62,27 +65,29 @@ class PipelineRunner:
     def parts(self):
         return self.plan.parts
 
-    def start(self, optimizer: torch.optim.Optimizer, build_optimizer, step: int = 0
-              ) -> list[dict]:
-        """Place one actor per part (each with its weights and its slice of `optimizer`'s
-        state) at the run's step `step` (its first snapshot's); returns the actors' `info()`
-        once all answer."""
+    def start(self, step: int = 0, *, states: list[dict] | None = None,
+              init: tuple | None = None, files: list[Path] | None = None) -> list[dict]:
+        """Place one actor per part at the run's step `step` (its first snapshot's), each
+        with its values and optimizer state from one of: `states` (each part's, `states_of`),
+        `init` (the model's (seed, rule): each part draws its values by name, as the whole
+        model would) or `files` (a checkpoint's pieces: `read_parts`). Returns the actors'
+        `info()` once all answer."""
         c, count = self.config, len(self.parts)
         self.session.start()
         options, shape = replica_options(c, count=count)
         options["max_restarts"] = c.cluster.max_restarts  # then loaded from its snapshot
-        full = optimizer.state_dict()
         # The parts travel empty (on the meta device: a few bytes, which Ray keeps for a
         # restart) and their values after them, through the object store.
         self.session.replicas = [StageActor.options(**options).remote(
             part.index, count, empty_copy(part.module), c, shape.threads, shape.device,
-            build_optimizer) for part in self.parts]
+            build_optimizer, None if init is None else (part.names, *init))
+            for part in self.parts]
         info = wait_started(self.session.replicas, shape)
         self.incarnations = [i["incarnation"] for i in info]
-        send_states(self.session.replicas, [
-            {"module": part.module.state_dict(),
-             "optimizer": optimizer_slice(full, part.offset, part.n_tensors)}
-            for part in self.parts])
+        if states is not None:
+            send_states(self.session.replicas, states)
+        elif files is not None:
+            self.read_parts(files)
         self._snapshot_if_due(step, force=True)  # the values they start from
         self.pipeline = Pipeline(caller(self.session.replicas), self._get, count,
                                  c.cluster.micro_batches, c.cluster.pipeline_schedule)
@@ -164,6 +169,46 @@ class PipelineRunner:
         """The model's output for `x` in eval mode (float32), computed by the partitions
         (`Pipeline.infer`): what an evaluation needs, without their weights moving."""
         return torch.cat([received(o).float() for o in self.pipeline.infer(x)])
+
+    def states_of(self, optimizer: torch.optim.Optimizer) -> list[dict]:
+        """Each part's `Stage.state()` from the whole model (whose modules the parts share)
+        and its `optimizer`."""
+        full = optimizer.state_dict()
+        return [{"module": part.module.state_dict(),
+                 "optimizer": optimizer_slice(full, part.offset, part.n_tensors)}
+                for part in self.parts]
+
+    def read_parts(self, files: list[Path]) -> None:
+        """Each partition loaded by name from a checkpoint's pieces (`files`, of any cut):
+        read by the partition itself where it sees them, else here and sent (one part at a
+        time)."""
+        seen = [(str(f), fingerprint(f)) for f in files]
+        actors = self.session.replicas
+        read = self._get([a.read_part.remote(part.names, seen)
+                          for a, part in zip(actors, self.parts)])
+        for p in (p for p, ok in enumerate(read) if not ok):
+            pieces = [load_checkpoint(f, mmap=True)["part"] for f in files]
+            send_states([actors[p]], [from_pieces(pieces, self.parts[p].module,
+                                                  self.parts[p].names)])
+
+    def write_parts(self, folder: Path, seen: tuple[int, int]) -> tuple[list[Path], bool]:
+        """Each partition's piece written into the generation `folder` (`seen`: the
+        fingerprint of its marker) by the partition itself, or through here where it does not
+        see the folder; returns (the files, whether every part's values are finite)."""
+        files = [folder / f"part-{p}.pt" for p in range(len(self.parts))]
+        actors = self.session.replicas
+        written = self._get([a.write_part.remote(part.names, str(f), str(folder / MARKER), seen)
+                             for a, part, f in zip(actors, self.parts, files)])
+        for p, reply in enumerate(written):
+            if reply is None:
+                part = self.parts[p]
+                written[p] = write_part(self._get(actors[p].state.remote()), part.module,
+                                        part.names, files[p])
+        return files, all(w["finite"] for w in written)
+
+    def finite(self) -> bool:
+        """Whether every part's parameters are finite."""
+        return all(self._get([a.finite.remote() for a in self.session.replicas]))
 
     def gather(self, optimizer: torch.optim.Optimizer) -> None:
         """Load the parts' current weights into the driver's model (the parts share its

@@ -3,11 +3,20 @@
 The single-process trainer's loop, run directory and checkpoints, with each step computed by
 P partition actors on Ray (`runner.PipelineRunner`) instead of in this process. Evaluations
 run through the partitions too (`PartitionedModel`: the driver sends images and gets logits).
-This process keeps the whole model and optimizer only to checkpoint (and to re-estimate
-BatchNorm statistics, --bn-recalibrate): the parts' weights and optimizer states come home
-(`gather`) when they are read, once per iteration at most. A
-partitioned run's checkpoint is an ordinary single-process checkpoint (`distbelief eval` reads
-it; --resume may use another --partitions or none).
+
+No process holds the whole model (a registry model, `piecewise`): this process builds it on
+the meta device only, to cut it; each partition draws its own initial values by name
+(`models.init`: the values the whole model has for the run's seed) and keeps its optimizer
+state. A checkpoint is a generation of pieces, one per partition, written by the partition
+(`pieces.write_part`), with last.pt saying where they are: `distbelief eval`, `export` and
+`load` assemble the model from them, tensor by tensor; --resume reads each part's tensors by
+name, with this cut, another or none. --init-from's weights are loaded here and handed to
+the parts once, at the start.
+
+A model given to `distbelief.fit`, and --bn-recalibrate (which re-estimates the statistics on
+a model of its own), keep a whole copy here: the parts' weights and optimizer states come
+home (`gather`) when they are read, once per iteration at most, and the checkpoint is an
+ordinary single-process one.
 """
 
 from __future__ import annotations
@@ -17,8 +26,12 @@ import os
 import torch
 
 from distbelief.distributed.pipeline.runner import PipelineRunner
+from distbelief.engine.checkpoint import PIECES
 from distbelief.engine.config import TrainConfig
-from distbelief.engine.trainer import Trainer, build_optimizer
+from distbelief.engine.lifecycle import Diverged
+from distbelief.engine.pieces import MARKER, assemble, begin_pieces, pieces_folder
+from distbelief.engine.setup import build_model
+from distbelief.engine.trainer import STATE, Trainer
 from distbelief.errors import ConfigError
 
 
@@ -36,12 +49,15 @@ class PipelineTrainer(Trainer):
             checkpoint).
     """
 
+    assembles = False  # each part reads its own tensors from a checkpoint's pieces
+
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike | None = None, *,
                  resume: bool = False, progress: bool = False, address: str | None = None,
                  dashboard: bool = False):
         super().__init__(config, run_dir, resume=resume, progress=progress)
         sample = next(self.data.train.batches(0))[0][:1]  # one example, to cut by cost
-        self.runner = PipelineRunner(self.config, self.model, sample, address, dashboard)
+        self.runner = PipelineRunner(self.config, self.model, sample.to(self._model_device),
+                                     address, dashboard)
         self.placed: list[dict] = []
         self._gathered_at: int | None = None
 
@@ -56,8 +72,42 @@ class PipelineTrainer(Trainer):
         # actors get their devices from Ray.
         return "cpu"
 
+    @property
+    def _model_device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def build(self, saved: dict | None) -> None:
+        """The model on the meta device where the parts start without a whole copy (a new
+        run's registry model, or a run resumed from pieces); else whole, as `Trainer` builds
+        it (then handed to the parts and, when `piecewise`, dropped)."""
+        c = self.config
+        self.piecewise = c.user is None and not c.bn_recalibrate and self.life.run is not None
+        self.saved = saved
+        if saved is not None and PIECES in saved and not self.piecewise:
+            saved = {**saved, **assemble(saved, self.life.run.state_file(STATE))}
+        if self.piecewise and c.init_from is None and (saved is None or PIECES in saved):
+            with torch.device("meta"):  # draws the model's seed, as `Trainer` does
+                self.model = build_model(c, self.data)
+            self.optimizer = None
+            return
+        super().build(saved)
+
     def start(self) -> None:
-        self.placed = self.runner.start(self.optimizer, build_optimizer, self.iteration)
+        saved = self.saved
+        if self.optimizer is not None:  # a whole copy here
+            self.placed = self.runner.start(self.iteration,
+                                            states=self.runner.states_of(self.optimizer))
+            if self.piecewise:  # the parts hold it from here on
+                self.model.to("meta")
+                self.optimizer = None
+        elif saved is not None:
+            folder = pieces_folder(saved, self.life.run.state_file(STATE))
+            self.placed = self.runner.start(
+                self.iteration, files=[folder / name for name in saved[PIECES]["parts"]])
+        else:
+            self.placed = self.runner.start(
+                self.iteration, init=(self.model.init_seed, self.model.init_rule))
+        self.saved = None
 
     def train(self) -> None:
         self.life.log({"kind": "cluster", "iteration": self.iteration, "partitions": [
@@ -87,15 +137,49 @@ class PipelineTrainer(Trainer):
 
     def trained_model(self) -> torch.nn.Module:
         """The whole model at the parameters `fit` ended with: brought home by the checkpoint
-        every run writes at its end (and read from it by a run resumed at its end)."""
-        return self.model
+        every run writes at its end (and read from it by a run resumed at its end); a
+        piecewise run's is assembled from that checkpoint when asked."""
+        if not self.piecewise:
+            return self.model
+        from distbelief.api import load
+
+        return load(self.life.run.path)
 
     def gather(self) -> None:
         """The partitions' weights and optimizer states, into the driver's model and
-        optimizer (once per iteration)."""
+        optimizer (once per iteration; not in a piecewise run, which holds no whole copy)."""
+        if self.piecewise:
+            raise RuntimeError("a piecewise partitioned run holds no whole model to gather into")
         if self._gathered_at != self.iteration:
             self.runner.gather(self.optimizer)
             self._gathered_at = self.iteration
+
+    def _params_finite(self) -> bool:
+        return self.runner.finite() if self.piecewise else super()._params_finite()
+
+    def save(self) -> None:
+        """A checkpoint: a generation of the parts' pieces, written by the partitions, with
+        last.pt (the run's state, and where the pieces are) published after them; a whole
+        one when not `piecewise` (`Trainer.save`). Parameters holding NaN or Inf never
+        replace a good checkpoint (`Diverged`)."""
+        if not self.piecewise:
+            return super().save()
+        run = self.life.run
+        folder, seen = begin_pieces(run)
+        try:
+            files, finite = self.runner.write_parts(folder, seen)
+            if not finite:
+                raise Diverged(f"the parameters are not finite at iteration {self.iteration}; "
+                               f"lower --lr (the last checkpoint is kept)")
+            (folder / MARKER).unlink()  # the partitions are done with it
+            state = {**self.position_state(), PIECES: {
+                "kind": "parts", "folder": folder.name, "bounds": list(self.runner.plan.bounds),
+                "parts": [f.name for f in files]}}
+            self.life.save_generation(self.config, state, {}, self.iteration, folder=folder,
+                                      pieces=tuple(f.name for f in files))
+        except BaseException:
+            run.discard(folder)
+            raise
 
     def record_extras(self) -> dict:
         return {"pipeline": self.runner.metrics()}
