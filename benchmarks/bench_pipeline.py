@@ -6,11 +6,14 @@ between two actors through Ray, against the bytes.
 All runs train ResNet-20 on synthetic 3x32x32 images (batch --batch, no evaluation) for
 --steps steps after a warm-up; images/s of the training loop and the ratio to the single
 process measured in the same run, and that ratio as a share of the ideal M / (M + P - 1)
-("of ideal"). Each schedule (--schedules: gpipe, 1f1b, 1f1b+recompute) is run at each M, with
-each partition's peak activation bytes held for backward.
+("of ideal"). Each schedule (--schedules: gpipe, 1f1b:K with --pipeline-ahead K,
+1f1b:K+recompute) is run at each M, with each partition's peak activation bytes held for
+backward. With --rounds R the single process and every run are measured R times, alternating
+(this machine's speed drifts by minutes), and the medians reported, the ratio's median of the
+per-round ratios.
 
     python benchmarks/bench_pipeline.py [--partitions 2] [--micro 1,2,4,8] [--steps 30]
-        [--schedules gpipe,1f1b,1f1b+recompute] [--micro-size S]
+        [--schedules gpipe,1f1b:0,1f1b:1,1f1b:1+recompute] [--rounds R] [--micro-size S]
 
 With --micro-size S every run's batch is M x S (the single process's is --batch): the
 activations a partition holds then depend on the schedule and M alone.
@@ -66,13 +69,41 @@ def transfer_times(sizes: list[int], repeats: int = 20) -> list[tuple[int, float
     return out
 
 
+def parse_schedule(text: str) -> tuple[str, int, bool]:
+    """"1f1b:1+recompute" -> ("1f1b", 1, True): the schedule, --pipeline-ahead (default 1)
+    and --recompute."""
+    text, _, recompute = text.partition("+")
+    name, _, ahead = text.partition(":")
+    return name, int(ahead or 1), bool(recompute)
+
+
+def pipeline_rate(base: TrainConfig, p: int, m: int, schedule: str, batch: int, steps: int
+                  ) -> tuple[float, dict]:
+    """images/s of one partitioned run (started, warmed up, measured, closed) and its last
+    training record's pipeline metrics."""
+    name, ahead, recompute = parse_schedule(schedule)
+    trainer = PipelineTrainer(base.replace(partitions=p, micro_batches=m, pipeline_schedule=name,
+                                           pipeline_ahead=ahead, batch_size=batch,
+                                           recompute=recompute))
+    trainer.start()
+    try:
+        rate = images_per_s(trainer, steps)
+        return rate, trainer.life.last_train["pipeline"]  # the measured steps' window
+    finally:
+        trainer.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--micro", default="1,2,4,8")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--schedules", default="gpipe,1f1b,1f1b+recompute")
+    parser.add_argument("--schedules", default="gpipe,1f1b:0,1f1b:1,1f1b:1+recompute",
+                        help="NAME[:AHEAD][+recompute], comma-separated")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure the single process and every run this many times, "
+                             "alternating; report the medians")
     parser.add_argument("--micro-size", type=int, default=0,
                         help="images per micro-batch (batch M x this); 0: --batch for all")
     args = parser.parse_args()
@@ -83,34 +114,37 @@ def main() -> None:
         log_every=10_000, device="cpu", channels_last=False, replica_cpus=1)
     print(f"# {platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"ray {ray.__version__}; {time.strftime('%Y-%m-%d')}; resnet20, synthetic 3x32x32, "
-          f"batch {args.batch}, {args.steps} steps, {p} partitions of 1 thread each")
+          f"batch {args.batch}, {args.steps} steps, {p} partitions of 1 thread each, "
+          f"medians of {args.rounds} alternating round(s)")
     threads = torch.get_num_threads()
-    torch.set_num_threads(p)  # the single process gets the partitions' cores
-    single = images_per_s(Trainer(base), args.steps)
-    torch.set_num_threads(threads)
+    single_trainer = Trainer(base)
+    start_ray()
+    runs = [(m, schedule) for m in map(int, args.micro.split(","))
+            for schedule in args.schedules.split(",")]
+    singles, rates, metrics = [], {run: [] for run in runs}, {}
+    for _ in range(args.rounds):
+        torch.set_num_threads(p)  # the single process gets the partitions' cores
+        singles.append(images_per_s(single_trainer, args.steps))
+        torch.set_num_threads(threads)
+        for m, schedule in runs:
+            batch = m * args.micro_size if args.micro_size else args.batch
+            rate, metrics[(m, schedule)] = pipeline_rate(base, p, m, schedule, batch,
+                                                         args.steps)
+            rates[(m, schedule)].append((rate, rate / singles[-1]))
+    single = float(np.median(singles))
     print(f"{'run':<34} {'images/s':>9} {'ratio':>6} {'of ideal':>8} {'bubble':>7} "
           f"{'ideal':>6}")
-    print(f"{'single process, ' + str(p) + ' threads':<34} {single:>9.0f} {1:>6.2f}")
-    start_ray()
-    for m in map(int, args.micro.split(",")):
-        for schedule in args.schedules.split(","):
-            name, _, recompute = schedule.partition("+")
-            batch = m * args.micro_size if args.micro_size else args.batch
-            trainer = PipelineTrainer(base.replace(partitions=p, micro_batches=m,
-                                                   pipeline_schedule=name, batch_size=batch,
-                                                   recompute=bool(recompute)))
-            trainer.start()
-            try:
-                rate = images_per_s(trainer, args.steps)
-                pipe = trainer.life.last_train["pipeline"]  # the measured steps' window
-            finally:
-                trainer.close()
-            ideal = (p - 1) / (m + p - 1)
-            peak = [round(b / 2**20, 1) for b in pipe["peak_activation_bytes"]]
-            print(f"{f'{p} partitions x {m} micro, {schedule}':<34} {rate:>9.0f} "
-                  f"{rate / single:>6.2f} {rate / single / (1 - ideal):>8.2f} "
-                  f"{pipe['bubble']:>7.2f} {ideal:>6.2f}   peak activations MiB {peak}, "
-                  f"batch {batch}")
+    print(f"{'single process, ' + str(p) + ' threads':<34} {single:>9.0f} {1:>6.2f}   "
+          f"rounds {[round(r) for r in singles]}")
+    for (m, schedule), measured in rates.items():
+        rate, ratio = (float(np.median([r[k] for r in measured])) for k in (0, 1))
+        pipe, ideal = metrics[(m, schedule)], (p - 1) / (m + p - 1)
+        batch = m * args.micro_size if args.micro_size else args.batch
+        peak = [round(b / 2**20, 1) for b in pipe["peak_activation_bytes"]]
+        print(f"{f'{p} partitions x {m} micro, {schedule}':<34} {rate:>9.0f} "
+              f"{ratio:>6.2f} {ratio / (1 - ideal):>8.2f} "
+              f"{pipe['bubble']:>7.2f} {ideal:>6.2f}   peak activations MiB {peak}, "
+              f"batch {batch}, ratios {[round(r[1], 2) for r in measured]}")
     print("boundary activations between two actors through Ray:")
     for size, seconds in transfer_times([64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]):
         print(f"  {size / 2**20:>7.2f} MiB  {seconds * 1e3:>7.2f} ms  "

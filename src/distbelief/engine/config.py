@@ -133,6 +133,10 @@ class ClusterConfig:
                                   "micro-batches' activations per partition) or gpipe "
                                   "(fill-drain: all M); the same arithmetic",
                                   default="1f1b")
+    pipeline_ahead: int = _opt("with --partitions, 1f1b: forward passes each partition but "
+                               "the last runs ahead of 1f1b's fill, so that the gradients it "
+                               "waits for have a hand-off's time to arrive; each holds as many "
+                               "more micro-batches' activations", check=non_negative, default=1)
     partition_dtype: str = _opt("downpour with --partitions: the dtype of each partition's "
                                 "weights, activations and gradients: float32 or bfloat16 (half "
                                 "the memory and bytes; the shards keep and update float32)",

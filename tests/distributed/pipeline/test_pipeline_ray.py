@@ -69,6 +69,7 @@ def test_partitioned_replica_equals_the_trainer(ray_cluster, tmp_path, parts, mi
     train = [r for r in records if r["kind"] == "train"]
     pipe = train[-1]["pipeline"]
     assert pipe["partitions"] == parts and 0 <= pipe["bubble"] < 1
+    assert (pipe["schedule"], pipe["ahead"]) == ("1f1b", 1)  # the defaults, as they ran
     assert all(b > 0 for b in pipe["bytes_per_step"][:-1])  # every stage but the last sends
     assert summary["iterations"] == 12
     assert (summary["partitions"], summary["micro_batches"]) == (parts, micro)
@@ -306,6 +307,9 @@ def test_stages_overlap(ray_cluster, schedule):
         def backward(self, micro, grad=None):
             time.sleep(0.04)
             return grad
+
+        def forward_loss_backward(self, micro, x, y, weight):
+            return self.forward_loss(micro, x, y, weight), self.backward(micro)
 
         def update(self, lr, after=None):
             pass

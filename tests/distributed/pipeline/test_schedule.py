@@ -23,15 +23,24 @@ def test_1f1b_fills_alternates_and_drains():
     assert stage_order("1f1b", 2, 3, 4) == f(0) + b(0) + f(1) + b(1) + f(2) + b(2) + f(3) + b(3)
     assert stage_order("1f1b", 0, 4, 2) == f(0, 1) + b(0, 1)  # fewer micro-batches than stages
     assert stage_order("gpipe", 1, 3, 3) == f(0, 1, 2) + b(2, 1, 0)
+    # Running one ahead: one forward more in the fill, but never on the last stage.
+    assert stage_order("1f1b", 0, 3, 4, 1) == f(0, 1, 2, 3) + b(0, 1, 2, 3)
+    assert stage_order("1f1b", 1, 3, 4, 1) == f(0, 1, 2) + b(0) + f(3) + b(1, 2, 3)
+    assert stage_order("1f1b", 2, 3, 4, 1) == stage_order("1f1b", 2, 3, 4)
+    assert stage_order("1f1b", 0, 2, 6, 1) == f(0, 1, 2) + b(0) + f(3) + b(1) + f(4) + b(2) + \
+        f(5) + b(3, 4, 5)
+    assert stage_order("gpipe", 1, 3, 3, 2) == stage_order("gpipe", 1, 3, 3)
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("count,micro", [(2, 1), (2, 8), (3, 4), (4, 2), (5, 16)])
-def test_submission_keeps_each_stage_order_and_every_dependency(schedule, count, micro):
-    order = submission_order(schedule, count, micro)
+@pytest.mark.parametrize("ahead", [0, 1, 3])
+def test_submission_keeps_each_stage_order_and_every_dependency(schedule, count, micro, ahead):
+    order = submission_order(schedule, count, micro, ahead)
     assert len(order) == len(set(order)) == 2 * count * micro
     for p in range(count):
-        assert [(k, m) for q, k, m in order if q == p] == stage_order(schedule, p, count, micro)
+        assert [(k, m) for q, k, m in order if q == p] == stage_order(schedule, p, count, micro,
+                                                                      ahead)
     position = {call: i for i, call in enumerate(order)}
     for p, kind, m in order:
         if kind == "F" and p > 0:
@@ -43,11 +52,15 @@ def test_submission_keeps_each_stage_order_and_every_dependency(schedule, count,
 
 
 @pytest.mark.parametrize("count,micro", [(2, 8), (3, 4), (4, 16), (4, 2)])
-def test_1f1b_holds_at_most_p_micro_batches_and_gpipe_all(count, micro):
-    for schedule, bound in (("1f1b", lambda p: min(count - p, micro)), ("gpipe", lambda p: micro)):
+@pytest.mark.parametrize("ahead", [0, 1, 2])
+def test_1f1b_holds_at_most_p_micro_batches_and_gpipe_all(count, micro, ahead):
+    # P - p under 1F1B, and `ahead` more on every stage but the last, whatever M.
+    for schedule, bound in (
+            ("1f1b", lambda p: min(count - p + (ahead if p < count - 1 else 0), micro)),
+            ("gpipe", lambda p: micro)):
         for p in range(count):
             held, peak = 0, 0
-            for kind, _ in stage_order(schedule, p, count, micro):
+            for kind, _ in stage_order(schedule, p, count, micro, ahead):
                 held += 1 if kind == "F" else -1
                 peak = max(peak, held)
             assert peak == bound(p), (schedule, p)
@@ -57,13 +70,13 @@ def sgd(module):
     return torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
 
 
-def pipeline_of(model, parts, micro, schedule, recompute=False):
+def pipeline_of(model, parts, micro, schedule, recompute=False, ahead=0):
     dtype = next(model.parameters()).dtype
     plan = partition(model, parts, torch.zeros(1, *SHAPES[type(model)], dtype=dtype))
     stages = [Stage(p.index, parts, p.module, get_loss("cross_entropy"),
                     sgd(p.module) if p.params else None, recompute=recompute)
               for p in plan.parts]
-    return local_pipeline(stages, micro, schedule), stages
+    return local_pipeline(stages, micro, schedule, ahead), stages
 
 
 def mlp(dropout=0.0):
@@ -81,8 +94,8 @@ def data(n, shape, size):
             for _ in range(n)]
 
 
-def trained(model, parts, micro, schedule, batches, recompute=False):
-    pipeline, _ = pipeline_of(model, parts, micro, schedule, recompute)
+def trained(model, parts, micro, schedule, batches, recompute=False, ahead=0):
+    pipeline, _ = pipeline_of(model, parts, micro, schedule, recompute, ahead)
     torch.manual_seed(5)  # dropout's masks: the same draws in every run
     losses = [pipeline.step(x, y, 0.1) for x, y in batches]
     return model.state_dict(), losses
@@ -93,8 +106,8 @@ def assert_same(a, b, atol=1e-6):
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_1f1b_equals_gpipe_with_batchnorm(recompute):
+@pytest.mark.parametrize("recompute,ahead", [(False, 0), (True, 0), (False, 2)])
+def test_1f1b_equals_gpipe_with_batchnorm(recompute, ahead):
     SHAPES.setdefault(type(create_model("resnet20", num_classes=10)), (3, 16, 16))
     torch.manual_seed(0)
     # In float64: BatchNorm over micro-batches of 4 small images turns float32's rounding
@@ -102,7 +115,7 @@ def test_1f1b_equals_gpipe_with_batchnorm(recompute):
     model = create_model("resnet20", num_classes=10).double()
     batches = [(x.double(), y) for x, y in data(2, (3, 16, 16), 16)]
     reference, ref_losses = trained(copy.deepcopy(model), 3, 4, "gpipe", batches)
-    state, losses = trained(model, 3, 4, "1f1b", batches, recompute)
+    state, losses = trained(model, 3, 4, "1f1b", batches, recompute, ahead)
     # Every buffer too: a recomputed pass that moved BatchNorm's running statistics again
     # would leave them elsewhere.
     assert_same(reference, state, atol=1e-9)
@@ -126,9 +139,9 @@ def deep_mlp():
                          nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
 
 
-def peaks(micro, schedule, recompute=False, size=4, parts=2):
+def peaks(micro, schedule, recompute=False, size=4, parts=2, ahead=0):
     """Each stage's peak activation bytes over one step of `micro` micro-batches of `size`."""
-    pipeline, stages = pipeline_of(deep_mlp(), parts, micro, schedule, recompute)
+    pipeline, stages = pipeline_of(deep_mlp(), parts, micro, schedule, recompute, ahead)
     (x, y), = data(1, (3, 4, 4), size * micro)
     pipeline.step(x, y, 0.1)
     return [s.take_times()["peak_activation_bytes"] for s in stages]
@@ -148,6 +161,7 @@ def test_activation_memory_per_schedule_and_recompute():
     # GPipe holds all M; 1F1B at most P - p, whatever M; the same micro-batch size throughout.
     assert peaks(8, "gpipe") == [8 * b for b in one]
     assert peaks(4, "1f1b") == peaks(16, "1f1b") == [2 * one[0], one[1]]
+    assert peaks(4, "1f1b", ahead=1) == peaks(16, "1f1b", ahead=1) == [3 * one[0], one[1]]
     # Recomputation: the inputs of the others in flight and one micro-batch's activations.
     recomputed = peaks(4, "1f1b", recompute=True)
     assert recomputed == peaks(16, "1f1b", recompute=True) == [inputs[0] + one[0], one[1]]

@@ -146,7 +146,8 @@ class PartitionedReplica:
         self.data = build_data(config, torch.device("cpu"), stats=stats,
                                part=(index, config.cluster.replicas))
         self.pipeline = Pipeline(call, resolve, count, config.cluster.micro_batches,
-                                 config.cluster.pipeline_schedule)
+                                 config.cluster.pipeline_schedule,
+                                 config.cluster.pipeline_ahead)
         self.cursor = BatchCursor(self.data.train)
         self.failed: BaseException | None = None
 

@@ -31,12 +31,19 @@ class PartitionGone(DistbeliefError):
     """A partition, or a snapshot of it, that is not coming back."""
 
 
+RETURNS = {"forward_loss_backward": 2}  # methods whose results are several objects
+
+
 def caller(actors: list):
     """`call(p, method, *args)` for the pipeline schedule: submit to actor p, tensors sent as
-    numpy arrays (object references pass as they are)."""
+    numpy arrays (object references pass as they are); a method of several results (RETURNS)
+    returns a reference to each."""
     def call(p: int, method: str, *args):
         args = [a.numpy() if isinstance(a, torch.Tensor) else a for a in args]
-        return getattr(actors[p], method).remote(*args)
+        remote = getattr(actors[p], method)
+        if method in RETURNS:
+            remote = remote.options(num_returns=RETURNS[method])
+        return remote.remote(*args)
     return call
 
 
@@ -111,6 +118,10 @@ class StageHost:
 
     def backward(self, micro: int, grad=None):
         return handed_on(self.stage.backward(micro, None if grad is None else received(grad)))
+
+    def forward_loss_backward(self, micro: int, x, y, weight: float):
+        loss, grad = self.stage.forward_loss_backward(micro, received(x), received(y), weight)
+        return loss, handed_on(grad)
 
     def update(self, lr: float, after=None) -> None:
         self.stage.update(lr)

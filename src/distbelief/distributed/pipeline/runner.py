@@ -90,7 +90,8 @@ class PipelineRunner:
             self.read_parts(files)
         self._snapshot_if_due(step, force=True)  # the values they start from
         self.pipeline = Pipeline(caller(self.session.replicas), self._get, count,
-                                 c.cluster.micro_batches, c.cluster.pipeline_schedule)
+                                 c.cluster.micro_batches, c.cluster.pipeline_schedule,
+                                 c.cluster.pipeline_ahead)
         return info
 
     def _get(self, refs):
@@ -232,7 +233,8 @@ class PipelineRunner:
         compute = [t["compute_s"] for t in times]
         c = self.config.cluster
         return {"partitions": len(times), "micro_batches": c.micro_batches,
-                "schedule": c.pipeline_schedule, "recompute": c.recompute,
+                "schedule": self.pipeline.schedule, "ahead": self.pipeline.ahead,
+                "recompute": c.recompute,
                 "compute_s": [round(s, 4) for s in compute],
                 "idle_s": [round(max(wall - s, 0.0), 4) for s in compute],
                 "bytes_per_step": [t["bytes_out"] // steps for t in times],

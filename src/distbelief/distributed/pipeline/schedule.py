@@ -13,6 +13,11 @@ Two schedules (`--pipeline-schedule`), the same arithmetic in another order:
   one backward, then drains the backward passes left; a micro-batch's backward starts as soon
   as its forward has reached the last stage, so stage p holds at most P - p micro-batches'
   activations, whatever M. The bubble is the same as GPipe's, (P - 1) / (M + P - 1).
+  With `ahead` = K (`--pipeline-ahead`), every stage but the last fills K forward passes
+  more: between a micro-batch's forward and its backward, stage p then has K more passes of
+  its own to run while the micro-batch's activations travel to the last stage and its
+  gradient comes back (each hand-off costs milliseconds through Ray, which exact 1F1B leaves
+  as idle time). Stage p < P - 1 holds at most P - p + K micro-batches, still whatever M.
 
 On actors every call of a step is submitted at once, each stage's in its schedule's order;
 Ray runs each actor's calls in the order they were submitted and starts one as soon as its
@@ -36,27 +41,30 @@ def micro_batches(x: torch.Tensor, y: torch.Tensor, count: int) -> list[tuple]:
             for xm, ym in zip(torch.tensor_split(x, count), torch.tensor_split(y, count))]
 
 
-def stage_order(schedule: str, stage: int, count: int, micro: int) -> list[tuple[str, int]]:
+def stage_order(schedule: str, stage: int, count: int, micro: int, ahead: int = 0
+                ) -> list[tuple[str, int]]:
     """The passes stage `stage` of `count` runs in one step, in order: ("F", m) and ("B", m)
-    for micro-batch m of `micro`."""
+    for micro-batch m of `micro` (under 1f1b, `ahead` more forward passes in the fill on
+    every stage but the last: module doc)."""
     if schedule == "gpipe":
         return [("F", m) for m in range(micro)] + [("B", m) for m in reversed(range(micro))]
     if schedule != "1f1b":
         raise ValueError(f"unknown pipeline schedule {schedule!r}")
-    warmup = min(count - stage - 1, micro)
+    warmup = min(count - stage - 1 + (ahead if stage < count - 1 else 0), micro)
     order = [("F", m) for m in range(warmup)]
     for m in range(micro - warmup):
         order += [("F", warmup + m), ("B", m)]
     return order + [("B", m) for m in range(micro - warmup, micro)]
 
 
-def submission_order(schedule: str, count: int, micro: int) -> list[tuple[int, str, int]]:
+def submission_order(schedule: str, count: int, micro: int, ahead: int = 0
+                     ) -> list[tuple[int, str, int]]:
     """Every pass of a step as (stage, "F" or "B", micro-batch), each stage's in its own order
     (`stage_order`) and each after the pass it takes its argument from: a forward after the
     previous stage's forward of the same micro-batch, a backward after the next stage's
     backward (the last stage's after its own forward). Submitted in this order, no call waits
     on one submitted after it."""
-    orders = [stage_order(schedule, p, count, micro) for p in range(count)]
+    orders = [stage_order(schedule, p, count, micro, ahead) for p in range(count)]
     done: set[tuple[int, str, int]] = set()
     position, out = [0] * count, []
 
@@ -81,14 +89,16 @@ def submission_order(schedule: str, count: int, micro: int) -> list[tuple[int, s
 
 class Pipeline:
     """Steps of `count` stages reached through `call` (module doc) with `micro` micro-batches
-    under `schedule` (``gpipe`` or ``1f1b``); `resolve(results)` turns the results of calls
-    into values (the identity for local stages, ray.get on actors)."""
+    under `schedule` (``gpipe`` or ``1f1b``, running `ahead` passes ahead: module doc);
+    `resolve(results)` turns the results of calls into values (the identity for local stages,
+    ray.get on actors)."""
 
-    def __init__(self, call, resolve, count: int, micro: int, schedule: str = "1f1b"):
+    def __init__(self, call, resolve, count: int, micro: int, schedule: str = "1f1b",
+                 ahead: int = 0):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown pipeline schedule {schedule!r}")
         self.call, self.resolve, self.count, self.micro = call, resolve, count, micro
-        self.schedule = schedule
+        self.schedule, self.ahead = schedule, ahead
         self.last_pass = None  # the result of the last step's last pass (`submit_step`)
 
     def submit_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> list:
@@ -110,14 +120,20 @@ class Pipeline:
         activations: dict[tuple[int, int], object] = {}  # (stage, m) -> its forward's result
         grads: dict[tuple[int, int], object] = {}  # (stage, m) -> its backward's result
         losses = {}
-        for p, kind, m in submission_order(self.schedule, self.count, len(parts)):
+        # Under 1F1B the last stage runs each backward right after its forward: one call
+        # (a Ray call costs milliseconds of the stage's time).
+        fused = self.schedule == "1f1b"
+        for p, kind, m in submission_order(self.schedule, self.count, len(parts), self.ahead):
             xm, ym, weight = parts[m]
             if kind == "F" and p == last:
-                losses[m] = call(p, "forward_loss", m, activations.pop((p - 1, m), xm), ym,
-                                 weight)
+                inputs = (m, activations.pop((p - 1, m), xm), ym, weight)
+                if fused:
+                    losses[m], grads[(p, m)] = call(p, "forward_loss_backward", *inputs)
+                else:
+                    losses[m] = call(p, "forward_loss", *inputs)
             elif kind == "F":
                 activations[(p, m)] = call(p, "forward", m, activations.pop((p - 1, m), xm))
-            else:
+            elif not (fused and p == last):
                 args = () if p == last else (grads.pop((p + 1, m)),)
                 grads[(p, m)] = call(p, "backward", m, *args)
         del zeroed  # ordered before the forward passes on each stage; nothing to wait for
@@ -144,8 +160,9 @@ class Pipeline:
         return sum(loss for loss, _ in losses), sum(wrong for _, wrong in losses)
 
 
-def local_pipeline(stages: list, micro: int, schedule: str = "1f1b") -> Pipeline:
+def local_pipeline(stages: list, micro: int, schedule: str = "1f1b", ahead: int = 0
+                   ) -> Pipeline:
     """A pipeline over in-process `Stage`s: every call runs at once, in order (tests, and
     the reference the actors are checked against)."""
     return Pipeline(lambda p, method, *args: getattr(stages[p], method)(*args), list,
-                    len(stages), micro, schedule)
+                    len(stages), micro, schedule, ahead)

@@ -147,6 +147,13 @@ class Stage:
         self.compute_s += time.perf_counter() - start
         return float(loss.detach()), wrong
 
+    def forward_loss_backward(self, micro: int, x: torch.Tensor, y: torch.Tensor,
+                              weight: float) -> tuple[tuple[float, int], torch.Tensor | None]:
+        """The last stage's forward (`forward_loss`) and backward of micro-batch `micro` in
+        one call, as 1F1B runs them back to back: (its loss and misclassified images, the
+        gradient of its input)."""
+        return self.forward_loss(micro, x, y, weight), self.backward(micro)
+
     def backward(self, micro: int, grad: torch.Tensor | None = None) -> torch.Tensor | None:
         """Backward of micro-batch `micro` given its output's gradient (None for the last
         stage, whose output is the loss); the gradient of this stage's input, or None for the
