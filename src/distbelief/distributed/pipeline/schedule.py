@@ -105,17 +105,18 @@ class Pipeline:
         """Every call of one training step at `lr`; returns the results of the last stage's
         losses followed by the stages' updates. Every update takes the step's last pass's
         result (the first stage's last backward, which needs every other stage's last
-        backward): on actors, if any pass failed, no stage updates."""
-        losses = self.submit_passes(x, y)
+        backward): on actors, if any pass failed, no stage updates. Each update leaves its
+        stage's gradients zeroed (`Stage.update`), so the step needs no `zero_grad` calls."""
+        losses = self.submit_passes(x, y, zero=False)
         last = self.last_pass
         return losses + [self.call(p, "update", lr, last) for p in range(self.count)]
 
-    def submit_passes(self, x: torch.Tensor, y: torch.Tensor) -> list:
-        """The forward and backward passes of a step (gradients zeroed first, accumulated over
-        the micro-batches); returns the results of the last stage's losses, in micro-batch
-        order."""
+    def submit_passes(self, x: torch.Tensor, y: torch.Tensor, zero: bool = True) -> list:
+        """The forward and backward passes of a step (gradients zeroed first where `zero`,
+        accumulated over the micro-batches); returns the results of the last stage's losses,
+        in micro-batch order."""
         call, last = self.call, self.count - 1
-        zeroed = [call(p, "zero_grad") for p in range(self.count)]
+        zeroed = [call(p, "zero_grad") for p in range(self.count)] if zero else []
         parts = micro_batches(x, y, self.micro)
         activations: dict[tuple[int, int], object] = {}  # (stage, m) -> its forward's result
         grads: dict[tuple[int, int], object] = {}  # (stage, m) -> its backward's result

@@ -182,7 +182,8 @@ class Stage:
         self.held.clear()
 
     def update(self, lr: float, after=None) -> None:
-        """One optimizer step at learning rate `lr` with the accumulated gradients. `after`,
+        """One optimizer step at learning rate `lr` with the accumulated gradients, which are
+        then zeroed (the next step accumulates afresh without a call of its own). `after`,
         the step's last pass's result, is not read: on actors it makes the update wait for
         that pass, and fail without running when any pass of the step failed."""
         if self.optimizer is None:  # a part without parameters (a flatten, an activation)
@@ -191,6 +192,7 @@ class Stage:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        self.module.zero_grad(set_to_none=True)
         self.compute_s += time.perf_counter() - start
 
     def take_times(self) -> dict:
