@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from distbelief.engine.checkpoint import atomic_write, load_checkpoint
+from distbelief.engine.checkpoint import PIECES, atomic_write, load_checkpoint
 from distbelief.errors import CheckpointError, ConfigError
 
 
@@ -28,6 +28,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as e:  # corruption surfaces as many exception types
         raise ConfigError(f"--init-from {path} is not a readable state dict "
                           f"({type(e).__name__}: {str(e).strip()[:120]})") from None
+    if isinstance(state, dict) and PIECES in state and "model" not in state:
+        try:  # a partitioned run's checkpoint: its model lies in its pieces
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            raise ConfigError(f"--init-from {e}") from None
     if isinstance(state, dict):
         state = state.get("state_dict", state.get("model", state))
     if not (isinstance(state, dict) and state and all(

@@ -135,6 +135,30 @@ def test_pieces_written_through_the_driver_resume_in_one_process(ray_cluster, tm
                                    state["momentum_buffer"], rtol=0, atol=1e-6)
 
 
+def test_init_from_a_partitioned_run_reaches_the_parts_then_leaves_the_driver(ray_cluster,
+                                                                             tmp_path):
+    # --init-from's file is read here (a partitioned run's last.pt: assembled from its
+    # pieces), handed to the parts of another cut, and dropped.
+    import ray
+
+    c = config(iterations=2, checkpoint_every=2)
+    PipelineTrainer(c.replace(partitions=2), tmp_path / "first").fit()
+    source = distbelief.load(tmp_path / "first").state_dict()
+    trainer = PipelineTrainer(c.replace(partitions=3, seed=9, init_from=str(
+        tmp_path / "first/checkpoints/last.pt")), tmp_path / "run")
+    trainer.start()
+    try:
+        states = ray.get([a.state.remote() for a in trainer.runner.session.replicas])
+        assert all(t.is_meta for t in trainer.model.parameters()) and trainer.optimizer is None
+    finally:
+        trainer.close()
+        trainer.life.release()
+    values = [v for s in states for v in s["module"].values()]
+    assert len(values) == len(source)
+    for (name, expected), value in zip(source.items(), values):
+        assert torch.equal(value, expected), name
+
+
 def test_the_driver_never_holds_the_model(ray_cluster, tmp_path):
     # A 38M-parameter MLP (152 MB of weights, 303 MB with momentum): the driver's private
     # memory, sampled through start, training, a checkpoint and an evaluation, grows by far
