@@ -4,7 +4,8 @@ The single-process trainer's loop, run directory and checkpoints, with each step
 P partition actors on Ray (`runner.PipelineRunner`) instead of in this process. Evaluations
 run through the partitions too (`PartitionedModel`: the driver sends images and gets logits).
 
-No process holds the whole model (a registry model, `piecewise`): this process builds it on
+No process holds the whole model (a registry model trained into a run directory,
+`piecewise`): this process builds it on
 the meta device only, to cut it; each partition draws its own initial values by name
 (`models.init`: the values the whole model has for the run's seed) and keeps its optimizer
 state. A checkpoint is a generation of pieces, one per partition, written by the partition
@@ -13,8 +14,8 @@ state. A checkpoint is a generation of pieces, one per partition, written by the
 name, with this cut, another or none. --init-from's weights are loaded here and handed to
 the parts once, at the start.
 
-A model given to `distbelief.fit`, and --bn-recalibrate (which re-estimates the statistics on
-a model of its own), keep a whole copy here: the parts' weights and optimizer states come
+A model given to `distbelief.fit`, --bn-recalibrate (which re-estimates the statistics on a
+model of its own) and a run without a run directory keep a whole copy here: the parts' weights and optimizer states come
 home (`gather`) when they are read, once per iteration at most, and the checkpoint is an
 ordinary single-process one.
 """
