@@ -92,8 +92,9 @@ def unseen(monkeypatch, *modules):
         monkeypatch.setattr(module, "fingerprint", lambda path: (-1, -1))
 
 
-# Each part reads its own tensors by name, whatever the cut; or through the driver.
-@pytest.mark.parametrize("through_driver", [False, True])
+# Each part reads its own tensors by name, whatever the cut; or through the driver (make
+# test-all; make test writes through the driver below).
+@pytest.mark.parametrize("through_driver", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_a_partitioned_checkpoint_resumes_with_other_partitions(ray_cluster, tmp_path,
                                                                 monkeypatch, through_driver):
     from distbelief.distributed.pipeline import runner
