@@ -15,9 +15,9 @@ name, with this cut, another or none. --init-from's weights are loaded here and 
 the parts once, at the start.
 
 A model given to `distbelief.fit`, --bn-recalibrate (which re-estimates the statistics on a
-model of its own) and a run without a run directory keep a whole copy here: the parts' weights and optimizer states come
-home (`gather`) when they are read, once per iteration at most, and the checkpoint is an
-ordinary single-process one.
+model of its own) and a run without a run directory keep a whole copy here: the parts'
+weights and optimizer states come home (`gather`) when they are read, once per iteration at
+most, and the checkpoint is an ordinary single-process one.
 """
 
 from __future__ import annotations
