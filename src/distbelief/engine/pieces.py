@@ -79,13 +79,8 @@ def assemble(index: dict, path: str | Path) -> dict:
     layout = index[PIECES]
     if layout.get("kind", "shards") == "shards":
         return {"model": _from_shards(model, layout, index, path)}
-    pieces = [_piece(pieces_folder(index, path) / name, path) for name in layout["parts"]]
+    pieces = [read_piece(pieces_folder(index, path) / name, path) for name in layout["parts"]]
     return from_parts(model, pieces, path)
-
-
-def assemble_model(index: dict, path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of the model a piecewise checkpoint `index` (read from `path`) names."""
-    return assemble(index, path)["model"]
 
 
 def _empty_model(index: dict, path: Path) -> nn.Module:
@@ -126,12 +121,15 @@ def _vector(file: Path, index: Path) -> torch.Tensor:
     return _read(file, index)["shard"]["w"]
 
 
-def _piece(file: Path, index: Path) -> dict:
-    """One partition's piece (`to_piece`), memory-mapped."""
-    return _read(file, index)["part"]
+def read_piece(file: str | os.PathLike, index: str | os.PathLike) -> dict:
+    """One partition's piece (`to_piece`) of the checkpoint `index`, memory-mapped.
+
+    Raises:
+        CheckpointError: it is missing or unreadable."""
+    return _read(Path(file), index)["part"]
 
 
-def _read(file: Path, index: Path) -> dict:
+def _read(file: Path, index) -> dict:
     if not file.is_file():
         raise CheckpointError(f"{file}, a piece of {index}, is missing (a newer checkpoint "
                               f"replaced it: read the run again)")

@@ -19,7 +19,7 @@ from distbelief.distributed.pipeline.stage import Stage
 from distbelief.distributed.runtime.cluster import memory, node_id
 from distbelief.distributed.wire import decode, encode, tensor_view
 from distbelief.engine.losses import get_loss
-from distbelief.engine.pieces import from_pieces, sees, write_part
+from distbelief.engine.pieces import from_pieces, read_piece, sees, write_part
 from distbelief.engine.setup import set_determinism
 from distbelief.errors import DistbeliefError
 from distbelief.models.init import materialize
@@ -153,7 +153,7 @@ class StageHost:
         nothing, where this process does not see them all."""
         if not all(sees(path, seen) for path, seen in files):
             return False
-        pieces = [torch.load(path, mmap=True, weights_only=True)["part"] for path, _ in files]
+        pieces = [read_piece(path, path) for path, _ in files]
         self.stage.load_state(from_pieces(pieces, self.stage.module, names))
         return True
 

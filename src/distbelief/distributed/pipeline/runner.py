@@ -34,9 +34,8 @@ from distbelief.distributed.pipeline.stage import empty_copy, optimizer_join, op
 from distbelief.distributed.runtime.calls import ActorsLost, get_unless_dead
 from distbelief.distributed.runtime.cluster import replica_options, wait_started
 from distbelief.distributed.runtime.session import DriverSession
-from distbelief.engine.checkpoint import load_checkpoint
 from distbelief.engine.config import TrainConfig
-from distbelief.engine.pieces import MARKER, fingerprint, from_pieces, write_part
+from distbelief.engine.pieces import MARKER, fingerprint, from_pieces, read_piece, write_part
 from distbelief.engine.trainer import build_optimizer
 
 
@@ -187,8 +186,9 @@ class PipelineRunner:
         actors = self.session.replicas
         read = self._get([a.read_part.remote(part.names, seen)
                           for a, part in zip(actors, self.parts)])
-        for p in (p for p, ok in enumerate(read) if not ok):
-            pieces = [load_checkpoint(f, mmap=True)["part"] for f in files]
+        unseen = [p for p, ok in enumerate(read) if not ok]
+        pieces = [read_piece(f, f) for f in files] if unseen else []
+        for p in unseen:
             send_states([actors[p]], [from_pieces(pieces, self.parts[p].module,
                                                   self.parts[p].names)])
 
