@@ -112,6 +112,22 @@ def test_a_partitioned_checkpoint_resumes_with_other_partitions(ray_cluster, tmp
                       load_checkpoint(tmp_path / "run/checkpoints/last.pt")["model"])
 
 
+def test_a_partitioned_checkpoint_resumes_bitwise_with_the_same_cut(ray_cluster, tmp_path):
+    # Stopped at 6 (each part writing its piece) and resumed with the same cut, each part
+    # reading its own: the same run as one never stopped, to the bit (model and optimizer).
+    c = config(checkpoint_every=6, partitions=2)
+    PipelineTrainer(c, tmp_path / "straight").fit()
+    stop_at(c, tmp_path / "run", 6)
+    PipelineTrainer(c, tmp_path / "run", resume=True).fit()
+    straight, resumed = (load_checkpoint(tmp_path / run / "checkpoints/last.pt")
+                         for run in ("straight", "run"))
+    assert resumed["iteration"] == straight["iteration"] == 12
+    assert_same_model(straight["model"], resumed["model"], atol=0)
+    for i, state in straight["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][i]["momentum_buffer"],
+                           state["momentum_buffer"]), i
+
+
 def test_pieces_written_through_the_driver_resume_in_one_process(ray_cluster, tmp_path,
                                                                   monkeypatch):
     # The parts' pieces written by the driver (the parts do not see the run directory), then
