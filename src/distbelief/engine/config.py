@@ -163,6 +163,16 @@ class DownpourConfig:
                         check=positive, default=1)
     n_push: int = _opt("downpour: a replica pushes its accumulated gradient every N of its "
                        "steps", check=positive, default=1)
+    local_steps: int | None = _opt("downpour: each replica takes N plain SGD steps on its own "
+                                   "copy (the recipe's lr and weight decay), then pushes the "
+                                   "change of its parameters, which the shards apply as one "
+                                   "outer step with the recipe's momentum (EASGD / DiLoCo); "
+                                   "fetches and pushes every N steps (default: a gradient per "
+                                   "push, every --n-push steps)", check=positive, default=None)
+    outer_lr: float = _opt("downpour with --local-steps: the shards' step size for a pushed "
+                           "change (1: the change itself, with the recipe's momentum; one "
+                           "replica with --local-steps 1 is then the recipe's SGD)",
+                           check=positive, default=1.0)
     overlap: bool = _opt("downpour: fetch and push in the background while computing (off: "
                          "every fetch and push waits, as in the parity tests)", default=True)
     max_in_flight: int = _opt("downpour: pushes a replica may have outstanding before it waits",
@@ -576,6 +586,7 @@ def _check_rules(c: TrainConfig) -> None:
     if c.data in ("cifar10", "imagenet") and not c.data_dir:
         raise ConfigError(f"dataset {c.data} needs --data-dir")
     _check_staleness_rule(c)
+    _check_local_steps(c)
     if c.compile and c.mode != "single":
         raise ConfigError("--compile applies to --mode single")
     if c.cluster.train_storage and c.mode != "sync":
@@ -603,6 +614,27 @@ def _check_staleness_rule(c: TrainConfig) -> None:
     if name == "dana-slim" and c.nesterov:
         raise ConfigError("--staleness-rule dana-slim is Nesterov-shaped by construction: "
                           "drop --nesterov")
+
+
+def _check_local_steps(c: TrainConfig) -> None:
+    d = c.downpour
+    if d.local_steps is None:
+        if d.outer_lr != 1.0:
+            raise ConfigError("--outer-lr applies with --local-steps")
+        return
+    if c.mode != "downpour":
+        raise ConfigError("--local-steps applies to --mode downpour")
+    if c.optimizer != "sgd":
+        raise ConfigError("--local-steps takes plain SGD steps on the replicas: --optimizer sgd")
+    if (d.n_push, d.n_fetch) != (1, 1):
+        raise ConfigError("--local-steps N fetches and pushes every N steps: leave --n-push and "
+                          "--n-fetch at 1")
+    if c.cluster.partitions > 1:
+        raise ConfigError("--local-steps trains whole replicas: --partitions 1")
+    rules = set(d.staleness_rule.split("+"))
+    if rules & {"dc", "dana-slim"}:
+        raise ConfigError("--local-steps pushes parameter changes: --staleness-rule dc and "
+                          "dana-slim apply to gradients (use dana, lr, momentum or none)")
 
 
 def _check_partitions(c: TrainConfig) -> None:

@@ -73,6 +73,7 @@ class DownpourBase(BaseTrainer):
         return {"replicas": c.cluster.replicas, "ps_shards": c.cluster.ps_shards,
                 "optimizer": c.optimizer, "update_rule": describe(c),
                 "n_fetch": c.downpour.n_fetch, "n_push": c.downpour.n_push,
+                "local_steps": c.downpour.local_steps,
                 **summary_entries(statuses, self.life.counters, self.progress.replica_images,
                                   self.progress.replica_seconds, self.progress.time_split,
                                   self.life.wall_s)}

@@ -38,6 +38,7 @@ from collections import deque
 import torch
 
 from distbelief.data import BatchCursor, build_data
+from distbelief.distributed.downpour.local import LocalSteps
 from distbelief.distributed.downpour.rules import slim_momentum
 from distbelief.distributed.downpour.shard import ParameterShard
 from distbelief.distributed.downpour.statistics import BufferSync
@@ -145,6 +146,11 @@ class Exchange:
         self.n_buffers = flat.n_buffers
         self.buffers = BufferSync(flat.model, config.downpour.bn_stats)
         self.slim = slim_momentum(config)  # dana-slim: this replica's momentum
+        d = config.downpour
+        # --local-steps: plain SGD steps on the replica, their change pushed (`local`).
+        self.local = LocalSteps(config, flat) if d.local_steps else None
+        self.push_every = d.local_steps or d.n_push
+        self.fetch_every = d.local_steps or d.n_fetch
         self.dtype = wire_dtype(config)
         self.wire: torch.Tensor | None = None  # a push as it travels, reused (module doc)
         self.versions: list[int] | None = None  # shard versions of the parameters in use
@@ -174,15 +180,15 @@ class Exchange:
         self.flat.load_parts(vector[:n_params], buffers)
         self.buffer_base = self.buffers.base(server_buffers)
         self.versions = list(versions)
+        if self.local is not None:  # the change pushed next counts from these parameters
+            self.local.started()
 
     def add(self, gradient: torch.Tensor, error: float, copy: bool = False) -> None:
         """Accumulate one step's gradient (and its training error, for the shards' warmup: a
         number or a 0-d tensor, read at the push);
         `copy`: the first is copied, to float32 (the caller reuses `gradient`'s memory before
         the push, and several steps add up)."""
-        if self.step_start is not None:
-            self.wait.step_took(time.perf_counter() - self.step_start)
-            self.step_start = None
+        self._step_ended()
         if self.accum is None:
             # Several steps add up in float32 (a bfloat16 partition's gradients too).
             self.accum = gradient.to(torch.float32, copy=True) if copy else gradient
@@ -191,13 +197,29 @@ class Exchange:
             self.accum += gradient
         self.accum_errors.append(error)
 
+    def add_local(self, step: int, error) -> None:
+        """--local-steps: one plain SGD step on the replica's copy with the gradients of its
+        step `step` (`LocalSteps.step`); `error` as in `add`. The push sends the change."""
+        self._step_ended()
+        self.local.step(step, error)
+        if self.accum_versions is None:
+            self.accum_versions = list(self.versions)
+        self.accum_errors.append(error)
+
+    def _step_ended(self) -> None:
+        if self.step_start is not None:
+            self.wait.step_took(time.perf_counter() - self.step_start)
+            self.step_start = None
+
     def reset(self) -> None:
-        """Drop the gradient accumulated since the last push (its steps will be trained
-        again: the chunk they belong to failed)."""
+        """Drop the gradient (or the local steps' change) accumulated since the last push
+        (its steps will be trained again: the chunk they belong to failed)."""
         self.accum, self.accum_versions, self.accum_errors = None, None, []
+        if self.local is not None and self.versions is not None:
+            self.local.started()
 
     def push_due(self, step: int) -> bool:
-        return (step + 1) % self.config.downpour.n_push == 0
+        return (step + 1) % self.push_every == 0
 
     def _vector(self) -> torch.Tensor:
         """The push as it travels: [accumulated gradient; buffer changes] in the transfer
@@ -220,6 +242,8 @@ class Exchange:
         return self.wire
 
     def push(self, step: int, metrics: dict) -> None:
+        if self.local is not None:  # what --local-steps sends: the change of its parameters
+            self.accum = self.local.change()
         if self.slim is not None:  # what DANA-Slim sends: d + momentum * v (`SlimMomentum`)
             self.accum = self.slim.push(self.accum, self.flat.parameter_vector()
                                         if self.slim.weight_decay else None)
@@ -235,7 +259,7 @@ class Exchange:
         # The next step fetches: let this push bring the parameters back (one call, not two),
         # unless the push is large: then the round trip saved is little against the transfer,
         # and one call would hold the push and the values in Ray's object store at once.
-        pull = (self.pending_fetch is None and (step + 1) % self.config.downpour.n_fetch == 0
+        pull = (self.pending_fetch is None and (step + 1) % self.fetch_every == 0
                 and vector.numel() * vector.element_size() < COMBINE_BELOW_BYTES)
         self.sequence += 1
         pending = self.client.push(vector, versions, steps, errors, pull=pull,
@@ -266,8 +290,7 @@ class Exchange:
     def fetch(self, step: int, metrics: dict) -> None:
         """Before step `step`: issue a fetch when one is due, install one that has arrived
         (wait for it when there are no parameters yet, or without overlap)."""
-        c = self.config
-        due = self.versions is None or step % c.downpour.n_fetch == 0
+        due = self.versions is None or step % self.fetch_every == 0
         if due and self.pending_fetch is None and self.fetched_for != step:
             self.pending_fetch = self.client.fetch(self.source_index)
             self.fetched_for = step
@@ -278,8 +301,10 @@ class Exchange:
 
     def _take_fetch(self, metrics: dict) -> None:
         """Install the fetch in flight if it is there, or must be (module doc)."""
-        if self.versions is None or not self.config.downpour.overlap:
-            # Nothing to compute with yet (or no overlap): wait for the parameters.
+        if self.versions is None or not self.config.downpour.overlap or self.local is not None:
+            # Nothing to compute with yet (or no overlap): wait for the parameters. Local
+            # steps wait too: installed later, the fetch would overwrite steps not yet pushed
+            # (fetches are issued with the push, so the wait is one round trip per round).
             wait_start = time.perf_counter()
             self.install(self.pending_fetch.result())
             self.pending_fetch = None
@@ -375,7 +400,10 @@ class DownpourReplica:
             loss.backward()
             # Tensors, read at the push and the chunk's end: no wait for the device per step.
             wrong = self.loss.wrong(logits, y)
-            exchange.add(self.flat.gradient(), wrong.double() / len(y))
+            if exchange.local is not None:
+                exchange.add_local(step, wrong.double() / len(y))
+            else:
+                exchange.add(self.flat.gradient(), wrong.double() / len(y))
             loss_sum = loss_sum + loss.detach().double() * len(y)  # float64, as float() gave
             wrong_sum = wrong_sum + wrong
             metrics["images"] += len(y)

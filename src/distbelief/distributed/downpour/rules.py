@@ -112,6 +112,9 @@ def describe(config) -> str:
     rules = rules_of(config)
     base = ("adagrad" if config.optimizer == "adagrad"
             else f"sgd momentum {config.momentum:g}")
+    if config.downpour.local_steps:
+        base = (f"{config.downpour.local_steps} local sgd steps per push, their change applied "
+                f"at outer lr {config.downpour.outer_lr:g} with momentum {config.momentum:g}")
     if rules & {"momentum", *LOOKAHEAD_RULES} and config.optimizer == "adagrad":
         base += " (the momentum correction and dana do not apply to adagrad)"
     parts = [SOURCES[r] + (f", lambda {config.downpour.dc_lambda:g}" if r == "dc" else "")
@@ -246,6 +249,9 @@ class StaleUpdate:
     def __init__(self, config, n: int, threads: int = 1):
         self.config = config
         self.rules = rules_of(config)
+        # --local-steps: a push is a change the replica's own steps made, weight decay taken
+        # (`downpour.local`); the shard's step adds only the momentum.
+        self.weight_decay = 0.0 if config.downpour.local_steps else config.weight_decay
         self.opt_state: torch.Tensor | None = (
             torch.zeros(n) if config.optimizer == "adagrad" else None)
         self.mean_staleness = float(config.cluster.replicas - 1)
@@ -299,7 +305,7 @@ class StaleUpdate:
         if self.lookahead is not None:
             c = self.config
             self.lookahead.step(w, g, -1 if source is None else source, lr, scale, c.momentum,
-                                c.weight_decay, c.nesterov)
+                                self.weight_decay, c.nesterov)
             return
         self._step(w, g, lr * scale)
 
@@ -319,7 +325,7 @@ class StaleUpdate:
             state = self.opt_state = torch.empty_like(w)
         self.ranges.run(w.numel(), lambda lo, hi: sgd_update(
             w[lo:hi], g[lo:hi], None if state is None else state[lo:hi], lr, momentum,
-            c.weight_decay, c.nesterov, fresh=fresh))
+            self.weight_decay, c.nesterov, fresh=fresh))
 
     def _compensate(self, w, g, source, base_version) -> torch.Tensor:
         held = self.fetched.get(source, {})

@@ -116,7 +116,7 @@ class ParameterShard:
         out = torch.empty(self.w.shape, dtype=dtype) if copy else self._buffer(dtype)
         w, split = self.w, self.split
         if ahead:  # computed straight into the transfer dtype: one pass, not two
-            self.update.ahead(w[:split], self.schedule.lr_at(self.steps), out[:split])
+            self.update.ahead(w[:split], self.lr(), out[:split])
             out[split:].copy_(w[split:])
         else:
             self.update.ranges.run(w.numel(), lambda lo, hi: out[lo:hi].copy_(w[lo:hi]))
@@ -168,10 +168,18 @@ class ParameterShard:
 
     def _apply(self, update: torch.Tensor, staleness: int, replica: int | None,
                base_version: int, steps: int) -> None:
-        self.update.apply(self.w[:self.split], update[:self.split],
-                          self.schedule.lr_at(self.steps), staleness, replica, base_version)
+        self.update.apply(self.w[:self.split], update[:self.split], self.lr(), staleness,
+                          replica, base_version)
         fold(self.w[self.split:], update[self.split:].float(), self.retention,
              steps * self.config.cluster.micro_batches)
+
+    def lr(self) -> float:
+        """The step size of the next push: the recipe's schedule at the minibatches received,
+        or under --local-steps the constant --outer-lr (the replicas' own steps follow the
+        schedule, and a pushed change carries their lr)."""
+        if self.config.downpour.local_steps:
+            return self.config.downpour.outer_lr
+        return self.schedule.lr_at(self.steps)
 
     def retire(self, replica: int) -> bool:
         """Replica `replica` is gone for good (`StaleUpdate.retire`): whether it held state."""
@@ -240,7 +248,7 @@ class ParameterShard:
                 "elements": self.w.numel(), "rejected": self.rejected,
                 "duplicates": self.duplicates, "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out, "staleness": dict(sorted(self.staleness.items())),
-                "lr": self.schedule.lr_at(self.steps), "momentum": self.update.momentum(),
+                "lr": self.lr(), "momentum": self.update.momentum(),
                 "mean_staleness": self.update.mean_staleness,
                 "uncompensated": self.update.uncompensated,
                 "lookahead_sources": sorted(self.update.lookahead.velocity)
