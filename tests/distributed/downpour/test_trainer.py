@@ -121,6 +121,18 @@ def test_stop_then_resume_completes_the_run(tmp_path):
     assert max(r["iteration"] for r in records if r["kind"] == "train") == 300
 
 
+def test_local_steps_through_ray_push_once_per_round_and_learn(tmp_path):
+    # Two Ray replicas, four local steps per push: every shard applies a push per round of
+    # each replica (the minibatches still count one by one for the schedule), and the
+    # changes they push train the model.
+    config = get_recipe("digits-downpour").replace(iterations=160, milestones=(), eval_every=0,
+                                                   checkpoint_every=0, local_steps=4)
+    summary = DownpourTrainer(config, tmp_path / "run").fit()
+    assert summary["local_steps"] == 4 and summary["iterations"] == 160
+    assert summary["shard_updates"] == [40, 40]
+    assert summary["test_accuracy"] > 0.8, summary["test_accuracy"]
+
+
 # Ray passes a KeyboardInterrupt on as it is: SIGINT's case (make test-all) guards that.
 @pytest.mark.parametrize("signum, aborts", [
     (signal.SIGTERM, SystemExit),
