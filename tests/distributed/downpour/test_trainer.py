@@ -121,6 +121,7 @@ def test_stop_then_resume_completes_the_run(tmp_path):
     assert max(r["iteration"] for r in records if r["kind"] == "train") == 300
 
 
+@pytest.mark.slow  # ~20 s; make test-all (the arithmetic is tested in process: test_local_steps)
 def test_local_steps_through_ray_push_once_per_round_and_learn(tmp_path):
     # Two Ray replicas, four local steps per push: every shard applies a push per round of
     # each replica (the minibatches still count one by one for the schedule), and the
