@@ -3,11 +3,12 @@
 A replica takes H plain SGD steps on its own copy of the model (the recipe's lr schedule and
 weight decay, no momentum), then pushes the change of its parameters since they were last
 fetched or pushed, `base - w`, in place of a gradient. The shard applies that change as one
-outer step with the recipe's momentum at --outer-lr (`ParameterShard`, `rules.StaleUpdate`
-with `outer=True`): SGD's momentum moved from the minibatches to the rounds, as in EASGD
-(Zhang et al., 2015) and DiLoCo (Douillard et al., 2023), whose outer step is Nesterov's
-momentum on the averaged change. Here every replica's change is applied as it arrives
-(Downpour), so H local steps cut the pushes, and the staleness they count, by H.
+outer step with the recipe's momentum at --outer-lr (`ParameterShard.lr`; `rules.StaleUpdate`
+takes no weight decay of its own, the replica took it): SGD's momentum moved from the
+minibatches to the rounds, as in EASGD (Zhang et al., 2015) and DiLoCo (Douillard et al.,
+2023), whose outer step is Nesterov's momentum on the averaged change. Here every replica's
+change is applied as it arrives (Downpour's way), so H local steps cut the pushes and round
+trips by H; a push is still N - 1 pushes stale with N replicas, each of H minibatches.
 
 With one replica, H = 1 and outer lr 1 this is the recipe's SGD exactly: the change is
 lr * (g + weight_decay * w), and the outer step v = m * v + change, w -= change + m * v
@@ -30,7 +31,7 @@ from distbelief.engine.schedule import LRSchedule
 class LocalSteps:
     """The plain SGD steps a replica takes between its pushes, and the change it pushes.
 
-    `started(flat)` after parameters are installed (the change is counted from there);
+    `started()` after parameters are installed (the change is counted from there);
     `step(index, error)` after a backward pass, with the replica's own step index;
     `change()` at a push: base - w as a new float32 tensor on the model's device, the base
     then moved to w (the next change counts from the parameters the replica goes on from,
@@ -40,8 +41,7 @@ class LocalSteps:
     def __init__(self, config, flat: FlatModel):
         self.flat, self.replicas = flat, config.cluster.replicas
         self.schedule = LRSchedule(config)
-        self.params = [p for p in flat.model.parameters()]
-        self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=0.0,
+        self.optimizer = torch.optim.SGD(list(flat.model.parameters()), lr=config.lr, momentum=0.0,
                                          weight_decay=config.weight_decay)
         self.base: torch.Tensor | None = None
 
