@@ -133,6 +133,17 @@ def test_lockstep_replicas_push_once_per_round_of_local_steps(tmp_path):
     assert "4 local sgd steps per push" in summary["update_rule"]
 
 
+@pytest.mark.parametrize("changes", [{"local_steps": 3}, {"local_steps": None, "n_push": 3}])
+def test_a_round_cut_short_by_the_end_is_still_pushed(tmp_path, changes):
+    # 10 steps per replica in rounds of 3: the tenth is pushed alone at the end (drain), so
+    # every minibatch the records count reached the server.
+    config = local_config(replicas=2, iterations=20, lockstep=True, log_every=10, **changes)
+    trainer = LockstepTrainer(config, tmp_path / "run")
+    summary = trainer.fit()
+    assert [s.steps for s in trainer.shards] == [20, 20]
+    assert summary["shard_updates"] == [8, 8]  # 3 + 3 + 3 + 1 steps per replica
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"mode": "single", "local_steps": 2}, "--local-steps applies to --mode downpour"),
     ({"mode": "downpour", "local_steps": 2, "n_push": 2}, "leave --n-push and --n-fetch at 1"),

@@ -107,6 +107,8 @@ class LockstepTrainer(DownpourBase):
                     self._evaluate_and_checkpoint(cadence)
         finally:
             life.clock.stop()
+        for replica in self.replicas:  # a round cut short by the end or a stop, pushed
+            replica.drain()
         self.save()
         if life.stop_requested and self.steps < c.iterations:
             raise life.interrupted(self.steps)

@@ -241,7 +241,9 @@ class Exchange:
                 self.flat.load_buffers(self.buffer_base)
         return self.wire
 
-    def push(self, step: int, metrics: dict) -> None:
+    def push(self, step: int | None, metrics: dict) -> None:
+        """Send the push accumulated up to step `step` (None: a last push, `drain`, which
+        brings no fetch back)."""
         if self.local is not None:  # what --local-steps sends: the change of its parameters
             self.accum = self.local.change()
         if self.slim is not None:  # what DANA-Slim sends: d + momentum * v (`SlimMomentum`)
@@ -259,7 +261,8 @@ class Exchange:
         # The next step fetches: let this push bring the parameters back (one call, not two),
         # unless the push is large: then the round trip saved is little against the transfer,
         # and one call would hold the push and the values in Ray's object store at once.
-        pull = (self.pending_fetch is None and (step + 1) % self.fetch_every == 0
+        pull = (step is not None and self.pending_fetch is None
+                and (step + 1) % self.fetch_every == 0
                 and vector.numel() * vector.element_size() < COMBINE_BELOW_BYTES)
         self.sequence += 1
         pending = self.client.push(vector, versions, steps, errors, pull=pull,
@@ -281,11 +284,16 @@ class Exchange:
         metrics["rejected"] += sum(not r["accepted"] for r in replies)
 
     def drain(self) -> dict:
-        """Wait for every outstanding push; returns {"rejected": pushes the server refused}."""
-        metrics = {"rejected": 0}
+        """At the end of a run, or a stop: push what was accumulated since the last push (the
+        steps of a round that --n-push or --local-steps had not completed: they count as
+        trained, so their gradient or change must reach the server), then wait for every
+        outstanding push; returns {"rejected": pushes the server refused}."""
+        metrics = {"rejected": 0, "pushes": 0, "fetches": 0, "push_wait_s": 0.0}
+        if self.accum_errors:
+            self.push(None, metrics)
         while self.in_flight:
             self._count_reply(self.in_flight.popleft().result(), metrics)
-        return metrics
+        return {"rejected": metrics["rejected"]}
 
     def fetch(self, step: int, metrics: dict) -> None:
         """Before step `step`: issue a fetch when one is due, install one that has arrived
