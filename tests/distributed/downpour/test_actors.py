@@ -158,3 +158,24 @@ def test_one_put_or_a_slice_per_shard_apply_the_same_push_in_the_transfer_dtype(
             assert torch.equal(pulled, fetched.to(torch.bfloat16))
     finally:
         session.close()
+
+
+def test_a_snapshot_sender_outlives_a_keeper_that_is_gone():
+    # As a run ends, Ray may stop the keeper while a shard's snapshot is on its way: the
+    # sender's thread drops that snapshot and waits for the next, instead of dying with a
+    # traceback that Ray forwards to the driver's terminal.
+    import threading
+
+    from distbelief.distributed.runtime.snapshots import SnapshotSender, start_keeper
+
+    keeper = start_keeper("test-keeper-gone")
+    sender = SnapshotSender("test-keeper-gone", "shard-9")
+    snapshot = {"order": 1, "w": np.zeros(4, dtype=np.float32)}
+    sender.send(snapshot)
+    until(lambda: sender.sent == 1)
+    ray.kill(keeper, no_restart=True)
+    sender.send({**snapshot, "order": 2})
+    until(lambda: not sender.busy())
+    time.sleep(0.5)  # the failed get, handled
+    thread = next(t for t in threading.enumerate() if t.name == "snapshots-shard-9")
+    assert thread.is_alive() and sender.sent == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import ray
+from ray.exceptions import RayError
 
 from distbelief.distributed.keeper import SnapshotKeeper
 from distbelief.distributed.runtime.cluster import node_id
@@ -56,7 +57,14 @@ class SnapshotSender:
                 snapshot, self.slot = self.slot, None
             ref = self.keeper.put.remote(self.key, snapshot)  # the arrays are in Ray's store now
             self.sending = False
-            ray.get(ref)
+            try:
+                ray.get(ref)
+            except RayError:
+                # The keeper is gone or restarting: as the run ends (Ray shutting down while
+                # a snapshot is on its way), or with the driver's node. This snapshot is not
+                # counted; the next one tries again. A traceback from this thread would reach
+                # the driver's terminal through Ray's log forwarding.
+                continue
             self.sent += 1
 
     def restore(self) -> dict | None:
