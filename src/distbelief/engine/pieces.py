@@ -121,23 +121,24 @@ def _vector(file: Path, index: Path) -> torch.Tensor:
     return _read(file, index)["shard"]["w"]
 
 
-def read_piece(file: str | os.PathLike, index: str | os.PathLike) -> dict:
-    """One partition's piece (`to_piece`) of the checkpoint `index`, memory-mapped.
+def read_piece(file: str | os.PathLike, index: str | os.PathLike | None = None) -> dict:
+    """One partition's piece (`to_piece`) of the checkpoint `index` (named in errors, where
+    known), memory-mapped.
 
     Raises:
         CheckpointError: it is missing or unreadable."""
     return _read(Path(file), index)["part"]
 
 
-def _read(file: Path, index) -> dict:
+def _read(file: Path, index=None) -> dict:
+    what = f"{file}, a piece of {index}," if index is not None else f"{file}, a checkpoint piece,"
     if not file.is_file():
-        raise CheckpointError(f"{file}, a piece of {index}, is missing (a newer checkpoint "
-                              f"replaced it: read the run again)")
+        raise CheckpointError(f"{what} is missing (a newer checkpoint replaced it: read the run "
+                              f"again)")
     try:
         return torch.load(file, mmap=True, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{file}, a piece of {index}, is unreadable "
-                              f"({type(e).__name__})") from None
+        raise CheckpointError(f"{what} is unreadable ({type(e).__name__})") from None
 
 
 def _fill(tensor: torch.Tensor, start: int, slices: list, path: Path) -> None:

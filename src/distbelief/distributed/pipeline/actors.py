@@ -153,7 +153,7 @@ class StageHost:
         nothing, where this process does not see them all."""
         if not all(sees(path, seen) for path, seen in files):
             return False
-        pieces = [read_piece(path, path) for path, _ in files]
+        pieces = [read_piece(path) for path, _ in files]
         self.stage.load_state(from_pieces(pieces, self.stage.module, names))
         return True
 

@@ -187,7 +187,7 @@ class PipelineRunner:
         read = self._get([a.read_part.remote(part.names, seen)
                           for a, part in zip(actors, self.parts)])
         unseen = [p for p, ok in enumerate(read) if not ok]
-        pieces = [read_piece(f, f) for f in files] if unseen else []
+        pieces = [read_piece(f) for f in files] if unseen else []
         for p in unseen:
             send_states([actors[p]], [from_pieces(pieces, self.parts[p].module,
                                                   self.parts[p].names)])
