@@ -106,12 +106,14 @@ def main() -> None:
                              "alternating; report the medians")
     parser.add_argument("--micro-size", type=int, default=0,
                         help="images per micro-batch (batch M x this); 0: --batch for all")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="every run (the single process too) in channels-last memory format")
     args = parser.parse_args()
     p = args.partitions
     base = TrainConfig().replace(
         recipe="bench", model="resnet20", data="synthetic", synthetic_size=4096,
         batch_size=args.batch, iterations=10_000, eval_every=0, checkpoint_every=0,
-        log_every=10_000, device="cpu", channels_last=False, replica_cpus=1)
+        log_every=10_000, device="cpu", channels_last=args.channels_last, replica_cpus=1)
     print(f"# {platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"ray {ray.__version__}; {time.strftime('%Y-%m-%d')}; resnet20, synthetic 3x32x32, "
           f"batch {args.batch}, {args.steps} steps, {p} partitions of 1 thread each, "
