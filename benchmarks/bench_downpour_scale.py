@@ -10,8 +10,9 @@ process's, with the mean staleness.
 
     python benchmarks/bench_downpour_scale.py --data-dir ../shared/data/cifar-10-batches-py \\
         [--recipe cifar10-paper] [--iterations 2000] [--replicas 4 8 16] [--ray 4] \\
-        [--large-batch 4 8 16] [--out /tmp/downpour-scale] [-- extra train flags, e.g.
-        --bn-recalibrate 100]
+        [--large-batch 4 8 16] [--out /tmp/downpour-scale] \\
+        [--downpour-flags "--staleness-rule dana --async-warmup 500"] [-- extra train flags
+        for every run, e.g. --bn-recalibrate 100]
 
 Run it alone: every run takes the whole machine.
 """
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -73,16 +75,21 @@ def main() -> None:
                              "steps, lr x N after a linear warmup over a quarter of them: "
                              "what a synchronous step over N replicas' minibatches does "
                              "with the same images (the large-batch bound)")
+    parser.add_argument("--downpour-flags", default="",
+                        help="flags for the Downpour runs only (lockstep and Ray), one string")
     parser.add_argument("--out", type=Path, default=Path("/tmp/downpour-scale"))
     parser.add_argument("extra", nargs="*", help="flags for every run, after --")
     args = parser.parse_args()
     print(f"# {platform.node()} {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}, "
-          f"{args.recipe}, {args.iterations} minibatches, flags {args.extra}", flush=True)
+          f"{args.recipe}, {args.iterations} minibatches, flags {args.extra}, downpour flags "
+          f"{args.downpour_flags!r}", flush=True)
+    downpour = shlex.split(args.downpour_flags)
     runs = [("single", [])]
     runs += [(f"lockstep {n}", ["--mode", "downpour", "--lockstep", "--replicas", str(n),
-                                "--ps-shards", str(args.ps_shards)]) for n in args.replicas]
+                                "--ps-shards", str(args.ps_shards), *downpour])
+             for n in args.replicas]
     runs += [(f"ray {n}x{args.ps_shards}", ["--mode", "downpour", "--replicas", str(n),
-                                            "--ps-shards", str(args.ps_shards)])
+                                            "--ps-shards", str(args.ps_shards), *downpour])
              for n in args.ray]
     runs += [(f"batch x{n}", large_batch(args, n)) for n in args.large_batch]
     base = None

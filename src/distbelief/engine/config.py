@@ -173,6 +173,11 @@ class DownpourConfig:
                            "change (1: the change itself, with the recipe's momentum; one "
                            "replica with --local-steps 1 is then the recipe's SGD)",
                            check=positive, default=1.0)
+    async_warmup: int = _opt("downpour: the shards' lr rises linearly from lr / replicas to lr "
+                             "over the first N minibatches (over all replicas): Goyal et al.'s "
+                             "warmup for the step of replicas minibatches that a round of "
+                             "pushes under --staleness-rule dana amounts to (0: off)",
+                             check=non_negative, default=0)
     overlap: bool = _opt("downpour: fetch and push in the background while computing (off: "
                          "every fetch and push waits, as in the parity tests)", default=True)
     max_in_flight: int = _opt("downpour: pushes a replica may have outstanding before it waits",
@@ -618,6 +623,11 @@ def _check_staleness_rule(c: TrainConfig) -> None:
 
 def _check_local_steps(c: TrainConfig) -> None:
     d = c.downpour
+    if d.async_warmup and c.mode != "downpour":
+        raise ConfigError("--async-warmup applies to --mode downpour")
+    if d.async_warmup and d.local_steps is not None:
+        raise ConfigError("--async-warmup ramps the shards' gradient steps; under --local-steps "
+                          "they apply changes at --outer-lr (the replicas follow the schedule)")
     if d.local_steps is None:
         if d.outer_lr != 1.0:
             raise ConfigError("--outer-lr applies with --local-steps")

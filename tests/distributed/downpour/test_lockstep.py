@@ -96,3 +96,14 @@ def test_lockstep_refuses_a_cluster_address(tmp_path):
     with pytest.raises(ConfigError, match="drop --address"):
         trainer_for(lockstep_config(), tmp_path / "run", address="127.0.0.1:6379")
     assert not (tmp_path / "run").exists()
+
+
+def test_async_warmup_ramps_the_shards_lr_over_the_first_minibatches(tmp_path):
+    # --async-warmup 12 at 4 replicas: the shards' lr is lr x (1/4 + 3/4 x minibatches / 12)
+    # until 12 minibatches, as each record reports it, and the run learns all the same.
+    config = lockstep_config(replicas=4, iterations=16, log_every=4, milestones=(),
+                             async_warmup=12, eval_every=16, checkpoint_every=16)
+    trainer_for(config, tmp_path / "run").fit()
+    train = [r for r in read_jsonl(tmp_path / "run/metrics.jsonl") if r["kind"] == "train"]
+    lr = config.lr
+    assert [r["lr"] for r in train] == pytest.approx([lr * f for f in (0.5, 0.75, 1, 1)])

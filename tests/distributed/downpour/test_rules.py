@@ -7,6 +7,7 @@ from distbelief.distributed.downpour import ParameterShard
 from distbelief.distributed.downpour.rules import (corrected_momentum, delay_compensated,
                                                    describe, implicit_momentum,
                                                    lookahead_update, staleness_lr)
+from distbelief.distributed.downpour.shard import async_ramp
 from distbelief.engine.config import TrainConfig
 from distbelief.errors import ConfigError
 from distbelief.optim import CHUNK
@@ -322,3 +323,39 @@ def test_dana_slim_refuses_what_it_cannot_combine_with(settings, message):
     with pytest.raises(ConfigError, match=message):
         config(**settings)
 
+
+
+def test_async_warmup_ramps_the_shards_lr_from_lr_over_the_replicas():
+    # --async-warmup 8 with 4 replicas: lr x (1/4 + 3/4 * steps / 8) until 8 minibatches, then
+    # the schedule's lr; each push's step is taken at the minibatches received before it.
+    assert [async_ramp(s, 8, 4) for s in (0, 4, 7, 8, 100)] == [0.25, 0.625, 0.90625, 1, 1]
+    s = shard([0.0], momentum=0.0, replicas=4, async_warmup=8, mode="downpour")
+    steps = []
+    for k in range(5):
+        before = float(s.w)
+        s.push(torch.tensor([1.0]), s.version, steps=2)
+        steps.append(before - float(s.w))
+    lrs = [0.1 * (0.25 + 0.75 * k / 8) for k in (0, 2, 4, 6)] + [0.1]
+    torch.testing.assert_close(torch.tensor(steps), torch.tensor(lrs), rtol=1e-6, atol=0)
+    assert s.stats()["lr"] == pytest.approx(0.1)
+    assert "--async-warmup" in describe(config(replicas=4, async_warmup=8, mode="downpour"))
+
+
+def test_dana_looks_ahead_at_the_warmed_up_lr():
+    # The fetch's look-ahead steps as far as the next pushes will: lr x the ramp, not the
+    # schedule's lr.
+    s = shard([1.0], staleness_rule="dana", momentum=0.5, replicas=2, async_warmup=4,
+              mode="downpour")
+    s.push(torch.tensor([1.0]), 0, source=(0, "a", 1))  # lr 0.1 x 1/2: v0 = 1, w = 0.95
+    close(s.w, [0.95])
+    ahead, _ = s.pull(source=1)  # after 1 minibatch: lr 0.1 x (1/2 + 1/2 x 1/4) = 0.0625
+    close(ahead, [0.95 - 0.0625 * 0.5 * 1.0])
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"mode": "single", "async_warmup": 100}, "--mode downpour"),
+    ({"mode": "downpour", "async_warmup": 100, "local_steps": 2}, "--outer-lr"),
+    ({"mode": "downpour", "async_warmup": -1}, "--async-warmup must be >= 0")])
+def test_async_warmup_is_refused_where_it_does_not_apply(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        config(**settings)

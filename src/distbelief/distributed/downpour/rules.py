@@ -119,7 +119,11 @@ def describe(config) -> str:
         base += " (the momentum correction and dana do not apply to adagrad)"
     parts = [SOURCES[r] + (f", lambda {config.downpour.dc_lambda:g}" if r == "dc" else "")
              for r in sorted(rules)] or [SOURCES["none"]]
-    return f"{base}; staleness rule {config.downpour.staleness_rule}: {'; '.join(parts)}"
+    line = f"{base}; staleness rule {config.downpour.staleness_rule}: {'; '.join(parts)}"
+    if config.downpour.async_warmup:
+        line += (f"; lr from lr/{config.cluster.replicas} up to lr over the first "
+                 f"{config.downpour.async_warmup} minibatches (--async-warmup, Goyal 2017)")
+    return line
 
 
 @torch.no_grad()

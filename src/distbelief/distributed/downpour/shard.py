@@ -39,6 +39,17 @@ from distbelief.errors import CheckpointError
 STALENESS_CAP = 64  # staleness histogram: larger values are counted under 64
 
 
+def async_ramp(steps: int, length: int, replicas: int) -> float:
+    """--async-warmup's factor of the lr after `steps` minibatches: 1 / replicas rising
+    linearly to 1 over the first `length`, then 1 (Goyal et al., 2017's warmup). Under dana a
+    round of N pushes moves the server as one synchronous step over N minibatches at N times
+    the lr would (each replica's momentum is one of N terms of that step's), and such a step
+    needs the warmup that the single process's lr does not."""
+    if steps >= length:
+        return 1.0
+    return 1 / replicas + (1 - 1 / replicas) * steps / length
+
+
 def shard_lost(config) -> str:
     """The one line for a shard that is gone for good."""
     return (f"a parameter-server shard is gone (it failed more than --max-restarts "
@@ -174,12 +185,17 @@ class ParameterShard:
              steps * self.config.cluster.micro_batches)
 
     def lr(self) -> float:
-        """The step size of the next push: the recipe's schedule at the minibatches received,
-        or under --local-steps the constant --outer-lr (the replicas' own steps follow the
-        schedule, and a pushed change carries their lr)."""
-        if self.config.downpour.local_steps:
-            return self.config.downpour.outer_lr
-        return self.schedule.lr_at(self.steps)
+        """The step size of the next push: the recipe's schedule at the minibatches received
+        (times `async_ramp` under --async-warmup), or under --local-steps the constant
+        --outer-lr (the replicas' own steps follow the schedule, and a pushed change carries
+        their lr). The look-ahead of a fetch takes the same lr as the steps."""
+        d = self.config.downpour
+        if d.local_steps:
+            return d.outer_lr
+        lr = self.schedule.lr_at(self.steps)
+        if d.async_warmup:
+            lr *= async_ramp(self.steps, d.async_warmup, self.config.cluster.replicas)
+        return lr
 
     def retire(self, replica: int) -> bool:
         """Replica `replica` is gone for good (`StaleUpdate.retire`): whether it held state."""
