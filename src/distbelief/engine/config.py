@@ -592,6 +592,7 @@ def _check_rules(c: TrainConfig) -> None:
         raise ConfigError(f"dataset {c.data} needs --data-dir")
     _check_staleness_rule(c)
     _check_local_steps(c)
+    _check_async_warmup(c)
     if c.compile and c.mode != "single":
         raise ConfigError("--compile applies to --mode single")
     if c.cluster.train_storage and c.mode != "sync":
@@ -621,13 +622,17 @@ def _check_staleness_rule(c: TrainConfig) -> None:
                           "drop --nesterov")
 
 
-def _check_local_steps(c: TrainConfig) -> None:
+def _check_async_warmup(c: TrainConfig) -> None:
     d = c.downpour
     if d.async_warmup and c.mode != "downpour":
         raise ConfigError("--async-warmup applies to --mode downpour")
     if d.async_warmup and d.local_steps is not None:
         raise ConfigError("--async-warmup ramps the shards' gradient steps; under --local-steps "
                           "they apply changes at --outer-lr (the replicas follow the schedule)")
+
+
+def _check_local_steps(c: TrainConfig) -> None:
+    d = c.downpour
     if d.local_steps is None:
         if d.outer_lr != 1.0:
             raise ConfigError("--outer-lr applies with --local-steps")
