@@ -42,9 +42,9 @@ STALENESS_CAP = 64  # staleness histogram: larger values are counted under 64
 def async_ramp(steps: int, length: int, replicas: int) -> float:
     """--async-warmup's factor of the lr after `steps` minibatches: 1 / replicas rising
     linearly to 1 over the first `length`, then 1 (Goyal et al., 2017's warmup). Under dana a
-    round of N pushes moves the server as one synchronous step over N minibatches at N times
-    the lr would (each replica's momentum is one of N terms of that step's), and such a step
-    needs the warmup that the single process's lr does not."""
+    round of N pushes moves the server as one synchronous step over its N minibatches would at
+    N times the lr (each replica's momentum is one of N terms of that step's momentum), and
+    such a step needs the warmup that the single process's lr does not."""
     if steps >= length:
         return 1.0
     return 1 / replicas + (1 - 1 / replicas) * steps / length
