@@ -100,7 +100,7 @@ def test_lockstep_refuses_a_cluster_address(tmp_path):
 
 def test_async_warmup_ramps_the_shards_lr_over_the_first_minibatches(tmp_path):
     # --async-warmup 12 at 4 replicas: the shards' lr is lr x (1/4 + 3/4 x minibatches / 12)
-    # until 12 minibatches, as each record reports it, and the run learns all the same.
+    # until 12 minibatches, then the schedule's, as each training record reports it.
     config = lockstep_config(replicas=4, iterations=16, log_every=4, milestones=(),
                              async_warmup=12, eval_every=16, checkpoint_every=16)
     trainer_for(config, tmp_path / "run").fit()

@@ -324,7 +324,6 @@ def test_dana_slim_refuses_what_it_cannot_combine_with(settings, message):
         config(**settings)
 
 
-
 def test_async_warmup_ramps_the_shards_lr_from_lr_over_the_replicas():
     # --async-warmup 8 with 4 replicas: lr x (1/4 + 3/4 * steps / 8) until 8 minibatches, then
     # the schedule's lr; each push's step is taken at the minibatches received before it.
