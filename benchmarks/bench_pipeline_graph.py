@@ -2,11 +2,12 @@
 through shared memory, not the object store) against the same stages through ordinary actor
 calls (what `--partitions` does), against the single process on the same cores.
 
-ResNet-20 cut in two by the partitioner, each part a real `Stage` in a Ray actor of one thread,
-batch --batch in --micro micro-batches under 1F1B (`schedule.submission_order`, ahead
---ahead); the same calls in the same order both ways, the compiled graph bound once in that
-order (a compiled graph runs each actor's tasks in the order they were bound). images/s over
---steps steps after 3 of warm-up, in --rounds alternating rounds, medians reported.
+ResNet-20 cut in two by the partitioner, each part in the pipeline's own stage actor
+(`pipeline.actors.StageActor`) of one thread, batch --batch in --micro micro-batches under
+1F1B (`schedule.submission_order`, ahead --ahead); the same calls in the same order both ways,
+the compiled graph bound once in that order (a compiled graph runs each actor's tasks in the
+order they were bound). images/s over --steps steps after 3 of warm-up, in --rounds
+alternating rounds, medians reported.
 
     python benchmarks/bench_pipeline_graph.py [--steps 20] [--rounds 3] [--micro 8] [--ahead 1]
 """
@@ -24,50 +25,21 @@ import ray
 import torch
 from ray.dag import InputNode, MultiOutputNode
 
-from distbelief.distributed.pipeline.actors import handed_on, received
+from distbelief.distributed.pipeline.actors import StageActor
+from distbelief.distributed.pipeline.partition import partition
 from distbelief.distributed.pipeline.schedule import submission_order
+from distbelief.engine.config import TrainConfig
+from distbelief.engine.trainer import build_optimizer
 from distbelief.models import create_model
 
 PARTS = 2
-
-
-@ray.remote(num_cpus=0)
-class Host:
-    """One part of ResNet-20 as a `Stage`, taking and giving arrays as the pipeline's stage
-    actors do (`actors.received`, `actors.handed_on`: no copy)."""
-
-    def __init__(self, index: int, micro: int):
-        torch.set_num_threads(1)
-        from distbelief.distributed.pipeline.partition import partition
-        from distbelief.distributed.pipeline.stage import Stage
-        from distbelief.engine.losses import get_loss
-
-        torch.manual_seed(0)
-        part = partition(create_model("resnet20", num_classes=10), PARTS,
-                         torch.zeros(1, 3, 32, 32)).parts[index]
-        optimizer = torch.optim.SGD(part.module.parameters(), lr=0.01, momentum=0.9)
-        self.stage = Stage(index, PARTS, part.module, get_loss("cross_entropy"), optimizer)
-        self.weight = 1 / micro
-
-    def forward(self, m: int, x: np.ndarray) -> np.ndarray:
-        return handed_on(self.stage.forward(m, received(x)))
-
-    def forward_loss_backward(self, m: int, a: np.ndarray, y: np.ndarray):
-        loss, grad = self.stage.forward_loss_backward(m, received(a), received(y), self.weight)
-        return loss, handed_on(grad)
-
-    def backward(self, m: int, grad: np.ndarray) -> int:
-        self.stage.backward(m, received(grad))
-        return m
-
-    def update(self, *after) -> int:
-        self.stage.update(0.01)
-        return 0
+LR = 0.01
 
 
 def step_calls(hosts, micro: int, ahead: int, inputs: list):
-    """One step's calls (the last stage's losses and both updates), submitted in the
-    pipeline's order; with `bind` the graph nodes instead of calls."""
+    """One step's calls in the pipeline's order (`Pipeline.submit_step`'s, ahead `ahead`):
+    the results of the last stage's losses, both updates and the first stage's backward
+    passes but its last; with graph inputs (not a list) the graph nodes instead of calls."""
     def call(host, method, *args, returns=1):
         target = getattr(host, method).options(num_returns=returns)
         return target.bind(*args) if bind else target.remote(*args)
@@ -78,12 +50,15 @@ def step_calls(hosts, micro: int, ahead: int, inputs: list):
         if kind == "F" and p == 0:
             acts[m] = call(hosts[0], "forward", m, inputs[2 * m])
         elif kind == "F":
-            losses[m], grads[m] = call(hosts[1], "forward_loss_backward", m, acts[m],
-                                       inputs[2 * m + 1], returns=2)
+            node = call(hosts[1], "forward_loss_backward", m, acts[m], inputs[2 * m + 1],
+                        1 / micro, returns=2)
+            losses[m], grads[m] = node[0], node[1]
         elif p == 0:
             last[m] = call(hosts[0], "backward", m, grads[m])
-    updates = [call(hosts[0], "update", *last.values()), call(hosts[1], "update", losses[0])]
-    return [losses[m] for m in range(micro)] + updates
+    # As the pipeline: every update after the first stage's last backward. The first stage's
+    # other backward passes return nothing; a compiled graph must still output them.
+    updates = [call(host, "update", LR, last[micro - 1]) for host in hosts]
+    return [losses[m] for m in range(micro)] + updates + [last[m] for m in range(micro - 1)]
 
 
 def rate(step, steps: int, batch: int) -> float:
@@ -102,7 +77,12 @@ def main() -> None:
         parser.add_argument(flag, type=int, default=default)
     args = parser.parse_args()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    hosts = [Host.remote(p, args.micro) for p in range(PARTS)]
+    config = TrainConfig().replace(model="resnet20", lr=LR, device="cpu", channels_last=False)
+    torch.manual_seed(0)
+    plan = partition(create_model("resnet20", num_classes=10), PARTS, torch.zeros(1, 3, 32, 32))
+    hosts = [StageActor.options(num_cpus=0).remote(part.index, PARTS, part.module, config, 1,
+                                                   "cpu", build_optimizer)
+             for part in plan.parts]
     x = np.random.randn(args.batch, 3, 32, 32).astype(np.float32)
     y = np.random.randint(0, 10, args.batch)
     inputs = [v for pair in zip(np.array_split(x, args.micro), np.array_split(y, args.micro))
