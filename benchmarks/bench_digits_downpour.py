@@ -3,9 +3,10 @@
 The acceptance of the asynchrony issues: `distbelief train --mode downpour --replicas R
 --ps-shards 2 --seed S` on the `digits` recipe as it is (ResNet-20, batch 64, lr 0.1, momentum
 0.9, 1,200 minibatches over all replicas) reaches >= 97% test accuracy with 2 replicas and
->= 96% with 4 and with 8, in every run. Each run is a subprocess of the CLI; prints one line per run
-(accuracy, mean staleness, momentum in force, time a replica waited for its fetches, images/s)
-and the worst accuracy per replica count.
+>= 96% with 4 and with 8, in every run. Each run is a subprocess of the CLI; prints one line
+per run (accuracy, mean and largest staleness, momentum in force, the share of the replicas'
+time spent waiting for their fetches and for the slowest replica under --ssp-bound, images/s,
+wall seconds) and the worst accuracy per replica count.
 
     python benchmarks/bench_digits_downpour.py [--replicas 2 4] [--seeds 0 1 2 3 4] \\
         [--out /tmp/digits-downpour] [-- extra train flags]
@@ -49,8 +50,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"# {platform.node()}, {os.cpu_count()} cores; digits recipe, downpour, 2 shards, "
           f"extra flags: {' '.join(args.extra) or 'none'}")
-    print(f"{'replicas':>8} {'seed':>4} {'accuracy':>8} {'staleness':>9} {'momentum':>8} "
-          f"{'fetch wait':>10} {'images/s':>8}", flush=True)
+    print(f"{'replicas':>8} {'seed':>4} {'accuracy':>8} {'staleness':>9} {'max':>4} "
+          f"{'momentum':>8} {'fetch wait':>10} {'ssp wait':>8} {'images/s':>8} {'wall s':>6}",
+          flush=True)
     worst = {}
     for replicas in args.replicas:
         for seed in args.seeds:
@@ -58,11 +60,14 @@ def main() -> None:
             if s is None:
                 worst[replicas] = 0.0
                 continue
-            wait = s["replica_time_s"]["fetch_wait_s"] / sum(s["replica_time_s"].values())
+            times = s["replica_time_s"]
+            wait = times["fetch_wait_s"] / sum(times.values())
+            bound = times.get("bound_wait_s", 0.0) / sum(times.values())  # --ssp-bound
             momentum = "/".join(f"{m:.2f}" for m in s["momentum_in_force"])
             print(f"{replicas:>8} {seed:>4} {s['test_accuracy']:>8.2%} "
-                  f"{s['staleness_mean']:>9.2f} {momentum:>8} {wait:>10.1%} "
-                  f"{s['images_per_s']:>8.0f}", flush=True)
+                  f"{s['staleness_mean']:>9.2f} {max(map(int, s['staleness'])):>4} "
+                  f"{momentum:>8} {wait:>10.1%} {bound:>8.1%} {s['images_per_s']:>8.0f} "
+                  f"{s['wall_s']:>6.0f}", flush=True)
             worst[replicas] = min(worst.get(replicas, 1.0), s["test_accuracy"])
     for replicas, accuracy in worst.items():
         target = TARGET.get(replicas)

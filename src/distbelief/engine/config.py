@@ -178,6 +178,12 @@ class DownpourConfig:
                              "warmup for the step of replicas minibatches that a round of "
                              "pushes under --staleness-rule dana amounts to (0: off)",
                              check=non_negative, default=0)
+    ssp_bound: int | None = _opt("downpour: stale synchronous parallel replicas (Ho 2013): a "
+                                 "replica more than S of its steps ahead of the slowest replica "
+                                 "at work waits for it, so that no gradient falls more than "
+                                 "about (replicas - 1) x (S + 1) versions behind; 0 keeps their "
+                                 "steps level (default: never wait, Downpour's replicas)",
+                                 check=non_negative, default=None)
     overlap: bool = _opt("downpour: fetch and push in the background while computing (off: "
                          "every fetch and push waits, as in the parity tests)", default=True)
     max_in_flight: int = _opt("downpour: pushes a replica may have outstanding before it waits",
@@ -241,8 +247,9 @@ class SandblasterConfig:
                       "gradients and the L-BFGS vectors", default="float32")
     backup_tasks: bool = _opt("sandblaster: near the end of a batch give idle replicas copies "
                               "of unfinished portions; the first result wins", default=True)
-    straggler_delay: float = _opt("sandblaster: replica 0 sleeps this many seconds after each "
-                                  "portion (experiments with stragglers)", check=non_negative,
+    straggler_delay: float = _opt("sandblaster, downpour: replica 0 sleeps this many seconds "
+                                  "after each portion (sandblaster) or step (downpour): "
+                                  "experiments with stragglers", check=non_negative,
                                   default=0.0)
 
 
@@ -593,6 +600,7 @@ def _check_rules(c: TrainConfig) -> None:
     _check_staleness_rule(c)
     _check_local_steps(c)
     _check_async_warmup(c)
+    _check_ssp_bound(c)
     if c.compile and c.mode != "single":
         raise ConfigError("--compile applies to --mode single")
     if c.cluster.train_storage and c.mode != "sync":
@@ -620,6 +628,16 @@ def _check_staleness_rule(c: TrainConfig) -> None:
     if name == "dana-slim" and c.nesterov:
         raise ConfigError("--staleness-rule dana-slim is Nesterov-shaped by construction: "
                           "drop --nesterov")
+
+
+def _check_ssp_bound(c: TrainConfig) -> None:
+    if c.downpour.ssp_bound is None:
+        return
+    if c.mode != "downpour":
+        raise ConfigError("--ssp-bound applies to --mode downpour")
+    if c.downpour.lockstep:
+        raise ConfigError("--ssp-bound bounds how far replicas drift apart; in --lockstep they "
+                          "take one step each in turn and never do")
 
 
 def _check_async_warmup(c: TrainConfig) -> None:

@@ -45,10 +45,12 @@ def test_staleness_adds_up_over_shards_and_the_summary_splits_the_replicas_time(
     assert staleness(statuses) == Counter({0: 1, 2: 7}) and mean_staleness(Counter()) == 0.0
     assert mean_staleness(staleness(statuses)) == round(14 / 8, 3)
     summary = summary_entries(statuses, Counter(replica_failures=1), [640, 320], [2.0, 4.0],
-                              Counter(compute_s=4.0, fetch_wait_s=0.5, push_wait_s=0.5), 2.0)
+                              Counter(compute_s=4.0, fetch_wait_s=0.5, push_wait_s=0.25,
+                                      bound_wait_s=0.25), 2.0)
     assert summary["replica_images_per_s"] == [320.0, 80.0]
     assert summary["replica_time_s"] == {"compute_s": 4.0, "fetch_wait_s": 0.5,
-                                         "push_wait_s": 0.5, "other_s": 1.0}
+                                         "push_wait_s": 0.25, "bound_wait_s": 0.25,
+                                         "other_s": 1.0}
     assert summary["replica_failures"] == 1 and summary["shard_updates"] == [4, 4]
     assert summary["shard_updates_per_s"] == [2.0, 2.0]
     assert summary["lookahead_sources"] == [0, 2]  # over all shards
@@ -66,7 +68,8 @@ def test_the_window_averages_over_images_and_keeps_each_replica_s_rate():
 
 def chunk(replica, images, seconds, **kw):
     return {"replica": replica, "images": images, "seconds": seconds, "compute_s": seconds,
-            "fetch_wait_s": 0.25, "push_wait_s": 0.0, "loss_sum": 1.0, **kw}
+            "fetch_wait_s": 0.25, "push_wait_s": 0.0, "bound_wait_s": 0.125, "loss_sum": 1.0,
+            **kw}
 
 
 def test_replica_progress_counts_finished_chunks_and_restores_from_its_state():
@@ -77,7 +80,8 @@ def test_replica_progress_counts_finished_chunks_and_restores_from_its_state():
     progress.finished(work, first, chunk(0, 640, 4.0))
     assert (progress.positions, progress.steps) == ([10, 10], 20)
     assert progress.replica_images == [640, 640] and progress.replica_seconds == [4.0, 2.0]
-    assert progress.time_split == Counter(compute_s=6.0, fetch_wait_s=0.5, push_wait_s=0.0)
+    assert progress.time_split == Counter(compute_s=6.0, fetch_wait_s=0.5, push_wait_s=0.0,
+                                          bound_wait_s=0.25)
     again = ReplicaProgress(2, saved={**progress.state(), "data_stats": None})
     assert again.state() == progress.state()
 

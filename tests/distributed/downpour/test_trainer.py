@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from distbelief.distributed import DownpourTrainer
+from distbelief.distributed.downpour.trainer import CHUNK_STEPS
 from distbelief.engine import Diverged, TrainingInterrupted, load_checkpoint
 from distbelief.engine.rundir import RunDir, read_jsonl
 from distbelief.recipes import get_recipe
@@ -18,12 +19,16 @@ from distbelief.recipes import get_recipe
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def kill_when(trainer, steps, pick):
-    """Kill the actor pick(trainer) (Ray may restart it) once `steps` steps are done."""
+def kill_when(trainer, steps, pick, replica=None):
+    """Kill the actor pick(trainer) (Ray may restart it) once `steps` steps are done (with
+    `replica`: once that replica has done them)."""
     import ray
 
+    def done():
+        return trainer.steps if replica is None else trainer.progress.positions[replica]
+
     def run():
-        while trainer.steps < steps:
+        while done() < steps:
             time.sleep(0.05)
         ray.kill(pick(trainer), no_restart=False)
 
@@ -69,14 +74,39 @@ def test_a_killed_replica_is_restarted_and_training_completes(tmp_path):
 
 def test_a_replica_that_is_gone_for_good_leaves_the_look_ahead(tmp_path):
     """--max-restarts 0: replica 1 dies and is not restarted; replica 0 finishes the run and
-    the shards' dana look-ahead holds replica 0's momentum alone."""
+    the shards' dana look-ahead holds replica 0's momentum alone. Under --ssp-bound 0 replica 0
+    would wait for the dead one for ever if it did not leave the clocks (a stop after 60 s
+    turns that hang into a failure here)."""
     config = get_recipe("digits-downpour").replace(iterations=240, max_restarts=0,
-                                                   eval_every=0, checkpoint_every=0)
+                                                   eval_every=0, checkpoint_every=0,
+                                                   ssp_bound=0)
     trainer = DownpourTrainer(config, tmp_path / "run")
-    kill_when(trainer, 60, lambda t: t.session.replicas[1])
-    summary = trainer.fit()
+    # Once replica 1 has trained (it has joined the clocks: replicas start at different times).
+    kill_when(trainer, 30, lambda t: t.session.replicas[1], replica=1)
+    watchdog = threading.Timer(60.0, trainer.request_stop)
+    watchdog.start()
+    try:
+        summary = trainer.fit()
+    finally:
+        watchdog.cancel()
     assert summary["replica_failures"] == 1 and summary["replica_restarts"] == 0
     assert summary["iterations"] == 240 and summary["lookahead_sources"] == [0]
+
+
+def test_a_straggler_holds_the_others_within_the_ssp_bound(tmp_path):
+    """Replica 0 sleeps 60 ms after each step, replica 1 takes a few ms. Under --ssp-bound 2
+    replica 1 waits for it, so the two train about as many steps: they part only once all the
+    work is handed out and the clocks are released (each then holds at most its two queued
+    chunks). Without the bound replica 1 would train several times replica 0's steps."""
+    run = tmp_path / "run"
+    config = get_recipe("digits-downpour").replace(iterations=160, milestones=(),
+                                                   eval_every=0, checkpoint_every=0,
+                                                   ssp_bound=2, straggler_delay=0.06)
+    summary = DownpourTrainer(config, run).fit()
+    positions = load_checkpoint(RunDir(run).state_file("downpour"))["positions"]
+    assert sum(positions) == 160 and summary["iterations"] == 160
+    assert abs(positions[0] - positions[1]) <= 2 + 1 + 2 * CHUNK_STEPS, positions
+    assert summary["replica_time_s"]["bound_wait_s"] > 1.0, summary["replica_time_s"]
 
 
 @pytest.mark.slow  # ~1 min; make test-all

@@ -12,6 +12,7 @@ restarted replica its next chunk.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
@@ -22,6 +23,7 @@ import ray
 import torch
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
+from distbelief.distributed.downpour.bound import ReplicaClocks, StalenessBound
 from distbelief.distributed.downpour.generation import sees, write_piece
 from distbelief.distributed.downpour.layout import PartSlice, start_values
 from distbelief.distributed.downpour.partitioned import PartitionedReplica, ServerStage
@@ -223,6 +225,65 @@ class ShardActor:
                 "memory": memory()}
 
 
+@ray.remote(num_cpus=0)
+class ClockActor:
+    """The replicas' clocks under --ssp-bound (`bound.ReplicaClocks`): an async actor, so that
+    a replica's `wait` parks here while the others' reports go on. Restarted by Ray with an
+    empty table (every replica then joins again, level with the slowest)."""
+
+    def __init__(self, bound: int):
+        self.clocks = ReplicaClocks(bound)
+        self.changed = asyncio.Condition()
+
+    async def _changed(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def report(self, replica: int, position: int) -> float | None:
+        level = self.clocks.report(replica, position)
+        await self._changed()
+        return level
+
+    async def wait(self, replica: int, position: int) -> float | None:
+        """`report`, then the replica's level once it may train the step at `position`.
+        (Reporting here too: an async actor may run a replica's calls out of order.)"""
+        self.clocks.report(replica, position)
+        await self._changed()
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.clocks.allowed(replica, position))
+        return self.clocks.level(replica)
+
+    async def leave(self, replica: int) -> None:
+        self.clocks.leave(replica)
+        await self._changed()
+
+    async def release(self) -> None:
+        self.clocks.release()
+        await self._changed()
+
+
+class RayClocks:
+    """`StalenessBound`'s client over a `ClockActor`."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def report(self, replica: int, position: int) -> RayPending:
+        return RayPending([self.actor.report.remote(replica, position)], lambda out: out[0])
+
+    def wait(self, replica: int, position: int) -> RayPending:
+        return RayPending([self.actor.wait.remote(replica, position)], lambda out: out[0])
+
+
+def staleness_bound(replica: int, config, clock_name: str | None) -> StalenessBound | None:
+    """Replica `replica`'s side of --ssp-bound (None without it), over the clock actor found
+    by name."""
+    if clock_name is None:
+        return None
+    return StalenessBound(replica, config.downpour.ssp_bound,
+                          RayClocks(ray.get_actor(clock_name)))
+
+
 @ray.remote
 class ReplicaActor:
     """A `DownpourReplica` in its own process, using `threads` CPU threads. It finds the shards
@@ -230,12 +291,13 @@ class ReplicaActor:
     which Ray warns makes restarts fragile."""
 
     def __init__(self, index: int, config, shard_names: list[str], bounds: list, stats: dict,
-                 threads: int, device: str):
+                 threads: int, device: str, clock_name: str | None = None):
         torch.set_num_threads(threads)
         shards = [ray.get_actor(name) for name in shard_names]
         client = RayClient(shards, bounds, wire_dtype(config), one_put=len(nodes()) == 1)
         self.replica = DownpourReplica(index, config, client, stats=stats,
-                                       device=torch.device(device))
+                                       device=torch.device(device),
+                                       bound=staleness_bound(index, config, clock_name))
 
     def run(self, start: int, steps: int) -> dict:
         return self.replica.run(start, steps)
@@ -327,11 +389,13 @@ class PartitionedReplicaActor:
     partitions are `ServerStageActor`s found by name (handles among constructor arguments
     would pin them, which Ray warns makes restarts fragile)."""
 
-    def __init__(self, index: int, config, stage_names: list[str], stats: dict):
+    def __init__(self, index: int, config, stage_names: list[str], stats: dict,
+                 clock_name: str | None = None):
         self.config = config
         self.stages = [ray.get_actor(name) for name in stage_names]
         self.replica = PartitionedReplica(index, config, caller(self.stages), self._get,
-                                          len(self.stages), stats=stats)
+                                          len(self.stages), stats=stats,
+                                          bound=staleness_bound(index, config, clock_name))
 
     def _get(self, refs):
         try:

@@ -140,8 +140,9 @@ class PartitionedReplica:
     what is left of it (activations, the gradient accumulated since its last push)."""
 
     def __init__(self, index: int, config, call, resolve, count: int,
-                 stats: dict | None = None):
+                 stats: dict | None = None, bound=None):
         self.index, self.config, self.call, self.resolve = index, config, call, resolve
+        self.bound = bound  # --ssp-bound (`bound.StalenessBound`), as `DownpourReplica`'s
         self.count = count
         self.data = build_data(config, torch.device("cpu"), stats=stats,
                                part=(index, config.cluster.replicas))
@@ -154,6 +155,8 @@ class PartitionedReplica:
     def recover(self) -> None:
         self.resolve([self.call(p, "reset") for p in range(self.count)])
         self.failed = None
+        if self.bound is not None:  # the driver made it leave the clocks
+            self.bound.forget()
 
     def run(self, start: int, steps: int) -> dict:
         if self.failed is not None:
@@ -171,6 +174,8 @@ class PartitionedReplica:
         batches = self.cursor.at(start)
         exchanges = []  # begin / finish: not waited for, but their errors must surface
         for step in range(start, start + steps):
+            if self.bound is not None:
+                self.bound.before(step, metrics)
             exchanges += [self.call(p, "begin", step) for p in range(self.count)]
             x, y = next(batches)
             losses = self.resolve(self.pipeline.submit_passes(x, y))
@@ -180,6 +185,8 @@ class PartitionedReplica:
             metrics["loss_sum"] += loss * len(y)
             metrics["wrong"] += wrong
             metrics["images"] += len(y)
+            if self.bound is not None:
+                self.bound.after(step + 1)
         stages = self.resolve(exchanges + [self.call(p, "take_metrics")
                                            for p in range(self.count)])[len(exchanges):]
         self.cursor.ended(start + steps)

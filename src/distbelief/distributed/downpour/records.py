@@ -10,7 +10,9 @@ from collections import Counter
 
 from distbelief.engine.lifecycle import Diverged
 
-TIME_PARTS = ("compute_s", "fetch_wait_s", "push_wait_s")  # where a replica's time goes
+# Where a replica's time goes: computing, waiting for a fetch, for the in-flight push bound,
+# and for the slowest replica (--ssp-bound).
+TIME_PARTS = ("compute_s", "fetch_wait_s", "push_wait_s", "bound_wait_s")
 FAILURE_COUNTS = ("replica_failures", "replica_restarts", "replica_steps_lost",
                   "shard_failures", "shard_updates_lost")
 
@@ -178,8 +180,7 @@ def summary_entries(statuses: list[dict], counters: Counter, replica_images: lis
         "staleness_mean": mean_staleness(histogram),
         # dana: the replicas whose momentum the look-ahead holds (a retired one is gone).
         "lookahead_sources": sorted({r for st in statuses for r in st["lookahead_sources"]}),
-        # Computing, blocked on a fetch or on the in-flight push bound, and the rest (sending,
-        # installing parameters, flattening gradients).
+        # TIME_PARTS, and the rest (sending, installing parameters, flattening gradients).
         "replica_time_s": {**{k: round(time_split[k], 3) for k in TIME_PARTS},
                            "other_s": round(sum(replica_seconds) - waits, 3)}}
 

@@ -346,12 +346,13 @@ def chunk_metrics(replica: int, start: int, steps: int) -> dict:
     """A chunk's metrics before its first step (`DownpourReplica.run`)."""
     return {"replica": replica, "start": start, "steps": steps, "images": 0, "loss_sum": 0.0,
             "wrong": 0, "compute_s": 0.0, "fetch_wait_s": 0.0, "push_wait_s": 0.0,
-            "fetches": 0, "pushes": 0, "rejected": 0}
+            "bound_wait_s": 0.0, "fetches": 0, "pushes": 0, "rejected": 0}
 
 
 class DownpourReplica:
     """Replica `index` of `config.cluster.replicas`, computing on `device` (default:
-    config.device).
+    config.device); `bound` (a `bound.StalenessBound`, --ssp-bound) makes it wait while it is
+    too far ahead of the slowest replica.
 
     `run(start, steps)` trains its steps start .. start+steps-1 (batch i of its data slice is a
     pure function of (seed, index, i), so a restarted replica resumes at any step) and returns
@@ -360,8 +361,10 @@ class DownpourReplica:
     """
 
     def __init__(self, index: int, config, client, stats: dict | None = None,
-                 device: torch.device | None = None):
-        self.index, self.config = index, config
+                 device: torch.device | None = None, bound=None):
+        self.index, self.config, self.bound = index, config, bound
+        # --straggler-delay (a sandblaster setting that Downpour shares): replica 0 is slow.
+        self.delay = config.sandblaster.straggler_delay if index == 0 else 0.0
         self.device = device or resolve_device(config.device)
         set_determinism(config.deterministic, self.device)
         self.data = build_data(config, self.device, stats=stats,
@@ -396,6 +399,8 @@ class DownpourReplica:
         batches = self.cursor.at(start)
         loss_sum = wrong_sum = 0
         for step in range(start, start + steps):
+            if self.bound is not None:
+                self.bound.before(step, metrics)
             exchange.fetch(step, metrics)
             compute_start = time.perf_counter()
             x, y = next(batches)
@@ -418,6 +423,10 @@ class DownpourReplica:
             metrics["compute_s"] += time.perf_counter() - compute_start
             if exchange.push_due(step):
                 exchange.push(step, metrics)
+            if self.delay:
+                time.sleep(self.delay)
+            if self.bound is not None:
+                self.bound.after(step + 1)
         self.cursor.ended(start + steps)
         metrics["loss_sum"], metrics["wrong"] = float(loss_sum), int(wrong_sum)
         metrics["seconds"] = time.perf_counter() - begin

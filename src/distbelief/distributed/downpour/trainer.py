@@ -30,9 +30,10 @@ import os
 
 import torch
 
-from distbelief.distributed.downpour.actors import (PartitionedReplicaActor, ReplicaActor,
-                                                    ServerEval, ServerStageActor, ShardActor,
-                                                    server_vector)
+from distbelief.distributed.downpour import bound
+from distbelief.distributed.downpour.actors import (ClockActor, PartitionedReplicaActor,
+                                                    ReplicaActor, ServerEval, ServerStageActor,
+                                                    ShardActor, server_vector)
 from distbelief.distributed.downpour.generation import (
     MARKER, DownpourBase, begin_pieces, check_pieces, check_snapshots, fingerprint,
     load_snapshot, pieces_index, publish_pieces, read_pieces, snapshot_name, write_piece)
@@ -111,7 +112,7 @@ class DownpourTrainer(DownpourBase):
         """Ray, then the shards (loading their snapshots on resume) and the replicas, once all
         of them are placed and answer."""
         self.life.say(f"downpour update: {describe(self.config)}; a replica "
-                      f"{FetchWait.describe(self.config)}")
+                      f"{FetchWait.describe(self.config)}; {bound.describe(self.config)}")
         self.session.start()
         self.server.move_to(granted_device())
         self.data, self.device = self.server.data, self.server.device
@@ -148,15 +149,27 @@ class DownpourTrainer(DownpourBase):
         self.starts = None
 
     def _start_replicas(self) -> None:
-        c = self.config
+        c, clock_name = self.config, self._start_clocks()
         if self.plan is not None:
             self.shape = start_partitioned(self.session, c, self.plan, self.slots,
-                                           self.shard_names, self.data)
+                                           self.shard_names, self.data, clock_name)
             return
         options, self.shape = replica_options(c)
         self.session.replicas = [ReplicaActor.options(**options).remote(
             r, c, self.shard_names, self.bounds, self.data.stats, self.shape.threads,
-            self.shape.device) for r in range(c.cluster.replicas)]
+            self.shape.device, clock_name) for r in range(c.cluster.replicas)]
+
+    def _start_clocks(self) -> str | None:
+        """--ssp-bound's clock actor (its name, which the replicas find it by), or None."""
+        self.clocks = None
+        if self.config.downpour.ssp_bound is None:
+            return None
+        name = self.session.name("clocks")
+        self.clocks = ClockActor.options(name=name, max_restarts=-1,
+                                         max_task_retries=-1).remote(
+            self.config.downpour.ssp_bound)
+        self.session.others.append(self.clocks)
+        return name
 
     def close(self) -> None:
         if self.config.downpour.snapshot_store == "disk" and self.session.shards:
@@ -221,12 +234,19 @@ class DownpourTrainer(DownpourBase):
             for chunk in work.take():
                 r, start, steps = chunk
                 calls.submit(r, "run", start, steps, tag=chunk)
+        if self.clocks is not None and (self.life.stop_requested or work.all_handed()):
+            # Nothing more to hand out: a replica waiting for one that has no work left
+            # would wait for ever.
+            self.clocks.release.remote()
+            self.clocks = None
 
     def _replica_failed(self, work: WorkQueue, r: int, tags: list, restarted: bool) -> None:
         """Replica r died (counted by the book): its chunks are handed out again from its last
         completed step; a restarted replica waits for Ray (paused) until it answers."""
         self.life.counters["replica_steps_lost"] += tags[0][2] if tags[0] else 0
         work.failed(r, give_up=not restarted)
+        if self.clocks is not None:  # it holds nobody back until it trains again
+            self.clocks.leave.remote(r)
         if restarted:
             work.pause(r)
         else:  # gone for good: its momentum leaves every shard's look-ahead
@@ -289,10 +309,11 @@ class DownpourTrainer(DownpourBase):
 
 
 def start_partitioned(session, config, plan: Plan, slots: list[ShardSlot],
-                      shard_names: list[str], data):
+                      shard_names: list[str], data, clock_name: str | None = None):
     """Start R x P partition actors (each reaching only the shards of its part) and R heads
-    into `session` (`session.stages`, `session.replicas`); returns the partitions' shape. The
-    parts travel built on the meta device: their values come from the shards."""
+    into `session` (`session.stages`, `session.replicas`; the heads find --ssp-bound's clocks
+    by `clock_name`); returns the partitions' shape. The parts travel built on the meta
+    device: their values come from the shards."""
     c = config
     parts, replicas = c.cluster.partitions, c.cluster.replicas
     options, shape = replica_options(c, count=replicas * parts)
@@ -310,5 +331,5 @@ def start_partitioned(session, config, plan: Plan, slots: list[ShardSlot],
         for r in range(replicas) for p in range(parts)]
     session.replicas = [PartitionedReplicaActor.options(
         max_restarts=c.cluster.max_restarts, max_task_retries=0).remote(
-        r, c, names[r], data.stats) for r in range(replicas)]
+        r, c, names[r], data.stats, clock_name) for r in range(replicas)]
     return shape

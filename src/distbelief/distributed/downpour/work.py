@@ -32,6 +32,11 @@ class WorkQueue:
     def busy(self) -> bool:
         return any(self.queued)
 
+    def all_handed(self) -> bool:
+        """Whether every step up to `total` has been handed out (until a failure hands some
+        out again)."""
+        return self.handed >= self.total
+
     def take(self) -> list[tuple]:
         """New chunks to start now (possibly none)."""
         chunks = []

@@ -30,6 +30,7 @@ class DriverSession:
         self.shards: list = []
         self.replicas: list = []
         self.stages: list = []  # partitioned replicas' partition actors
+        self.others: list = []  # a scheme's other actors (Downpour's clocks)
         self._exit = contextlib.ExitStack()
 
     def name(self, what: str) -> str:
@@ -47,8 +48,9 @@ class DriverSession:
         return strategies
 
     def close(self) -> None:
-        kill(self.replicas + self.stages + self.shards + ([self.keeper] if self.keeper else []))
-        self.replicas, self.stages, self.shards, self.keeper = [], [], [], None
+        kill(self.replicas + self.stages + self.shards + self.others +
+             ([self.keeper] if self.keeper else []))
+        self.replicas, self.stages, self.shards, self.others, self.keeper = [], [], [], [], None
         if self.group is not None:
             remove_placement(self.group)
             self.group = None
