@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import uuid
 import warnings
 
 import numpy as np
 import ray
 import torch
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from distbelief.distributed.downpour.bound import ReplicaClocks, StalenessBound
 from distbelief.distributed.downpour.generation import sees, write_piece
@@ -31,7 +30,8 @@ from distbelief.distributed.downpour.replica import DownpourReplica
 from distbelief.distributed.downpour.shard import ParameterShard, shard_lost
 from distbelief.distributed.keeper import SnapshotFile
 from distbelief.distributed.pipeline.actors import StageHost, caller, handed_on, received
-from distbelief.distributed.runtime.calls import RayPending, dead_actors, get
+from distbelief.distributed.runtime.calls import (RayPending, dead_actors, remote_error,
+                                                  when_answering)
 from distbelief.distributed.runtime.cluster import START_TIMEOUT_S, memory, node_id, nodes
 from distbelief.distributed.runtime.snapshots import SnapshotSender
 from distbelief.distributed.wire import decode, encode, join_slices, tensor_view, wire_dtype
@@ -353,6 +353,9 @@ class ServerStageHost(StageHost):
 ServerStageActor = ray.remote(ServerStageHost)
 
 
+EVAL_ATTEMPTS = 3  # tries of an evaluation batch whose partition died (`ServerEval`)
+
+
 class ServerEval(torch.nn.Module):
     """The server's model as an evaluation sees it, computed by one replica's partition
     actors `stages`: `model(x)` is their eval-mode output, each partition running all of x's
@@ -367,13 +370,33 @@ class ServerEval(torch.nn.Module):
         self.call = caller(stages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A partition that dies meanwhile (the replica's training goes on after Ray restarts
+        it) is waited for, and the batch computed again: up to EVAL_ATTEMPTS times."""
+        for attempt in range(EVAL_ATTEMPTS):
+            try:
+                return self._forward(x)
+            except RayActorError:
+                if attempt == EVAL_ATTEMPTS - 1:
+                    raise
+                when_answering(self.stages, START_TIMEOUT_S)
+        raise AssertionError("unreachable")
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         outputs = list(torch.tensor_split(x, max(1, min(self.micro, len(x)))))
         for p, stage in enumerate(self.stages):
-            get(stage.begin_eval.remote(), self.lost)
+            self._get(stage.begin_eval.remote())
             outputs = [self.call(p, "evaluate", m, a) for m, a in enumerate(outputs)]
             # Submitted after its evaluations, so they are done when it is.
-            get(stage.end_eval.remote(), self.lost)
-        return torch.cat([received(o).float() for o in get(outputs, self.lost)])
+            self._get(stage.end_eval.remote())
+        return torch.cat([received(o).float() for o in self._get(outputs)])
+
+    def _get(self, refs):
+        """ray.get: a shard gone for good inside a partition's call is `ShardLost`; a
+        RayActorError of its own (a partition died) is raised as it is, for `forward`."""
+        try:
+            return ray.get(refs)
+        except RayTaskError as e:
+            raise remote_error(e, self.lost) from None
 
 
 class PartitionLost(DistbeliefError):
@@ -402,10 +425,14 @@ class PartitionedReplicaActor:
             return ray.get(refs)
         except (RayActorError, RayTaskError) as e:
             error = e
-        if dead_actors(self.stages):  # a partition is dead or restarting
+        # A call fails with a RayActorError of its own only when the partition it went to
+        # died (this process calls nothing else; a shard's death reaches it inside a
+        # RayTaskError of the partition that called the shard), though Ray may have restarted
+        # that partition by now, so that the ping finds every partition alive.
+        if not isinstance(error, RayTaskError) or dead_actors(self.stages):
             raise PartitionLost(f"a partition of replica {self.replica.index} died; Ray "
                                 f"restarts it and its steps are handed out again")
-        cause = error.cause if isinstance(error, RayTaskError) else error
+        cause = error.cause
         if isinstance(cause, DistbeliefError):
             raise cause
         if isinstance(cause, RayActorError):  # the partitions live: a shard is gone for good
@@ -421,15 +448,7 @@ class PartitionedReplicaActor:
     def info(self) -> dict:
         """Once every partition answers (waiting while Ray restarts one), and what a failed
         chunk left on them is dropped: the driver's ping before it hands out work again."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                parts = ray.get([s.info.remote() for s in self.stages])
-                break
-            except ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        parts = when_answering(self.stages, START_TIMEOUT_S)
         self.replica.recover()  # what a failed chunk left on the partitions goes
         return {"replica": self.replica.index, "node": node_id(), "pid": os.getpid(),
                 "partitions": parts}

@@ -47,6 +47,19 @@ def get(refs, lost: str | None = None):
         raise ShardLost(lost, restarting=isinstance(e, ActorUnavailableError)) from None
 
 
+def when_answering(actors: list, timeout_s: float) -> list:
+    """The actors' `info()` once every one answers, waiting up to `timeout_s` while Ray
+    restarts one (an actor dead for good raises at once, as Ray reports it)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get([actor.info.remote() for actor in actors])
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def wait_briefly(refs, timeout_s: float) -> None:
     """Wait up to `timeout_s` for `refs` to finish, whatever their outcome (best-effort
     clean-up calls: a dead or restarting actor is not waited for longer)."""
