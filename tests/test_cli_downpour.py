@@ -88,6 +88,8 @@ def test_ctrl_c_checkpoints_stops_ray_and_resume_finishes(tmp_path, ray_watch):
     (["--mode", "downpour", "--warmstart-steps", "5000", "--iterations", "100"],
      "--warmstart-steps 5000 must be below"),
     (["--mode", "downpour", "--replicas", "40"], "40 replicas with batches of 64"),
+    (["--mode", "downpour", "--lockstep", "--ssp-bound", "1"], "in --lockstep they take"),
+    (["--ssp-bound", "2"], "--ssp-bound applies to --mode downpour"),
 ])
 def test_bad_downpour_input_is_one_line(tmp_path, capsys, argv, message):
     out = tmp_path / "run"
