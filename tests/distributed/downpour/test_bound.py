@@ -10,7 +10,7 @@ from distbelief.distributed.downpour.replica import DownpourReplica, LocalClient
 from distbelief.distributed.pending import Done
 from distbelief.data import build_data
 from distbelief.errors import ConfigError
-from support.downpour import digits_config, make_shards
+from support.downpour import TableClient, digits_config, make_shards
 
 
 def test_a_replica_more_than_the_bound_ahead_of_the_slowest_may_not_go_on():
@@ -85,24 +85,6 @@ def test_released_clocks_let_everyone_go_on():
 def test_a_negative_bound_is_refused():
     with pytest.raises(ValueError, match=">= 0"):
         ReplicaClocks(-1)
-
-
-class TableClient:
-    """`StalenessBound`'s client over an in-process table: reports answer at once, and a
-    wait that would block is an error (one thread: nobody could end it). Counts calls."""
-
-    def __init__(self, clocks: ReplicaClocks):
-        self.clocks, self.reports, self.waits = clocks, [], []
-
-    def report(self, replica, position):
-        self.reports.append((replica, position))
-        return Done(self.clocks.report(replica, position))
-
-    def wait(self, replica, position):
-        self.waits.append((replica, position))
-        self.clocks.report(replica, position)
-        assert self.clocks.allowed(replica, position), "this wait would never end"
-        return Done(self.clocks.level(replica))
 
 
 class Late:

@@ -7,6 +7,7 @@ from torch import nn
 
 from distbelief.data import BatchCursor, build_data
 from distbelief.distributed.downpour import DownpourReplica, LocalClient, ParameterShard
+from distbelief.distributed.downpour.bound import ReplicaClocks, StalenessBound
 from distbelief.distributed.downpour.layout import aligned_shards, server_layout, start_values
 from distbelief.distributed.downpour.statistics import buffer_slice
 from distbelief.distributed.downpour.partitioned import PartitionedReplica, ServerStage
@@ -14,7 +15,7 @@ from distbelief.distributed.flat import BlockFlat, FlatModel
 from distbelief.engine.losses import get_loss
 from distbelief.engine.setup import build_model
 from distbelief.errors import ConfigError
-from support.downpour import digits_config, make_shards
+from support.downpour import TableClient, digits_config, make_shards
 
 
 @pytest.mark.parametrize("blocks,shards", [
@@ -219,3 +220,21 @@ def test_bfloat16_partitions_train_near_the_float32_ones():
     moved = (expected - start).abs().max()
     assert moved > 1e-2
     assert 1e-6 < (server - expected).abs().max() < 0.1 * moved
+
+
+def test_a_partitioned_replica_waits_before_the_steps_the_ssp_bound_forbids():
+    # As a whole replica (test_bound.py): every partition pushes each step it is let through,
+    # none the step it waits before, and after the failed chunk what it knew is forgotten.
+    config = digits_config(partitions=2, ps_shards=2, ssp_bound=1)
+    data = build_data(config, torch.device("cpu"))
+    replica, shards, _ = local_partitioned(config, data)
+    clocks = ReplicaClocks(1)
+    clocks.report(1, 0)  # replica 1 is at work, and never moves
+    client = TableClient(clocks)
+    replica.bound = StalenessBound(0, 1, client)
+    with pytest.raises(AssertionError, match="never end"):
+        replica.run(0, 4)
+    assert client.reports == [(0, 1), (0, 2), (0, 3)] and client.waits == [(0, 3)]
+    assert [s.version for s in shards] == [3, 3]
+    replica.recover()
+    assert replica.bound.known is None and not replica.bound.reported

@@ -143,6 +143,7 @@ class PartitionedReplica:
                  stats: dict | None = None, bound=None):
         self.index, self.config, self.call, self.resolve = index, config, call, resolve
         self.bound = bound  # --ssp-bound (`bound.StalenessBound`), as `DownpourReplica`'s
+        self.delay = config.sandblaster.straggler_delay if index == 0 else 0.0  # as its too
         self.count = count
         self.data = build_data(config, torch.device("cpu"), stats=stats,
                                part=(index, config.cluster.replicas))
@@ -185,6 +186,8 @@ class PartitionedReplica:
             metrics["loss_sum"] += loss * len(y)
             metrics["wrong"] += wrong
             metrics["images"] += len(y)
+            if self.delay:
+                time.sleep(self.delay)
             if self.bound is not None:
                 self.bound.after(step + 1)
         stages = self.resolve(exchanges + [self.call(p, "take_metrics")
