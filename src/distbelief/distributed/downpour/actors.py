@@ -247,8 +247,7 @@ class ClockActor:
     async def wait(self, replica: int, position: int) -> float | None:
         """`report`, then the replica's level once it may train the step at `position`.
         (Reporting here too: an async actor may run a replica's calls out of order.)"""
-        self.clocks.report(replica, position)
-        await self._changed()
+        await self.report(replica, position)
         async with self.changed:
             await self.changed.wait_for(lambda: self.clocks.allowed(replica, position))
         return self.clocks.level(replica)
@@ -372,14 +371,12 @@ class ServerEval(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """A partition that dies meanwhile (the replica's training goes on after Ray restarts
         it) is waited for, and the batch computed again: up to EVAL_ATTEMPTS times."""
-        for attempt in range(EVAL_ATTEMPTS):
+        for _ in range(EVAL_ATTEMPTS - 1):
             try:
                 return self._forward(x)
             except RayActorError:
-                if attempt == EVAL_ATTEMPTS - 1:
-                    raise
                 when_answering(self.stages, START_TIMEOUT_S)
-        raise AssertionError("unreachable")
+        return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         outputs = list(torch.tensor_split(x, max(1, min(self.micro, len(x)))))

@@ -62,8 +62,8 @@ class ReplicaClocks:
             start = self.slowest(replica)
             # Joining: level with the slowest (the first replica's clock starts at 0).
             self.offsets[replica] = position - (0 if start is None else start)
-            self.clocks[replica] = position - self.offsets[replica]
-        self.clocks[replica] = max(self.clocks[replica], position - self.offsets[replica])
+        clock = position - self.offsets[replica]
+        self.clocks[replica] = max(self.clocks.get(replica, clock), clock)
         return self.level(replica)
 
     def level(self, replica: int) -> float | None:

@@ -27,7 +27,7 @@ import warnings
 import torch
 
 from distbelief.data import BatchCursor, build_data
-from distbelief.distributed.downpour.replica import Exchange, chunk_metrics
+from distbelief.distributed.downpour.replica import Exchange, chunk_metrics, straggler_delay
 from distbelief.distributed.flat import FlatModel
 from distbelief.distributed.pipeline import Pipeline, Stage
 from distbelief.distributed.pipeline.stage import empty_copy
@@ -143,7 +143,7 @@ class PartitionedReplica:
                  stats: dict | None = None, bound=None):
         self.index, self.config, self.call, self.resolve = index, config, call, resolve
         self.bound = bound  # --ssp-bound (`bound.StalenessBound`), as `DownpourReplica`'s
-        self.delay = config.sandblaster.straggler_delay if index == 0 else 0.0  # as its too
+        self.delay = straggler_delay(config, index)
         self.count = count
         self.data = build_data(config, torch.device("cpu"), stats=stats,
                                part=(index, config.cluster.replicas))

@@ -342,6 +342,12 @@ class Exchange:
         return arrived
 
 
+def straggler_delay(config, replica: int) -> float:
+    """Seconds replica `replica` sleeps after each step: --straggler-delay (a sandblaster
+    setting that Downpour shares) slows replica 0 alone."""
+    return config.sandblaster.straggler_delay if replica == 0 else 0.0
+
+
 def chunk_metrics(replica: int, start: int, steps: int) -> dict:
     """A chunk's metrics before its first step (`DownpourReplica.run`)."""
     return {"replica": replica, "start": start, "steps": steps, "images": 0, "loss_sum": 0.0,
@@ -363,8 +369,7 @@ class DownpourReplica:
     def __init__(self, index: int, config, client, stats: dict | None = None,
                  device: torch.device | None = None, bound=None):
         self.index, self.config, self.bound = index, config, bound
-        # --straggler-delay (a sandblaster setting that Downpour shares): replica 0 is slow.
-        self.delay = config.sandblaster.straggler_delay if index == 0 else 0.0
+        self.delay = straggler_delay(config, index)
         self.device = device or resolve_device(config.device)
         set_determinism(config.deterministic, self.device)
         self.data = build_data(config, self.device, stats=stats,
