@@ -9,6 +9,7 @@ The Python API (imported on first use, so that `import distbelief` stays light):
     get_recipe(name, model=None) -> TrainConfig, TrainConfig: the paper's recipes and settings
     reproduce(experiment, out, budget="short", ...) -> results: the paper's tables and figures
     layer_responses(model, batches) -> per-layer response stds (Fig. 7)
+    replay(run_dir, until=None, out=None) -> report: re-execute a --record-order Downpour run
 """
 
 from distbelief.errors import (CheckpointError, ConfigError, DataError, DistbeliefError,
@@ -18,9 +19,10 @@ __version__ = "0.1.0"
 __all__ = ["CheckpointError", "ConfigError", "DataError", "DistbeliefError", "StorageError",
            "TrainConfig",
            "__version__", "create_model", "evaluate", "fit", "get_recipe", "layer_responses",
-           "list_models", "load", "reproduce"]
+           "list_models", "load", "replay", "reproduce"]
 
 _LAZY = {"fit": "distbelief.api", "evaluate": "distbelief.api", "load": "distbelief.api",
+         "replay": "distbelief.api",
          "create_model": "distbelief.models", "list_models": "distbelief.models",
          "get_recipe": "distbelief.recipes", "TrainConfig": "distbelief.engine.config",
          "reproduce": "distbelief.paper", "layer_responses": "distbelief.paper"}

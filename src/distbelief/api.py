@@ -27,7 +27,7 @@ from distbelief.data.tensors import TensorSplit, as_split
 from distbelief.engine.checkpoint import load_checkpoint, load_model_state
 from distbelief.engine.config import CUSTOM, TrainConfig
 from distbelief.engine.user import UserParts
-from distbelief.errors import CheckpointError, ConfigError
+from distbelief.errors import CheckpointError, ConfigError, StorageError
 
 
 def fit(model, train_data, *, test_data=None, mode: str = "single",
@@ -207,6 +207,29 @@ def evaluate(model, data, *, loss: str = "cross_entropy", batch_size: int = 500)
                for i in range(0, len(split), batch_size))
     result = run_evaluation(module, batches, loss=loss)
     return result if result["error"] is None else {**result, "accuracy": 1 - result["error"]}
+
+
+def replay(run_dir: str | os.PathLike, until: int | None = None,
+           out: str | os.PathLike | None = None) -> dict:
+    """Re-execute a Downpour run recorded with --record-order (`record_order=True`) in this
+    process, up to `until` minibatches per shard (None: all); `out` writes the replayed model
+    as a checkpoint. Returns the report of `downpour.replay.replay_run`: "minibatches",
+    "pushes", "incarnations", "threads", "diverged_at" and, replayed whole, "equal" (the
+    shards end bit for bit as the run's checkpoint) and "max_abs_diff".
+
+    Raises:
+        ConfigError, CheckpointError, StorageError, ReplayError: one line each, nothing
+            written."""
+    from distbelief.distributed.downpour.replay import replay_run, write_model
+
+    if until is not None and until < 1:
+        raise ConfigError(f"until must be a positive number of minibatches, got {until}")
+    if out is not None and os.path.exists(out):
+        raise StorageError(f"{out} exists: replay never overwrites a file")
+    replayed, report = replay_run(run_dir, until)
+    if out is not None:
+        write_model(replayed, out, report["minibatches"])
+    return report
 
 
 def load(path: str | os.PathLike, model=None) -> torch.nn.Module:

@@ -265,6 +265,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from distbelief.api import replay
+
+    report = replay(args.run, until=args.until, out=args.out)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0 if report.get("equal", True) else 1
+    what = (f"replayed {report['minibatches']} minibatches of {args.run} "
+            f"({report['pushes']} pushes, {report['incarnations']} replica processes, "
+            f"{report['threads']} threads)")
+    if report["diverged_at"] is not None:
+        what += f"; the server stopped being finite at minibatch {report['diverged_at']}"
+    if "equal" in report:
+        what += (": the shards equal the checkpoint's bit for bit" if report["equal"] else
+                 f": the shards differ from the checkpoint's (max |diff| "
+                 f"{report['max_abs_diff']:.3g}; another machine or thread count?)")
+    print(what + (f"; wrote {args.out}" if args.out else ""))
+    return 0 if report.get("equal", True) else 1
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from distbelief.plot import plot_runs
 
@@ -413,6 +433,24 @@ def _add_export(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def _add_replay(sub) -> None:
+    p = sub.add_parser("replay", help="re-execute a Downpour run recorded with --record-order",
+                       description="Re-execute, in this process, the order in which a Downpour "
+                                   "run's shards served pulls and applied pushes (recorded in "
+                                   "its newest checkpoint by --record-order): the real "
+                                   "replicas recompute every gradient, the real shards apply "
+                                   "them in that order. On the CPU with --deterministic the "
+                                   "result equals the run's checkpoint bit for bit (exit 1 "
+                                   "when it does not).")
+    p.add_argument("run", metavar="RUN_DIR", help="the run directory")
+    p.add_argument("--until", type=int, metavar="N", default=None,
+                   help="stop where every shard has received N minibatches (to inspect)")
+    p.add_argument("--out", metavar="OUT.pt", default=None,
+                   help="write the replayed model as a checkpoint (never overwritten)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_replay)
+
+
 def _add_plot(sub) -> None:
     p = sub.add_parser("plot", help="training and test error curves of runs (Fig. 6 style)",
                        description="Plot training (dashed) and test (bold) error against "
@@ -496,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_export(sub)
     _add_plot(sub)
+    _add_replay(sub)
     _add_analyze(sub)
     _add_reproduce(sub)
     return parser

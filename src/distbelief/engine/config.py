@@ -211,6 +211,11 @@ class DownpourConfig:
     lockstep: bool = _opt("downpour: run the replicas in one process, one step each in turn "
                           "against the real shards and rules (staleness exactly replicas - 1, "
                           "repeatable bit for bit; no Ray)", default=False)
+    record_order: bool = _opt("downpour: record, on every shard and in its checkpoints, the "
+                              "order it served pulls and applied pushes in, and with each "
+                              "push the steps it holds and the fetch each was computed on "
+                              "(`distbelief replay RUN_DIR` re-executes that order in one "
+                              "process, bit for bit)", default=False)
     ps_transfer_dtype: str = _opt("downpour: the dtype pushes and pulls travel in: float32, "
                                   "bfloat16 or float16 (half the bytes; the shards keep and "
                                   "update float32)", default="float32")
@@ -601,6 +606,8 @@ def _check_rules(c: TrainConfig) -> None:
     _check_local_steps(c)
     _check_async_warmup(c)
     _check_ssp_bound(c)
+    if c.downpour.record_order and c.mode != "downpour":
+        raise ConfigError("--record-order applies to --mode downpour")
     if c.compile and c.mode != "single":
         raise ConfigError("--compile applies to --mode single")
     if c.cluster.train_storage and c.mode != "sync":

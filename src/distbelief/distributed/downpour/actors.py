@@ -185,7 +185,7 @@ class ShardActor:
                   source=None, span: tuple[int, int] | None = None):
         """`push`, then `pull`: (reply, (values, version))."""
         reply = self.push(update, base_version, steps, errors, source, span)
-        return reply, self.pull(None if source is None else source[0])
+        return reply, self.pull(source)
 
     def snapshot(self) -> dict:
         """The shard's state now (for the driver's checkpoint); the keeper gets it too."""

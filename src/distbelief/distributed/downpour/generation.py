@@ -51,6 +51,12 @@ class DownpourBase(BaseTrainer):
         return self.progress.steps
 
     @property
+    def replica_threads(self) -> int:
+        """The CPU threads a replica computes with (`replay` computes with as many: CPU
+        kernels sum in an order that depends on it)."""
+        return torch.get_num_threads()
+
+    @property
     def position(self) -> int:
         return self.steps
 
@@ -116,7 +122,8 @@ def save_generation(trainer, snapshots: list[dict], bounds) -> None:
                                               "downpour")
     trainer.life.save_generation(trainer.config, {
         **trainer.progress.state(), "data_stats": trainer.data.stats,
-        "partition_bounds": bounds}, files, trainer.steps)
+        "partition_bounds": bounds, "replica_threads": trainer.replica_threads}, files,
+        trainer.steps)
 
 
 def write_piece(snapshot: dict, path: str | os.PathLike) -> dict:
@@ -145,7 +152,8 @@ def publish_pieces(trainer, folder: Path, shards: int, model: dict) -> None:
     (folder / MARKER).unlink(missing_ok=True)  # the shards are done with it
     trainer.life.save_generation(trainer.config, {
         **trainer.progress.state(), "data_stats": trainer.data.stats,
-        "partition_bounds": trainer.plan.bounds if trainer.plan else None}, {"last": model},
+        "partition_bounds": trainer.plan.bounds if trainer.plan else None,
+        "replica_threads": trainer.replica_threads}, {"last": model},
         trainer.steps, folder=folder,
         pieces=tuple(f"{snapshot_name(k)}.pt" for k in range(shards)))
 

@@ -28,8 +28,7 @@ from distbelief.distributed.downpour.records import (ChunkWindow, ReplicaProgres
                                                      ShardMonitor)
 from distbelief.distributed.downpour.replica import DownpourReplica, LocalClient
 from distbelief.distributed.downpour.rules import describe
-from distbelief.distributed.downpour.shard import ParameterShard
-from distbelief.distributed.downpour.statistics import buffer_slice
+from distbelief.distributed.downpour.shard import ParameterShard, local_shards
 from distbelief.distributed.downpour.work import WorkQueue
 from distbelief.distributed.server_model import ServerModel
 from distbelief.engine.config import TrainConfig, check_model
@@ -63,10 +62,7 @@ class LockstepTrainer(DownpourBase):
         c = self.config
         self.life.say(f"downpour update: {describe(c)}; {c.cluster.replicas} replicas in "
                       f"lockstep (staleness {c.cluster.replicas - 1}), in this process")
-        self.shards = [ParameterShard(k, s.lo, s.hi, s.param_end, self.initial[s.lo:s.hi], c,
-                                      retention=buffer_slice(self.retention, s.lo, s.hi,
-                                                             s.param_end))
-                       for k, s in enumerate(self.slots)]
+        self.shards = local_shards(c, self.initial, self.slots, self.retention)
         if self.resumed_shards:
             for k, shard in enumerate(self.shards):
                 shard.restore(load_snapshot(self.life.run, k))

@@ -115,10 +115,10 @@ class LocalClient:
                  dtype: torch.dtype = torch.float32):
         self.shards, self.offset, self.dtype = shards, offset, dtype
 
-    def fetch(self, source: int | None = None) -> Done:
+    def fetch(self, source=None) -> Done:
         return Done(self._pull(source))
 
-    def _pull(self, source: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    def _pull(self, source=None) -> tuple[torch.Tensor, list[int]]:
         pulled = [s.pull(source=source, dtype=self.dtype) for s in self.shards]
         return torch.cat([w for w, _ in pulled]), [v for _, v in pulled]
 
@@ -127,7 +127,7 @@ class LocalClient:
         o = self.offset
         replies = [s.push(vector[s.lo - o:s.hi - o], v, steps, errors, source)
                    for s, v in zip(self.shards, base_versions)]
-        return Done((replies, self._pull(source and source[0])) if pull else replies)
+        return Done((replies, self._pull(source)) if pull else replies)
 
 
 class Exchange:
@@ -157,11 +157,19 @@ class Exchange:
         self.buffer_base: torch.Tensor | None = None  # buffers when last fetched or pushed
         self.pending_fetch = None
         self.fetched_for: int | None = None  # the step the last fetch was issued for
+        # Which request brought the parameters in use (its sequence number), and for each
+        # step accumulated since the last push, (step, that number): the push's trace, which
+        # shards record under --record-order (`downpour.replay` re-executes from it).
+        self.pending_sequence: int | None = None
+        self.installed_sequence: int | None = None
+        self.step_now: int | None = None
+        self.trace: list[tuple[int, int]] = []
         self.in_flight: deque = deque()
         self.accum: torch.Tensor | None = None  # gradient accumulated since the last push
         self.accum_versions: list[int] | None = None  # versions of its oldest gradient
         self.accum_errors: list[float] = []
-        # A push's source: shards skip one they applied already (a retry after a restart).
+        # A request's source: shards skip a push they applied already (a retry after a
+        # restart); fetches and pushes share the sequence, so that each names its request.
         self.incarnation, self.sequence = uuid.uuid4().hex, 0
         self.wait = FetchWait(config.downpour.fetch_wait_s)
         self.step_start: float | None = None  # when the step after the last fetch() began
@@ -207,6 +215,7 @@ class Exchange:
         self.accum_errors.append(error)
 
     def _step_ended(self) -> None:
+        self.trace.append((self.step_now, self.installed_sequence))
         if self.step_start is not None:
             self.wait.step_took(time.perf_counter() - self.step_start)
             self.step_start = None
@@ -215,6 +224,7 @@ class Exchange:
         """Drop the gradient (or the local steps' change) accumulated since the last push
         (its steps will be trained again: the chunk they belong to failed)."""
         self.accum, self.accum_versions, self.accum_errors = None, None, []
+        self.trace = []
         if self.local is not None and self.versions is not None:
             self.local.started()
 
@@ -251,8 +261,9 @@ class Exchange:
                                         if self.slim.weight_decay else None)
         vector = self._vector()
         steps, errors = len(self.accum_errors), tuple(float(e) for e in self.accum_errors)
-        versions = self.accum_versions
+        versions, trace = self.accum_versions, tuple(self.trace)
         self.accum, self.accum_versions, self.accum_errors = None, None, []
+        self.trace = []
         if not all_finite(vector):
             # All or none: a push some shard would refuse goes to none of them, so that no
             # slice of the model moves without the others.
@@ -266,10 +277,12 @@ class Exchange:
                 and vector.numel() * vector.element_size() < COMBINE_BELOW_BYTES)
         self.sequence += 1
         pending = self.client.push(vector, versions, steps, errors, pull=pull,
-                                   source=(self.source_index, self.incarnation, self.sequence))
+                                   source=(self.source_index, self.incarnation, self.sequence,
+                                           trace))
         metrics["pushes"] += 1
         if pull:
             self.pending_fetch, self.fetched_for = ItemOf(pending, 1), step + 1
+            self.pending_sequence = self.sequence
             metrics["fetches"] += 1
             pending = ItemOf(pending, 0)
         self.in_flight.append(pending)
@@ -299,9 +312,12 @@ class Exchange:
         """Before step `step`: issue a fetch when one is due, install one that has arrived
         (wait for it when there are no parameters yet, or without overlap)."""
         due = self.versions is None or step % self.fetch_every == 0
+        self.step_now = step
         if due and self.pending_fetch is None and self.fetched_for != step:
-            self.pending_fetch = self.client.fetch(self.source_index)
-            self.fetched_for = step
+            self.sequence += 1
+            self.pending_fetch = self.client.fetch((self.source_index, self.incarnation,
+                                                    self.sequence))
+            self.fetched_for, self.pending_sequence = step, self.sequence
             metrics["fetches"] += 1
         if self.pending_fetch is not None:
             self._take_fetch(metrics)
@@ -314,12 +330,14 @@ class Exchange:
             # steps wait too: installed later, the fetch would overwrite steps not yet pushed
             # (fetches are issued with the push, so the wait is one round trip per round).
             wait_start = time.perf_counter()
-            self.install(self.pending_fetch.result())
-            self.pending_fetch = None
+            self._install_pending()
             metrics["fetch_wait_s"] += time.perf_counter() - wait_start
         elif self._arrived(metrics):  # overlap: install whatever has arrived
-            self.install(self.pending_fetch.result())
-            self.pending_fetch = None
+            self._install_pending()
+
+    def _install_pending(self) -> None:
+        self.install(self.pending_fetch.result())
+        self.pending_fetch, self.installed_sequence = None, self.pending_sequence
 
     def _arrived(self, metrics: dict) -> bool:
         """Whether the fetch in flight is there, waiting up to `FetchWait.limit()` for it: a

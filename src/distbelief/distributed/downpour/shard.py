@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from distbelief.distributed.downpour.rules import StaleUpdate
-from distbelief.distributed.downpour.statistics import fold
+from distbelief.distributed.downpour.statistics import buffer_slice, fold
 from distbelief.distributed.flat import all_finite
 from distbelief.distributed.wire import tensor_view
 from distbelief.engine.schedule import LRSchedule
@@ -105,6 +105,9 @@ class ParameterShard:
         self.bytes_in = self.bytes_out = 0
         self.staleness: Counter[int] = Counter()
         self.applied: dict[int, tuple[str, int]] = {}  # replica -> (incarnation, last sequence)
+        # --record-order: what this shard did, in order (`history`), for `downpour.replay`.
+        self.history: list[tuple] | None = [] if config.downpour.record_order else None
+        self.history_base = 0  # the version `history` starts from
         self.clock = clock
         self.last_snapshot = clock()
         self.snapshot_version = 0
@@ -117,8 +120,13 @@ class ParameterShard:
         or a buffer the next pull of this dtype reuses: read it before the next push (an
         actor's return value is serialized at once, which is the copy). `source`: the replica
         fetching (delay compensation keeps what it got; under rule ``dana`` it gets its
-        look-ahead parameters, with the buffers as they are). `dtype` other than float32: the
-        values rounded to it."""
+        look-ahead parameters, with the buffers as they are), or (replica, incarnation,
+        sequence) naming the fetch, as replicas send it (recorded under --record-order).
+        `dtype` other than float32: the values rounded to it."""
+        if isinstance(source, (tuple, list)):
+            if self.history is not None:
+                self.history.append(("pull", *source[:3]))
+            source = source[0]
         self.bytes_out += self.w.numel() * torch.finfo(dtype).bits // 8
         self.update.remember(source, self.version, self.w[:self.split])
         ahead = self.update.looks_ahead(source)
@@ -144,7 +152,9 @@ class ParameterShard:
         """Apply `update` (gradient for parameter elements, delta for buffer elements),
         accumulated over `steps` minibatches computed from parameters at `base_version`.
         `errors` are those minibatches' training errors (for the error-triggered warmup);
-        `source` = (replica, incarnation, sequence) makes a repeated push a no-op. `update` may
+        `source` = (replica, incarnation, sequence[, trace]) makes a repeated push a
+        no-op; under --record-order the push and its trace (`replica.Exchange.push`) are
+        recorded. `update` may
         be bfloat16 or float16 (--ps-transfer-dtype): its values are used as float32.
         Returns {"accepted", "version", "steps"} (and "duplicate" for a repeat)."""
         self.bytes_in += update.numel() * update.element_size()
@@ -155,6 +165,9 @@ class ParameterShard:
             self.duplicates += 1
             return {"accepted": True, "duplicate": True, "version": self.version,
                     "steps": self.steps}
+        if self.history is not None and source is not None:
+            self.history.append(("push", *source[:3], tuple(map(tuple, source[3]))
+                                 if len(source) > 3 else ()))
         if not all(self.update.ranges.run(
                 update.numel(), lambda lo, hi: all_finite(update[lo:hi]))):
             self.rejected += 1
@@ -170,7 +183,7 @@ class ParameterShard:
 
     def _seen(self, source: tuple) -> bool:
         """Whether this push was applied already; else it becomes the replica's last one."""
-        replica, incarnation, sequence = source
+        replica, incarnation, sequence = source[:3]
         held = self.applied.get(replica)
         if held is not None and held[0] == incarnation and sequence <= held[1]:
             return True
@@ -199,6 +212,8 @@ class ParameterShard:
 
     def retire(self, replica: int) -> bool:
         """Replica `replica` is gone for good (`StaleUpdate.retire`): whether it held state."""
+        if self.history is not None:
+            self.history.append(("retire", replica))
         return self.update.retire(replica)
 
     def _count(self, steps: int, errors: tuple[float, ...]) -> None:
@@ -230,7 +245,9 @@ class ParameterShard:
                 "order": self.version, "w": copy("w", self.w),
                 **self.update.snapshot(copy), "version": self.version, "steps": self.steps,
                 "schedule": self.schedule.state_dict(), "rejected": self.rejected,
-                "staleness": dict(self.staleness), "applied": dict(self.applied)}
+                "staleness": dict(self.staleness), "applied": dict(self.applied),
+                **({} if self.history is None else {"history": list(self.history),
+                                                    "history_base": self.history_base})}
 
     def snapshot_due(self) -> bool:
         return self.clock() - self.last_snapshot >= self.config.downpour.snapshot_every_s
@@ -256,6 +273,10 @@ class ParameterShard:
         self.rejected = state["rejected"]
         self.staleness = Counter({int(k): v for k, v in state["staleness"].items()})
         self.applied = {int(k): tuple(v) for k, v in state.get("applied", {}).items()}
+        if self.history is not None:  # what led to the state restored, and nothing since
+            self.history = [tuple(op) for op in state.get("history", [])]
+            self.history_base = state.get("history_base", self.version if "history" not in
+                                          state else 0)
         self.snapshot_version, self.last_snapshot = self.version, self.clock()
         return self.version
 
@@ -278,3 +299,12 @@ def _tensor(array) -> torch.Tensor:
     if isinstance(array, np.ndarray):
         return torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
     return array.detach().float().clone()
+
+
+def local_shards(config, initial: torch.Tensor, slots, retention) -> list[ParameterShard]:
+    """The run's shards in this process (`--lockstep`, `--virtual`, `replay`): shard k owns
+    `slots[k]` (a `layout.ShardSlot`) of `initial`, with its slice of the buffers'
+    `retention` (`statistics.buffer_slice`)."""
+    return [ParameterShard(k, s.lo, s.hi, s.param_end, initial[s.lo:s.hi], config,
+                           retention=buffer_slice(retention, s.lo, s.hi, s.param_end))
+            for k, s in enumerate(slots)]

@@ -103,6 +103,10 @@ class DownpourTrainer(DownpourBase):
         self.progress = ReplicaProgress(self.config.cluster.replicas, saved)
         self.resumed_shards = saved is not None
 
+    @property
+    def replica_threads(self) -> int:
+        return self.shape.threads
+
     def _block_flat(self, model: torch.nn.Module) -> BlockFlat:
         return BlockFlat(self.plan.modules_of(model))
 
