@@ -97,9 +97,8 @@ def make_config(model, train_data, test_data=None, *, mode: str = "single",
 def trainer_for(config: TrainConfig, run_dir, *, resume: bool = False, progress: bool = False,
                 address: str | None = None, dashboard: bool = False):
     """The trainer of `config`'s scheme (`Trainer`, `PipelineTrainer` for --partitions,
-    `DownpourTrainer` (`LockstepTrainer` with --lockstep), `SandblasterTrainer`,
-    `SyncTrainer`), ready to `fit()`. Nothing is
-    written.
+    `DownpourTrainer` (`LockstepTrainer` with --lockstep, `VirtualTrainer` with --virtual),
+    `SandblasterTrainer`, `SyncTrainer`), ready to `fit()`. Nothing is written.
 
     Raises:
         ConfigError, DataError, CheckpointError: the run cannot start or continue."""
@@ -117,6 +116,13 @@ def trainer_for(config: TrainConfig, run_dir, *, resume: bool = False, progress:
         from distbelief.distributed.downpour.lockstep import LockstepTrainer
 
         return LockstepTrainer(config, run_dir, resume=resume, progress=progress)
+    if config.mode == "downpour" and config.downpour.virtual:
+        if address or dashboard:
+            raise ConfigError("--virtual simulates the cluster in this process: drop --address "
+                              "and --dashboard")
+        from distbelief.distributed.downpour.virtual import VirtualTrainer
+
+        return VirtualTrainer(config, run_dir, resume=resume, progress=progress)
     from distbelief.distributed import (DownpourTrainer, PipelineTrainer, SandblasterTrainer,
                                         SyncTrainer)
 

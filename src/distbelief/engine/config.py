@@ -211,6 +211,26 @@ class DownpourConfig:
     lockstep: bool = _opt("downpour: run the replicas in one process, one step each in turn "
                           "against the real shards and rules (staleness exactly replicas - 1, "
                           "repeatable bit for bit; no Ray)", default=False)
+    virtual: bool = _opt("downpour: a virtual cluster in this process: the real replicas, "
+                         "shards and rules, on a simulated clock that times every compute, "
+                         "transfer and shard update by a cost model (--virtual-*); records "
+                         "carry the simulated wall time (wall_s) beside the real one",
+                         default=False)
+    virtual_step_ms: float | None = _opt("downpour --virtual: a replica's compute time per "
+                                         "minibatch (default: measured on this machine at the "
+                                         "start)", check=positive, default=None)
+    virtual_spread: float = _opt("downpour --virtual: the spread of a step's compute time (the "
+                                 "sigma of a log-normal factor of mean 1; 0: every step the "
+                                 "same)", check=non_negative, default=0.1)
+    virtual_straggle: str = _opt("downpour --virtual: P,X makes each step X times slower with "
+                                 "probability P (none: never); --straggler-delay slows replica "
+                                 "0 for good", default="none")
+    virtual_link: str = _opt("downpour --virtual: every node's network link, BANDWIDTH,LATENCY "
+                             "(e.g. 10gbit,50us or 1gbit,0.2ms); each replica and each shard "
+                             "has a node of its own, as in the paper", default="10gbit,50us")
+    virtual_shard_ms: float | None = _opt("downpour --virtual: the time a shard takes to apply "
+                                          "a push (default: measured on this machine at the "
+                                          "start)", check=non_negative, default=None)
     record_order: bool = _opt("downpour: record, on every shard and in its checkpoints, the "
                               "order it served pulls and applied pushes in, and with each "
                               "push the steps it holds and the fetch each was computed on "
@@ -606,6 +626,7 @@ def _check_rules(c: TrainConfig) -> None:
     _check_local_steps(c)
     _check_async_warmup(c)
     _check_ssp_bound(c)
+    _check_virtual(c)
     if c.downpour.record_order and c.mode != "downpour":
         raise ConfigError("--record-order applies to --mode downpour")
     if c.compile and c.mode != "single":
@@ -635,6 +656,26 @@ def _check_staleness_rule(c: TrainConfig) -> None:
     if name == "dana-slim" and c.nesterov:
         raise ConfigError("--staleness-rule dana-slim is Nesterov-shaped by construction: "
                           "drop --nesterov")
+
+
+def _check_virtual(c: TrainConfig) -> None:
+    d = c.downpour
+    given = [f"--{f.replace('_', '-')}" for f in ("virtual_step_ms", "virtual_shard_ms")
+             if getattr(d, f) is not None]
+    if not d.virtual:
+        if given:
+            raise ConfigError(f"{given[0]} applies with --virtual")
+        return
+    if c.mode != "downpour":
+        raise ConfigError("--virtual applies to --mode downpour")
+    for flag, on in (("--lockstep", d.lockstep), ("--partitions", c.cluster.partitions > 1),
+                     ("--ssp-bound", d.ssp_bound is not None)):
+        if on:
+            raise ConfigError(f"--virtual simulates whole replicas without {flag}")
+    from distbelief.distributed.downpour.costs import parse_link, parse_straggle
+
+    parse_link(d.virtual_link)
+    parse_straggle(d.virtual_straggle)
 
 
 def _check_ssp_bound(c: TrainConfig) -> None:

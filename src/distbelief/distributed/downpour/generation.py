@@ -70,8 +70,17 @@ class DownpourBase(BaseTrainer):
         self.life.log_train({
             "kind": "train", "iteration": self.steps, "examples": self.examples,
             "epoch": round(self.examples / self.data.train_size, 4),
-            "wall_s": round(self.life.wall_s, 3),
-            **window.record(statuses, monitor.rates(statuses, time.perf_counter()))})
+            "wall_s": round(self.life.wall_s, 3), **self.record_extras(),
+            **window.record(statuses, monitor.rates(statuses, self.now()))})
+
+    def record_extras(self) -> dict:
+        """What this driver adds to each training record (nothing; a virtual run: its real
+        wall time)."""
+        return {}
+
+    def now(self) -> float:
+        """Seconds on the clock the shards' rates are measured by (the machine's)."""
+        return time.perf_counter()
 
     def _summary(self, statuses: list[dict]) -> dict:
         """The summary's Downpour entries from the shards' `statuses`."""

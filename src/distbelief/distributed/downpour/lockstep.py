@@ -62,14 +62,18 @@ class LockstepTrainer(DownpourBase):
         c = self.config
         self.life.say(f"downpour update: {describe(c)}; {c.cluster.replicas} replicas in "
                       f"lockstep (staleness {c.cluster.replicas - 1}), in this process")
-        self.shards = local_shards(c, self.initial, self.slots, self.retention)
+        self._start_shards()
+        client = LocalClient(self.shards)
+        self.replicas = [DownpourReplica(r, c, client, stats=self.data.stats, device=self.device)
+                         for r in range(c.cluster.replicas)]
+
+    def _start_shards(self) -> None:
+        """The shards, in this process (restored from the checkpoint on resume)."""
+        self.shards = local_shards(self.config, self.initial, self.slots, self.retention)
         if self.resumed_shards:
             for k, shard in enumerate(self.shards):
                 shard.restore(load_snapshot(self.life.run, k))
         self.initial = None
-        client = LocalClient(self.shards)
-        self.replicas = [DownpourReplica(r, c, client, stats=self.data.stats, device=self.device)
-                         for r in range(c.cluster.replicas)]
 
     def eval_model(self) -> torch.nn.Module:
         return self.server.load(torch.cat([s.pull()[0] for s in self.shards]))

@@ -57,6 +57,32 @@ MISS_BACKOFF = 8  # auto: after a wait that timed out, the steps that do not wai
 STEP_EMA = 0.2  # auto: weight of the newest step in the step time it waits a fraction of
 
 
+class RealClock:
+    """A replica's time: the machine's. A --virtual run gives its replicas a simulated clock
+    instead (`virtual.ProcessClock`), with the same four methods."""
+
+    now = staticmethod(time.perf_counter)
+    sleep = staticmethod(time.sleep)
+
+    @staticmethod
+    def computed(replica: int, step: int) -> None:
+        """Called after a step's compute: here its time has passed already."""
+
+    @staticmethod
+    def wait(pending, limit: float) -> bool:
+        """Wait up to `limit` seconds for `pending` (`distributed.pending`); whether it is
+        done."""
+        deadline = time.perf_counter() + limit
+        arrived = pending.done()
+        while not arrived and time.perf_counter() < deadline:
+            time.sleep(FETCH_POLL_S)
+            arrived = pending.done()
+        return arrived
+
+
+REAL_CLOCK = RealClock()
+
+
 class FetchWait:
     """How long a replica with overlap waits for the fetch in flight before it computes on the
     parameters it has (`Exchange._arrived`).
@@ -138,11 +164,14 @@ class Exchange:
 
     `fetch(step, metrics)` before a step's compute; `add(gradient, error)` after it, then
     `push_due(step)` / `push(step, metrics)`; `drain()` at the end. `source_index` names the
-    pushes' source for the shards' exactly-once check (unique among the server's clients).
+    pushes' source for the shards' exactly-once check (unique among the server's clients);
+    `clock` times its waits (`RealClock`).
     """
 
-    def __init__(self, source_index: int, config, client, flat: FlatModel):
+    def __init__(self, source_index: int, config, client, flat: FlatModel,
+                 clock: RealClock = REAL_CLOCK):
         self.source_index, self.config, self.client, self.flat = source_index, config, client, flat
+        self.clock = clock
         self.n_buffers = flat.n_buffers
         self.buffers = BufferSync(flat.model, config.downpour.bn_stats)
         self.slim = slim_momentum(config)  # dana-slim: this replica's momentum
@@ -217,7 +246,7 @@ class Exchange:
     def _step_ended(self) -> None:
         self.trace.append((self.step_now, self.installed_sequence))
         if self.step_start is not None:
-            self.wait.step_took(time.perf_counter() - self.step_start)
+            self.wait.step_took(self.clock.now() - self.step_start)
             self.step_start = None
 
     def reset(self) -> None:
@@ -286,11 +315,11 @@ class Exchange:
             metrics["fetches"] += 1
             pending = ItemOf(pending, 0)
         self.in_flight.append(pending)
-        wait_start = time.perf_counter()
+        wait_start = self.clock.now()
         limit = self.config.downpour.max_in_flight if self.config.downpour.overlap else 0
         while self.in_flight and (self.in_flight[0].done() or len(self.in_flight) > limit):
             self._count_reply(self.in_flight.popleft().result(), metrics)
-        metrics["push_wait_s"] += time.perf_counter() - wait_start
+        metrics["push_wait_s"] += self.clock.now() - wait_start
 
     @staticmethod
     def _count_reply(replies: list[dict], metrics: dict) -> None:
@@ -321,7 +350,7 @@ class Exchange:
             metrics["fetches"] += 1
         if self.pending_fetch is not None:
             self._take_fetch(metrics)
-        self.step_start = time.perf_counter()
+        self.step_start = self.clock.now()
 
     def _take_fetch(self, metrics: dict) -> None:
         """Install the fetch in flight if it is there, or must be (module doc)."""
@@ -329,9 +358,9 @@ class Exchange:
             # Nothing to compute with yet (or no overlap): wait for the parameters. Local
             # steps wait too: installed later, the fetch would overwrite steps not yet pushed
             # (fetches are issued with the push, so the wait is one round trip per round).
-            wait_start = time.perf_counter()
+            wait_start = self.clock.now()
             self._install_pending()
-            metrics["fetch_wait_s"] += time.perf_counter() - wait_start
+            metrics["fetch_wait_s"] += self.clock.now() - wait_start
         elif self._arrived(metrics):  # overlap: install whatever has arrived
             self._install_pending()
 
@@ -349,13 +378,9 @@ class Exchange:
         limit = self.wait.limit()
         if limit <= 0:
             return False
-        start = time.perf_counter()
-        deadline = start + limit
-        arrived = False
-        while not arrived and time.perf_counter() < deadline:
-            time.sleep(FETCH_POLL_S)
-            arrived = self.pending_fetch.done()
-        metrics["fetch_wait_s"] += time.perf_counter() - start
+        start = self.clock.now()
+        arrived = self.clock.wait(self.pending_fetch, limit)
+        metrics["fetch_wait_s"] += self.clock.now() - start
         self.wait.waited(arrived)
         return arrived
 
@@ -378,6 +403,8 @@ class DownpourReplica:
     config.device); `bound` (a `bound.StalenessBound`, --ssp-bound) makes it wait while it is
     too far ahead of the slowest replica.
 
+    `clock` is its time (`RealClock`; a --virtual run's is simulated).
+
     `run(start, steps)` trains its steps start .. start+steps-1 (batch i of its data slice is a
     pure function of (seed, index, i), so a restarted replica resumes at any step) and returns
     that chunk's metrics. Pushes may still be in flight when it returns; `drain()` waits for
@@ -385,8 +412,8 @@ class DownpourReplica:
     """
 
     def __init__(self, index: int, config, client, stats: dict | None = None,
-                 device: torch.device | None = None, bound=None):
-        self.index, self.config, self.bound = index, config, bound
+                 device: torch.device | None = None, bound=None, clock: RealClock = REAL_CLOCK):
+        self.index, self.config, self.bound, self.clock = index, config, bound, clock
         self.delay = straggler_delay(config, index)
         self.device = device or resolve_device(config.device)
         set_determinism(config.deterministic, self.device)
@@ -396,7 +423,7 @@ class DownpourReplica:
         self.model.train()
         self.flat = FlatModel(self.model)
         self.loss = get_loss(config.loss)
-        self.exchange = Exchange(index, config, client, self.flat)
+        self.exchange = Exchange(index, config, client, self.flat, clock)
         self.cursor = BatchCursor(self.data.train)
 
     @property
@@ -418,14 +445,15 @@ class DownpourReplica:
         fetches, pushes, rejected (pushes refused by a shard)."""
         c, model, exchange = self.config, self.model, self.exchange
         metrics = chunk_metrics(self.index, start, steps)
-        begin = time.perf_counter()
+        clock = self.clock
+        begin = clock.now()
         batches = self.cursor.at(start)
         loss_sum = wrong_sum = 0
         for step in range(start, start + steps):
             if self.bound is not None:
                 self.bound.before(step, metrics)
             exchange.fetch(step, metrics)
-            compute_start = time.perf_counter()
+            compute_start = clock.now()
             x, y = next(batches)
             if c.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -434,6 +462,7 @@ class DownpourReplica:
                 loss = self.loss(logits, y)
             model.zero_grad(set_to_none=True)
             loss.backward()
+            clock.computed(self.index, step)
             # Tensors, read at the push and the chunk's end: no wait for the device per step.
             wrong = self.loss.wrong(logits, y)
             if exchange.local is not None:
@@ -443,16 +472,16 @@ class DownpourReplica:
             loss_sum = loss_sum + loss.detach().double() * len(y)  # float64, as float() gave
             wrong_sum = wrong_sum + wrong
             metrics["images"] += len(y)
-            metrics["compute_s"] += time.perf_counter() - compute_start
+            metrics["compute_s"] += clock.now() - compute_start
             if exchange.push_due(step):
                 exchange.push(step, metrics)
             if self.delay:
-                time.sleep(self.delay)
+                clock.sleep(self.delay)
             if self.bound is not None:
                 self.bound.after(step + 1)
         self.cursor.ended(start + steps)
         metrics["loss_sum"], metrics["wrong"] = float(loss_sum), int(wrong_sum)
-        metrics["seconds"] = time.perf_counter() - begin
+        metrics["seconds"] = clock.now() - begin
         if not math.isfinite(metrics["loss_sum"]):
             metrics["diverged"] = True
         return metrics

@@ -1,0 +1,143 @@
+"""The virtual cluster's cost model: how long a replica computes a step, a message takes on the
+network and a shard takes to apply a push (`virtual`). No Ray.
+
+- **Compute**: --virtual-step-ms (default: measured here, `measure_step`), times a log-normal
+  factor of mean 1 and sigma --virtual-spread, times X with probability P
+  (--virtual-straggle P,X); each replica draws from its own generator (seed, replica), so a
+  virtual run repeats exactly.
+- **Network** (`Network`): every replica and every shard has a node of its own (as in the
+  paper) with one link of --virtual-link BANDWIDTH,LATENCY. A message occupies its sender's
+  outgoing and its receiver's incoming link for bytes / bandwidth (each link carries one
+  message at a time, in the order they were sent) and arrives a latency later.
+- **Shards**: a shard serves one request at a time, in arrival order; a push takes
+  --virtual-shard-ms (default: measured here, `measure_shard`), a pull the copy of its values
+  (measured alike).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+
+import numpy as np
+import torch
+
+from distbelief.errors import ConfigError
+
+REQUEST_BYTES = 256  # a fetch request or a push's reply: a few numbers and Ray's header
+_RATE = {"gbit": 1e9 / 8, "mbit": 1e6 / 8, "gb": 1e9, "mb": 1e6}
+_TIME = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def parse_link(text: str) -> tuple[float, float]:
+    """--virtual-link "10gbit,50us" -> (bytes per second, latency seconds).
+
+    Raises:
+        ConfigError: not BANDWIDTH,LATENCY with units gbit, mbit, gb, mb and us, ms, s."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*(gbit|mbit|gb|mb)\s*,\s*([\d.]+)\s*(us|ms|s)\s*",
+                     text.lower())
+    if not m or float(m.group(1)) <= 0:
+        raise ConfigError(f"--virtual-link {text!r}: give BANDWIDTH,LATENCY, e.g. 10gbit,50us "
+                          f"or 1gbit,0.2ms (units gbit, mbit, gb, mb; us, ms, s)")
+    return float(m.group(1)) * _RATE[m.group(2)], float(m.group(3)) * _TIME[m.group(4)]
+
+
+def parse_straggle(text: str) -> tuple[float, float]:
+    """--virtual-straggle "0.02,5" -> (probability, factor); "none" -> (0, 1).
+
+    Raises:
+        ConfigError: not P,X with 0 <= P <= 1 and X >= 1."""
+    if text.strip().lower() == "none":
+        return 0.0, 1.0
+    try:
+        p, x = (float(v) for v in text.split(","))
+    except ValueError:
+        p, x = -1.0, 0.0
+    if not (0 <= p <= 1 and x >= 1):
+        raise ConfigError(f"--virtual-straggle {text!r}: give P,X (probability 0..1, factor "
+                          f">= 1), e.g. 0.02,5, or none")
+    return p, x
+
+
+class StepTimes:
+    """Replica `replica`'s compute time per step (module doc): `next()` draws the next one."""
+
+    def __init__(self, config, replica: int, step_s: float):
+        d = config.downpour
+        self.step_s, self.sigma = step_s, d.virtual_spread
+        self.p, self.factor = parse_straggle(d.virtual_straggle)
+        self.rng = np.random.default_rng([config.seed, replica, 0x5EED])
+
+    def next(self) -> float:
+        # Log-normal of mean 1: exp(N(-sigma^2 / 2, sigma)).
+        t = self.step_s * math.exp(self.rng.normal(-self.sigma ** 2 / 2, self.sigma)) \
+            if self.sigma else self.step_s
+        if self.p and self.rng.random() < self.p:
+            t *= self.factor
+        return t
+
+
+class Network:
+    """Links of `bandwidth` bytes per second and `latency` seconds, one per node (module
+    doc): `send(now, source, target, nbytes)` is when the message arrives."""
+
+    def __init__(self, bandwidth: float, latency: float):
+        self.bandwidth, self.latency = bandwidth, latency
+        self.out_free: dict = {}  # node -> when its outgoing link is free
+        self.in_free: dict = {}
+        self.bytes = 0
+
+    def send(self, now: float, source, target, nbytes: int) -> float:
+        if source == target:
+            return now
+        self.bytes += nbytes
+        busy = nbytes / self.bandwidth
+        start = max(now, self.out_free.get(source, 0.0))
+        self.out_free[source] = start + busy
+        # Received as it is sent, unless the receiver's link is still busy with another.
+        received = max(start, self.in_free.get(target, 0.0)) + busy
+        self.in_free[target] = received
+        return received + self.latency
+
+
+def measure_step(replica, repeats: int = 5) -> float:
+    """Seconds of one training step of `replica` (a `DownpourReplica` that has installed
+    parameters) on this machine: the median of `repeats` forward and backward passes after one
+    that warms up. Its model's gradients are left as they were computed; nothing is pushed."""
+    model, loss_fn, batches = replica.model, replica.loss, replica.cursor.at(0)
+    times = []
+    for i in range(repeats + 1):
+        x, y = next(batches)
+        if replica.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        start = time.perf_counter()
+        with torch.autocast(replica.device.type, dtype=torch.bfloat16,
+                            enabled=replica.config.bf16):
+            loss = loss_fn(model(x), y)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        replica.flat.gradient()
+        if i:
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure_shard(shard, repeats: int = 5) -> tuple[float, float]:
+    """(seconds per push, seconds per pull) of a shard like `shard` on this machine: the
+    median of `repeats` of each on a copy (the shard itself is not touched)."""
+    from distbelief.distributed.downpour.shard import ParameterShard
+
+    copy = ParameterShard(shard.index, shard.lo, shard.hi, shard.lo + shard.split, shard.w,
+                          shard.config,
+                          retention=shard.retention)
+    zeros = torch.zeros_like(copy.w)
+    pushes, pulls = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        copy.push(zeros, copy.version)
+        pushes.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        copy.pull()
+        pulls.append(time.perf_counter() - start)
+    return float(np.median(pushes)), float(np.median(pulls))

@@ -1,0 +1,151 @@
+"""Downpour on a virtual cluster (--virtual): the real replicas and shards on a simulated clock.
+Simulated time follows the cost model, a run repeats bit for bit and replays, records carry
+both clocks, stop and resume lose nothing. No Ray."""
+
+import pytest
+import torch
+
+from distbelief.api import trainer_for
+from distbelief.cli import main
+from distbelief.distributed.downpour.replay import replay_run
+from distbelief.distributed.downpour.virtual import VirtualTrainer
+from distbelief.engine import TrainingInterrupted, load_checkpoint
+from distbelief.engine.rundir import read_jsonl
+from distbelief.plot import plot_runs
+from distbelief.recipes import get_recipe
+
+FAST_LINK = "1000gb,0us"  # a megabyte in a microsecond: time is compute alone
+
+
+def virtual_config(**kw):
+    settings = dict(mode="downpour", virtual=True, replicas=4, ps_shards=2, iterations=48,
+                    batch_size=32, milestones=(32,), deterministic=True, device="cpu",
+                    channels_last=False, log_every=16, eval_every=24, checkpoint_every=24,
+                    virtual_step_ms=5.0, virtual_shard_ms=0.5)
+    return get_recipe("digits").replace(**{**settings, **kw})
+
+
+def final_vector(run):
+    model = load_checkpoint(run / "checkpoints/last.pt")["model"]
+    return torch.cat([t.reshape(-1).float() for t in model.values()])
+
+
+def test_a_virtual_run_repeats_bit_for_bit_and_its_record_replays(tmp_path):
+    config = virtual_config(virtual_spread=0.5, record_order=True)
+    a, b = tmp_path / "a", tmp_path / "b"
+    summary = trainer_for(config, a).fit()
+    trainer_for(config, b).fit()
+    assert torch.equal(final_vector(a), final_vector(b))
+    # Log-normal step times: the replicas drift, and staleness is what the timing gives (a
+    # spread around N - 1 = 3), not --lockstep's fixed 3.
+    assert len(summary["staleness"]) >= 3 and summary["iterations"] == 48
+    _, report = replay_run(a)
+    assert report["equal"], report
+
+
+def test_one_replica_without_overlap_is_lockstep_s_sgd_in_the_model_s_time(tmp_path):
+    """One replica that waits for every fetch and push is sequential SGD, as --lockstep's; on
+    a network of no cost and shards of no cost, simulated time is the steps' compute alone."""
+    virtual = virtual_config(replicas=1, overlap=False, virtual_link=FAST_LINK,
+                             virtual_shard_ms=0.0, virtual_spread=0.0, eval_every=0)
+    summary = trainer_for(virtual, tmp_path / "v").fit()
+    lockstep = virtual.replace(virtual=False, lockstep=True, virtual_step_ms=None,
+                               virtual_shard_ms=None)
+    trainer_for(lockstep, tmp_path / "l").fit()
+    assert torch.equal(final_vector(tmp_path / "v"), final_vector(tmp_path / "l"))
+    assert summary["wall_s"] == pytest.approx(48 * 0.005, rel=1e-3)
+    assert summary["staleness"] == {0: 96}
+
+
+def test_simulated_time_divides_the_steps_among_replicas_and_charges_the_network(tmp_path):
+    # Four replicas on free links: 48 steps of 5 ms in about 12 x 5 ms.
+    fast = trainer_for(virtual_config(virtual_link=FAST_LINK, virtual_shard_ms=0.0,
+                                      virtual_spread=0.0, eval_every=0), None).fit()
+    assert 12 * 0.005 <= fast["wall_s"] <= 13 * 0.005
+    # On 100 Mbit/s links every push and fetch costs its bytes: at least what the busiest
+    # shard's link receives, in sequence.
+    slow = trainer_for(virtual_config(virtual_link="100mbit,0us", virtual_shard_ms=0.0,
+                                      virtual_spread=0.0, eval_every=0), None).fit()
+    # A shard's link carries its pushes in and its pulls out, each at 12.5 MB/s.
+    moved = max(rate * slow["wall_s"] for rate in slow["shard_bytes_per_s"])
+    assert slow["wall_s"] >= moved / 2 / 12.5e6 and slow["wall_s"] > 2 * fast["wall_s"]
+    assert slow["shard_updates"] == [48, 48]
+
+
+def test_a_straggler_trains_fewer_steps_in_simulated_time(tmp_path):
+    trainer = trainer_for(virtual_config(straggler_delay=0.015, virtual_spread=0.0,
+                                         eval_every=0), None)
+    summary = trainer.fit()
+    positions = trainer.progress.positions
+    # Replica 0 takes 20 ms a step and the others 5 (and about 1 ms more each on the
+    # network and the shards): it trains about a third of their steps.
+    assert positions[0] * 2.5 <= min(positions[1:]) and sum(positions) == 48
+    assert summary["replica_images_per_s"][0] < summary["replica_images_per_s"][1] / 2.5
+
+
+def test_records_carry_simulated_and_real_wall_time_and_plot_by_simulated_time(tmp_path):
+    run = tmp_path / "run"
+    summary = trainer_for(virtual_config(), run).fit()
+    records = read_jsonl(run / "metrics.jsonl")
+    costs = [r for r in records if r["kind"] == "virtual"][0]
+    assert costs["step_s"] == 0.005 and not costs["step_measured"]
+    assert costs["shard_push_s"] == [0.0005, 0.0005] and costs["link"] == "10gbit,50us"
+    train = [r for r in records if r["kind"] == "train"]
+    walls = [r["wall_s"] for r in train]
+    assert walls == sorted(walls) and 0.05 < walls[-1] < 0.2  # 12 steps of 5 ms and more
+    assert all(r["real_wall_s"] > 0 for r in train)
+    # The run ends when the last pushes have landed, a few milliseconds after the last step.
+    assert walls[-1] <= summary["wall_s"] < walls[-1] + 0.01
+    assert "real_wall_s" in summary and summary["virtual"]["step_s"] == 0.005
+    plot_runs([run], tmp_path / "wall.png", x="wall")  # plots wall_s: the simulated time
+    assert (tmp_path / "wall.png").stat().st_size > 0
+
+
+def test_a_measured_cost_model_is_this_machine_s(tmp_path):
+    summary = trainer_for(virtual_config(virtual_step_ms=None, virtual_shard_ms=None,
+                                         iterations=8, eval_every=0), None).fit()
+    costs = summary["virtual"]
+    assert costs["step_measured"] and costs["shard_measured"]
+    assert 1e-5 < costs["step_s"] < 1.0 and all(0 < s < 0.1 for s in costs["shard_push_s"])
+
+
+def test_stop_and_resume_continue_the_records_and_the_simulated_clock(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    config = virtual_config(log_every=8, checkpoint_every=16, eval_every=0)
+    saves, real_save = [], VirtualTrainer.save
+
+    def save_then_stop(self):
+        real_save(self)
+        saves.append(self.steps)
+        if len(saves) == 1:
+            self.request_stop()
+
+    monkeypatch.setattr(VirtualTrainer, "save", save_then_stop)
+    with pytest.raises(TrainingInterrupted, match="stopped at iteration 1"):
+        trainer_for(config, run).fit()
+    monkeypatch.setattr(VirtualTrainer, "save", real_save)
+    summary = trainer_for(config, run, resume=True).fit()
+    assert summary["iterations"] == 48 and summary["shard_updates"] == [48, 48]
+    train = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["iteration"] for r in train] == [8, 16, 24, 32, 40, 48]
+    walls = [r["wall_s"] for r in train]
+    assert walls == sorted(walls)  # the simulated clock goes on from where it stopped
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lockstep"], "without --lockstep"),
+    (["--partitions", "2"], "without --partitions"),
+    (["--ssp-bound", "1"], "without --ssp-bound"),
+    (["--virtual-link", "fast"], "--virtual-link"),
+    (["--virtual-straggle", "2,2"], "--virtual-straggle"),
+])
+def test_the_cli_refuses_what_a_virtual_cluster_cannot_simulate(tmp_path, capsys, flags,
+                                                                 message):
+    argv = ["train", "--recipe", "digits", "--mode", "downpour", "--virtual", "--iterations",
+            "4", "--out", str(tmp_path / "run"), *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "run").exists()
+    assert main(["train", "--recipe", "digits", "--virtual-step-ms", "5", "--iterations", "4",
+                 "--out", str(tmp_path / "run")]) == 2
