@@ -493,9 +493,11 @@ def _add_reproduce(sub) -> None:
                                    "numbers and figures beside the paper's. table1: parameters "
                                    "and multiply-adds; table6: CIFAR-10 ResNets; fig6: error "
                                    "curves of plain nets and ResNets; fig7: layer responses; "
-                                   "downpour: DistBelief Fig. 4 at reduced scale.")
-    p.add_argument("experiment", choices=("table1", "table6", "fig6", "fig7", "downpour"),
-                   metavar="EXPERIMENT", help="table1, table6, fig6, fig7 or downpour")
+                                   "downpour: DistBelief Fig. 4 at reduced scale; fig4: "
+                                   "DistBelief Fig. 4 for 1 to 64 replicas on a virtual "
+                                   "cluster.")
+    p.add_argument("experiment", choices=("table1", "table6", "fig6", "fig7", "downpour", "fig4"),
+                   metavar="EXPERIMENT", help="table1, table6, fig6, fig7, downpour or fig4")
     p.add_argument("--out", default="reproduction", metavar="DIR",
                    help="output folder (default: reproduction)")
     p.add_argument("--budget", default="short", choices=("short", "medium", "full"),

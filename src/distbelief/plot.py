@@ -57,7 +57,8 @@ def run_curves(run_dir: str | os.PathLike, x: str = "iterations") -> dict:
     label = run.path.name
     if config is not None:
         label = config.model + {
-            "downpour": f" (Downpour x{config.cluster.replicas}, {config.optimizer})",
+            "downpour": f" ({'virtual ' if config.downpour.virtual else ''}Downpour "
+                        f"x{config.cluster.replicas}, {config.optimizer})",
             "sandblaster": f" (Sandblaster L-BFGS x{config.cluster.replicas})"}.get(config.mode, "")
     return {"label": label, "train": tuple(zip(*train)) or ((), ()),
             "test": tuple(zip(*test)) or ((), ())}

@@ -29,13 +29,16 @@ def data_part(size: int, part: tuple[int, int] | None) -> torch.Tensor | None:
 
 def build_data(config, device: torch.device, stats: dict | None = None,
                part: tuple[int, int] | None = None,
-               rows: tuple[int, int] | None = None) -> DataBundle:
+               rows: tuple[int, int] | None = None, arrays: tuple | None = None
+               ) -> DataBundle:
     """Load `config.data` and wrap it for `device`. `stats` from a checkpoint replaces the
     statistics that would otherwise be computed from the training split. `part` = (r, n)
     restricts the training stream to replica r's slice of n (`data_part`); the statistics stay
     those of the whole split and the stream's seed becomes seed + r. `rows` = (lo, hi) makes
     each training batch rows lo..hi of the --batch-size batch, loaded and augmented exactly as
-    they are in it and nothing else (a synchronous rank's share).
+    they are in it and nothing else (a synchronous rank's share). `arrays`: what
+    `load_arrays(config)` returned, to build several parts from one load (the virtual
+    cluster's replicas); they are only read.
 
     Raises:
         DataError: the data folder is missing or malformed.
@@ -48,15 +51,7 @@ def build_data(config, device: torch.device, stats: dict | None = None,
         return _build_folder(c, device, stats, part, rows)
     if c.user is not None:
         return _build_tensors(c, device, part, rows)
-    if c.data == "digits":
-        train, test, classes = load_digits()
-    elif c.data == "cifar10":
-        train, test, classes = load_cifar10(c.data_dir, download=c.download)
-    else:
-        synthetic = c.synthetic
-        train, test, classes = make_synthetic(synthetic.synthetic_shape,
-                                              synthetic.synthetic_classes,
-                                              synthetic.synthetic_size, c.seed)
+    train, test, classes = arrays or load_arrays(c)
     splits = {}
     if c.val_split:
         train, val = split_off(train, c.val_split)
@@ -80,6 +75,17 @@ def build_data(config, device: torch.device, stats: dict | None = None,
         train_size=len(train), stats=stats, train=stream,
         splits={k: ArrayEvalSource(v, stats["mean"], c.eval_batch_size, device)
                 for k, v in splits.items()})
+
+
+def load_arrays(c) -> tuple:
+    """(train, test, classes) of the digits, CIFAR-10 or synthetic data of config `c`."""
+    if c.data == "digits":
+        return load_digits()
+    if c.data == "cifar10":
+        return load_cifar10(c.data_dir, download=c.download)
+    synthetic = c.synthetic
+    return make_synthetic(synthetic.synthetic_shape, synthetic.synthetic_classes,
+                          synthetic.synthetic_size, c.seed)
 
 
 def _check_shape(mean: torch.Tensor, shape) -> None:

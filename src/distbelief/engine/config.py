@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -672,10 +673,42 @@ def _check_virtual(c: TrainConfig) -> None:
                      ("--ssp-bound", d.ssp_bound is not None)):
         if on:
             raise ConfigError(f"--virtual simulates whole replicas without {flag}")
-    from distbelief.distributed.downpour.costs import parse_link, parse_straggle
-
     parse_link(d.virtual_link)
     parse_straggle(d.virtual_straggle)
+
+
+_RATE = {"gbit": 1e9 / 8, "mbit": 1e6 / 8, "gb": 1e9, "mb": 1e6}
+_TIME = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def parse_link(text: str) -> tuple[float, float]:
+    """--virtual-link "10gbit,50us" -> (bytes per second, latency seconds).
+
+    Raises:
+        ConfigError: not BANDWIDTH,LATENCY with units gbit, mbit, gb, mb and us, ms, s."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*(gbit|mbit|gb|mb)\s*,\s*([\d.]+)\s*(us|ms|s)\s*",
+                     text.lower())
+    if not m or float(m.group(1)) <= 0:
+        raise ConfigError(f"--virtual-link {text!r}: give BANDWIDTH,LATENCY, e.g. 10gbit,50us "
+                          f"or 1gbit,0.2ms (units gbit, mbit, gb, mb; us, ms, s)")
+    return float(m.group(1)) * _RATE[m.group(2)], float(m.group(3)) * _TIME[m.group(4)]
+
+
+def parse_straggle(text: str) -> tuple[float, float]:
+    """--virtual-straggle "0.02,5" -> (probability, factor); "none" -> (0, 1).
+
+    Raises:
+        ConfigError: not P,X with 0 <= P <= 1 and X >= 1."""
+    if text.strip().lower() == "none":
+        return 0.0, 1.0
+    try:
+        p, x = (float(v) for v in text.split(","))
+    except ValueError:
+        p, x = -1.0, 0.0
+    if not (0 <= p <= 1 and x >= 1):
+        raise ConfigError(f"--virtual-straggle {text!r}: give P,X (probability 0..1, factor "
+                          f">= 1), e.g. 0.02,5, or none")
+    return p, x
 
 
 def _check_ssp_bound(c: TrainConfig) -> None:

@@ -6,7 +6,8 @@
 
 Experiments: table1 (parameters and multiply-adds), table6 (CIFAR-10 ResNets), fig6 (error
 curves of plain nets and ResNets), fig7 (layer responses), downpour (DistBelief Fig. 4 at
-reduced scale). Interrupting and rerunning continues the unfinished runs.
+reduced scale), fig4 (DistBelief Fig. 4, 1 to 64 replicas on a virtual cluster).
+Interrupting and rerunning continues the unfinished runs.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def reproduce(experiment: str, out: str | os.PathLike = "reproduction", *,
     options = Options(budget=budget, data=data, data_dir=data_dir, device=device,
                       models=models, seed=seed, seeds=seeds, compile=compile, bf16=bf16)
     kind = EXPERIMENTS[experiment]
-    if options.seeds > 1 and experiment in ("table1", "downpour"):
+    if options.seeds > 1 and experiment in ("table1", "downpour", "fig4"):
         raise ConfigError(f"--seeds applies to table6, fig6 and fig7; {experiment} has one run "
                           f"per scheme")
     specs = kind.specs(options)  # every config is built, and so validated, before any run

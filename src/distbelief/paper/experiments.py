@@ -339,4 +339,10 @@ def raise_models(experiment: str):
     raise ConfigError(f"{experiment} has its own runs; --models does not apply to it")
 
 
-EXPERIMENTS = {e.name: e for e in (Table1(), Table6(), Fig6(), Fig7(), Downpour())}
+def _experiments() -> dict:
+    from distbelief.paper.fig4 import Fig4
+
+    return {e.name: e for e in (Table1(), Table6(), Fig6(), Fig7(), Downpour(), Fig4())}
+
+
+EXPERIMENTS = _experiments()

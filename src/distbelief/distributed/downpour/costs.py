@@ -17,47 +17,14 @@ network and a shard takes to apply a push (`virtual`). No Ray.
 from __future__ import annotations
 
 import math
-import re
 import time
 
 import numpy as np
 import torch
 
-from distbelief.errors import ConfigError
+from distbelief.engine.config import parse_link, parse_straggle  # noqa: F401 (re-exported)
 
 REQUEST_BYTES = 256  # a fetch request or a push's reply: a few numbers and Ray's header
-_RATE = {"gbit": 1e9 / 8, "mbit": 1e6 / 8, "gb": 1e9, "mb": 1e6}
-_TIME = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
-
-
-def parse_link(text: str) -> tuple[float, float]:
-    """--virtual-link "10gbit,50us" -> (bytes per second, latency seconds).
-
-    Raises:
-        ConfigError: not BANDWIDTH,LATENCY with units gbit, mbit, gb, mb and us, ms, s."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*(gbit|mbit|gb|mb)\s*,\s*([\d.]+)\s*(us|ms|s)\s*",
-                     text.lower())
-    if not m or float(m.group(1)) <= 0:
-        raise ConfigError(f"--virtual-link {text!r}: give BANDWIDTH,LATENCY, e.g. 10gbit,50us "
-                          f"or 1gbit,0.2ms (units gbit, mbit, gb, mb; us, ms, s)")
-    return float(m.group(1)) * _RATE[m.group(2)], float(m.group(3)) * _TIME[m.group(4)]
-
-
-def parse_straggle(text: str) -> tuple[float, float]:
-    """--virtual-straggle "0.02,5" -> (probability, factor); "none" -> (0, 1).
-
-    Raises:
-        ConfigError: not P,X with 0 <= P <= 1 and X >= 1."""
-    if text.strip().lower() == "none":
-        return 0.0, 1.0
-    try:
-        p, x = (float(v) for v in text.split(","))
-    except ValueError:
-        p, x = -1.0, 0.0
-    if not (0 <= p <= 1 and x >= 1):
-        raise ConfigError(f"--virtual-straggle {text!r}: give P,X (probability 0..1, factor "
-                          f">= 1), e.g. 0.02,5, or none")
-    return p, x
 
 
 class StepTimes:

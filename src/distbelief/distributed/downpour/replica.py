@@ -403,7 +403,8 @@ class DownpourReplica:
     config.device); `bound` (a `bound.StalenessBound`, --ssp-bound) makes it wait while it is
     too far ahead of the slowest replica.
 
-    `clock` is its time (`RealClock`; a --virtual run's is simulated).
+    `clock` is its time (`RealClock`; a --virtual run's is simulated); `arrays` the data
+    already loaded (`data.build.load_arrays`), of which it takes its slice.
 
     `run(start, steps)` trains its steps start .. start+steps-1 (batch i of its data slice is a
     pure function of (seed, index, i), so a restarted replica resumes at any step) and returns
@@ -412,13 +413,14 @@ class DownpourReplica:
     """
 
     def __init__(self, index: int, config, client, stats: dict | None = None,
-                 device: torch.device | None = None, bound=None, clock: RealClock = REAL_CLOCK):
+                 device: torch.device | None = None, bound=None, clock: RealClock = REAL_CLOCK,
+                 arrays: tuple | None = None):
         self.index, self.config, self.bound, self.clock = index, config, bound, clock
         self.delay = straggler_delay(config, index)
         self.device = device or resolve_device(config.device)
         set_determinism(config.deterministic, self.device)
         self.data = build_data(config, self.device, stats=stats,
-                               part=(index, config.cluster.replicas))
+                               part=(index, config.cluster.replicas), arrays=arrays)
         self.model = build_model(config, self.data, self.device)
         self.model.train()
         self.flat = FlatModel(self.model)

@@ -27,6 +27,7 @@ from functools import partial
 
 import torch
 
+from distbelief.data.build import load_arrays
 from distbelief.distributed.downpour.costs import (REQUEST_BYTES, Network, StepTimes,
                                                    measure_shard, measure_step, parse_link)
 from distbelief.distributed.downpour.lockstep import LockstepTrainer
@@ -180,9 +181,11 @@ class VirtualTrainer(LockstepTrainer):
         network = Network(*parse_link(c.downpour.virtual_link))
         server = VirtualServer(self.loop, self.shards, network, self.costs["shard_push_s"],
                                self.costs["shard_pull_s"], wire_dtype(c))
+        # Loaded once for all the replicas, each of which takes its slice.
+        arrays = load_arrays(c) if c.data != "imagenet" and c.user is None else None
         self.replicas = [
             DownpourReplica(r, c, VirtualClient(server, r), stats=self.data.stats,
-                            device=self.device,
+                            device=self.device, arrays=arrays,
                             clock=ProcessClock(self.loop, StepTimes(c, r, self.costs["step_s"])))
             for r in range(c.cluster.replicas)]
         self.network = network

@@ -1,0 +1,161 @@
+"""The virtual cluster (--virtual) against reality, and its speed.
+
+calibrate: real Downpour runs on Ray (the unchanged `digits` recipe: ResNet-20, batches of 64,
+1,200 minibatches over all replicas, 2 shards) at 2 and 4 replicas over 3 seeds, then the same
+runs on the virtual cluster with the cost model measured from them: a replica's step (its
+compute and everything else it does between steps, from the Ray runs' time split), the
+network (a Ray round trip of an empty call and of a push's bytes between two actors on this
+machine: latency and bandwidth), the shards' updates (measured by the virtual run). The issue's
+acceptance: at each replica count the virtual runs' mean staleness within 20% of the real
+runs' mean, and each virtual run's final test error inside the real runs' range.
+
+    python benchmarks/bench_virtual.py calibrate [--replicas 2 4] [--seeds 0 1 2]
+
+speed: the single process against 64 virtual replicas for the same minibatches (digits at
+batches of 16, which 64 replicas' slices hold; CIFAR-10's ResNet-20 with --data-dir), both in
+this process, wall time each, and the ratio (the issue asks for <= 1.3).
+
+    python benchmarks/bench_virtual.py speed [--minibatches 2000] [--data-dir DIR]
+
+Run it alone: every run takes the whole machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def train(run: Path, replicas: int, seed: int, extra: list[str]) -> dict:
+    shutil.rmtree(run, ignore_errors=True)
+    argv = ["train", "--recipe", "digits", "--mode", "downpour", "--replicas", str(replicas),
+            "--ps-shards", "2", "--seed", str(seed), "--quiet", "--out", str(run), *extra]
+    done = subprocess.run([sys.executable, "-m", "distbelief", *argv], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)}: {done.stderr.strip()[-500:]}")
+    return json.loads((run / "summary.json").read_text())
+
+
+def ray_link(nbytes: int) -> tuple[float, float]:
+    """(bytes per second, latency s) of a Ray call between two actors here: the median round
+    trip of an empty call and of one carrying `nbytes` (there and back)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+
+    @ray.remote(num_cpus=0)
+    class Echo:
+        def echo(self, x):
+            return x
+
+    @ray.remote(num_cpus=0)
+    class Caller:
+        def rtt(self, echo, payload, repeats=30):
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                ray.get(echo.echo.remote(payload))
+                times.append(time.perf_counter() - start)
+            return statistics.median(times)
+
+    echo, caller = Echo.remote(), Caller.remote()
+    empty = ray.get(caller.rtt.remote(echo, b""))
+    full = ray.get(caller.rtt.remote(echo, np.zeros(nbytes // 4, dtype=np.float32)))
+    ray.shutdown()
+    return 2 * nbytes / max(full - empty, 1e-6), empty / 2
+
+
+def calibrate(args) -> None:
+    out = Path(args.out)
+    print(f"# {platform.node()} {platform.machine()}, {time.strftime('%Y-%m-%d')}", flush=True)
+    bandwidth, latency = ray_link(1_100_000)  # ResNet-20's 0.27M values as float32
+    link = f"{bandwidth / 1e6:.1f}mb,{latency * 1e6:.0f}us"
+    print(f"Ray between two actors here: {link} (bandwidth, latency)", flush=True)
+    for n in args.replicas:
+        real = [train(out / f"ray-x{n}-s{s}", n, s, []) for s in args.seeds]
+        steps = sum(r["iterations"] for r in real)
+        split = [r["replica_time_s"] for r in real]
+        step_ms = 1e3 * sum(t["compute_s"] + t["other_s"] for t in split) / steps
+        flags = ["--virtual", "--virtual-step-ms", f"{step_ms:.3f}", "--virtual-link", link]
+        virtual = [train(out / f"virtual-x{n}-s{s}", n, s, flags) for s in args.seeds]
+        _compare(n, step_ms, real, virtual)
+
+
+def _compare(n: int, step_ms: float, real: list[dict], virtual: list[dict]) -> None:
+    r_stale = [r["staleness_mean"] for r in real]
+    v_stale = [v["staleness_mean"] for v in virtual]
+    r_err = [r["test_error"] for r in real]
+    v_err = [v["test_error"] for v in virtual]
+    mean_r, mean_v = statistics.mean(r_stale), statistics.mean(v_stale)
+    inside = [min(r_err) <= e <= max(r_err) for e in v_err]
+    print(f"{n} replicas, a step {step_ms:.1f} ms:\n"
+          f"  staleness mean: real {', '.join(f'{s:.2f}' for s in r_stale)} (mean "
+          f"{mean_r:.2f}); virtual {', '.join(f'{s:.2f}' for s in v_stale)} (mean "
+          f"{mean_v:.2f}): {100 * (mean_v / mean_r - 1):+.0f}% "
+          f"({'within' if abs(mean_v / mean_r - 1) <= 0.2 else 'outside'} 20%)\n"
+          f"  test error %: real {', '.join(f'{100 * e:.2f}' for e in r_err)}; virtual "
+          f"{', '.join(f'{100 * e:.2f}' for e in v_err)}: {sum(inside)} of {len(inside)} "
+          f"inside the real range\n"
+          f"  staleness histogram, real seed 0 {real[0]['staleness']}\n"
+          f"                    virtual seed 0 {virtual[0]['staleness']}\n"
+          f"  wall s: real {_join(real, 'wall_s')}; virtual (simulated) "
+          f"{_join(virtual, 'wall_s')}, its real {_join(virtual, 'real_wall_s')}", flush=True)
+
+
+def _join(summaries: list[dict], key: str) -> str:
+    return ", ".join(f"{s[key]:.0f}" for s in summaries)
+
+
+def speed(args) -> None:
+    from distbelief.api import trainer_for
+    from distbelief.recipes import get_recipe
+
+    print(f"# {platform.node()} {platform.machine()}, {time.strftime('%Y-%m-%d')}", flush=True)
+    cases = [("digits (ResNet-20, batches of 16)",
+              get_recipe("digits").replace(batch_size=16))]
+    if args.data_dir:
+        cases.append(("CIFAR-10 (ResNet-20, batches of 128)",
+                      get_recipe("cifar10-paper").replace(data_dir=args.data_dir)))
+    for name, recipe in cases:
+        base = recipe.replace(iterations=args.minibatches, eval_every=0, log_every=10**9,
+                              checkpoint_every=0, device="cpu", milestones=())
+        virtual = base.replace(mode="downpour", replicas=args.replicas, ps_shards=2,
+                               virtual=True)
+        times = {}
+        for label, config in (("single", base), (f"virtual x{args.replicas}", virtual)):
+            start = time.perf_counter()
+            trainer_for(config, None).fit()
+            times[label] = time.perf_counter() - start
+        single, many = times.values()
+        print(f"{name}, {args.minibatches} minibatches: single {single:.1f} s, "
+              f"{args.replicas} virtual replicas {many:.1f} s: {many / single:.2f}x",
+              flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    c = sub.add_parser("calibrate")
+    c.add_argument("--replicas", type=int, nargs="+", default=[2, 4])
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    c.add_argument("--out", default="/tmp/virtual-calibration")
+    s = sub.add_parser("speed")
+    s.add_argument("--minibatches", type=int, default=2000)
+    s.add_argument("--replicas", type=int, default=64)
+    s.add_argument("--data-dir", default=None)
+    args = parser.parse_args()
+    calibrate(args) if args.what == "calibrate" else speed(args)
+
+
+if __name__ == "__main__":
+    main()
