@@ -4,8 +4,9 @@ calibrate: real Downpour runs on Ray (the unchanged `digits` recipe: ResNet-20, 
 1,200 minibatches over all replicas, 2 shards) at 2 and 4 replicas over 3 seeds, then the same
 runs on the virtual cluster with the cost model measured from them: a replica's step (its
 compute and everything else it does between steps, from the Ray runs' time split), the
-network (a Ray round trip of an empty call and of a push's bytes between two actors on this
-machine: latency and bandwidth), the shards' updates (measured by the virtual run). The issue's
+spread (from the replicas' rates in each training record of the Ray runs), the network (a
+Ray round trip of an empty call and of a push's bytes between two actors on this machine:
+latency and bandwidth), the shards' updates (measured by the virtual run). The issue's
 acceptance: at each replica count the virtual runs' mean staleness within 20% of the real
 runs' mean, and each virtual run's final test error inside the real runs' range.
 
@@ -16,6 +17,13 @@ batches of 16, which 64 replicas' slices hold; CIFAR-10's ResNet-20 with --data-
 this process, wall time each, and the ratio (the issue asks for <= 1.3).
 
     python benchmarks/bench_virtual.py speed [--minibatches 2000] [--data-dir DIR]
+
+record: what --record-order costs. The same Ray Downpour run (digits, 2 replicas x 2 shards,
+1,200 minibatches) with and without it, alternating, 3 times each: the replicas' compute per
+step and the runs' images per second (the issue's goal: <= 2% of a step); and the shards'
+push with and without a history, in this process.
+
+    python benchmarks/bench_virtual.py record [--repeats 3]
 
 Run it alone: every run takes the whole machine.
 """
@@ -35,7 +43,9 @@ from pathlib import Path
 import numpy as np
 
 
-def train(run: Path, replicas: int, seed: int, extra: list[str]) -> dict:
+def train(run: Path, replicas: int, seed: int, extra: list[str], reuse: bool = False) -> dict:
+    if reuse and (run / "summary.json").is_file():
+        return json.loads((run / "summary.json").read_text())
     shutil.rmtree(run, ignore_errors=True)
     argv = ["train", "--recipe", "digits", "--mode", "downpour", "--replicas", str(replicas),
             "--ps-shards", "2", "--seed", str(seed), "--quiet", "--out", str(run), *extra]
@@ -82,23 +92,44 @@ def calibrate(args) -> None:
     link = f"{bandwidth / 1e6:.1f}mb,{latency * 1e6:.0f}us"
     print(f"Ray between two actors here: {link} (bandwidth, latency)", flush=True)
     for n in args.replicas:
-        real = [train(out / f"ray-x{n}-s{s}", n, s, []) for s in args.seeds]
+        runs = [out / f"ray-x{n}-s{s}" for s in args.seeds]
+        real = [train(run, n, s, [], args.reuse) for run, s in zip(runs, args.seeds)]
         steps = sum(r["iterations"] for r in real)
         split = [r["replica_time_s"] for r in real]
         step_ms = 1e3 * sum(t["compute_s"] + t["other_s"] for t in split) / steps
-        flags = ["--virtual", "--virtual-step-ms", f"{step_ms:.3f}", "--virtual-link", link]
+        spread = statistics.mean(step_spread(run, n) for run in runs)
+        flags = ["--virtual", "--virtual-step-ms", f"{step_ms:.3f}", "--virtual-link", link,
+                 "--virtual-spread", f"{spread:.3f}"]
         virtual = [train(out / f"virtual-x{n}-s{s}", n, s, flags) for s in args.seeds]
-        _compare(n, step_ms, real, virtual)
+        _compare(n, f"a step {step_ms:.1f} ms, spread {spread:.2f}", real, virtual)
 
 
-def _compare(n: int, step_ms: float, real: list[dict], virtual: list[dict]) -> None:
+def step_spread(run: Path, n: int) -> float:
+    """The sigma of a step's log time on Ray, from the replicas' rates in each training
+    record: within a record, a replica's deviation from the mean log rate of the m replicas
+    that finished work in it, over k steps each, has the variance sigma^2 (m - 1) / (m k)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    deviations = []
+    for before, r in zip(train, train[1:]):
+        # Replicas that finished no chunk in the record's window have no rate (0).
+        rates = [x for x in r["replica_images_per_s"] if x > 0]
+        if len(rates) < 2:
+            continue
+        m, k = len(rates), (r["iteration"] - before["iteration"]) / len(rates)
+        mean = statistics.mean(np.log(rates))
+        deviations += [(np.log(x) - mean) * np.sqrt(k * m / (m - 1)) for x in rates]
+    return float(np.sqrt(np.mean(np.square(deviations))))
+
+
+def _compare(n: int, costs: str, real: list[dict], virtual: list[dict]) -> None:
     r_stale = [r["staleness_mean"] for r in real]
     v_stale = [v["staleness_mean"] for v in virtual]
     r_err = [r["test_error"] for r in real]
     v_err = [v["test_error"] for v in virtual]
     mean_r, mean_v = statistics.mean(r_stale), statistics.mean(v_stale)
     inside = [min(r_err) <= e <= max(r_err) for e in v_err]
-    print(f"{n} replicas, a step {step_ms:.1f} ms:\n"
+    print(f"{n} replicas, {costs}:\n"
           f"  staleness mean: real {', '.join(f'{s:.2f}' for s in r_stale)} (mean "
           f"{mean_r:.2f}); virtual {', '.join(f'{s:.2f}' for s in v_stale)} (mean "
           f"{mean_v:.2f}): {100 * (mean_v / mean_r - 1):+.0f}% "
@@ -142,6 +173,42 @@ def speed(args) -> None:
               flush=True)
 
 
+def record(args) -> None:
+    print(f"# {platform.node()} {platform.machine()}, {time.strftime('%Y-%m-%d')}", flush=True)
+    out = Path("/tmp/virtual-record")
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for k in range(args.repeats):
+        for on in (False, True):
+            flags = ["--record-order"] if on else []
+            summary = train(out / f"run-{on}-{k}", 2, 0, flags)
+            rates[on].append(summary["images_per_s"])
+            print(f"  {'with' if on else 'without'} --record-order: "
+                  f"{summary['images_per_s']:.0f} images/s", flush=True)
+    off, on = statistics.median(rates[False]), statistics.median(rates[True])
+    print(f"Ray runs, median images/s: without {off:.0f}, with {on:.0f}: "
+          f"{100 * (1 - on / off):+.1f}% slower", flush=True)
+    _shard_push_cost()
+
+
+def _shard_push_cost() -> None:
+    import torch
+
+    from distbelief.distributed.downpour.shard import ParameterShard
+    from distbelief.recipes import get_recipe
+
+    for on in (False, True):
+        config = get_recipe("digits-downpour").replace(record_order=on)
+        shard = ParameterShard(0, 0, 135_000, 135_000, torch.zeros(135_000), config)
+        g = torch.zeros(135_000)
+        times = []
+        for i in range(2000):
+            start = time.perf_counter()
+            shard.push(g, shard.version, source=(0, "x", i, ((i, i - 1),)))
+            times.append(time.perf_counter() - start)
+        print(f"a shard's push of 135,000 values {'with' if on else 'without'} a history: "
+              f"{1e6 * statistics.median(times):.1f} us (median of 2,000)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -149,12 +216,16 @@ def main() -> None:
     c.add_argument("--replicas", type=int, nargs="+", default=[2, 4])
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     c.add_argument("--out", default="/tmp/virtual-calibration")
+    c.add_argument("--reuse", action="store_true",
+                   help="reuse the Ray runs already in --out (the virtual runs are redone)")
     s = sub.add_parser("speed")
     s.add_argument("--minibatches", type=int, default=2000)
     s.add_argument("--replicas", type=int, default=64)
     s.add_argument("--data-dir", default=None)
+    r = sub.add_parser("record")
+    r.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    calibrate(args) if args.what == "calibrate" else speed(args)
+    {"calibrate": calibrate, "speed": speed, "record": record}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -274,7 +274,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 0 if report.get("equal", True) else 1
     what = (f"replayed {report['minibatches']} minibatches of {args.run} "
             f"({report['pushes']} pushes, {report['incarnations']} replica processes, "
-            f"{report['threads']} threads)")
+            f"{report['threads']} thread{'s' if report['threads'] != 1 else ''})")
     if report["diverged_at"] is not None:
         what += f"; the server stopped being finite at minibatch {report['diverged_at']}"
     if "equal" in report:

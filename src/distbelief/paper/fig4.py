@@ -4,11 +4,14 @@ process.
 
 What is measured and what is simulated. Every run trains for real: the replicas' gradients,
 the shards' updates and the test errors are computed. The clock is simulated (`--virtual`):
-each replica computes a step in the time one step takes on this machine (measured at each
-run's start), every push and fetch crosses a 10 Gbit/s, 50 us link of its own node, and each
-shard serves one request at a time in the time its update takes here (measured). So the
-times are those of a cluster of such machines, one replica per machine, which a laptop cannot
-have; the single process's time is real.
+every push and fetch crosses a 10 Gbit/s, 50 us link of its own node, each shard serves one
+request at a time in the time its update takes here (measured), and a replica computes a step
+in the time one step takes on this machine (measured at each run's start: the "measured"
+regime) or in 100 ms (the "compute-bound" regime: a model whose step dwarfs a shard's update,
+as the paper's did). So the times are those of a cluster of such machines, one replica per
+machine, which a laptop cannot have; the single process's time is real. Schemes: Downpour SGD
+with our default staleness rule (dana+lr), and Downpour with Adagrad on the shards and no
+staleness rule, as the paper's.
 
 On the digits (the default) the model is the `downpour` experiment's MLP (dense, like the
 paper's speech model), at batches of 16 so that 64 replicas each hold a slice of the 1,437
@@ -30,9 +33,12 @@ from distbelief.plot import plot_runs
 
 REPLICAS = (1, 2, 4, 8, 16, 32, 64)
 SCHEMES = ("downpour", "downpour-adagrad")
+# Cost regimes: this machine's measured costs, and a replica step of 100 ms (a model whose
+# compute dwarfs a shard's update, as the paper's did) with the same measured shards and links.
+REGIMES = {"measured": {}, "compute-bound": {"virtual_step_ms": 100.0}}
 # (minibatches, test error target) per data and budget.
-PLAN = {("digits", "short"): (4000, 0.08), ("digits", "medium"): (12000, 0.05),
-        ("digits", "full"): (12000, 0.05), ("cifar10", "short"): (2000, 0.6),
+PLAN = {("digits", "short"): (4000, 0.05), ("digits", "medium"): (12000, 0.04),
+        ("digits", "full"): (12000, 0.04), ("cifar10", "short"): (2000, 0.6),
         ("cifar10", "medium"): (8000, 0.35), ("cifar10", "full"): (32000, 0.2)}
 
 
@@ -48,6 +54,16 @@ def _base(options: Options):
                         compile=False, **cadence)
 
 
+# Our default (SGD with momentum, --staleness-rule dana+lr), and the paper's Adagrad, which
+# corrects for no staleness.
+SCHEME = {"downpour": {}, "downpour-adagrad": {"optimizer": "adagrad", "lr": 0.05,
+                                               "staleness_rule": "none"}}
+
+
+def _name(scheme: str, regime: str, n: int, options: Options) -> str:
+    return f"fig4-{scheme}-{regime}-x{n}-{options.tag}"
+
+
 class Fig4:
     name = "fig4"
     title = ("DistBelief Fig. 4 on a virtual cluster: time to a fixed test error for 1 to 64 "
@@ -60,12 +76,12 @@ class Fig4:
             raise_models(self.name)
         base = _base(options)
         specs = [RunSpec(f"fig4-single-{options.tag}", base)]
-        for scheme in SCHEMES:
-            extra = {"optimizer": "adagrad", "lr": 0.05} if scheme.endswith("adagrad") else {}
-            specs += [RunSpec(f"fig4-{scheme}-x{n}-{options.tag}",
-                              base.replace(mode="downpour", replicas=n, ps_shards=2,
-                                           virtual=True, **extra))
-                      for n in REPLICAS]
+        for regime, costs in REGIMES.items():
+            for scheme in SCHEMES:
+                specs += [RunSpec(_name(scheme, regime, n, options),
+                                  base.replace(mode="downpour", replicas=n, ps_shards=2,
+                                               virtual=True, **SCHEME[scheme], **costs))
+                          for n in REPLICAS]
         return specs
 
     def report(self, options: Options, runs: Path, folder: Path) -> Report:
@@ -78,22 +94,27 @@ class Fig4:
         report.rows.append({"scheme": "single process (real time)", "replicas": 1,
                             **_row(single, None)})
         curves = {}
-        for scheme in SCHEMES:
-            found = [(n, _reached(runs / s.name, target)) for n, s in
-                     zip(REPLICAS, [s for s in specs if f"-{scheme}-x" in s.name])]
-            one = found[0][1]
-            curves[scheme] = [(n, _speedup(one, r)) for n, r in found]
-            for (n, r), (_, up) in zip(found, curves[scheme]):
-                report.rows.append({"scheme": f"{scheme} (simulated time)", "replicas": n,
-                                    **_row(r, up)})
-            report.checks += _checks(scheme, curves[scheme])
+        for regime in REGIMES:
+            for scheme in SCHEMES:
+                found = [(n, _reached(runs / _name(scheme, regime, n, options), target))
+                         for n in REPLICAS]
+                one, label = found[0][1], f"{scheme}, {regime}"
+                curves[label] = [(n, _speedup(one, r)) for n, r in found]
+                for (n, r), (_, up) in zip(found, curves[label]):
+                    report.rows.append({"scheme": f"{label} (simulated)", "replicas": n,
+                                        **_row(r, up)})
+                report.checks += _checks(label, curves[label])
         _speedup_figure(curves, folder / "fig4-speedup.png")
         report.figures.append("fig4-speedup.png")
-        plot_runs([runs / s.name for s in specs if "-downpour-x" in s.name], folder /
-                  "fig4-wall.png", x="wall",
-                  title=f"Downpour SGD on {options.dataset}: test error against simulated time")
+        plot_runs([runs / _name("downpour", "compute-bound", n, options) for n in REPLICAS],
+                  folder / "fig4-wall.png", x="wall",
+                  title=f"Downpour SGD on {options.dataset}, 100 ms steps: test error against "
+                        f"simulated time")
         report.figures.append("fig4-wall.png")
-        report.notes += _notes()
+        # Each note its own paragraph.
+        report.notes += [note + "\n" for note in
+                         [_saturation(runs / _name("downpour", "measured", 1, options)),
+                          *_notes()] if note]
         return report
 
 
@@ -132,12 +153,10 @@ def _checks(scheme: str, curve: list[tuple]) -> list[Check]:
     if not ups:
         return [Check(f"{scheme}: some replica count reaches the target", False, "none does")]
     best = max(ups, key=ups.get)
-    rising = all(ups.get(m) is not None and ups[m] > ups.get(n, 0) * 1.05
-                 for n, m in zip(REPLICAS, REPLICAS[1:]) if m <= best)
     efficiency = {n: up / n for n, up in ups.items()}
     return [
-        Check(f"{scheme}: more replicas reach the target sooner, up to {best}", best > 1 and
-              rising, f"speed-up {ups[best]:.2f}x at {best} replicas"),
+        Check(f"{scheme}: more replicas reach the target sooner (clearly: 1.5x or more)",
+              best > 1 and ups[best] >= 1.5, f"best: {ups[best]:.2f}x at {best} replicas"),
         Check(f"{scheme}: beyond that, staleness costs more than the replicas bring (each "
               f"replica adds less)", efficiency[best] < efficiency.get(2, 1.0),
               ", ".join(f"{n}: {efficiency[n]:.2f}" for n in sorted(efficiency)) +
@@ -154,6 +173,7 @@ def _speedup_figure(curves: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     ax.plot(REPLICAS, REPLICAS, ":", color="grey", label="linear")
+    ax.axhline(1.0, color="grey", linewidth=0.5)
     for scheme, curve in curves.items():
         points = [(n, up) for n, up in curve if up is not None]
         if points:
@@ -176,10 +196,24 @@ def _note(options: Options, target: float) -> str:
             f"machine (docs/downpour.md, 'A virtual cluster').")
 
 
+def _saturation(one: Path) -> str:
+    """Where this machine's measured costs put the parameter server's limit."""
+    costs = RunDir(one).read_summary().get("virtual", {})
+    step, push = costs.get("step_s"), max(costs.get("shard_push_s") or [0.0])
+    if not step or not push:
+        return ""
+    return (f"Measured here: a replica's step takes {1e3 * step:.3g} ms and a shard applies a "
+            f"push in {1e3 * push:.3g} ms. Every replica pushes to every shard once a step, so "
+            f"beyond about {step / push:.0f} replicas the shards cannot keep up: pushes queue, "
+            f"staleness grows far beyond the replicas' count (the mean staleness column) and "
+            f"more replicas stop helping however the update rule treats staleness. With "
+            f"100 ms steps (compute-bound) the same shards serve {0.1 / push:.0f} replicas.")
+
+
 def _notes() -> list[str]:
     return [
         "What is simulated: the time of each replica's step (this machine's, measured at the "
-        "run's start, spread 10%), of each message (10 Gbit/s and 50 us per node) and of each "
+        "run's start, or 100 ms; spread 10%), of each message (10 Gbit/s and 50 us per node) and of each "
         "shard's update (measured). What is measured: everything else, the errors above "
         "included. Speed-ups count each run's time in its own measured steps, so the "
         "measurement's noise between runs cancels.",

@@ -154,8 +154,8 @@ class ParameterShard:
         `errors` are those minibatches' training errors (for the error-triggered warmup);
         `source` = (replica, incarnation, sequence[, trace]) makes a repeated push a
         no-op; under --record-order the push and its trace (`replica.Exchange.push`) are
-        recorded. `update` may
-        be bfloat16 or float16 (--ps-transfer-dtype): its values are used as float32.
+        recorded. `update` may be bfloat16 or float16 (--ps-transfer-dtype): its values are
+        used as float32.
         Returns {"accepted", "version", "steps"} (and "duplicate" for a repeat)."""
         self.bytes_in += update.numel() * update.element_size()
         if update.shape != self.w.shape:
