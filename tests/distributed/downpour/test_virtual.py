@@ -162,3 +162,17 @@ def test_queued_shards_and_slow_links_still_replay_bit_for_bit(tmp_path):
     assert summary["staleness_mean"] > 3  # the queues add staleness beyond N - 1
     _, report = replay_run(run)
     assert report["equal"], report
+
+
+def test_a_warmstart_trains_replica_0_alone_first_in_simulated_time(tmp_path):
+    run = tmp_path / "run"
+    trainer = trainer_for(virtual_config(warmstart_steps=8, record_order=True, eval_every=0),
+                          run)
+    trainer.fit()
+    from distbelief.distributed.downpour.generation import load_snapshot
+    from distbelief.engine.rundir import RunDir
+
+    history = load_snapshot(RunDir(run), 0)["history"]
+    pushers = [op[1] for op in history if op[0] == "push"]
+    assert pushers[:8] == [0] * 8 and set(pushers[8:]) == {0, 1, 2, 3}
+    assert sum(trainer.progress.positions) == 48
