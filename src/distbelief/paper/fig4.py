@@ -213,9 +213,9 @@ def _saturation(one: Path) -> str:
 def _notes() -> list[str]:
     return [
         "What is simulated: the time of each replica's step (this machine's, measured at the "
-        "run's start, or 100 ms; spread 10%), of each message (10 Gbit/s and 50 us per node) and of each "
-        "shard's update (measured). What is measured: everything else, the errors above "
-        "included. Speed-ups count each run's time in its own measured steps, so the "
+        "run's start, or 100 ms; spread 10%), of each message (10 Gbit/s and 50 us per node) "
+        "and of each shard's update (measured). What is measured: everything else, the "
+        "errors above included. Speed-ups count each run's time in its own measured steps, so the "
         "measurement's noise between runs cancels.",
         "Paper (Fig. 4, 42M-parameter speech model): Downpour with more replicas reaches a "
         "given accuracy sooner, Adagrad more so, up to where more replicas stop helping; the "
