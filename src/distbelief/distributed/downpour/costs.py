@@ -11,7 +11,7 @@ network and a shard takes to apply a push (`virtual`). No Ray.
   message at a time, in the order they were sent) and arrives a latency later.
 - **Shards**: a shard serves one request at a time, in arrival order; a push takes
   --virtual-shard-ms (default: measured here, `measure_shard`), a pull the copy of its values
-  (measured alike).
+  (measured alike; no time when --virtual-shard-ms is given).
 """
 
 from __future__ import annotations
