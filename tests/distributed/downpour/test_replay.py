@@ -83,3 +83,7 @@ def test_replay_refuses_runs_without_a_record_in_one_line(tmp_path, capsys):
     (tmp_path / "taken.pt").write_text("mine")
     assert main(["replay", str(tmp_path / "run"), "--out", str(tmp_path / "taken.pt")]) == 2
     assert (tmp_path / "taken.pt").read_text() == "mine"
+    assert main(["replay", str(tmp_path / "run"), "--until", "0"]) == 2
+    assert main(["replay", str(tmp_path / "nowhere")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all(e.startswith("distbelief: error:") for e in errors)

@@ -70,6 +70,11 @@ def test_simulated_time_divides_the_steps_among_replicas_and_charges_the_network
     moved = max(rate * slow["wall_s"] for rate in slow["shard_bytes_per_s"])
     assert slow["wall_s"] >= moved / 2 / 12.5e6 and slow["wall_s"] > 2 * fast["wall_s"]
     assert slow["shard_updates"] == [48, 48]
+    # Shards slower than the replicas on free links: a shard serves one push at a time, so
+    # its 48 pushes take 48 x 8 ms at least (they would overlap in ~12 steps' time if not).
+    queued = trainer_for(virtual_config(virtual_link=FAST_LINK, virtual_shard_ms=8.0,
+                                        virtual_spread=0.0, eval_every=0), None).fit()
+    assert 48 * 0.008 <= queued["wall_s"] < 48 * 0.008 + 0.05
 
 
 def test_a_straggler_trains_fewer_steps_in_simulated_time(tmp_path):
