@@ -3,9 +3,9 @@ no training."""
 
 import pytest
 
-from distbelief.distributed.downpour.costs import (Network, StepTimes, parse_link,
-                                                   parse_straggle)
+from distbelief.distributed.downpour.costs import Network, StepTimes
 from distbelief.distributed.downpour.simulation import EventLoop, Signal, SimulationError
+from distbelief.engine.config import parse_link, parse_straggle
 from distbelief.errors import ConfigError
 from distbelief.recipes import get_recipe
 

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from distbelief.engine.config import parse_link, parse_straggle  # noqa: F401 (re-exported)
+from distbelief.engine.config import parse_straggle
 
 REQUEST_BYTES = 256  # a fetch request or a push's reply: a few numbers and Ray's header
 
@@ -68,23 +68,27 @@ class Network:
         return received + self.latency
 
 
-def measure_step(replica, repeats: int = 5) -> float:
-    """Seconds of one training step of `replica` (a `DownpourReplica` that has installed
-    parameters) on this machine: the median of `repeats` forward and backward passes after one
-    that warms up. Its model's gradients are left as they were computed; nothing is pushed."""
-    model, loss_fn, batches = replica.model, replica.loss, replica.cursor.at(0)
+def measure_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, config,
+                 repeats: int = 5) -> float:
+    """Seconds of one training step on this machine: the median of `repeats` forward and
+    backward passes of `model` (in training mode; its gradients are overwritten) on the batch
+    (x, y), with `config`'s loss, layout and autocast, and the gradient flattened as a replica
+    flattens it, after one pass that warms up."""
+    from distbelief.distributed.flat import FlatModel
+    from distbelief.engine.losses import get_loss
+
+    model.train()
+    flat, loss_fn = FlatModel(model), get_loss(config.loss)
+    if config.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     times = []
     for i in range(repeats + 1):
-        x, y = next(batches)
-        if replica.config.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         start = time.perf_counter()
-        with torch.autocast(replica.device.type, dtype=torch.bfloat16,
-                            enabled=replica.config.bf16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             loss = loss_fn(model(x), y)
         model.zero_grad(set_to_none=True)
         loss.backward()
-        replica.flat.gradient()
+        flat.gradient()
         if i:
             times.append(time.perf_counter() - start)
     return float(np.median(times))

@@ -29,7 +29,7 @@ import torch
 
 from distbelief.data.build import load_arrays
 from distbelief.distributed.downpour.costs import (REQUEST_BYTES, Network, StepTimes,
-                                                   measure_shard, measure_step, parse_link)
+                                                   measure_shard, measure_step)
 from distbelief.distributed.downpour.lockstep import LockstepTrainer
 from distbelief.distributed.downpour.records import ChunkWindow, ShardMonitor
 from distbelief.distributed.downpour.replica import DownpourReplica
@@ -38,6 +38,7 @@ from distbelief.distributed.downpour.simulation import EventLoop, Signal
 from distbelief.distributed.downpour.work import WorkQueue
 from distbelief.distributed.pending import ItemOf
 from distbelief.distributed.wire import wire_dtype
+from distbelief.engine.config import parse_link
 from distbelief.engine.failures import FailureBook
 
 
@@ -216,7 +217,7 @@ class VirtualTrainer(LockstepTrainer):
         model = copy.deepcopy(self.eval_model())
         x, y = next(iter(next(iter(self.data.splits.values())).batches()))
         rows = torch.arange(c.batch_size) % len(x)
-        return measure_step(_Probe(c, model, x[rows], y[rows], self.device))
+        return measure_step(model, x[rows], y[rows], c)
 
     def train(self) -> None:
         c, life = self.config, self.life
@@ -289,25 +290,3 @@ class VirtualTrainer(LockstepTrainer):
     def summary(self) -> dict:
         return {**self._summary(self.statuses()), "virtual": self.costs,
                 "network_bytes": self.network.bytes, **self.record_extras()}
-
-
-class _Probe:
-    """What `costs.measure_step` reads of a replica, over a copy of the server's model and one
-    fixed batch."""
-
-    def __init__(self, config, model, x, y, device):
-        from distbelief.distributed.flat import FlatModel
-        from distbelief.engine.losses import get_loss
-
-        self.config, self.model, self.device = config, model.train(), device
-        self.flat, self.loss = FlatModel(model), get_loss(config.loss)
-        self.cursor = _Repeat(x, y)
-
-
-class _Repeat:
-    def __init__(self, x, y):
-        self.batch = (x, y)
-
-    def at(self, start: int):
-        while True:
-            yield self.batch
