@@ -43,18 +43,18 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_digits_downpour import train as train_digits
+
 
 def train(run: Path, replicas: int, seed: int, extra: list[str], reuse: bool = False) -> dict:
+    """`bench_digits_downpour.train` (one CLI run of the digits recipe under Downpour), or the
+    summary already in `run` with `reuse`; a failed run ends the benchmark."""
     if reuse and (run / "summary.json").is_file():
         return json.loads((run / "summary.json").read_text())
-    shutil.rmtree(run, ignore_errors=True)
-    argv = ["train", "--recipe", "digits", "--mode", "downpour", "--replicas", str(replicas),
-            "--ps-shards", "2", "--seed", str(seed), "--quiet", "--out", str(run), *extra]
-    done = subprocess.run([sys.executable, "-m", "distbelief", *argv], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)}: {done.stderr.strip()[-500:]}")
-    return json.loads((run / "summary.json").read_text())
+    summary = train_digits(run, replicas, seed, extra)
+    if summary is None:
+        raise SystemExit(f"{run}: the run failed (its line is above)")
+    return summary
 
 
 def ray_link(nbytes: int) -> tuple[float, float]:
