@@ -686,7 +686,8 @@ def parse_link(text: str) -> tuple[float, float]:
 
     Raises:
         ConfigError: not BANDWIDTH,LATENCY with units gbit, mbit, gb, mb and us, ms, s."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*(gbit|mbit|gb|mb)\s*,\s*([\d.]+)\s*(us|ms|s)\s*",
+    number = r"(\d+(?:\.\d*)?|\.\d+)"
+    m = re.fullmatch(rf"\s*{number}\s*(gbit|mbit|gb|mb)\s*,\s*{number}\s*(us|ms|s)\s*",
                      text.lower())
     if not m or float(m.group(1)) <= 0:
         raise ConfigError(f"--virtual-link {text!r}: give BANDWIDTH,LATENCY, e.g. 10gbit,50us "

@@ -82,8 +82,9 @@ def test_links_serialise_what_a_node_sends_and_receives():
 def test_link_and_straggle_settings_parse_or_say_what_is_wrong():
     assert parse_link("10gbit,50us") == (pytest.approx(1.25e9), pytest.approx(5e-5))
     assert parse_link("1 Gbit, 0.2ms") == (pytest.approx(1.25e8), pytest.approx(2e-4))
+    assert parse_link(".5mb,1.s") == (pytest.approx(5e5), pytest.approx(1.0))
     assert parse_straggle("none") == (0.0, 1.0) and parse_straggle("0.1,4") == (0.1, 4.0)
-    for bad in ("10gbit", "fast,50us", "0gbit,1us", "10gbit,50"):
+    for bad in ("10gbit", "fast,50us", "0gbit,1us", "10gbit,50", "1.2.3gbit,1us"):
         with pytest.raises(ConfigError, match="--virtual-link"):
             parse_link(bad)
     for bad in ("2,3", "0.1,0.5", "x"):
