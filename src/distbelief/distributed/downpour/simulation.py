@@ -29,7 +29,7 @@ class _Cancelled(BaseException):
 
 class Signal:
     """Something processes can wait for (`EventLoop.wait`): done once `set()`, or once
-    `parts` values have each been given (`give`), then `value` is `join` of them."""
+    `parts` values have each been given (`give`); `result()` is then `join` of them."""
 
     def __init__(self, loop: "EventLoop", parts: int = 0, join: Callable | None = None):
         self.loop, self.left, self.join = loop, parts, join
