@@ -160,6 +160,14 @@ def test_one_put_or_a_slice_per_shard_apply_the_same_push_in_the_transfer_dtype(
         session.close()
 
 
+def _gone(actor) -> bool:
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=5)
+    except ray.exceptions.RayActorError:
+        return True
+    return False
+
+
 def test_a_snapshot_sender_outlives_a_keeper_that_is_gone():
     # As a run ends, Ray may stop the keeper while a shard's snapshot is on its way: the
     # sender's thread drops that snapshot and waits for the next, instead of dying with a
@@ -174,6 +182,8 @@ def test_a_snapshot_sender_outlives_a_keeper_that_is_gone():
     sender.send(snapshot)
     until(lambda: sender.sent == 1)
     ray.kill(keeper, no_restart=True)
+    # ray.kill returns before the actor is gone: a snapshot sent now may still land.
+    until(lambda: _gone(keeper))
     sender.send({**snapshot, "order": 2})
     until(lambda: not sender.busy())
     time.sleep(0.5)  # the failed get, handled
