@@ -404,7 +404,9 @@ class DownpourReplica:
     too far ahead of the slowest replica.
 
     `clock` is its time (`RealClock`; a --virtual run's is simulated); `arrays` the data
-    already loaded (`data.build.load_arrays`), of which it takes its slice.
+    already loaded (`data.build.load_arrays`), of which it takes its slice; `model` the
+    config's model to train, placed on `device`, instead of one built here (a --virtual run
+    copies one for all its replicas): its values do not matter, the first fetch replaces them.
 
     `run(start, steps)` trains its steps start .. start+steps-1 (batch i of its data slice is a
     pure function of (seed, index, i), so a restarted replica resumes at any step) and returns
@@ -414,14 +416,14 @@ class DownpourReplica:
 
     def __init__(self, index: int, config, client, stats: dict | None = None,
                  device: torch.device | None = None, bound=None, clock: RealClock = REAL_CLOCK,
-                 arrays: tuple | None = None):
+                 arrays: tuple | None = None, model: torch.nn.Module | None = None):
         self.index, self.config, self.bound, self.clock = index, config, bound, clock
         self.delay = straggler_delay(config, index)
         self.device = device or resolve_device(config.device)
         set_determinism(config.deterministic, self.device)
         self.data = build_data(config, self.device, stats=stats,
                                part=(index, config.cluster.replicas), arrays=arrays)
-        self.model = build_model(config, self.data, self.device)
+        self.model = model if model is not None else build_model(config, self.data, self.device)
         self.model.train()
         self.flat = FlatModel(self.model)
         self.loss = get_loss(config.loss)

@@ -1,19 +1,27 @@
 """A discrete-event clock with processes, for the virtual cluster (`virtual`). No Ray, no torch.
 
 `EventLoop` keeps simulated time and a heap of events (time, then the order they were
-scheduled in). A *process* is ordinary blocking code (a `DownpourReplica`'s loop) run on a
-thread of its own, but only ever one thread runs at a time: the loop's, which pops events, or
-the one process an event resumed, until it blocks again (`sleep`, `wait`) or ends. So the code
-a real replica runs is run unchanged, no lock is ever contended, and a simulation is a pure
-function of its inputs: the same events in the same order every time.
+scheduled in). A *process* is ordinary blocking code (a `DownpourReplica`'s loop) run as a
+greenlet: a coroutine with a stack of its own, on the caller's OS thread. Only one runs at a
+time, until it blocks (`sleep`, `wait`) or ends, so the code a real replica runs is run
+unchanged, and a simulation is a pure function of its inputs: the same events in the same order
+every time.
+
+Greenlets rather than threads because everything then runs on one OS thread: a hand-over costs
+a stack switch (about a microsecond) instead of two thread wake-ups, and torch keeps one
+OpenMP team, one allocator arena and warm caches, where 64 replica threads had 64 teams whose
+idle workers spun against the running one (benchmarks/bench_virtual.py speed). The price: a
+process must not block inside a thread-local torch context (`no_grad`, `autocast`), which the
+next process would inherit; a replica blocks only between its steps' pieces.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import threading
 from typing import Callable
+
+import greenlet
 
 from distbelief.errors import DistbeliefError
 
@@ -60,19 +68,18 @@ class Signal:
 
 
 class Process:
-    """Code that runs in simulated time (`EventLoop.spawn`), on a thread of its own that runs
-    only while it holds the loop's baton."""
+    """Code that runs in simulated time (`EventLoop.spawn`), as a greenlet that runs only
+    while it holds the loop's baton. The main process (`target` None) is the caller's own."""
 
     def __init__(self, loop: "EventLoop", target: Callable[[], None] | None, name: str):
         self.loop, self.target, self.name = loop, target, name
-        self.go = threading.Semaphore(0)  # released when the baton is handed to it
         self.finished, self.cancelled = False, False
         self.token = 0  # the wait it is in; a wake-up for an older one is stale
-        if target is not None:
-            threading.Thread(target=self._main, name=name, daemon=True).start()
+        # A process's greenlet ends into the main one's (`close`).
+        self.glet = greenlet.getcurrent() if target is None else \
+            greenlet.greenlet(self._main, parent=loop.main.glet)
 
     def _main(self) -> None:
-        self.go.acquire()
         try:
             if not self.cancelled:
                 self.loop.current = self
@@ -83,9 +90,7 @@ class Process:
             self.loop.error = self.loop.error or e
         finally:
             self.finished = True
-            if self.cancelled:
-                self.loop.main.go.release()  # `close` waits for each to unwind
-            else:
+            if not self.cancelled:  # a cancelled one returns to `close`, its parent
                 self.loop.drive(self)
 
 
@@ -96,11 +101,11 @@ class EventLoop:
     name)`, `run()` (until no event is left), `close()`. From a process: `sleep(seconds)`,
     `wait(signal, limit=None)`.
 
-    The thread that holds the baton runs the events itself: a process that blocks goes on
+    The process that holds the baton runs the events itself: a process that blocks goes on
     popping events until one resumes another process (then it hands the baton over and
     waits for it) or itself (then it just returns). So a process whose own wake-up comes
-    next never switches threads, and the run costs a thread switch only where control really
-    passes from one replica to another.
+    next never switches, and the run switches stacks only where control really passes from
+    one replica to another.
     """
 
     def __init__(self):
@@ -141,12 +146,16 @@ class EventLoop:
                                   f"for what nothing will bring")
 
     def close(self) -> None:
-        """End every process that has not ended (each unwinds from where it blocked)."""
+        """End every process that has not ended (each unwinds from where it blocked), and
+        free the stacks of those that ended by handing the baton on."""
         for process in self.processes:
-            if not process.finished:
+            if process.glet.dead:
+                continue
+            if process.finished:
+                process.glet.throw()  # GreenletExit, from its last hand-over
+            else:
                 process.cancelled = True
-                process.go.release()
-                self.main.go.acquire()
+                process.glet.switch()
 
     def wake(self, process: Process, token: int) -> None:
         """An event: resume `process` if it is still in the wait `token` names."""
@@ -155,9 +164,9 @@ class EventLoop:
             self.next = process
 
     def drive(self, me: Process) -> None:
-        """Run events on this thread (it holds the baton) until one resumes `me` (return),
-        or another process (hand it the baton; then wait for it unless `me` has ended), or
-        none is left or a process failed (the baton goes to the main thread)."""
+        """Run events in `me` (it holds the baton) until one resumes `me` (return), or
+        another process (hand it the baton; then wait for it unless `me` has ended), or none
+        is left or a process failed (the baton goes to the main process)."""
         while True:
             if self.error is not None or not self.heap:
                 target = self.main
@@ -171,10 +180,7 @@ class EventLoop:
             if target is me:
                 self.current = me
                 return
-            target.go.release()
-            if me.finished:
-                return
-            me.go.acquire()
+            target.glet.switch()  # a finished `me` never comes back here
             if me.cancelled:
                 raise _Cancelled()
             self.current = me

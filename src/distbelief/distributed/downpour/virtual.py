@@ -39,6 +39,7 @@ from distbelief.distributed.downpour.work import WorkQueue
 from distbelief.distributed.pending import ItemOf
 from distbelief.distributed.wire import wire_dtype
 from distbelief.engine.config import parse_link
+from distbelief.engine.setup import build_model
 from distbelief.engine.failures import FailureBook
 
 
@@ -182,11 +183,13 @@ class VirtualTrainer(LockstepTrainer):
         network = Network(*parse_link(c.downpour.virtual_link))
         server = VirtualServer(self.loop, self.shards, network, self.costs["shard_push_s"],
                                self.costs["shard_pull_s"], wire_dtype(c))
-        # Loaded once for all the replicas, each of which takes its slice.
+        # Loaded once for all the replicas, each of which takes its slice; and one model
+        # copied, not one built and initialised per replica (the first fetch overwrites it).
         arrays = load_arrays(c) if c.data != "imagenet" and c.user is None else None
+        model = build_model(c, self.data, self.device)
         self.replicas = [
             DownpourReplica(r, c, VirtualClient(server, r), stats=self.data.stats,
-                            device=self.device, arrays=arrays,
+                            device=self.device, arrays=arrays, model=copy.deepcopy(model),
                             clock=ProcessClock(self.loop, StepTimes(c, r, self.costs["step_s"])))
             for r in range(c.cluster.replicas)]
         self.network = network
