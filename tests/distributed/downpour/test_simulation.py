@@ -64,7 +64,30 @@ def test_a_process_waiting_for_nothing_is_reported_and_errors_come_through():
     with pytest.raises(ValueError, match="boom"):
         loop.run()
     loop.close()
-    assert all(p.finished for p in loop.processes)
+    assert all(p.finished and p.glet.dead for p in loop.processes)
+
+
+def test_closing_frees_every_process_stack_and_runs_its_cleanup():
+    loop, cleaned = EventLoop(), []
+
+    def worker(name, seconds):
+        def run():
+            try:
+                loop.sleep(seconds)
+            finally:
+                cleaned.append(name)
+        return run
+
+    loop.spawn(worker("done", 0.1), "done")  # ends, handing the baton on
+    loop.spawn(worker("stuck", 0.2), "stuck")
+    loop.spawn(lambda: loop.wait(Signal(loop)), "waiting")
+    loop.at(0.15, lambda: loop.heap.clear())  # nothing will wake the others
+    with pytest.raises(SimulationError, match="stuck, waiting"):
+        loop.run()
+    assert cleaned == ["done"]
+    loop.close()
+    assert cleaned == ["done", "stuck"]
+    assert all(p.glet.dead for p in loop.processes)
 
 
 def test_links_serialise_what_a_node_sends_and_receives():
