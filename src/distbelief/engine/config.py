@@ -630,6 +630,9 @@ def _check_rules(c: TrainConfig) -> None:
     _check_virtual(c)
     if c.downpour.record_order and c.mode != "downpour":
         raise ConfigError("--record-order applies to --mode downpour")
+    if c.downpour.record_order and c.cluster.partitions > 1:
+        raise ConfigError("--record-order records whole replicas (distbelief replay re-executes "
+                          "them): --partitions 1")
     if c.compile and c.mode != "single":
         raise ConfigError("--compile applies to --mode single")
     if c.cluster.train_storage and c.mode != "sync":
@@ -669,10 +672,9 @@ def _check_virtual(c: TrainConfig) -> None:
         return
     if c.mode != "downpour":
         raise ConfigError("--virtual applies to --mode downpour")
-    for flag, on in (("--lockstep", d.lockstep), ("--partitions", c.cluster.partitions > 1),
-                     ("--ssp-bound", d.ssp_bound is not None)):
+    for flag, on in (("--lockstep", d.lockstep), ("--ssp-bound", d.ssp_bound is not None)):
         if on:
-            raise ConfigError(f"--virtual simulates whole replicas without {flag}")
+            raise ConfigError(f"--virtual simulates Downpour's timing without {flag}")
     parse_link(d.virtual_link)
     parse_straggle(d.virtual_straggle)
 

@@ -319,8 +319,11 @@ class RunLifecycle:
             results[split] = r
             self.log(r)
         main = _main(results)
+        # Before the first training record (an evaluation due before the log is) there is
+        # no training figure to print, not a NaN.
+        trained = f"{trainer.progress_text()}, " if self.last_train else ""
         self.say(f"iteration {trainer.position}/{c.iterations} ({self.wall_s:.1f} s): "
-                 f"{trainer.progress_text()}, {error_text(main, main['split'])}")
+                 f"{trained}{error_text(main, main['split'])}")
         self.last_eval, self.evaluated = results, model
         return results
 

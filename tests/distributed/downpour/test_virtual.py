@@ -139,7 +139,7 @@ def test_stop_and_resume_continue_the_records_and_the_simulated_clock(tmp_path, 
 
 @pytest.mark.parametrize("flags, message", [
     (["--lockstep"], "without --lockstep"),
-    (["--partitions", "2"], "without --partitions"),
+    (["--partitions", "2", "--ps-shards", "2", "--record-order"], "--partitions 1"),
     (["--ssp-bound", "1"], "without --ssp-bound"),
     (["--virtual-link", "fast"], "--virtual-link"),
     (["--virtual-straggle", "2,2"], "--virtual-straggle"),
@@ -181,3 +181,54 @@ def test_a_warmstart_trains_replica_0_alone_first_in_simulated_time(tmp_path):
     pushers = [op[1] for op in history if op[0] == "push"]
     assert pushers[:8] == [0] * 8 and set(pushers[8:]) == {0, 1, 2, 3}
     assert sum(trainer.progress.positions) == 48
+
+
+# --- partitioned replicas (--partitions): each partition a node of its own, its passes
+# charged by the cost model, activations and their gradients crossing the links.
+def cut_config(**kw):
+    return virtual_config(**{**dict(replicas=1, partitions=2, ps_shards=3, overlap=False,
+                                    virtual_link=FAST_LINK, virtual_shard_ms=0.0,
+                                    virtual_spread=0.0, eval_every=0, micro_batches=1), **kw})
+
+
+def test_one_partitioned_replica_is_the_whole_replica_s_sgd_in_the_model_s_time(tmp_path):
+    """Without overlap a partitioned replica is sequential SGD, as a whole one: the same
+    parameters; on free links and shards a step takes the step's time, its parts' passes
+    adding up to it exactly."""
+    config = cut_config()
+    parts = trainer_for(config, tmp_path / "p").fit()
+    trainer_for(config.replace(partitions=1, ps_shards=1), tmp_path / "w").fit()
+    torch.testing.assert_close(final_vector(tmp_path / "p"), final_vector(tmp_path / "w"),
+                               rtol=0, atol=1e-5)
+    assert parts["virtual"]["partitions"] == 2
+    assert sum(parts["virtual"]["part_shares"]) == pytest.approx(1, abs=1e-3)
+    assert parts["wall_s"] == pytest.approx(48 * 0.005, rel=1e-3)
+    assert parts["staleness"] == {0: 48 * 3}  # every shard, every push
+
+
+def test_micro_batches_overlap_the_partitions_in_simulated_time():
+    one = trainer_for(cut_config(), None).fit()
+    four = trainer_for(cut_config(micro_batches=4, pipeline_schedule="gpipe"), None).fit()
+    busiest = max(four["virtual"]["part_shares"]) * 48 * 0.005
+    # Stage 1 works on micro-batch m while stage 0 works on m + 1: shorter than one
+    # micro-batch (every pass in sequence), never shorter than the busiest part's passes.
+    assert busiest <= four["wall_s"] < 0.9 * one["wall_s"]
+
+
+def test_activations_and_their_gradients_cross_the_links(tmp_path):
+    config = cut_config(virtual_link="1gbit,0us")
+    parts = trainer_for(config, tmp_path / "p").fit()
+    whole = trainer_for(config.replace(partitions=1, ps_shards=1), None).fit()
+    record = [r for r in read_jsonl(tmp_path / "p/metrics.jsonl") if r["kind"] == "train"][-1]
+    handed = 48 * sum(record["partitions"]["bytes_per_step"])  # forward, then backward
+    assert handed > 0
+    # The pushes and fetches move the same values either way; the rest is the calls' and
+    # the shards' replies' messages (256 bytes each).
+    extra = parts["network_bytes"] - whole["network_bytes"]
+    assert handed <= extra <= handed + 48 * 40 * 256
+    # On links of 1 ms latency, a step is the compute and at least six latencies: stage 0's
+    # call, the activation to stage 1, its gradient back, the push's round trip and stage
+    # 0's metrics back at the head (a stage that did not wait for its arguments would
+    # compute as soon as its call was queued).
+    late = trainer_for(cut_config(virtual_link="1000gb,1ms"), None).fit()
+    assert 48 * (0.005 + 0.006) <= late["wall_s"] <= 48 * (0.005 + 0.008)

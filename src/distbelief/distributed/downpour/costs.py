@@ -5,6 +5,10 @@ network and a shard takes to apply a push (`virtual`). No Ray.
   factor of mean 1 and sigma --virtual-spread, times X with probability P
   (--virtual-straggle P,X); each replica draws from its own generator (seed, replica), so a
   virtual run repeats exactly.
+- **Partitions** (--partitions P): each partition of a replica is a node of its own; a
+  pass of stage p over a micro-batch takes the step's time x p's share of the multiply-adds x
+  the micro-batch's share of the batch x 1/3 (forward) or 2/3 (backward), each drawn as
+  above from the partition's own generator; activations and their gradients cross the links.
 - **Network** (`Network`): every replica and every shard has a node of its own (as in the
   paper) with one link of --virtual-link BANDWIDTH,LATENCY. A message occupies its sender's
   outgoing and its receiver's incoming link for bytes / bandwidth (each link carries one
@@ -28,13 +32,15 @@ REQUEST_BYTES = 256  # a fetch request or a push's reply: a few numbers and Ray'
 
 
 class StepTimes:
-    """Replica `replica`'s compute time per step (module doc): `next()` draws the next one."""
+    """Replica `replica`'s compute time per step (module doc): `next()` draws the next one.
+    A partition's (`part`) draws come from a generator of its own."""
 
-    def __init__(self, config, replica: int, step_s: float):
+    def __init__(self, config, replica: int, step_s: float, part: int | None = None):
         d = config.downpour
         self.step_s, self.sigma = step_s, d.virtual_spread
         self.p, self.factor = parse_straggle(d.virtual_straggle)
-        self.rng = np.random.default_rng([config.seed, replica, 0x5EED])
+        key = [config.seed, replica, 0x5EED] + ([] if part is None else [part])
+        self.rng = np.random.default_rng(key)
 
     def next(self) -> float:
         # Log-normal of mean 1: exp(N(-sigma^2 / 2, sigma)).

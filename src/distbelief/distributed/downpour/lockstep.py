@@ -30,6 +30,8 @@ from distbelief.distributed.downpour.replica import DownpourReplica, LocalClient
 from distbelief.distributed.downpour.rules import describe
 from distbelief.distributed.downpour.shard import ParameterShard, local_shards
 from distbelief.distributed.downpour.work import WorkQueue
+from distbelief.distributed.flat import BlockFlat, FlatModel
+from distbelief.distributed.pipeline.partition import Plan
 from distbelief.distributed.server_model import ServerModel
 from distbelief.engine.config import TrainConfig, check_model
 from distbelief.engine.failures import FailureBook
@@ -50,13 +52,22 @@ class LockstepTrainer(DownpourBase):
         if saved:
             check_snapshots(self.life.run, self.config.cluster.ps_shards)
         start = self.config.replace(init_from=None) if saved else self.config
-        self.initial, self.slots, self.retention = plain_layout(start, self.data)
+        self.plan: Plan | None = None  # the partitions' cut (--virtual --partitions)
+        self.initial, self.slots, self.retention = self._layout(start, saved)
         check_model(self.config, values=self.initial.numel())
-        self.server = ServerModel(self.config, self.data, self.device)
+        self.server = ServerModel(self.config, self.data, self.device, flat_of=self._flat_of)
         self.progress = ReplicaProgress(self.config.cluster.replicas, saved)
         self.resumed_shards = saved is not None
         self.shards: list[ParameterShard] = []
         self.replicas: list[DownpourReplica] = []
+
+    def _layout(self, start: TrainConfig, saved: dict | None) -> tuple:
+        """(the initial server vector, the shards' slots, the buffers' retention)."""
+        return plain_layout(start, self.data)
+
+    def _flat_of(self, model: torch.nn.Module) -> FlatModel | BlockFlat:
+        """The server vector's layout over `model`: its parts' blocks when it is cut."""
+        return FlatModel(model) if self.plan is None else BlockFlat(self.plan.modules_of(model))
 
     def start(self) -> None:
         c = self.config
@@ -120,7 +131,8 @@ class LockstepTrainer(DownpourBase):
 
     def save(self) -> None:
         if self.life.run is not None:
-            save_generation(self, [s.snapshot() for s in self.shards], None)
+            save_generation(self, [s.snapshot() for s in self.shards],
+                            None if self.plan is None else self.plan.bounds)
 
     def summary(self) -> dict:
         return {**self._summary(self.statuses()), "lockstep": True}

@@ -27,7 +27,8 @@ import warnings
 import torch
 
 from distbelief.data import BatchCursor, build_data
-from distbelief.distributed.downpour.replica import Exchange, chunk_metrics, straggler_delay
+from distbelief.distributed.downpour.replica import (REAL_CLOCK, Exchange, RealClock,
+                                                     chunk_metrics, straggler_delay)
 from distbelief.distributed.flat import FlatModel
 from distbelief.distributed.pipeline import Pipeline, Stage
 from distbelief.distributed.pipeline.stage import empty_copy
@@ -42,10 +43,11 @@ class ServerStage(Stage):
     meta device is allocated here (its values come with the first fetch). Under
     --partition-dtype bfloat16 its weights (BatchNorm's statistics too), activations and
     gradients are bfloat16: fetches are rounded once into them, and pushes arrive on the
-    shards as their exact float32 values."""
+    shards as their exact float32 values. `clock` times its exchange's waits (`RealClock`)."""
 
     def __init__(self, index: int, count: int, module: torch.nn.Module, loss, config, client,
-                 replica: int, device: torch.device = torch.device("cpu")):
+                 replica: int, device: torch.device = torch.device("cpu"),
+                 clock: RealClock = REAL_CLOCK):
         if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
             module = module.to_empty(device=device)
         dtype = torch.bfloat16 if config.cluster.partition_dtype == "bfloat16" else None
@@ -54,7 +56,8 @@ class ServerStage(Stage):
                          recompute=config.cluster.recompute, dtype=dtype)
         self.flat = FlatModel(self.module)
         has_values = self.flat.n_params + self.flat.n_buffers > 0
-        self.exchange = Exchange(replica, config, client, self.flat) if has_values else None
+        self.exchange = Exchange(replica, config, client, self.flat, clock) if has_values \
+            else None
         self.metrics = dict.fromkeys(STAGE_METRICS, 0)
         self.evaluating: torch.nn.Module | None = None  # `begin_eval`'s copy
         self.n_push = config.downpour.n_push
@@ -137,16 +140,21 @@ class PartitionedReplica:
 
     A chunk that raises (a partition died) leaves the replica failed: later chunks raise at
     once (they were queued before the driver knew), until `recover()` has every stage drop
-    what is left of it (activations, the gradient accumulated since its last push)."""
+    what is left of it (activations, the gradient accumulated since its last push).
+
+    `clock` is its time (`RealClock`; a --virtual run's is simulated); `arrays` the data
+    already loaded (`data.build.load_arrays`), of which it takes its slice."""
 
     def __init__(self, index: int, config, call, resolve, count: int,
-                 stats: dict | None = None, bound=None):
+                 stats: dict | None = None, bound=None, clock: RealClock = REAL_CLOCK,
+                 arrays: tuple | None = None):
         self.index, self.config, self.call, self.resolve = index, config, call, resolve
+        self.clock = clock
         self.bound = bound  # --ssp-bound (`bound.StalenessBound`), as `DownpourReplica`'s
         self.delay = straggler_delay(config, index)
         self.count = count
         self.data = build_data(config, torch.device("cpu"), stats=stats,
-                               part=(index, config.cluster.replicas))
+                               part=(index, config.cluster.replicas), arrays=arrays)
         self.pipeline = Pipeline(call, resolve, count, config.cluster.micro_batches,
                                  config.cluster.pipeline_schedule,
                                  config.cluster.pipeline_ahead)
@@ -171,7 +179,7 @@ class PartitionedReplica:
 
     def _run(self, start: int, steps: int) -> dict:
         metrics = chunk_metrics(self.index, start, steps)
-        begin = time.perf_counter()
+        begin = self.clock.now()
         batches = self.cursor.at(start)
         exchanges = []  # begin / finish: not waited for, but their errors must surface
         for step in range(start, start + steps):
@@ -187,7 +195,7 @@ class PartitionedReplica:
             metrics["wrong"] += wrong
             metrics["images"] += len(y)
             if self.delay:
-                time.sleep(self.delay)
+                self.clock.sleep(self.delay)
             if self.bound is not None:
                 self.bound.after(step + 1)
         stages = self.resolve(exchanges + [self.call(p, "take_metrics")
@@ -198,7 +206,7 @@ class PartitionedReplica:
         for key in ("fetches", "pushes", "rejected"):
             metrics[key] = sum(s[key] for s in stages)
         metrics["partitions"] = stages
-        metrics["seconds"] = time.perf_counter() - begin
+        metrics["seconds"] = self.clock.now() - begin
         if not math.isfinite(metrics["loss_sum"]):
             metrics["diverged"] = True
         return metrics

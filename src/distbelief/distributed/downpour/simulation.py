@@ -37,13 +37,21 @@ class _Cancelled(BaseException):
 
 class Signal:
     """Something processes can wait for (`EventLoop.wait`): done once `set()`, or once
-    `parts` values have each been given (`give`); `result()` is then `join` of them."""
+    `parts` values have each been given (`give`); `result()` is then `join` of them.
+    `then(fn)` calls fn() when it is done (at once if it is)."""
 
     def __init__(self, loop: "EventLoop", parts: int = 0, join: Callable | None = None):
         self.loop, self.left, self.join = loop, parts, join
         self.values: list = [None] * parts
         self.waiters: list = []
+        self.callbacks: list = []
         self.is_set = False
+
+    def then(self, fn: Callable[[], None]) -> None:
+        if self.is_set:
+            fn()
+        else:
+            self.callbacks.append(fn)
 
     def give(self, i: int, value) -> None:
         self.values[i] = value
@@ -56,6 +64,9 @@ class Signal:
         for process, token in self.waiters:
             self.loop.at(self.loop.now, self.loop.wake, process, token)
         self.waiters = []
+        for fn in self.callbacks:
+            fn()
+        self.callbacks = []
 
     def done(self) -> bool:
         return self.is_set

@@ -28,6 +28,7 @@ from functools import partial
 import torch
 
 from distbelief.data.build import load_arrays
+from distbelief.distributed.downpour.layout import server_layout, start_values
 from distbelief.distributed.downpour.costs import (REQUEST_BYTES, Network, StepTimes,
                                                    measure_shard, measure_step)
 from distbelief.distributed.downpour.lockstep import LockstepTrainer
@@ -72,23 +73,24 @@ class VirtualServer:
         self.free[k] = start + seconds
         self.loop.at(start + seconds, action, *args)
 
-    def answer(self, k: int, target, nbytes: int, signal: Signal, value) -> None:
+    def answer(self, k: int, i: int, target, nbytes: int, signal: Signal, value) -> None:
+        """Shard k's answer, part i of `signal`, sent to node `target`."""
         arrival = self.network.send(self.loop.now, ("shard", k), target, nbytes)
-        self.loop.at(arrival, signal.give, k, value)
+        self.loop.at(arrival, signal.give, i, value)
 
-    def pulled(self, k: int, source, target, signal: Signal) -> None:
+    def pulled(self, k: int, i: int, source, target, signal: Signal) -> None:
         values, version = self.shards[k].pull(source=source, dtype=self.dtype)
-        self.answer(k, target, _nbytes(values), signal, (values, version))
+        self.answer(k, i, target, _nbytes(values), signal, (values, version))
 
-    def pushed(self, k: int, part: torch.Tensor, base_version: int, steps: int, errors,
+    def pushed(self, k: int, i: int, part: torch.Tensor, base_version: int, steps: int, errors,
                source, pull: bool, target, signal: Signal) -> None:
         shard = self.shards[k]
         reply = shard.push(part, base_version, steps, errors, source)
         if not pull:
-            self.answer(k, target, REQUEST_BYTES, signal, reply)
+            self.answer(k, i, target, REQUEST_BYTES, signal, reply)
             return
         values, version = shard.pull(source=source, dtype=self.dtype)
-        self.answer(k, target, REQUEST_BYTES + _nbytes(values), signal,
+        self.answer(k, i, target, REQUEST_BYTES + _nbytes(values), signal,
                     (reply, (values, version)))
 
 
@@ -97,35 +99,42 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 class VirtualClient:
-    """Replica `replica`'s server client on the virtual cluster: the `LocalClient` protocol,
-    each call a `Signal` that is done when every shard's answer has arrived."""
+    """Node `node`'s server client on the virtual cluster: the `LocalClient` protocol over
+    shards `ks` (default: all), whose slices start `offset` elements into the vectors it
+    pushes and fetches (a partition's block); each call a `Signal` that is done when every
+    shard's answer has arrived."""
 
-    def __init__(self, server: VirtualServer, replica: int):
-        self.server, self.node = server, ("replica", replica)
+    def __init__(self, server: VirtualServer, node, ks: list[int] | None = None,
+                 offset: int = 0):
+        self.server, self.node, self.offset = server, node, offset
+        self.ks = list(range(len(server.shards))) if ks is None else ks
 
     def fetch(self, source=None) -> Signal:
         s = self.server
-        signal = Signal(s.loop, len(s.shards), _join_pulls)
-        for k in range(len(s.shards)):
-            s.send(self.node, k, REQUEST_BYTES, s.pull_s[k], s.pulled, k, source, self.node,
+        signal = Signal(s.loop, len(self.ks), _join_pulls)
+        for i, k in enumerate(self.ks):
+            s.send(self.node, k, REQUEST_BYTES, s.pull_s[k], s.pulled, k, i, source, self.node,
                    signal)
         return signal
 
     def push(self, vector: torch.Tensor, base_versions: list[int], steps: int,
              errors: tuple[float, ...], pull: bool = False, source=None) -> Signal:
-        s = self.server
-        signal = Signal(s.loop, len(s.shards), _join_push_pull if pull else list)
-        for k, shard in enumerate(s.shards):
-            part = vector[shard.lo:shard.hi].clone()  # the replica reuses the push's memory
+        s, o = self.server, self.offset
+        signal = Signal(s.loop, len(self.ks), _join_push_pull if pull else list)
+        for i, k in enumerate(self.ks):
+            shard = s.shards[k]
+            part = vector[shard.lo - o:shard.hi - o].clone()  # the replica reuses its memory
             seconds = s.push_s[k] + (s.pull_s[k] if pull else 0.0)
-            s.send(self.node, k, _nbytes(part), seconds, s.pushed, k, part, base_versions[k],
+            s.send(self.node, k, _nbytes(part), seconds, s.pushed, k, i, part, base_versions[i],
                    steps, errors, source, pull, self.node, signal)
         return signal
 
 
 class ProcessClock:
     """A replica's clock on the virtual cluster (`replica.RealClock`'s methods): simulated
-    time, and a step's compute takes what `times` (a `costs.StepTimes`) draws."""
+    time, and a step's compute takes what `times` (a `costs.StepTimes`) draws (None: a clock
+    that never computes a step, a partition's or its head's: their passes are timed by their
+    `virtual_partitions.StageMachine`)."""
 
     def __init__(self, loop: EventLoop, times: StepTimes):
         self.loop, self.times = loop, times
@@ -183,22 +192,41 @@ class VirtualTrainer(LockstepTrainer):
         network = Network(*parse_link(c.downpour.virtual_link))
         server = VirtualServer(self.loop, self.shards, network, self.costs["shard_push_s"],
                                self.costs["shard_pull_s"], wire_dtype(c))
-        # Loaded once for all the replicas, each of which takes its slice; and one model
-        # copied, not one built and initialised per replica (the first fetch overwrites it).
-        arrays = load_arrays(c) if c.data != "imagenet" and c.user is None else None
-        model = build_model(c, self.data, self.device)
-        self.replicas = [
-            DownpourReplica(r, c, VirtualClient(server, r), stats=self.data.stats,
-                            device=self.device, arrays=arrays, model=copy.deepcopy(model),
-                            clock=ProcessClock(self.loop, StepTimes(c, r, self.costs["step_s"])))
-            for r in range(c.cluster.replicas)]
         self.network = network
+        self.replicas = self._replicas(server)
         self.life.clock = VirtualStopwatch(self.life.clock.seconds, self.loop)
-        self.life.say(f"downpour update: {describe(c)}; {c.cluster.replicas} replicas and "
+        cut = f" of {c.cluster.partitions} partitions" if self.plan is not None else ""
+        self.life.say(f"downpour update: {describe(c)}; {c.cluster.replicas} replicas{cut} and "
                       f"{c.cluster.ps_shards} shards on a virtual cluster: "
                       f"{self.costs['step_s'] * 1e3:.3g} ms a step, links "
                       f"{c.downpour.virtual_link}, "
                       f"{max(self.costs['shard_push_s']) * 1e3:.3g} ms a push")
+
+    def _replicas(self, server: VirtualServer) -> list:
+        c, step_s = self.config, self.costs["step_s"]
+        # Loaded once for all the replicas, each of which takes its slice.
+        arrays = load_arrays(c) if c.data != "imagenet" and c.user is None else None
+        if self.plan is not None:  # (a module that imports this one)
+            from distbelief.distributed.downpour.virtual_partitions import \
+                VirtualPartitionedReplica
+            return [VirtualPartitionedReplica(r, c, self.data, self.plan, self.slots, server,
+                                              step_s, arrays)
+                    for r in range(c.cluster.replicas)]
+        # One model copied, not one built and initialised per replica (the first fetch
+        # overwrites it).
+        model = build_model(c, self.data, self.device)
+        return [DownpourReplica(r, c, VirtualClient(server, ("replica", r)),
+                                stats=self.data.stats, device=self.device, arrays=arrays,
+                                model=copy.deepcopy(model),
+                                clock=ProcessClock(self.loop, StepTimes(c, r, step_s)))
+                for r in range(c.cluster.replicas)]
+
+    def _layout(self, start, saved: dict | None) -> tuple:
+        if self.config.cluster.partitions == 1:
+            return super()._layout(start, saved)
+        # Shards aligned to the parts, as on Ray (`layout.server_layout`).
+        starts, self.plan, slots, retention = server_layout(start, self.data, saved)
+        return torch.cat([torch.from_numpy(start_values(s)) for s in starts]), slots, retention
 
     def _costs(self) -> dict:
         """The cost model's measured or given times (`costs`)."""
@@ -211,7 +239,15 @@ class VirtualTrainer(LockstepTrainer):
                 "shard_pull_s": [pull for _, pull in measured],
                 "shard_measured": d.virtual_shard_ms is None,
                 "link": d.virtual_link, "spread": d.virtual_spread,
-                "straggle": d.virtual_straggle}
+                "straggle": d.virtual_straggle, **self._part_shares()}
+
+    def _part_shares(self) -> dict:
+        """Partitioned: each part's share of a step's compute (its multiply-adds)."""
+        if self.plan is None:
+            return {}
+        macs = [part.macs for part in self.plan.parts]
+        return {"partitions": len(macs),
+                "part_shares": [round(m / max(1, sum(macs)), 4) for m in macs]}
 
     def _measure_step(self) -> float:
         """A step's compute on this machine: a copy of the server's model on a training-sized
