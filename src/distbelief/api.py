@@ -219,9 +219,12 @@ def replay(run_dir: str | os.PathLike, until: int | None = None,
            out: str | os.PathLike | None = None) -> dict:
     """Re-execute a Downpour run recorded with --record-order (`record_order=True`) in this
     process, up to `until` minibatches per shard (None: all); `out` writes the replayed model
-    as a checkpoint. Returns the report of `downpour.replay.replay_run`: "minibatches",
-    "pushes", "incarnations", "threads", "diverged_at" and, replayed whole, "equal" (the
-    shards end bit for bit as the run's checkpoint) and "max_abs_diff".
+    as a checkpoint. A run that diverged replays from the histories it kept then, up to
+    where its server stopped being finite. Returns the report of
+    `downpour.replay.replay_run`: "minibatches", "pushes", "incarnations", "threads",
+    "diverged_at", "source" ("checkpoint" or "diverged"), "recorded_minibatches" and,
+    replayed whole from a checkpoint, "equal" (the shards end bit for bit as the run's
+    checkpoint) and "max_abs_diff".
 
     Raises:
         ConfigError, CheckpointError, StorageError, ReplayError: one line each, nothing

@@ -275,8 +275,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     what = (f"replayed {report['minibatches']} minibatches of {args.run} "
             f"({report['pushes']} pushes, {report['incarnations']} replica processes, "
             f"{report['threads']} thread{'s' if report['threads'] != 1 else ''})")
+    if report.get("source") == "diverged":
+        what += ", from the histories kept when it diverged"
     if report["diverged_at"] is not None:
         what += f"; the server stopped being finite at minibatch {report['diverged_at']}"
+    elif report.get("source") == "diverged":
+        what += "; every push was finite (a replica's loss broke first: its pushes were dropped)"
     if "equal" in report:
         what += (": the shards equal the checkpoint's bit for bit" if report["equal"] else
                  f": the shards differ from the checkpoint's (max |diff| "

@@ -11,6 +11,7 @@ import torch
 
 from distbelief.distributed import DownpourTrainer
 from distbelief.distributed.downpour.trainer import CHUNK_STEPS
+from distbelief.distributed.downpour.replay import replay_run
 from distbelief.engine import Diverged, TrainingInterrupted, load_checkpoint
 from distbelief.engine.rundir import RunDir, read_jsonl
 from distbelief.recipes import get_recipe
@@ -201,12 +202,20 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     # loss may stay finite, ~1e29, behind BatchNorm when the replicas' staleness is low).
     config = get_recipe("digits-downpour").replace(
         iterations=200, lr=1e30, warmup_iterations=40, warmup_lr=0.05, milestones=(190,),
-        checkpoint_every=20, eval_every=0)
+        checkpoint_every=20, eval_every=0, record_order=True)
     with pytest.raises(Diverged, match="lower --lr"):
         DownpourTrainer(config, run).fit()
     checkpoint = load_checkpoint(run / "checkpoints/last.pt")
     assert checkpoint["iteration"] >= 20
     assert all(torch.isfinite(v.float()).all() for v in checkpoint["model"].values())
+    # --record-order: the shard actors' histories were kept at the divergence, and replay
+    # past the last checkpoint (whose own history ends there), to where the server broke or,
+    # where the replicas' losses broke first (their pushes are dropped), to the last push.
+    _, report = replay_run(run)
+    assert report["source"] == "diverged"
+    assert report["minibatches"] > checkpoint["iteration"] - 8  # pushes in flight at most
+    assert report["diverged_at"] is None or report["diverged_at"] <= \
+        report["recorded_minibatches"]
 
 
 # make test-all; in make test the warmstart's decisions run without Ray

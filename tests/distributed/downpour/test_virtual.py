@@ -7,10 +7,11 @@ import torch
 
 from distbelief.api import trainer_for
 from distbelief.cli import main
+from distbelief.distributed.downpour.generation import DIVERGED, load_snapshot
 from distbelief.distributed.downpour.replay import replay_run
 from distbelief.distributed.downpour.virtual import VirtualTrainer
-from distbelief.engine import TrainingInterrupted, load_checkpoint
-from distbelief.engine.rundir import read_jsonl
+from distbelief.engine import Diverged, TrainingInterrupted, load_checkpoint
+from distbelief.engine.rundir import RunDir, read_jsonl
 from distbelief.plot import plot_runs
 from distbelief.recipes import get_recipe
 
@@ -232,3 +233,32 @@ def test_activations_and_their_gradients_cross_the_links(tmp_path):
     # compute as soon as its call was queued).
     late = trainer_for(cut_config(virtual_link="1000gb,1ms"), None).fit()
     assert 48 * (0.005 + 0.006) <= late["wall_s"] <= 48 * (0.005 + 0.008)
+
+
+def test_a_diverged_run_replays_from_its_histories_to_where_the_server_stopped_being_finite(
+        tmp_path):
+    # 24 sane warmup minibatches (one checkpoint), then an lr that overflows at once.
+    config = virtual_config(record_order=True, warmup_iterations=24, warmup_lr=0.05, lr=1e30,
+                            eval_every=0)
+    run = tmp_path / "run"
+    with pytest.raises(Diverged):
+        trainer_for(config, run).fit()
+    assert (run / DIVERGED).is_file()
+    checkpoint = load_checkpoint(run / "checkpoints/last.pt")
+    assert checkpoint["iteration"] == 24  # the last good one
+    replay, report = replay_run(run)
+    assert report["source"] == "diverged" and "equal" not in report
+    assert 24 < report["diverged_at"] <= report["recorded_minibatches"]
+    # The histories kept at the divergence are the checkpoint's, continued: replayed up to
+    # the minibatches each shard had at the checkpoint, they give its values bit for bit.
+    for k in range(2):
+        snapshot = load_snapshot(RunDir(run), k)
+        replay, _ = replay_run(run, until=snapshot["steps"])
+        assert replay.shards[k].steps == snapshot["steps"] < 24 + 4
+        assert torch.equal(replay.shards[k].w, torch.as_tensor(snapshot["w"]))
+    # Resumed with a sane lr, the run goes past the divergence: its next generation makes
+    # the kept histories stale, and they go.
+    trainer_for(config.replace(lr=0.05), run, resume=True).fit()
+    assert not (run / DIVERGED).exists()
+    _, report = replay_run(run)
+    assert report["source"] == "checkpoint" and report["equal"], report

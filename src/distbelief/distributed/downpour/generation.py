@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from distbelief.engine.pieces import MARKER, begin_pieces, fingerprint, sees  # 
 from distbelief.errors import CheckpointError
 
 STATE = "downpour"  # checkpoints/downpour.pt
+DIVERGED = "diverged-history.pt"  # --record-order: the shards' histories when a run diverged
 # Fixed for a run's life.
 SAME = ("model", "variant", "replicas", "ps_shards", "partitions", "optimizer", "data")
 
@@ -72,6 +74,18 @@ class DownpourBase(BaseTrainer):
             "epoch": round(self.examples / self.data.train_size, 4),
             "wall_s": round(self.life.wall_s, 3), **self.record_extras(),
             **window.record(statuses, monitor.rates(statuses, self.now()))})
+
+    def train(self) -> None:
+        with histories_kept_on_divergence(self, self.shard_snapshots):
+            self.train_steps()
+
+    def train_steps(self) -> None:
+        """Train from the current position to the config's iterations (`BaseTrainer.train`)."""
+        raise NotImplementedError
+
+    def shard_snapshots(self) -> list[dict]:
+        """Every shard's `ParameterShard.snapshot` now, in shard order."""
+        raise NotImplementedError
 
     def record_extras(self) -> dict:
         """What this driver adds to each training record (nothing; a virtual run: its real
@@ -133,6 +147,7 @@ def save_generation(trainer, snapshots: list[dict], bounds) -> None:
         **trainer.progress.state(), "data_stats": trainer.data.stats,
         "partition_bounds": bounds, "replica_threads": trainer.replica_threads}, files,
         trainer.steps)
+    forget_divergence(trainer)
 
 
 def write_piece(snapshot: dict, path: str | os.PathLike) -> dict:
@@ -165,6 +180,7 @@ def publish_pieces(trainer, folder: Path, shards: int, model: dict) -> None:
         "replica_threads": trainer.replica_threads}, {"last": model},
         trainer.steps, folder=folder,
         pieces=tuple(f"{snapshot_name(k)}.pt" for k in range(shards)))
+    forget_divergence(trainer)
 
 
 def pieces_index(trainer, folder: Path) -> dict:
@@ -178,3 +194,38 @@ def pieces_index(trainer, folder: Path) -> dict:
             PIECES: {"folder": folder.name, "bounds": list(trainer.plan.bounds),
                      "shards": [[f"{snapshot_name(k)}.pt", s.lo, s.hi]
                                 for k, s in enumerate(trainer.slots)]}}
+
+
+@contextmanager
+def histories_kept_on_divergence(trainer, snapshots):
+    """Around training: when it raises `Diverged` under --record-order, write the shards'
+    histories (from `snapshots()`, the shards' `snapshot`s now) to the run folder's
+    `DIVERGED`, so that `distbelief replay` can re-execute the run up to where its server
+    stopped being finite (no checkpoint ever holds that server: the last good one is kept,
+    and its history ends there). The values are not written: the replay recomputes them."""
+    try:
+        yield
+    except Diverged:
+        if trainer.config.downpour.record_order and trainer.life.run is not None:
+            path = trainer.life.run.path / DIVERGED
+            try:
+                taken = snapshots()
+                save_checkpoint(path, {
+                    # As a checkpoint counts: the minibatches every shard has received.
+                    "steps": min(snap["steps"] for snap in taken),
+                    "data_stats": trainer.data.stats,
+                    "replica_threads": trainer.replica_threads,
+                    "histories": [[tuple(op) for op in snap["history"]] for snap in taken],
+                    "bases": [snap.get("history_base", 0) for snap in taken]})
+                trainer.life.say(f"the shards' histories up to the divergence: {path} "
+                                 f"(distbelief replay)")
+            except Exception as e:  # the divergence is the error to report, not this
+                trainer.life.say(f"could not keep the shards' histories ({e})")
+        raise
+
+
+def forget_divergence(trainer) -> None:
+    """A generation written after a divergence (a resumed run went past it): the histories
+    kept then are not the run's any more."""
+    if trainer.life.run is not None:
+        (trainer.life.run.path / DIVERGED).unlink(missing_ok=True)

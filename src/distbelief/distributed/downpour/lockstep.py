@@ -94,7 +94,7 @@ class LockstepTrainer(DownpourBase):
         return [{**s.stats(), "incarnation": "lockstep", "restored_version": None}
                 for s in self.shards]
 
-    def train(self) -> None:
+    def train_steps(self) -> None:
         c, life = self.config, self.life
         monitor = ShardMonitor(FailureBook(life, c.cluster.replicas, c.cluster.max_restarts))
         # One step per replica in turn: chunks of 1, one queued each (`WorkQueue` hands them
@@ -129,9 +129,12 @@ class LockstepTrainer(DownpourBase):
             return
         self._log_window(window, monitor.observe(self.statuses(), self.steps), monitor)
 
+    def shard_snapshots(self) -> list[dict]:
+        return [s.snapshot() for s in self.shards]
+
     def save(self) -> None:
         if self.life.run is not None:
-            save_generation(self, [s.snapshot() for s in self.shards],
+            save_generation(self, self.shard_snapshots(),
                             None if self.plan is None else self.plan.bounds)
 
     def summary(self) -> dict:

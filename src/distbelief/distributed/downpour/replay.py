@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 from distbelief.data import build_data
-from distbelief.distributed.downpour.generation import STATE, load_snapshot, snapshot_name
+from distbelief.distributed.downpour.generation import (DIVERGED, STATE, load_snapshot,
+                                                        snapshot_name)
 from distbelief.distributed.downpour.layout import plain_layout
 from distbelief.distributed.downpour.replica import DownpourReplica, FetchWait
 from distbelief.distributed.downpour.shard import local_shards
@@ -254,11 +255,13 @@ class Replay:
 
 
 def replay_run(path, until: int | None = None) -> tuple[Replay, dict]:
-    """Replay the run in folder `path` from its newest checkpoint's histories, up to `until`
-    minibatches (None: all of them), computing with the threads its replicas had. Returns the
-    `Replay` and a report: `Replay.run`'s, with "threads", "checkpoint_minibatches" and, for a
-    whole replay, "equal" (every shard's values, version and minibatches equal the
-    checkpoint's, bit for bit) and "max_abs_diff".
+    """Replay the run in folder `path` up to `until` minibatches (None: all of them),
+    computing with the threads its replicas had: from the histories its shards left when it
+    diverged (`generation.DIVERGED`), else from its newest checkpoint's. Returns the `Replay`
+    and a report: `Replay.run`'s, with "threads", "source" ("checkpoint" or "diverged"),
+    "recorded_minibatches" and, for a whole replay of a checkpoint, "equal" (every shard's
+    values, version and minibatches equal the checkpoint's, bit for bit) and
+    "max_abs_diff".
 
     Raises:
         ConfigError: `path` holds no run. CheckpointError: it has no checkpoint, or one
@@ -268,6 +271,34 @@ def replay_run(path, until: int | None = None) -> tuple[Replay, dict]:
     if config.mode != "downpour" or not config.downpour.record_order:
         raise CheckpointError(f"{run.path} was not run with --mode downpour --record-order: "
                               f"there is no order to replay")
+    recorded = _recorded(run, config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recorded["threads"] or threads)
+    try:
+        set_determinism(config.deterministic, torch.device("cpu"))
+        data = build_data(config, torch.device("cpu"), stats=recorded["stats"])
+        replay = Replay(config, data, recorded["histories"], recorded["bases"])
+        report = replay.run(until)
+    finally:
+        torch.set_num_threads(threads)
+    report.update(threads=recorded["threads"] or threads, source=recorded["source"],
+                  recorded_minibatches=recorded["minibatches"])
+    if until is None and recorded["snapshots"] is not None:
+        report.update(_compare(replay, recorded["snapshots"]))
+    return replay, report
+
+
+def _recorded(run: RunDir, config) -> dict:
+    """What `replay_run` replays: the histories, their bases, the data statistics, the
+    replicas' threads, the minibatches recorded, the source and the shards' snapshots (None
+    for a divergence's histories, which hold no values)."""
+    diverged = run.path / DIVERGED
+    if diverged.is_file():
+        record = load_checkpoint(diverged)
+        return {"histories": [[tuple(op) for op in h] for h in record["histories"]],
+                "bases": record["bases"], "stats": record["data_stats"],
+                "threads": record["replica_threads"], "minibatches": record["steps"],
+                "source": "diverged", "snapshots": None}
     if run.generation() is None:
         raise CheckpointError(f"{run.path} has no checkpoint yet: nothing recorded to replay")
     state = load_checkpoint(run.state_file(STATE))
@@ -275,21 +306,11 @@ def replay_run(path, until: int | None = None) -> tuple[Replay, dict]:
     if any("history" not in snap for snap in snapshots):
         missing = [snapshot_name(k) for k, snap in enumerate(snapshots) if "history" not in snap]
         raise CheckpointError(f"{', '.join(missing)} of {run.path} hold no history")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(state.get("replica_threads", threads))
-    try:
-        set_determinism(config.deterministic, torch.device("cpu"))
-        data = build_data(config, torch.device("cpu"), stats=state["data_stats"])
-        replay = Replay(config, data, [[tuple(op) for op in snap["history"]] for snap in snapshots],
-                        [snap.get("history_base", 0) for snap in snapshots])
-        report = replay.run(until)
-    finally:
-        torch.set_num_threads(threads)
-    report.update(threads=state.get("replica_threads", threads),
-                  checkpoint_minibatches=min(snap["steps"] for snap in snapshots))
-    if until is None:
-        report.update(_compare(replay, snapshots))
-    return replay, report
+    return {"histories": [[tuple(op) for op in snap["history"]] for snap in snapshots],
+            "bases": [snap.get("history_base", 0) for snap in snapshots],
+            "stats": state["data_stats"], "threads": state.get("replica_threads"),
+            "minibatches": min(snap["steps"] for snap in snapshots), "source": "checkpoint",
+            "snapshots": snapshots}
 
 
 def _compare(replay: Replay, snapshots: list[dict]) -> dict:

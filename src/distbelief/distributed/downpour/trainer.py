@@ -198,7 +198,7 @@ class DownpourTrainer(DownpourBase):
 
     # --- the loop ---------------------------------------------------------------------------
 
-    def train(self) -> None:
+    def train_steps(self) -> None:
         c, life = self.config, self.life
         self.monitor = ShardMonitor(FailureBook(life, c.cluster.replicas,
                                                 c.cluster.max_restarts))
@@ -277,6 +277,9 @@ class DownpourTrainer(DownpourBase):
 
     def _log_train(self, window: ChunkWindow) -> None:
         self._log_window(window, self._poll_shards(), self.monitor)
+
+    def shard_snapshots(self) -> list[dict]:
+        return get([s.snapshot.remote() for s in self.session.shards], shard_lost(self.config))
 
     def save(self) -> None:
         """One checkpoint generation (`generation`): each shard writes its snapshot (or sends

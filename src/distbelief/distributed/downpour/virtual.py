@@ -258,7 +258,7 @@ class VirtualTrainer(LockstepTrainer):
         rows = torch.arange(c.batch_size) % len(x)
         return measure_step(model, x[rows], y[rows], c)
 
-    def train(self) -> None:
+    def train_steps(self) -> None:
         c, life = self.config, self.life
         self.monitor = ShardMonitor(FailureBook(life, c.cluster.replicas, c.cluster.max_restarts))
         self.work = WorkQueue(self.progress.positions, c.iterations, c.downpour.warmstart_steps,
