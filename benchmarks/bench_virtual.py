@@ -26,6 +26,13 @@ push with and without a history, in this process.
 
     python benchmarks/bench_virtual.py record [--repeats 3]
 
+partitions: model parallelism on the virtual cluster: a replica's simulated step, whole and
+cut into 2 and 4 partitions (a node each) with 1 to 8 micro-batches under 1F1B, 1 and 8
+replicas, at 100 ms per whole step (in-process runs; the clock is simulated, so the numbers
+do not depend on this machine's load).
+
+    python benchmarks/bench_virtual.py partitions [--minibatches 96] [--step-ms 100]
+
 Run it alone: every run takes the whole machine.
 """
 
@@ -223,6 +230,32 @@ def _shard_push_cost() -> None:
               f"{1e6 * statistics.median(times):.1f} us (median of 2,000)", flush=True)
 
 
+def partitions(args) -> None:
+    """Model parallelism on the virtual cluster: a replica's simulated step, whole and cut
+    into P partitions (one node each) with M micro-batches under 1F1B, at --step-ms per
+    whole step on 10 Gbit/s, 50 us links, shards of 1 ms a push."""
+    from distbelief.api import trainer_for
+    from distbelief.recipes import get_recipe
+
+    print(f"# {platform.node()} {platform.machine()}, {time.strftime('%Y-%m-%d')}", flush=True)
+    base = get_recipe("digits").replace(
+        mode="downpour", virtual=True, iterations=args.minibatches, eval_every=0,
+        checkpoint_every=0, log_every=10**9, milestones=(), virtual_step_ms=args.step_ms,
+        virtual_shard_ms=1.0, virtual_spread=0.0, pipeline_schedule="1f1b", device="cpu")
+    print("| replicas | partitions | micro-batches | simulated ms per replica step | "
+          "mean staleness | real s |\n|---|---|---|---|---|---|")
+    for replicas, parts, micro in ((1, 1, 1), (1, 2, 1), (1, 2, 4), (1, 4, 4), (1, 4, 8),
+                                   (8, 1, 1), (8, 2, 4), (8, 4, 8)):
+        config = base.replace(replicas=replicas, partitions=parts, micro_batches=micro,
+                              ps_shards=max(2, parts))
+        start = time.perf_counter()
+        summary = trainer_for(config, None).fit()
+        step_ms = 1e3 * summary["wall_s"] * replicas / args.minibatches
+        print(f"| {replicas} | {parts} | {micro} | {step_ms:.1f} | "
+              f"{summary.get('staleness_mean', 0):.2f} | {time.perf_counter() - start:.1f} |",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -237,10 +270,14 @@ def main() -> None:
     s.add_argument("--replicas", type=int, default=64)
     s.add_argument("--data-dir", default=None)
     s.add_argument("--repeats", type=int, default=3)
+    p = sub.add_parser("partitions")
+    p.add_argument("--minibatches", type=int, default=96)
+    p.add_argument("--step-ms", type=float, default=100.0)
     r = sub.add_parser("record")
     r.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    {"calibrate": calibrate, "speed": speed, "record": record}[args.what](args)
+    {"calibrate": calibrate, "speed": speed, "record": record,
+     "partitions": partitions}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -140,11 +140,12 @@ class StageMachine:
         if method not in PASS_SHARE or not self.share:
             return 0.0
         micro = args[0]
-        if method != "backward":
-            self.rows[micro] = len(args[1])
-        rows = self.rows[micro] if method != "forward_loss_backward" else self.rows.pop(micro)
-        if method == "backward":
-            self.rows.pop(micro)
+        if method == "backward":  # its rows: those its forward pass had
+            rows = self.rows.pop(micro)
+        else:
+            rows = len(args[1])
+            if method != "forward_loss_backward":  # a backward pass follows
+                self.rows[micro] = rows
         return self.times.next() * self.share * rows / self.batch * PASS_SHARE[method]
 
 
