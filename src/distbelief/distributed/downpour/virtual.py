@@ -10,7 +10,8 @@ process of an `simulation.EventLoop`: its code runs unchanged, but its clock
 (`ProcessClock`) is simulated, so 64 replicas cost what their 64 gradients cost, not 64
 machines. A push applied at a shard at simulated time t changes the values every later pull
 sees, exactly as on a cluster whose timing the cost model describes; the staleness is what
-that timing gives, not fixed as in --lockstep.
+that timing gives, not fixed as in --lockstep. Replicas cut into partitions (--partitions)
+run as on Ray, each partition a node of its own (`virtual_partitions`).
 
 `wall_s` in the records is the simulated time (so `distbelief plot --x wall` draws the
 DistBelief Fig. 4 view for the virtual cluster); `real_wall_s` is this machine's. A virtual
