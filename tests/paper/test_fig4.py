@@ -65,11 +65,14 @@ def test_fig4_trains_and_reports_on_short_runs(tmp_path, monkeypatch):
     monkeypatch.setitem(fig4.PLAN, ("digits", "short"), (120, 0.5))
     results = reproduce("fig4", tmp_path, say=lambda line: None)
     rows = results["rows"]
-    assert len(rows) == 1 + 4 * 3 and rows[0]["replicas"] == 1
+    assert len(rows) == 1 + 4 * 3 + 2 * 3 and rows[0]["replicas"] == 1
     virtual = [r for r in rows[1:] if r["scheme"].startswith("downpour, measured")]
     assert [r["replicas"] for r in virtual] == [1, 2, 4]
     assert virtual[0]["speed-up"] == 1.0  # one replica against itself
     assert all(r["mean staleness"] is not None for r in virtual)
+    blaster = [r for r in rows if r["scheme"].startswith("sandblaster L-BFGS, compute-bound")]
+    assert [r["replicas"] for r in blaster] == [1, 2, 4] and blaster[0]["speed-up"] == 1.0
+    assert 1.5 < blaster[2]["speed-up"] <= 4  # four replicas share each round's portions
     report = (tmp_path / "fig4" / "report.md").read_text()
     assert "simulated" in report and "fig4-speedup.png" in report
     assert "cannot keep up" in report  # where the measured shards saturate, in numbers
