@@ -319,11 +319,8 @@ class RunLifecycle:
             results[split] = r
             self.log(r)
         main = _main(results)
-        # Before the first training record (an evaluation due before the log is) there is
-        # no training figure to print, not a NaN.
-        trained = f"{trainer.progress_text()}, " if self.last_train else ""
         self.say(f"iteration {trainer.position}/{c.iterations} ({self.wall_s:.1f} s): "
-                 f"{trained}{error_text(main, main['split'])}")
+                 f"{_trained(trainer, self.last_train)}{error_text(main, main['split'])}")
         self.last_eval, self.evaluated = results, model
         return results
 
@@ -416,6 +413,12 @@ def evals_at(run: RunDir | None, trainer: BaseTrainer) -> dict | None:
                if r.get("kind") == "eval" and r.get("iteration") == trainer.position
                and EVAL_KEYS <= r.keys()}
     return results if set(results) == set(trainer.data.splits) else None
+
+
+def _trained(trainer, last_train: dict) -> str:
+    """What the evaluation line says of training first: nothing before the first training
+    record (an evaluation due before the log is), not a NaN."""
+    return f"{trainer.progress_text()}, " if last_train else ""
 
 
 def _main(results: dict) -> dict:

@@ -26,7 +26,7 @@ import torch
 from distbelief.distributed.downpour.records import summary_entries
 from distbelief.distributed.downpour.rules import describe
 
-from distbelief.distributed.flat import all_finite
+from distbelief.distributed.flat import BlockFlat, FlatModel, all_finite
 from distbelief.distributed.server_model import ServerModel, as_tensors
 from distbelief.engine.base import BaseTrainer
 from distbelief.engine.checkpoint import PIECES, load_checkpoint, save_checkpoint
@@ -46,6 +46,7 @@ class DownpourBase(BaseTrainer):
     the evaluation and checkpoint cadence."""
 
     mode, state, same = "downpour", STATE, SAME
+    plan = None  # the partitions' cut (a `pipeline.partition.Plan`), when the replicas are cut
 
     @property
     def steps(self) -> int:
@@ -74,6 +75,10 @@ class DownpourBase(BaseTrainer):
             "epoch": round(self.examples / self.data.train_size, 4),
             "wall_s": round(self.life.wall_s, 3), **self.record_extras(),
             **window.record(statuses, monitor.rates(statuses, self.now()))})
+
+    def _flat_of(self, model: torch.nn.Module) -> FlatModel | BlockFlat:
+        """The server vector's layout over `model`: its parts' blocks when it is cut."""
+        return FlatModel(model) if self.plan is None else BlockFlat(self.plan.modules_of(model))
 
     def train(self) -> None:
         with histories_kept_on_divergence(self, self.shard_snapshots):

@@ -30,7 +30,6 @@ from distbelief.distributed.downpour.replica import DownpourReplica, LocalClient
 from distbelief.distributed.downpour.rules import describe
 from distbelief.distributed.downpour.shard import ParameterShard, local_shards
 from distbelief.distributed.downpour.work import WorkQueue
-from distbelief.distributed.flat import BlockFlat, FlatModel
 from distbelief.distributed.pipeline.partition import Plan
 from distbelief.distributed.server_model import ServerModel
 from distbelief.engine.config import TrainConfig, check_model
@@ -64,10 +63,6 @@ class LockstepTrainer(DownpourBase):
     def _layout(self, start: TrainConfig, saved: dict | None) -> tuple:
         """(the initial server vector, the shards' slots, the buffers' retention)."""
         return plain_layout(start, self.data)
-
-    def _flat_of(self, model: torch.nn.Module) -> FlatModel | BlockFlat:
-        """The server vector's layout over `model`: its parts' blocks when it is cut."""
-        return FlatModel(model) if self.plan is None else BlockFlat(self.plan.modules_of(model))
 
     def start(self) -> None:
         c = self.config

@@ -45,7 +45,6 @@ from distbelief.distributed.downpour.rules import describe
 from distbelief.distributed.downpour.shard import shard_lost
 from distbelief.distributed.downpour.statistics import buffer_slice
 from distbelief.distributed.downpour.work import WorkQueue
-from distbelief.distributed.flat import BlockFlat, FlatModel
 from distbelief.distributed.pipeline import Plan
 from distbelief.distributed.runtime.calls import ReplicaCalls, get, wait_briefly
 from distbelief.distributed.runtime.cluster import granted_device, replica_options, wait_started
@@ -98,17 +97,13 @@ class DownpourTrainer(DownpourBase):
         # driver's model evaluates and checkpoints (it is built for that alone).
         self.piecewise = self.plan is not None and self.config.user is None and \
             not self.config.bn_recalibrate
-        self.server = ServerModel(self.config, self.data, self.device,
-                                  flat_of=self._block_flat if self.plan else FlatModel)
+        self.server = ServerModel(self.config, self.data, self.device, flat_of=self._flat_of)
         self.progress = ReplicaProgress(self.config.cluster.replicas, saved)
         self.resumed_shards = saved is not None
 
     @property
     def replica_threads(self) -> int:
         return self.shape.threads
-
-    def _block_flat(self, model: torch.nn.Module) -> BlockFlat:
-        return BlockFlat(self.plan.modules_of(model))
 
     # --- what the lifecycle calls ------------------------------------------------------
 
