@@ -27,6 +27,7 @@ from pathlib import Path
 
 from distbelief.engine.rundir import RunDir, read_jsonl
 from distbelief.paper.budgets import Options, run_config
+from distbelief.paper.fig4_sandblaster import round_seconds, trajectory
 from distbelief.paper.report import Check, Report
 from distbelief.paper.runner import RunSpec
 from distbelief.plot import plot_runs
@@ -104,9 +105,12 @@ class Fig4:
                     report.rows.append({"scheme": f"{label} (simulated)", "replicas": n,
                                         **_row(r, up)})
                 report.checks += _checks(label, curves[label])
+        blaster = _base(options).replace(mode="sandblaster", batch_size=0, lr=1.0, history=10,
+                                         replicas=1, ps_shards=2)
+        found = trajectory(blaster, target)  # the same in every regime: computed once
         for regime in REGIMES:
             label = f"sandblaster L-BFGS, {regime}"
-            rows, curves[label] = _sandblaster(options, runs, regime, target)
+            rows, curves[label] = _sandblaster(options, runs, regime, blaster, found)
             report.rows += rows
             report.checks += _checks(label, curves[label])[:1]
         _speedup_figure(curves, folder / "fig4-speedup.png")
@@ -123,20 +127,14 @@ class Fig4:
         return report
 
 
-def _sandblaster(options: Options, runs: Path, regime: str, target: float) -> tuple:
+def _sandblaster(options: Options, runs: Path, regime: str, config, found: dict) -> tuple:
     """Sandblaster L-BFGS's rows and speed-up curve in `regime` (`fig4_sandblaster`): its
-    trajectory computed once (its numbers do not depend on the replicas), each round's time
-    at N replicas simulated with the regime's step time per example and the shards' measured
-    push time (from that regime's one-replica Downpour run)."""
-    from distbelief.paper.fig4_sandblaster import round_seconds, trajectory
-
-    config = _base(options).replace(mode="sandblaster", batch_size=0, lr=1.0, history=10,
-                                    replicas=1, ps_shards=2)
-    path = runs / _name("downpour", regime, 1, options)
-    costs = RunDir(path).read_summary().get("virtual", {})
+    trajectory `found` under `config` (its numbers do not depend on the replicas), each
+    round's time at N replicas simulated with the regime's step time per example and the
+    shards' measured push time (from that regime's one-replica Downpour run)."""
+    costs = RunDir(runs / _name("downpour", regime, 1, options)).read_summary()["virtual"]
     example_s = costs["step_s"] / _base(options).batch_size
     push_s = max(costs["shard_push_s"])
-    found = trajectory(config, target)
     times = {}
     for n in REPLICAS:
         times[n] = None if found["rounds"] is None else sum(
