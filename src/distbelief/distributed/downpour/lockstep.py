@@ -30,7 +30,6 @@ from distbelief.distributed.downpour.replica import DownpourReplica, LocalClient
 from distbelief.distributed.downpour.rules import describe
 from distbelief.distributed.downpour.shard import ParameterShard, local_shards
 from distbelief.distributed.downpour.work import WorkQueue
-from distbelief.distributed.pipeline.partition import Plan
 from distbelief.distributed.server_model import ServerModel
 from distbelief.engine.config import TrainConfig, check_model
 from distbelief.engine.failures import FailureBook
@@ -51,7 +50,6 @@ class LockstepTrainer(DownpourBase):
         if saved:
             check_snapshots(self.life.run, self.config.cluster.ps_shards)
         start = self.config.replace(init_from=None) if saved else self.config
-        self.plan: Plan | None = None  # the partitions' cut (--virtual --partitions)
         self.initial, self.slots, self.retention = self._layout(start, saved)
         check_model(self.config, values=self.initial.numel())
         self.server = ServerModel(self.config, self.data, self.device, flat_of=self._flat_of)
