@@ -73,6 +73,8 @@ def exit_code(argv):
       "--partition-dtype", "float16"], "invalid partition dtype 'float16'"),
     (["train", "--partitions", "2", "--pipeline-schedule", "zb"],
      "invalid pipeline schedule 'zb'; choose one of: '1f1b', 'gpipe'"),
+    (["train", "--partitions", "2", "--pipeline-handoff", "mail"],
+     "invalid pipeline hand-off 'mail'; choose one of: 'direct', 'driver'"),
     (["train", "--partitions", "2", "--micro-batches", "500", "--batch-size", "64"],
      "--micro-batches 500 exceeds --batch-size 64"),
     (["train", "--partitions", "2", "--mode", "sync"],

@@ -41,6 +41,7 @@ TRANSFER_DTYPES = ("float32", "bfloat16", "float16")  # distributed.wire
 SNAPSHOT_STORES = ("memory", "disk")
 BN_STATS = ("batch", "delta")  # distributed.downpour.statistics
 PIPELINE_SCHEDULES = ("1f1b", "gpipe")  # distributed.pipeline.schedule
+PIPELINE_HANDOFFS = ("direct", "driver")  # distributed.pipeline.schedule
 PARTITION_DTYPES = ("float32", "bfloat16")  # distributed.downpour.partitioned
 MODES = ("single", "downpour", "sandblaster", "sync")
 DISTRIBUTED_MODES = ("downpour", "sandblaster", "sync")
@@ -138,6 +139,11 @@ class ClusterConfig:
                                "the last runs ahead of 1f1b's fill, so that the gradients it "
                                "waits for have a hand-off's time to arrive; each holds as many "
                                "more micro-batches' activations", check=non_negative, default=1)
+    pipeline_handoff: str = _opt("with --partitions: how activations and gradients reach the "
+                                 "next partition: direct (each partition sends them to its "
+                                 "neighbour itself) or driver (every pass a call from the "
+                                 "driver, or from a Downpour replica's head)",
+                                 default="direct")
     partition_dtype: str = _opt("downpour with --partitions: the dtype of each partition's "
                                 "weights, activations and gradients: float32 or bfloat16 (half "
                                 "the memory and bytes; the shards keep and update float32)",
@@ -757,6 +763,7 @@ def _check_local_steps(c: TrainConfig) -> None:
 def _check_partitions(c: TrainConfig) -> None:
     parts = c.cluster.partitions
     check_choice("pipeline schedule", c.cluster.pipeline_schedule, PIPELINE_SCHEDULES)
+    check_choice("pipeline hand-off", c.cluster.pipeline_handoff, PIPELINE_HANDOFFS)
     if c.cluster.micro_batches > 1 and parts == 1:
         raise ConfigError("--micro-batches applies with --partitions 2 or more")
     if c.cluster.recompute and parts == 1:

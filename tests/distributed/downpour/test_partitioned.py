@@ -12,6 +12,7 @@ from distbelief.distributed.downpour.layout import aligned_shards, server_layout
 from distbelief.distributed.downpour.statistics import buffer_slice
 from distbelief.distributed.downpour.partitioned import PartitionedReplica, ServerStage
 from distbelief.distributed.flat import BlockFlat, FlatModel
+from distbelief.distributed.pipeline.relay import ThreadedStages
 from distbelief.engine.losses import get_loss
 from distbelief.engine.setup import build_model
 from distbelief.errors import ConfigError
@@ -74,8 +75,9 @@ def test_block_layout_round_trips():
     assert torch.equal(flat.vector(), torch.arange(vector.numel(), dtype=torch.float32))
 
 
-def local_partitioned(config, data):
-    """One partitioned replica over in-process stages and aligned in-process shards."""
+def local_partitioned(config, data, handoff="driver"):
+    """One partitioned replica over in-process stages and aligned in-process shards (with
+    `handoff` "direct": stages on threads of their own, handing on to each other)."""
     starts, plan, slots, retention = server_layout(config, data)
     shards = [ParameterShard(k, s.lo, s.hi, s.param_end,
                              torch.from_numpy(start_values(starts[k])), config,
@@ -88,6 +90,11 @@ def local_partitioned(config, data):
                           LocalClient([sh for sh, s in zip(shards, slots) if s.part == p],
                                       offsets[p]), replica=0)
               for p, m in enumerate(modules)]
+    if handoff == "direct":
+        threaded = ThreadedStages(stages)
+        return PartitionedReplica(0, config, threaded.call, threaded.resolve, len(stages),
+                                  stats=data.stats, handoff="direct",
+                                  watch=threaded.watch), shards, stages
     call = lambda p, method, *args: getattr(stages[p], method)(*args)  # noqa: E731
     return PartitionedReplica(0, config, call, list, len(stages), stats=data.stats), shards, \
         stages
@@ -119,10 +126,11 @@ def test_one_partitioned_replica_equals_one_whole_replica(parts, channels_last):
         [p.params for p in plan.parts]
 
 
-def test_a_failed_chunk_leaves_nothing_behind():
+@pytest.mark.parametrize("handoff", ["driver", "direct"])
+def test_a_failed_chunk_leaves_nothing_behind(handoff):
     config = digits_config(partitions=2, ps_shards=2, n_push=2)
     data = build_data(config, torch.device("cpu"))
-    replica, shards, stages = local_partitioned(config, data)
+    replica, shards, stages = local_partitioned(config, data, handoff)
     replica.run(0, 3)  # pushes after step 1; step 2's gradient waits for the next push
     assert all(s.exchange.accum is not None for s in stages)
 
@@ -156,16 +164,18 @@ def whole_run(config, data, steps):
     return BlockFlat(plan.modules_of(reference)).vector()
 
 
-@pytest.mark.parametrize("n_push,micro,schedule", [
-    (2, 1, "1f1b"), (3, 1, "1f1b"), (2, 4, "1f1b"), (3, 4, "gpipe")])
-def test_accumulated_pushes_and_micro_batches_equal_one_whole_replica(n_push, micro, schedule):
+@pytest.mark.parametrize("n_push,micro,schedule,handoff", [
+    (2, 1, "1f1b", "driver"), (3, 1, "1f1b", "driver"), (2, 4, "1f1b", "driver"),
+    (3, 4, "gpipe", "driver"), (2, 4, "1f1b", "direct"), (3, 4, "gpipe", "direct")])
+def test_accumulated_pushes_and_micro_batches_equal_one_whole_replica(n_push, micro, schedule,
+                                                                      handoff):
     # Each partition adds n_push steps' gradients before it pushes: a gradient kept without
     # its copy (the next step's backward writes into it) would push n_push x the last one.
     # A BatchNorm-free model, so that M micro-batches compute the whole batch's gradient.
     config = digits_config(model="mlp", partitions=2, ps_shards=2, n_push=n_push,
                            micro_batches=micro, pipeline_schedule=schedule)
     data = build_data(config, torch.device("cpu"))
-    replica, shards, _ = local_partitioned(config, data)
+    replica, shards, _ = local_partitioned(config, data, handoff)
     start = torch.cat([s.w for s in shards]).clone()
     metrics = replica.run(0, 6)
     assert metrics["pushes"] == 2 * (6 // n_push)

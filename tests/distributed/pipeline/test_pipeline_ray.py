@@ -327,8 +327,64 @@ def test_a_partition_killed_during_a_step_is_restarted(ray_cluster, tmp_path):
     assert summary["partition_steps_lost"] <= 1
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
-def test_stages_overlap(ray_cluster, schedule):
+def sleepers(count, pass_s, die_at=None):
+    """`count` stage actors over `SleepStage`s: the real actor's methods (`StageHost`'s, its
+    direct hand-offs included), the stage's work a sleep."""
+    import os
+    import time
+
+    import ray
+
+    from distbelief.distributed.pipeline.actors import RELAY, StageHost
+    from distbelief.distributed.pipeline.relay import Mailbox
+
+    # Defined here, so that Ray ships them by value (this test module's imports are not on
+    # the workers' path).
+    class SleepStage:
+        """A stage whose every pass sleeps `pass_s` (the last stage's forward of micro-batch
+        `die_at` ends its process instead)."""
+
+        def __init__(self, index, count, pass_s, die_at=None):
+            self.index, self.count, self.pass_s, self.die_at = index, count, pass_s, die_at
+
+        def zero_grad(self):
+            pass
+
+        def forward(self, micro, x, train=True):
+            time.sleep(self.pass_s)
+            return x
+
+        def forward_loss(self, micro, x, y, weight):
+            if micro == self.die_at:
+                os._exit(1)
+            time.sleep(self.pass_s)
+            return float(weight), 0
+
+        def backward(self, micro, grad=None):
+            time.sleep(self.pass_s)
+            return None if self.index == 0 else torch.zeros(1)
+
+        def forward_loss_backward(self, micro, x, y, weight):
+            return self.forward_loss(micro, x, y, weight), self.backward(micro)
+
+        def update(self, lr):
+            pass
+
+    class SleeperHost(StageHost):
+        def __init__(self, index):
+            self.stage = SleepStage(index, count, pass_s, die_at if index == count - 1 else None)
+            self.box = Mailbox()
+
+        def ping(self):
+            return "here"
+
+    actor = ray.remote(num_cpus=0, max_restarts=0, concurrency_groups=RELAY)(SleeperHost)
+    return [actor.remote(p) for p in range(count)]
+
+
+@pytest.mark.parametrize("schedule,handoff", [("1f1b", "driver"), ("gpipe", "driver"),
+                                              ("1f1b", "direct"), ("gpipe", "direct")])
+def test_stages_overlap(ray_cluster, schedule, handoff):
     # Stages whose every pass sleeps 40 ms: run one after the other, a step of 2 stages x 8
     # micro-batches x 2 passes takes 1.28 s; pipelined, each stage's 0.64 s of passes plus the
     # one pass of fill and drain, 0.72 s. A schedule that waited for each call before the next
@@ -337,34 +393,11 @@ def test_stages_overlap(ray_cluster, schedule):
 
     import ray
 
-    from distbelief.distributed.pipeline.actors import caller
+    from distbelief.distributed.pipeline.actors import caller, watcher
     from distbelief.distributed.pipeline.schedule import Pipeline
 
-    @ray.remote(num_cpus=0)
-    class Sleeper:
-        def zero_grad(self):
-            pass
-
-        def forward(self, micro, x):
-            time.sleep(0.04)
-            return x
-
-        def forward_loss(self, micro, x, y, weight):
-            time.sleep(0.04)
-            return float(weight), 0
-
-        def backward(self, micro, grad=None):
-            time.sleep(0.04)
-            return grad
-
-        def forward_loss_backward(self, micro, x, y, weight):
-            return self.forward_loss(micro, x, y, weight), self.backward(micro)
-
-        def update(self, lr, after=None):
-            pass
-
-    stages = [Sleeper.remote() for _ in range(2)]
-    pipeline = Pipeline(caller(stages), ray.get, 2, 8, schedule)
+    stages = sleepers(2, 0.04)
+    pipeline = Pipeline(caller(stages), ray.get, 2, 8, schedule, 0, handoff, watcher(stages))
     x, y = torch.zeros(16, 4), torch.zeros(16, dtype=torch.long)
     pipeline.step(x, y, 0.1)  # warm-up: the actors' processes start
     start = time.perf_counter()
@@ -373,6 +406,35 @@ def test_stages_overlap(ray_cluster, schedule):
     assert loss == pytest.approx(1.0)  # every micro-batch's weight, once
     serial, pipelined = 2 * 8 * 2 * 0.04, (8 + 1) * 2 * 0.04
     assert wall < (serial + pipelined) / 2, (wall, serial, pipelined)
+
+
+def test_a_stage_dying_mid_step_releases_the_others(ray_cluster):
+    # Direct hand-offs: the last stage dies at its fourth micro-batch while the first waits in
+    # its mailbox for that micro-batch's gradient. The step fails with the death (not with
+    # the survivor's abandonment), soon, and the survivor answers calls again.
+    import ray
+    from ray.exceptions import RayActorError
+
+    from distbelief.distributed.pipeline.actors import caller, watcher
+    from distbelief.distributed.pipeline.schedule import Pipeline
+
+    stages = sleepers(2, 0.01, die_at=3)
+    pipeline = Pipeline(caller(stages), ray.get, 2, 8, "1f1b", 1, "direct", watcher(stages))
+    x, y = torch.zeros(16, 4), torch.zeros(16, dtype=torch.long)
+    raised = []
+
+    def step():
+        try:
+            pipeline.step(x, y, 0.1)
+        except Exception as e:  # noqa: BLE001 - what it raised is the point
+            raised.append(e)
+
+    stepper = threading.Thread(target=step, daemon=True)
+    stepper.start()
+    stepper.join(30)
+    assert not stepper.is_alive(), "the surviving stage still waits for the dead one"
+    assert len(raised) == 1 and isinstance(raised[0], RayActorError), raised
+    assert ray.get(stages[0].ping.remote(), timeout=10) == "here"
 
 
 def test_evaluations_run_through_the_partitions(ray_cluster, tmp_path):

@@ -29,7 +29,9 @@ from distbelief.distributed.downpour.partitioned import PartitionedReplica, Serv
 from distbelief.distributed.downpour.replica import DownpourReplica
 from distbelief.distributed.downpour.shard import ParameterShard, shard_lost
 from distbelief.distributed.keeper import SnapshotFile
-from distbelief.distributed.pipeline.actors import StageHost, caller, handed_on, received
+from distbelief.distributed.pipeline.actors import (RELAY, StageHost, caller, handed_on,
+                                                   received, watcher)
+from distbelief.distributed.pipeline.relay import Mailbox
 from distbelief.distributed.runtime.calls import (RayPending, dead_actors, remote_error,
                                                   when_answering)
 from distbelief.distributed.runtime.cluster import START_TIMEOUT_S, memory, node_id, nodes
@@ -322,6 +324,7 @@ class ServerStageHost(StageHost):
                            one_put=len(nodes()) == 1)
         self.stage = ServerStage(index, count, module, get_loss(config.loss), config, client,
                                  replica, device)
+        self.box = Mailbox()
 
     def begin(self, step: int) -> None:
         self.stage.begin(step)
@@ -349,7 +352,7 @@ class ServerStageHost(StageHost):
         self.stage.end_eval()
 
 
-ServerStageActor = ray.remote(ServerStageHost)
+ServerStageActor = ray.remote(concurrency_groups=RELAY)(ServerStageHost)
 
 
 EVAL_ATTEMPTS = 3  # tries of an evaluation batch whose partition died (`ServerEval`)
@@ -415,7 +418,9 @@ class PartitionedReplicaActor:
         self.stages = [ray.get_actor(name) for name in stage_names]
         self.replica = PartitionedReplica(index, config, caller(self.stages), self._get,
                                           len(self.stages), stats=stats,
-                                          bound=staleness_bound(index, config, clock_name))
+                                          bound=staleness_bound(index, config, clock_name),
+                                          handoff=config.cluster.pipeline_handoff,
+                                          watch=watcher(self.stages))
 
     def _get(self, refs):
         try:

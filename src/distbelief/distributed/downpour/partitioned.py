@@ -143,11 +143,13 @@ class PartitionedReplica:
     what is left of it (activations, the gradient accumulated since its last push).
 
     `clock` is its time (`RealClock`; a --virtual run's is simulated); `arrays` the data
-    already loaded (`data.build.load_arrays`), of which it takes its slice."""
+    already loaded (`data.build.load_arrays`), of which it takes its slice; `handoff` and
+    `watch` the pipeline's (`Pipeline`: ``direct`` where the stages can hand on to each
+    other, as actors can)."""
 
     def __init__(self, index: int, config, call, resolve, count: int,
                  stats: dict | None = None, bound=None, clock: RealClock = REAL_CLOCK,
-                 arrays: tuple | None = None):
+                 arrays: tuple | None = None, handoff: str = "driver", watch=None):
         self.index, self.config, self.call, self.resolve = index, config, call, resolve
         self.clock = clock
         self.bound = bound  # --ssp-bound (`bound.StalenessBound`), as `DownpourReplica`'s
@@ -157,7 +159,7 @@ class PartitionedReplica:
                                part=(index, config.cluster.replicas), arrays=arrays)
         self.pipeline = Pipeline(call, resolve, count, config.cluster.micro_batches,
                                  config.cluster.pipeline_schedule,
-                                 config.cluster.pipeline_ahead)
+                                 config.cluster.pipeline_ahead, handoff, watch)
         self.cursor = BatchCursor(self.data.train)
         self.failed: BaseException | None = None
 
@@ -187,7 +189,7 @@ class PartitionedReplica:
                 self.bound.before(step, metrics)
             exchanges += [self.call(p, "begin", step) for p in range(self.count)]
             x, y = next(batches)
-            losses = self.resolve(self.pipeline.submit_passes(x, y))
+            losses = self.pipeline.collect(self.pipeline.submit_passes(x, y))
             loss, wrong = sum(v for v, _ in losses), sum(w for _, w in losses)
             # The next step's calls queue behind these on each stage.
             exchanges += [self.call(p, "finish", step, wrong / len(y)) for p in range(self.count)]

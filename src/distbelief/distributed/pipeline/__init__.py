@@ -7,6 +7,8 @@ fill-drain, with or without recomputation).
                    activations (no Ray)
     stage.py       Stage: one part's forward, backward and update (no Ray)
     schedule.py    Pipeline: one training step as calls to the stages, 1F1B or GPipe (no Ray)
+    relay.py       direct hand-offs: each stage runs its own passes of a step and sends its
+                   outputs to its neighbours through their mailboxes (no Ray)
     actors.py      StageActor: a Stage in its own process
     runner.py      PipelineRunner: the partition actors of a single-mode run
     trainer.py     PipelineTrainer: single mode with `--partitions P` (the trainer's loop)

@@ -2,7 +2,12 @@
 without Ray. Activations and gradients cross between actors as numpy arrays, which Ray moves
 through its shared-memory object store without pickling their bytes; an argument that is
 another actor's result (an object reference) is fetched by Ray itself from the node that holds
-it (results under 100 KiB travel inline, through the caller)."""
+it (results under 100 KiB travel inline, through the caller).
+
+Under direct hand-offs (`relay`) a stage sends its outputs to its neighbour itself, as a call
+of the neighbour's `deliver`, which runs on a thread of its own (the "relay" concurrency
+group) while the neighbour's step waits for it; every other method runs on the actor's one
+main thread, in the order it was called."""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import torch
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, ObjectLostError, \
     RayActorError, RayTaskError
 
+from distbelief.distributed.pipeline.relay import PREVIOUS, Mailbox, relay_step
 from distbelief.distributed.pipeline.stage import Stage
 from distbelief.distributed.runtime.cluster import memory, node_id
 from distbelief.distributed.wire import decode, encode, tensor_view
@@ -32,19 +38,59 @@ class PartitionGone(DistbeliefError):
 
 
 RETURNS = {"forward_loss_backward": 2}  # methods whose results are several objects
+RELAY = {"relay": 1}  # the concurrency group of hand-offs (`StageHost.deliver`)
+ABORT_WAIT_S = 30.0  # how long the other stages of a failed step have to stop
+
+
+def _wire(value):
+    """A call's argument as it travels: tensors (in a list too) as numpy arrays."""
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+        return [t.numpy() for t in value]
+    return value
 
 
 def caller(actors: list):
     """`call(p, method, *args)` for the pipeline schedule: submit to actor p, tensors sent as
     numpy arrays (object references pass as they are); a method of several results (RETURNS)
-    returns a reference to each."""
+    returns a reference to each; a `relay` is given actor p's neighbours."""
     def call(p: int, method: str, *args):
-        args = [a.numpy() if isinstance(a, torch.Tensor) else a for a in args]
+        args = [_wire(a) for a in args]
         remote = getattr(actors[p], method)
         if method in RETURNS:
             remote = remote.options(num_returns=RETURNS[method])
+        if method == "relay":
+            args.append((actors[p - 1] if p > 0 else None,
+                         actors[p + 1] if p + 1 < len(actors) else None))
         return remote.remote(*args)
     return call
+
+
+def watcher(actors: list):
+    """`watch(refs, step)` for a direct-hand-off `Pipeline`: waits for the step's `relay`
+    calls one by one; when one failed (its actor died, or raised), every actor is told to
+    abandon the step (the others would wait for ever for what it will not send), the others
+    are waited for, and the failed one is returned alone, for the caller's `ray.get` to raise
+    its error; else all of them."""
+    def watch(refs: list, step: int) -> list:
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done)
+            except Exception:  # any failure: the caller's ray.get raises it as it should
+                aborts = [a.abort.remote(step) for a in actors]
+                ray.wait(aborts + pending, num_returns=len(aborts) + len(pending),
+                         timeout=ABORT_WAIT_S)
+                for ref in aborts + pending:  # retrieved: Ray does not log them as unhandled
+                    try:
+                        ray.get(ref, timeout=0)
+                    except Exception:
+                        pass
+                return done
+        return refs
+    return watch
 
 
 class Bits16:
@@ -97,6 +143,29 @@ class StageHost:
         self.stage = Stage(index, count, module, get_loss(config.loss), opt, device=device,
                            channels_last=config.channels_last, bf16=config.bf16,
                            recompute=config.cluster.recompute)
+        self.box = Mailbox()
+
+    def relay(self, step: int, order, fused: bool, inputs, labels, weights, zero: bool,
+              lr, neighbours: tuple):
+        """This stage's passes of step `step` (`relay.relay_step`), handing its outputs to
+        `neighbours` (the actors before and after it) as calls of their `deliver`."""
+        def send(where: int, key: tuple, value: torch.Tensor) -> None:
+            neighbours[0 if where == PREVIOUS else 1].deliver.remote(key, handed_on(value))
+
+        return relay_step(self.stage, self.box, send, step, order, fused=fused,
+                          inputs=None if inputs is None else [received(x) for x in inputs],
+                          labels=None if labels is None else [received(y) for y in labels],
+                          weights=weights, zero=zero, lr=lr)
+
+    @ray.method(concurrency_group="relay")
+    def deliver(self, key: tuple, value) -> None:
+        """A neighbour's output for this stage's step (on the relay thread)."""
+        self.box.put(key, received(value))
+
+    @ray.method(concurrency_group="relay")
+    def abort(self, step: int) -> None:
+        """Abandon step `step` (a stage of it failed): a `relay` waiting in it raises."""
+        self.box.abort(step)
 
     @staticmethod
     def settle(config, threads: int, device: str) -> torch.device:
@@ -165,7 +234,7 @@ class StageHost:
                 "memory": memory()}
 
 
-StageActor = ray.remote(StageHost)
+StageActor = ray.remote(concurrency_groups=RELAY)(StageHost)
 
 
 # --- the driver's side of restarts: snapshots and pings, Ray's errors turned into ours ---

@@ -27,7 +27,7 @@ import torch
 
 from distbelief.distributed.pipeline.actors import (PartitionGone, StageActor, answer, caller,
                                                    load_snapshot, received, send_states,
-                                                   take_snapshot)
+                                                   take_snapshot, watcher)
 from distbelief.distributed.pipeline.partition import partition
 from distbelief.distributed.pipeline.schedule import Pipeline
 from distbelief.distributed.pipeline.stage import empty_copy, optimizer_join, optimizer_slice
@@ -90,7 +90,8 @@ class PipelineRunner:
         self._snapshot_if_due(step, force=True)  # the values they start from
         self.pipeline = Pipeline(caller(self.session.replicas), self._get, count,
                                  c.cluster.micro_batches, c.cluster.pipeline_schedule,
-                                 c.cluster.pipeline_ahead)
+                                 c.cluster.pipeline_ahead, c.cluster.pipeline_handoff,
+                                 watcher(self.session.replicas))
         return info
 
     def _get(self, refs):
@@ -234,6 +235,7 @@ class PipelineRunner:
         c = self.config.cluster
         return {"partitions": len(times), "micro_batches": c.micro_batches,
                 "schedule": self.pipeline.schedule, "ahead": self.pipeline.ahead,
+                "handoff": self.pipeline.handoff,
                 "recompute": c.recompute,
                 "compute_s": [round(s, 4) for s in compute],
                 "idle_s": [round(max(wall - s, 0.0), 4) for s in compute],

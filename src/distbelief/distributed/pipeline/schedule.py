@@ -19,17 +19,26 @@ Two schedules (`--pipeline-schedule`), the same arithmetic in another order:
   gradient comes back (each hand-off costs milliseconds through Ray, which exact 1F1B leaves
   as idle time). Stage p < P - 1 holds at most P - p + K micro-batches, still whatever M.
 
-On actors every call of a step is submitted at once, each stage's in its schedule's order;
-Ray runs each actor's calls in the order they were submitted and starts one as soon as its
-argument exists, so stage p works on micro-batch m+1 while stage p+1 works on m: the stages
-overlap. Every update comes after every stage's last backward.
+Two ways to hand activations and gradients on (`--pipeline-handoff`):
+
+- ``driver``: every pass is a call from the driver. On actors every call of a step is
+  submitted at once, each stage's in its schedule's order; Ray runs each actor's calls in the
+  order they were submitted and starts one as soon as its argument (the previous pass's
+  result) exists, so stage p works on micro-batch m+1 while stage p+1 works on m: the stages
+  overlap. Every update comes after every stage's last backward.
+- ``direct``: one call per stage per step (`relay.relay_step`): each stage runs its passes in
+  its order and sends its outputs straight to its neighbours, the driver off their path.
+  Each stage updates after its own last pass.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 SCHEDULES = ("gpipe", "1f1b")
+HANDOFFS = ("direct", "driver")
 
 
 def micro_batches(x: torch.Tensor, y: torch.Tensor, count: int) -> list[tuple]:
@@ -89,32 +98,71 @@ def submission_order(schedule: str, count: int, micro: int, ahead: int = 0
 
 class Pipeline:
     """Steps of `count` stages reached through `call` (module doc) with `micro` micro-batches
-    under `schedule` (``gpipe`` or ``1f1b``, running `ahead` passes ahead: module doc);
-    `resolve(results)` turns the results of calls into values (the identity for local stages,
-    ray.get on actors)."""
+    under `schedule` (``gpipe`` or ``1f1b``, running `ahead` passes ahead) and `handoff`
+    (``driver`` or ``direct``: module doc); `resolve(results)` turns the results of calls
+    into values (the identity for local stages, ray.get on actors). Under ``direct``,
+    `watch(results, step)`, where given, waits for a step's results and returns those to
+    resolve: all of them, or the first that failed once the other stages were told to
+    abandon the step (`actors.watcher`)."""
 
     def __init__(self, call, resolve, count: int, micro: int, schedule: str = "1f1b",
-                 ahead: int = 0):
+                 ahead: int = 0, handoff: str = "driver", watch=None):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown pipeline schedule {schedule!r}")
+        if handoff not in HANDOFFS:
+            raise ValueError(f"unknown pipeline hand-off {handoff!r}")
         self.call, self.resolve, self.count, self.micro = call, resolve, count, micro
-        self.schedule, self.ahead = schedule, ahead
+        self.schedule, self.ahead, self.handoff, self.watch = schedule, ahead, handoff, watch
         self.last_pass = None  # the result of the last step's last pass (`submit_step`)
+        self.n_losses = 0  # loss results at the head of the last step's results (driver)
+        # Direct hand-offs are keyed by step number, from a random start: the steps of a
+        # driver that restarted are not taken for its predecessor's on the stages.
+        self.step_id = int.from_bytes(os.urandom(6), "big")
 
     def submit_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> list:
-        """Every call of one training step at `lr`; returns the results of the last stage's
-        losses followed by the stages' updates. Every update takes the step's last pass's
-        result (the first stage's last backward, which needs every other stage's last
-        backward): on actors, if any pass failed, no stage updates. Each update leaves its
-        stage's gradients zeroed (`Stage.update`), so the step needs no `zero_grad` calls."""
+        """Every call of one training step at `lr`; returns its results (`collect` reads
+        the losses). Through the driver every update takes the step's last pass's result
+        (the first stage's last backward, which needs every other stage's last backward): on
+        actors, if any pass failed, no stage updates; each update leaves its stage's
+        gradients zeroed (`Stage.update`), so the step needs no `zero_grad` calls. Direct,
+        each stage updates after its own last pass (a step that fails part-way may leave some
+        stages updated: the runner puts every stage back to one snapshot)."""
+        if self.handoff == "direct":
+            return self._relay(x, y, zero=False, lr=lr)
         losses = self.submit_passes(x, y, zero=False)
         last = self.last_pass
         return losses + [self.call(p, "update", lr, last) for p in range(self.count)]
 
+    def _relay(self, x: torch.Tensor, y: torch.Tensor, zero: bool, lr: float | None) -> list:
+        """One `relay` call per stage for the next step (module doc); their results."""
+        parts, last = micro_batches(x, y, self.micro), self.count - 1
+        self.step_id += 1
+        inputs, labels, weights = ([part[k] for part in parts] for k in range(3))
+        return [self.call(p, "relay", self.step_id,
+                          stage_order(self.schedule, p, self.count, len(parts), self.ahead),
+                          self.schedule == "1f1b", inputs if p == 0 else None,
+                          labels if p == last else None, weights, zero, lr)
+                for p in range(self.count)]
+
+    def collect(self, results: list) -> list[tuple[float, int]]:
+        """The (weighted loss, misclassified) of each micro-batch of the step whose calls
+        returned `results` (`submit_step`'s or `submit_passes`'), once every call is done.
+
+        Raises:
+            whatever `resolve` raises for a call that failed."""
+        if self.handoff == "direct":
+            if self.watch is not None:
+                results = self.watch(results, self.step_id)
+            return self.resolve(results)[self.count - 1]
+        return self.resolve(results)[: self.n_losses]
+
     def submit_passes(self, x: torch.Tensor, y: torch.Tensor, zero: bool = True) -> list:
         """The forward and backward passes of a step (gradients zeroed first where `zero`,
-        accumulated over the micro-batches); returns the results of the last stage's losses,
-        in micro-batch order."""
+        accumulated over the micro-batches); returns their results (`collect` reads the
+        losses: through the driver they are the last stage's, in micro-batch order, at the
+        head of the results)."""
+        if self.handoff == "direct":
+            return self._relay(x, y, zero=zero, lr=None)
         call, last = self.call, self.count - 1
         zeroed = [call(p, "zero_grad") for p in range(self.count)] if zero else []
         parts = micro_batches(x, y, self.micro)
@@ -139,6 +187,7 @@ class Pipeline:
                 grads[(p, m)] = call(p, "backward", m, *args)
         del zeroed  # ordered before the forward passes on each stage; nothing to wait for
         self.last_pass = grads[(0, 0 if self.schedule == "gpipe" else len(parts) - 1)]
+        self.n_losses = len(parts)
         return [losses[m] for m in range(len(parts))]
 
     def infer(self, x: torch.Tensor) -> list:
@@ -156,8 +205,7 @@ class Pipeline:
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[float, int]:
         """One training step: (the batch's mean loss, misclassified images), once every stage
         has updated its parameters."""
-        results = self.resolve(self.submit_step(x, y, lr))
-        losses = results[: len(results) - self.count]
+        losses = self.collect(self.submit_step(x, y, lr))
         return sum(loss for loss, _ in losses), sum(wrong for _, wrong in losses)
 
 

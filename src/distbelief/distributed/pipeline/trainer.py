@@ -190,7 +190,8 @@ class PipelineTrainer(Trainer):
         counters = self.life.counters
         return {**super().summary(), "partitions": c.partitions,
                 "micro_batches": c.micro_batches, "pipeline_schedule": c.pipeline_schedule,
-                "recompute": c.recompute, "partition_failures": counters["partition_failures"],
+                "pipeline_handoff": c.pipeline_handoff, "recompute": c.recompute,
+                "partition_failures": counters["partition_failures"],
                 "partition_steps_lost": counters["partition_steps_lost"]}
 
     def close(self) -> None:
