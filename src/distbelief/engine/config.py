@@ -41,7 +41,7 @@ TRANSFER_DTYPES = ("float32", "bfloat16", "float16")  # distributed.wire
 SNAPSHOT_STORES = ("memory", "disk")
 BN_STATS = ("batch", "delta")  # distributed.downpour.statistics
 PIPELINE_SCHEDULES = ("1f1b", "gpipe")  # distributed.pipeline.schedule
-PIPELINE_HANDOFFS = ("direct", "driver")  # distributed.pipeline.schedule
+PIPELINE_HANDOFFS = ("direct", "collective", "driver")  # distributed.pipeline.schedule
 PARTITION_DTYPES = ("float32", "bfloat16")  # distributed.downpour.partitioned
 MODES = ("single", "downpour", "sandblaster", "sync")
 DISTRIBUTED_MODES = ("downpour", "sandblaster", "sync")
@@ -141,7 +141,9 @@ class ClusterConfig:
                                "more micro-batches' activations", check=non_negative, default=1)
     pipeline_handoff: str = _opt("with --partitions: how activations and gradients reach the "
                                  "next partition: direct (each partition sends them to its "
-                                 "neighbour itself) or driver (every pass a call from the "
+                                 "neighbour itself, a Ray call), collective (the same as "
+                                 "messages of a Ray collective group, gloo, without the object "
+                                 "store; --mode single) or driver (every pass a call from the "
                                  "driver, or from a Downpour replica's head)",
                                  default="direct")
     partition_dtype: str = _opt("downpour with --partitions: the dtype of each partition's "
@@ -776,6 +778,9 @@ def _check_partitions(c: TrainConfig) -> None:
         return
     if c.mode in ("sandblaster", "sync"):
         raise ConfigError("--partitions applies to --mode single and downpour")
+    if c.cluster.pipeline_handoff == "collective" and c.mode != "single":
+        raise ConfigError("--pipeline-handoff collective applies under --mode single (a "
+                          "Downpour replica's partitions hand on with direct or driver)")
     if c.compile:
         raise ConfigError("--compile applies to an unpartitioned model (--partitions 1)")
     if c.cluster.micro_batches > c.batch_size:

@@ -46,10 +46,12 @@ def assert_same_model(a: dict, b: dict, atol=1e-6):
 
 # Three cuts of ResNet-20 into 3 parts: make test-all; make test cuts it into 2 (BatchNorm, M = 1)
 # and an MLP into 3 with 4 micro-batches.
-@pytest.mark.parametrize("parts,micro,model", [
-    (2, 1, "resnet20"), pytest.param(3, 1, "resnet20", marks=pytest.mark.slow), (3, 4, "mlp")])
-def test_partitioned_replica_equals_the_trainer(ray_cluster, tmp_path, parts, micro, model):
-    c = config(model=model, partitions=parts, micro_batches=micro)
+@pytest.mark.parametrize("parts,micro,model,handoff", [
+    (2, 1, "resnet20", "direct"), pytest.param(3, 1, "resnet20", "direct", marks=pytest.mark.slow),
+    (3, 4, "mlp", "direct"), (3, 4, "mlp", "collective")])
+def test_partitioned_replica_equals_the_trainer(ray_cluster, tmp_path, parts, micro, model,
+                                                handoff):
+    c = config(model=model, partitions=parts, micro_batches=micro, pipeline_handoff=handoff)
     summary = PipelineTrainer(c, tmp_path / "run").fit()
     reference = reference_run(c)
     saved = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
@@ -69,7 +71,7 @@ def test_partitioned_replica_equals_the_trainer(ray_cluster, tmp_path, parts, mi
     train = [r for r in records if r["kind"] == "train"]
     pipe = train[-1]["pipeline"]
     assert pipe["partitions"] == parts and 0 <= pipe["bubble"] < 1
-    assert (pipe["schedule"], pipe["ahead"]) == ("1f1b", 1)  # the defaults, as they ran
+    assert (pipe["schedule"], pipe["ahead"], pipe["handoff"]) == ("1f1b", 1, handoff)
     assert all(b > 0 for b in pipe["bytes_per_step"][:-1])  # every stage but the last sends
     assert summary["iterations"] == 12
     assert (summary["partitions"], summary["micro_batches"]) == (parts, micro)
@@ -244,13 +246,16 @@ def test_a_partition_that_dies_stops_the_run_with_one_line(ray_cluster, tmp_path
     assert trainer.runner.session.replicas == []  # released
 
 
-def test_a_killed_partition_is_restarted_in_place_and_the_run_completes(ray_cluster, tmp_path):
+@pytest.mark.parametrize("handoff", ["direct", "collective"])
+def test_a_killed_partition_is_restarted_in_place_and_the_run_completes(ray_cluster, tmp_path,
+                                                                        handoff):
     # Partition 1 killed between steps 5 and 6, with a snapshot after every step: Ray restarts
     # it, every partition goes back to the snapshot of step 5 (none lost), step 6 runs again,
-    # and the run ends where an uninterrupted one ends.
+    # and the run ends where an uninterrupted one ends. Collective hand-offs: the survivor's
+    # group has lost a member; all join a new one.
     import ray
 
-    c = config(partitions=2, snapshot_every_s=1e-6, checkpoint_every=0)
+    c = config(partitions=2, snapshot_every_s=1e-6, checkpoint_every=0, pipeline_handoff=handoff)
     trainer = PipelineTrainer(c, tmp_path / "run")
     step = trainer.runner.step
 
@@ -327,22 +332,21 @@ def test_a_partition_killed_during_a_step_is_restarted(ray_cluster, tmp_path):
     assert summary["partition_steps_lost"] <= 1
 
 
-def sleepers(count, pass_s, die_at=None):
+def sleepers(count, pass_s, die_at=None, handoff="direct", raises=False):
     """`count` stage actors over `SleepStage`s: the real actor's methods (`StageHost`'s, its
-    direct hand-offs included), the stage's work a sleep."""
+    direct and collective hand-offs included), the stage's work a sleep."""
     import os
     import time
 
     import ray
 
     from distbelief.distributed.pipeline.actors import RELAY, StageHost
-    from distbelief.distributed.pipeline.relay import Mailbox
 
     # Defined here, so that Ray ships them by value (this test module's imports are not on
     # the workers' path).
     class SleepStage:
         """A stage whose every pass sleeps `pass_s` (the last stage's forward of micro-batch
-        `die_at` ends its process instead)."""
+        `die_at` ends its process instead, or with `raises` raises)."""
 
         def __init__(self, index, count, pass_s, die_at=None):
             self.index, self.count, self.pass_s, self.die_at = index, count, pass_s, die_at
@@ -356,6 +360,8 @@ def sleepers(count, pass_s, die_at=None):
 
         def forward_loss(self, micro, x, y, weight):
             if micro == self.die_at:
+                if raises:
+                    raise RuntimeError("the stage failed")
                 os._exit(1)
             time.sleep(self.pass_s)
             return float(weight), 0
@@ -373,17 +379,22 @@ def sleepers(count, pass_s, die_at=None):
     class SleeperHost(StageHost):
         def __init__(self, index):
             self.stage = SleepStage(index, count, pass_s, die_at if index == count - 1 else None)
-            self.box = Mailbox()
+            self.open_mailbox()
 
         def ping(self):
             return "here"
 
     actor = ray.remote(num_cpus=0, max_restarts=0, concurrency_groups=RELAY)(SleeperHost)
-    return [actor.remote(p) for p in range(count)]
+    actors = [actor.remote(p) for p in range(count)]
+    if handoff == "collective":
+        group = f"sleepers-{os.urandom(4).hex()}"
+        ray.get([a.join.remote(count, group) for a in actors])
+    return actors
 
 
 @pytest.mark.parametrize("schedule,handoff", [("1f1b", "driver"), ("gpipe", "driver"),
-                                              ("1f1b", "direct"), ("gpipe", "direct")])
+                                              ("1f1b", "direct"), ("gpipe", "direct"),
+                                              ("1f1b", "collective")])
 def test_stages_overlap(ray_cluster, schedule, handoff):
     # Stages whose every pass sleeps 40 ms: run one after the other, a step of 2 stages x 8
     # micro-batches x 2 passes takes 1.28 s; pipelined, each stage's 0.64 s of passes plus the
@@ -396,7 +407,7 @@ def test_stages_overlap(ray_cluster, schedule, handoff):
     from distbelief.distributed.pipeline.actors import caller, watcher
     from distbelief.distributed.pipeline.schedule import Pipeline
 
-    stages = sleepers(2, 0.04)
+    stages = sleepers(2, 0.04, handoff=handoff)
     pipeline = Pipeline(caller(stages), ray.get, 2, 8, schedule, 0, handoff, watcher(stages))
     x, y = torch.zeros(16, 4), torch.zeros(16, dtype=torch.long)
     pipeline.step(x, y, 0.1)  # warm-up: the actors' processes start
@@ -408,18 +419,21 @@ def test_stages_overlap(ray_cluster, schedule, handoff):
     assert wall < (serial + pipelined) / 2, (wall, serial, pipelined)
 
 
-def test_a_stage_dying_mid_step_releases_the_others(ray_cluster):
-    # Direct hand-offs: the last stage dies at its fourth micro-batch while the first waits in
-    # its mailbox for that micro-batch's gradient. The step fails with the death (not with
-    # the survivor's abandonment), soon, and the survivor answers calls again.
+@pytest.mark.parametrize("handoff,raises", [("direct", False), ("collective", False),
+                                            ("collective", True)])
+def test_a_stage_dying_mid_step_releases_the_others(ray_cluster, handoff, raises):
+    # The last stage dies (or raises) at its fourth micro-batch while the first waits for
+    # that micro-batch's gradient (in its mailbox, or in the collective group). The step fails
+    # with the death or the error (not with the survivor's abandonment, nor its lost
+    # connection), soon, and the survivor answers calls again.
     import ray
-    from ray.exceptions import RayActorError
+    from ray.exceptions import RayActorError, RayTaskError
 
     from distbelief.distributed.pipeline.actors import caller, watcher
     from distbelief.distributed.pipeline.schedule import Pipeline
 
-    stages = sleepers(2, 0.01, die_at=3)
-    pipeline = Pipeline(caller(stages), ray.get, 2, 8, "1f1b", 1, "direct", watcher(stages))
+    stages = sleepers(2, 0.01, die_at=3, handoff=handoff, raises=raises)
+    pipeline = Pipeline(caller(stages), ray.get, 2, 8, "1f1b", 1, handoff, watcher(stages))
     x, y = torch.zeros(16, 4), torch.zeros(16, dtype=torch.long)
     raised = []
 
@@ -432,8 +446,12 @@ def test_a_stage_dying_mid_step_releases_the_others(ray_cluster):
     stepper = threading.Thread(target=step, daemon=True)
     stepper.start()
     stepper.join(30)
-    assert not stepper.is_alive(), "the surviving stage still waits for the dead one"
-    assert len(raised) == 1 and isinstance(raised[0], RayActorError), raised
+    assert not stepper.is_alive(), "the surviving stage still waits for the failed one"
+    assert len(raised) == 1, raised
+    if raises:
+        assert isinstance(raised[0], RayTaskError) and "the stage failed" in str(raised[0])
+    else:
+        assert isinstance(raised[0], RayActorError), raised
     assert ray.get(stages[0].ping.remote(), timeout=10) == "here"
 
 

@@ -31,7 +31,6 @@ from distbelief.distributed.downpour.shard import ParameterShard, shard_lost
 from distbelief.distributed.keeper import SnapshotFile
 from distbelief.distributed.pipeline.actors import (RELAY, StageHost, caller, handed_on,
                                                    received, watcher)
-from distbelief.distributed.pipeline.relay import Mailbox
 from distbelief.distributed.runtime.calls import (RayPending, dead_actors, remote_error,
                                                   when_answering)
 from distbelief.distributed.runtime.cluster import START_TIMEOUT_S, memory, node_id, nodes
@@ -324,7 +323,7 @@ class ServerStageHost(StageHost):
                            one_put=len(nodes()) == 1)
         self.stage = ServerStage(index, count, module, get_loss(config.loss), config, client,
                                  replica, device)
-        self.box = Mailbox()
+        self.open_mailbox()
 
     def begin(self, step: int) -> None:
         self.stage.begin(step)

@@ -9,6 +9,7 @@ fill-drain, with or without recomputation).
     schedule.py    Pipeline: one training step as calls to the stages, 1F1B or GPipe (no Ray)
     relay.py       direct hand-offs: each stage runs its own passes of a step and sends its
                    outputs to its neighbours through their mailboxes (no Ray)
+    link.py        collective hand-offs: the same, as messages of a gloo group (no Ray)
     actors.py      StageActor: a Stage in its own process
     runner.py      PipelineRunner: the partition actors of a single-mode run
     trainer.py     PipelineTrainer: single mode with `--partitions P` (the trainer's loop)

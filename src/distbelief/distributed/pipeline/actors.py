@@ -7,7 +7,8 @@ it (results under 100 KiB travel inline, through the caller).
 Under direct hand-offs (`relay`) a stage sends its outputs to its neighbour itself, as a call
 of the neighbour's `deliver`, which runs on a thread of its own (the "relay" concurrency
 group) while the neighbour's step waits for it; every other method runs on the actor's one
-main thread, in the order it was called."""
+main thread, in the order it was called. Under collective hand-offs the stages `join` a Ray
+collective group and hand on through it (`link.Link`) instead."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, ObjectLostError, \
     RayActorError, RayTaskError
 
+from distbelief.distributed.pipeline.link import Link
 from distbelief.distributed.pipeline.relay import PREVIOUS, Mailbox, relay_step
 from distbelief.distributed.pipeline.stage import Stage
 from distbelief.distributed.runtime.cluster import memory, node_id
@@ -71,26 +73,40 @@ def watcher(actors: list):
     """`watch(refs, step)` for a direct-hand-off `Pipeline`: waits for the step's `relay`
     calls one by one; when one failed (its actor died, or raised), every actor is told to
     abandon the step (the others would wait for ever for what it will not send), the others
-    are waited for, and the failed one is returned alone, for the caller's `ray.get` to raise
-    its error; else all of them."""
+    are waited for, and one failed call is returned alone, for the caller's `ray.get` to raise
+    its error: an actor's death where there is one (under collective hand-offs a neighbour's
+    wait on the dead stage may fail first), else the first failure; else all of them."""
     def watch(refs: list, step: int) -> list:
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            try:
-                ray.get(done)
-            except Exception:  # any failure: the caller's ray.get raises it as it should
-                aborts = [a.abort.remote(step) for a in actors]
-                ray.wait(aborts + pending, num_returns=len(aborts) + len(pending),
-                         timeout=ABORT_WAIT_S)
-                for ref in aborts + pending:  # retrieved: Ray does not log them as unhandled
-                    try:
-                        ray.get(ref, timeout=0)
-                    except Exception:
-                        pass
-                return done
+            if _error(done[0]) is None:
+                continue
+            aborts = [a.abort.remote(step) for a in actors]
+            ray.wait(aborts + pending, num_returns=len(aborts) + len(pending),
+                     timeout=ABORT_WAIT_S)
+            for ref in aborts:  # retrieved: Ray does not log them as unhandled
+                _error(ref)
+            deaths = [ref for ref in refs if _died(_error(ref))]
+            return deaths[:1] or done
         return refs
     return watch
+
+
+def _error(ref) -> BaseException | None:
+    """The error a finished call raised; None if it returned, or is not finished."""
+    try:
+        ray.get(ref, timeout=0)
+    except GetTimeoutError:
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure is the answer
+        return e
+    return None
+
+
+def _died(error: BaseException | None) -> bool:
+    return isinstance(error, RayActorError) or (
+        isinstance(error, RayTaskError) and isinstance(error.cause, RayActorError))
 
 
 class Bits16:
@@ -143,19 +159,57 @@ class StageHost:
         self.stage = Stage(index, count, module, get_loss(config.loss), opt, device=device,
                            channels_last=config.channels_last, bf16=config.bf16,
                            recompute=config.cluster.recompute)
+        self.open_mailbox()
+
+    def open_mailbox(self) -> None:
+        """Where its neighbours' hand-offs arrive: its mailbox, until it `join`s a collective
+        group (then its `Link`)."""
         self.box = Mailbox()
+        self.group: str | None = None
+        self.link: Link | None = None
 
     def relay(self, step: int, order, fused: bool, inputs, labels, weights, zero: bool,
               lr, neighbours: tuple):
         """This stage's passes of step `step` (`relay.relay_step`), handing its outputs to
-        `neighbours` (the actors before and after it) as calls of their `deliver`."""
+        `neighbours` (the actors before and after it) as calls of their `deliver`, or, once
+        `join`ed, through the collective group (`link.Link`)."""
         def send(where: int, key: tuple, value: torch.Tensor) -> None:
             neighbours[0 if where == PREVIOUS else 1].deliver.remote(key, handed_on(value))
 
-        return relay_step(self.stage, self.box, send, step, order, fused=fused,
-                          inputs=None if inputs is None else [received(x) for x in inputs],
-                          labels=None if labels is None else [received(y) for y in labels],
-                          weights=weights, zero=zero, lr=lr)
+        box = self.box if self.link is None else self.link
+        try:
+            return relay_step(self.stage, box, send if self.link is None else box.send, step,
+                              order, fused=fused,
+                              inputs=None if inputs is None else [received(x) for x in inputs],
+                              labels=None if labels is None else [received(y) for y in labels],
+                              weights=weights, zero=zero, lr=lr)
+        except BaseException:
+            self.leave()  # the neighbours' waits on this stage raise instead of hanging
+            raise
+
+    def join(self, world: int, group: str) -> None:
+        """Hand on through collective group `group` of `world` stages, one rank per stage
+        (`--pipeline-handoff collective`); returns once every stage has joined."""
+        import ray.util.collective as collective
+
+        self.leave()
+        collective.init_collective_group(world, self.stage.index, backend="gloo",
+                                         group_name=group)
+        self.group, self.link = group, Link(self.stage.index)
+
+    def leave(self) -> None:
+        """Leave the collective group, if any: the neighbours' waits on this stage end."""
+        if self.group is not None:
+            import ray.util.collective as collective
+            import torch.distributed as dist
+
+            group, self.group, self.link = self.group, None, None
+            collective.destroy_collective_group(group)
+            # Ray's gloo groups share the process's default group, made by the first one and
+            # kept by `destroy_collective_group`: the next group must make its own (its
+            # members may be new processes), so this one goes too.
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     @ray.method(concurrency_group="relay")
     def deliver(self, key: tuple, value) -> None:

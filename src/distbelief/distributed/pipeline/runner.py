@@ -21,6 +21,7 @@ the last checkpoint.
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -87,12 +88,21 @@ class PipelineRunner:
             send_states(self.session.replicas, states)
         elif files is not None:
             self.read_parts(files)
+        self._join()
         self._snapshot_if_due(step, force=True)  # the values they start from
         self.pipeline = Pipeline(caller(self.session.replicas), self._get, count,
                                  c.cluster.micro_batches, c.cluster.pipeline_schedule,
                                  c.cluster.pipeline_ahead, c.cluster.pipeline_handoff,
                                  watcher(self.session.replicas))
         return info
+
+    def _join(self) -> None:
+        """Under collective hand-offs, every partition in a new collective group (at the
+        start, and after a failed step: a group is not used again once a step failed)."""
+        if self.config.cluster.pipeline_handoff != "collective":
+            return
+        actors, group = self.session.replicas, f"distbelief-pipeline-{uuid.uuid4().hex}"
+        self._get([a.join.remote(len(actors), group) for a in actors])
 
     def _get(self, refs):
         return get_unless_dead(refs, self.session.replicas, lambda dead: (
@@ -162,6 +172,7 @@ class PipelineRunner:
         except PartitionGone:
             raise lost from None
         restored = self._restore(lost)
+        self._join()
         self.failures += [{"kind": "failure", "actor": f"partition {p}", "iteration": iteration,
                            "restarted": True, "restored_step": restored,
                            "steps_lost": iteration - restored} for p in dead]

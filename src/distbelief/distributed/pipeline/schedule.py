@@ -19,7 +19,7 @@ Two schedules (`--pipeline-schedule`), the same arithmetic in another order:
   gradient comes back (each hand-off costs milliseconds through Ray, which exact 1F1B leaves
   as idle time). Stage p < P - 1 holds at most P - p + K micro-batches, still whatever M.
 
-Two ways to hand activations and gradients on (`--pipeline-handoff`):
+Three ways to hand activations and gradients on (`--pipeline-handoff`):
 
 - ``driver``: every pass is a call from the driver. On actors every call of a step is
   submitted at once, each stage's in its schedule's order; Ray runs each actor's calls in the
@@ -29,6 +29,8 @@ Two ways to hand activations and gradients on (`--pipeline-handoff`):
 - ``direct``: one call per stage per step (`relay.relay_step`): each stage runs its passes in
   its order and sends its outputs straight to its neighbours, the driver off their path.
   Each stage updates after its own last pass.
+- ``collective``: on the driver's side the same as ``direct``; the stages hand on as
+  messages of a collective group (`link.Link`) instead of Ray calls.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import os
 import torch
 
 SCHEDULES = ("gpipe", "1f1b")
-HANDOFFS = ("direct", "driver")
+HANDOFFS = ("direct", "collective", "driver")
 
 
 def micro_batches(x: torch.Tensor, y: torch.Tensor, count: int) -> list[tuple]:
@@ -99,8 +101,9 @@ def submission_order(schedule: str, count: int, micro: int, ahead: int = 0
 class Pipeline:
     """Steps of `count` stages reached through `call` (module doc) with `micro` micro-batches
     under `schedule` (``gpipe`` or ``1f1b``, running `ahead` passes ahead) and `handoff`
-    (``driver`` or ``direct``: module doc); `resolve(results)` turns the results of calls
-    into values (the identity for local stages, ray.get on actors). Under ``direct``,
+    (``driver``, ``direct`` or ``collective``: module doc); `resolve(results)` turns the
+    results of calls into values (the identity for local stages, ray.get on actors). Under
+    ``direct`` and ``collective``,
     `watch(results, step)`, where given, waits for a step's results and returns those to
     resolve: all of them, or the first that failed once the other stages were told to
     abandon the step (`actors.watcher`)."""
@@ -127,7 +130,7 @@ class Pipeline:
         gradients zeroed (`Stage.update`), so the step needs no `zero_grad` calls. Direct,
         each stage updates after its own last pass (a step that fails part-way may leave some
         stages updated: the runner puts every stage back to one snapshot)."""
-        if self.handoff == "direct":
+        if self.handoff != "driver":
             return self._relay(x, y, zero=False, lr=lr)
         losses = self.submit_passes(x, y, zero=False)
         last = self.last_pass
@@ -150,7 +153,7 @@ class Pipeline:
 
         Raises:
             whatever `resolve` raises for a call that failed."""
-        if self.handoff == "direct":
+        if self.handoff != "driver":
             if self.watch is not None:
                 results = self.watch(results, self.step_id)
             return self.resolve(results)[self.count - 1]
@@ -161,7 +164,7 @@ class Pipeline:
         accumulated over the micro-batches); returns their results (`collect` reads the
         losses: through the driver they are the last stage's, in micro-batch order, at the
         head of the results)."""
-        if self.handoff == "direct":
+        if self.handoff != "driver":
             return self._relay(x, y, zero=zero, lr=None)
         call, last = self.call, self.count - 1
         zeroed = [call(p, "zero_grad") for p in range(self.count)] if zero else []
