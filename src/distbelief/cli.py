@@ -70,6 +70,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     options = {k: v for k, v in options.items() if v is not None}
     if args.partitions is not None:
         return _print_split(names, args, options)
+    if args.partition_at:
+        raise ConfigError("--partition-at applies with --partitions")
     rows = [summarize(name, input_size=args.input_size, **options) for name in names]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -83,7 +85,8 @@ def _print_split(names: list[str], args: argparse.Namespace, options: dict) -> i
     from distbelief.distributed.pipeline.partition import split_table
 
     rows = [row for name in names
-            for row in split_table(name, args.partitions, args.input_size, **options)]
+            for row in split_table(name, args.partitions, args.input_size, args.partition_at,
+                                   **options)]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -368,6 +371,9 @@ def _add_models(sub) -> None:
     p.add_argument("--partitions", type=int, metavar="P",
                    help="show how the model is cut into P partitions for model parallelism "
                         "(units, parameters and MACs per partition)")
+    p.add_argument("--partition-at", default="", metavar="UNITS",
+                   help="with --partitions: cut where these units begin parts 2 .. P "
+                        "(comma-separated) instead of the balanced cut")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.set_defaults(func=cmd_models)
 

@@ -127,6 +127,10 @@ class ClusterConfig:
     partitions: int = _opt("single, downpour: model parallelism, each replica's model cut into "
                            "P parts, each a Ray actor computing its layers (see 'distbelief "
                            "models NAME --partitions P')", check=positive, default=1)
+    partition_at: str = _opt("with --partitions: the units where parts 2 .. P begin, "
+                             "comma-separated (e.g. layer2.1; their names: 'distbelief models "
+                             "NAME --partitions P'); empty: the cut balanced by cost",
+                             default="")
     micro_batches: int = _opt("with --partitions: micro-batches per batch, pipelined through "
                               "the partitions (each normalised on its own by BatchNorm)",
                               check=positive, default=1)
@@ -770,6 +774,8 @@ def _check_partitions(c: TrainConfig) -> None:
         raise ConfigError("--micro-batches applies with --partitions 2 or more")
     if c.cluster.recompute and parts == 1:
         raise ConfigError("--recompute applies with --partitions 2 or more")
+    if c.cluster.partition_at and parts == 1:
+        raise ConfigError("--partition-at applies with --partitions 2 or more")
     check_choice("partition dtype", c.cluster.partition_dtype, PARTITION_DTYPES)
     if c.cluster.partition_dtype != "float32" and (parts == 1 or c.mode != "downpour"):
         raise ConfigError(f"--partition-dtype {c.cluster.partition_dtype} applies under --mode "

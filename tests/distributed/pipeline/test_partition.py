@@ -139,3 +139,35 @@ def test_a_parameter_shared_by_two_parts_is_refused():
     model = nn.Sequential(shared, nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), shared)
     with pytest.raises(ConfigError, match="shared by two partitions"):
         partition(model, 3, torch.zeros(1, 4))
+
+
+def test_a_cut_where_the_user_says():
+    model = create_model("resnet20")
+    sample = torch.zeros(1, 3, 32, 32)
+    plan = partition(model, 2, sample, at="layer2.1")
+    assert plan.bounds == [0, 5, 11]
+    assert [p.describe() for p in plan.parts] == ["stem .. layer2.0", "layer2.1 .. head"]
+    assert partition(model, 2, sample).bounds == [0, 4, 11]  # the balanced cut is elsewhere
+    plan = partition(model, 3, sample, at=" layer1.1, layer3.0 ")
+    assert [p.names[0] for p in plan.parts] == ["stem", "layer1.1", "layer3.0"]
+    # The parts are still a run of the model's parameters each.
+    assert sum(p.params for p in plan.parts) == sum(t.numel() for t in model.parameters())
+    assert [p.offset for p in plan.parts] == [0, plan.parts[0].n_tensors,
+                                              plan.parts[0].n_tensors + plan.parts[1].n_tensors]
+
+
+@pytest.mark.parametrize("parts,at,message", [
+    (2, "layer2.1,layer3.0", "names 2 unit(s): 2 partitions begin at 1"),
+    (2, "layer9", "no unit 'layer9' in the model (its units: stem, layer1.0"),
+    (3, "layer3.0,layer2.0", "not in the model's order"),
+    (2, "stem", "after its first unit (stem)"),
+    (3, "layer2.0,layer2.0", "not in the model's order"),
+])
+def test_a_cut_that_is_no_cut_is_refused(parts, at, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        partition(create_model("resnet20"), parts, torch.zeros(1, 3, 32, 32), at=at)
+
+
+def test_split_table_shows_the_users_cut():
+    rows = split_table("resnet20", 2, at="layer2.1")
+    assert [r["units"] for r in rows] == ["stem .. layer2.0", "layer2.1 .. head"]

@@ -30,7 +30,7 @@ def reference_run(c, until=12) -> Trainer:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        reference = Trainer(c.replace(partitions=1, micro_batches=1))
+        reference = Trainer(c.replace(partitions=1, micro_batches=1, partition_at=""))
         reference.train_until(until)
     finally:
         torch.set_num_threads(threads)
@@ -46,12 +46,14 @@ def assert_same_model(a: dict, b: dict, atol=1e-6):
 
 # Three cuts of ResNet-20 into 3 parts: make test-all; make test cuts it into 2 (BatchNorm, M = 1)
 # and an MLP into 3 with 4 micro-batches.
-@pytest.mark.parametrize("parts,micro,model,handoff", [
-    (2, 1, "resnet20", "direct"), pytest.param(3, 1, "resnet20", "direct", marks=pytest.mark.slow),
-    (3, 4, "mlp", "direct"), (3, 4, "mlp", "collective")])
+@pytest.mark.parametrize("parts,micro,model,handoff,at", [
+    (2, 1, "resnet20", "direct", ""),
+    pytest.param(3, 1, "resnet20", "direct", "", marks=pytest.mark.slow),
+    (3, 4, "mlp", "direct", ""), (3, 4, "mlp", "collective", "1,3")])
 def test_partitioned_replica_equals_the_trainer(ray_cluster, tmp_path, parts, micro, model,
-                                                handoff):
-    c = config(model=model, partitions=parts, micro_batches=micro, pipeline_handoff=handoff)
+                                                handoff, at):
+    c = config(model=model, partitions=parts, micro_batches=micro, pipeline_handoff=handoff,
+               partition_at=at)
     summary = PipelineTrainer(c, tmp_path / "run").fit()
     reference = reference_run(c)
     saved = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
@@ -66,6 +68,8 @@ def test_partitioned_replica_equals_the_trainer(ray_cluster, tmp_path, parts, mi
     records = read_jsonl(tmp_path / "run/metrics.jsonl")
     cluster = next(r for r in records if r["kind"] == "cluster")
     params = [p["params"] for p in cluster["partitions"]]
+    if at:  # the parts begin where asked
+        assert [p["units"].split(" ..")[0] for p in cluster["partitions"][1:]] == at.split(",")
     assert len(params) == parts and sum(params) == sum(
         p.numel() for p in reference.model.parameters())
     train = [r for r in records if r["kind"] == "train"]

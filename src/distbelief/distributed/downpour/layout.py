@@ -137,7 +137,7 @@ def server_layout(config, data, saved: dict | None = None) -> tuple[list, Plan, 
         sample = sample.to("meta")
     else:
         model = initial_model(config, data)
-    plan = partition(model, config.cluster.partitions, sample)
+    plan = partition(model, config.cluster.partitions, sample, config.cluster.partition_at)
     if saved is not None and saved.get("partition_bounds") not in (None, plan.bounds):
         raise CheckpointError(f"the run's model was cut at units {saved['partition_bounds']}, "
                               f"this one at {plan.bounds}: the shards' snapshots do not fit")

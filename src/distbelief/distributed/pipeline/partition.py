@@ -15,7 +15,8 @@ copied), so running the parts in order computes the model's `forward`, and a par
 modules in registration order): part p holds the model's parameters offset_p .. offset_p+n_p-1,
 which is how optimizer states move between the whole model and its parts.
 
-Balance. The cut minimizes the largest part's cost: the classic linear partition, solved
+Balance. Unless `--partition-at` names the units where parts begin, the cut minimizes the
+largest part's cost: the classic linear partition, solved
 exactly by dynamic programming. The largest part is then at most the mean part plus the
 costliest unit (`Plan.bound`), the tolerance the tests hold it to. A unit's cost is its
 forward multiply-adds plus ACTIVATION_COST per element it keeps for backward, per example,
@@ -169,12 +170,35 @@ class Plan:
         return sum(costs) / len(self.parts) + max(costs)
 
 
-def partition(model: nn.Module, parts: int, sample: torch.Tensor) -> Plan:
-    """`model` cut into `parts` contiguous parts balanced by cost (module doc), measured on `sample`
-    (one example with its batch dimension, on the model's device).
+def cut_at(names: list[str], at: str, parts: int) -> list[int]:
+    """The indices of the units named in `at` (comma-separated: where parts 2 .. `parts`
+    begin, `--partition-at`) among the model's units `names`.
 
     Raises:
-        ConfigError: fewer units than parts (the message says how many there are)."""
+        ConfigError: not `parts` - 1 names, a name that is no unit, or names out of order."""
+    wanted = [a.strip() for a in at.split(",") if a.strip()]
+    if len(wanted) != parts - 1:
+        raise ConfigError(f"--partition-at names {len(wanted)} unit(s): {parts} partitions "
+                          f"begin at {parts - 1}")
+    unknown = [a for a in wanted if a not in names]
+    if unknown:
+        raise ConfigError(f"--partition-at: no unit {unknown[0]!r} in the model (its units: "
+                          f"{', '.join(names)})")
+    starts = [names.index(a) for a in wanted]
+    if starts[0] == 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ConfigError(f"--partition-at: {', '.join(wanted)} are not in the model's order "
+                          f"after its first unit ({names[0]})")
+    return starts
+
+
+def partition(model: nn.Module, parts: int, sample: torch.Tensor, at: str = "") -> Plan:
+    """`model` cut into `parts` contiguous parts balanced by cost (module doc), measured on `sample`
+    (one example with its batch dimension, on the model's device); or, where `at` names the
+    units parts 2 .. P begin at (`cut_at`), cut there.
+
+    Raises:
+        ConfigError: fewer units than parts (the message says how many there are), or an `at`
+            that does not name a cut."""
     pieces = units(model)
     if parts < 1:
         raise ConfigError(f"--partitions must be positive, got {parts}")
@@ -185,7 +209,9 @@ def partition(model: nn.Module, parts: int, sample: torch.Tensor) -> Plan:
         raise ConfigError(f"cannot cut the model into {parts} partitions: {what}")
     profile = unit_profile(pieces, sample)
     costs = [macs + ACTIVATION_COST * kept for macs, kept in profile]
-    bounds = [0, *linear_partition([c + 1 for c in costs], parts), len(pieces)]
+    starts = (cut_at([n for n, _ in pieces], at, parts) if at
+              else linear_partition([c + 1 for c in costs], parts))
+    bounds = [0, *starts, len(pieces)]
     out, offset = [], 0
     modules = [nn.Sequential(*(m for _, m in pieces[lo:hi])) for lo, hi in zip(bounds, bounds[1:])]
     check_disjoint(model, modules)
@@ -199,10 +225,11 @@ def partition(model: nn.Module, parts: int, sample: torch.Tensor) -> Plan:
     return Plan(out, costs, bounds)
 
 
-def split_table(name: str, parts: int, input_size: int | None = None, **kwargs) -> list[dict]:
-    """`distbelief models NAME --partitions P`: one row per part of the registered model
-    `name` (its units, parameters, multiply-adds, training state and activation bytes per
-    example), measured on the meta device (no memory, no compute)."""
+def split_table(name: str, parts: int, input_size: int | None = None, at: str = "",
+                **kwargs) -> list[dict]:
+    """`distbelief models NAME --partitions P [--partition-at UNITS]`: one row per part of
+    the registered model `name` (its units, parameters, multiply-adds, training state and
+    activation bytes per example), measured on the meta device (no memory, no compute)."""
     from distbelief.models import create_model, model_info
 
     info = model_info(name)
@@ -212,7 +239,7 @@ def split_table(name: str, parts: int, input_size: int | None = None, **kwargs) 
     with torch.device("meta"):
         model = create_model(name, **kwargs)
         sample = torch.zeros(1, kwargs.get("in_chans", 3), size, size)
-    plan = partition(model, parts, sample)
+    plan = partition(model, parts, sample, at)
     return [{"model": name, "partition": p.index, "units": p.describe(), "params": p.params,
              "macs": p.macs, "state_bytes": p.state_bytes,
              "activation_bytes_per_example": p.activation_bytes} for p in plan.parts]

@@ -50,7 +50,8 @@ class PipelineRunner:
     def __init__(self, config: TrainConfig, model: torch.nn.Module, sample: torch.Tensor,
                  address: str | None = None, dashboard: bool = False):
         self.config = config
-        self.plan = partition(model, config.cluster.partitions, sample)
+        self.plan = partition(model, config.cluster.partitions, sample,
+                              config.cluster.partition_at)
         self.session = DriverSession(address, dashboard, config.cluster.connect_timeout_s)
         self.pipeline: Pipeline | None = None
         self.step_s, self.steps = 0.0, 0  # wall time of the steps since the last `metrics`
