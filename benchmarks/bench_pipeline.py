@@ -7,8 +7,9 @@ All runs train --model (ResNet-20) on synthetic 3x32x32 images (batch --batch, n
 evaluation) for --steps steps after a warm-up; images/s of the training loop and the ratio to
 the single process measured in the same run, and that ratio as a share of the ideal
 M / (M + P - 1) ("of ideal"). Each schedule (--schedules: gpipe, 1f1b:K with --pipeline-ahead K,
-1f1b:K+recompute; any of them @driver for --pipeline-handoff driver, ~W for a cut with W
-multiply-adds per kept element, `partition.ACTIVATION_COST`) is run at each M, with
+1f1b:K+recompute; any of them @driver or @collective for that --pipeline-handoff, ~W for a
+cut with W multiply-adds per kept element, `partition.ACTIVATION_COST`, #UNIT[/UNIT...] for
+--partition-at) is run at each M, with
 each partition's peak activation bytes held for backward. With --rounds R every run is
 measured R times, the single process before the first and after each run (this machine's
 speed drifts by minutes), each run's ratio against the mean of the single process on either
@@ -75,27 +76,30 @@ def transfer_times(sizes: list[int], repeats: int = 20) -> list[tuple[int, float
     return out
 
 
-def parse_schedule(text: str) -> tuple[str, int, bool, str, int]:
-    """"1f1b:1+recompute@driver~96" -> ("1f1b", 1, True, "driver", 96): the schedule,
-    --pipeline-ahead (default 1), --recompute, --pipeline-handoff (default direct) and the
-    partitioner's cost of a kept element (default `partition.ACTIVATION_COST`)."""
+def parse_schedule(text: str) -> tuple[str, int, bool, str, int, str]:
+    """"1f1b:1+recompute@driver~96#layer2.1" -> ("1f1b", 1, True, "driver", 96, "layer2.1"):
+    the schedule, --pipeline-ahead (default 1), --recompute, --pipeline-handoff (default
+    direct), the partitioner's cost of a kept element (default `partition.ACTIVATION_COST`)
+    and --partition-at (default: the balanced cut; units joined by "/")."""
+    text, _, at = text.partition("#")
     text, _, cost = text.partition("~")
     text, _, handoff = text.partition("@")
     text, _, recompute = text.partition("+")
     name, _, ahead = text.partition(":")
     return (name, int(ahead or 1), bool(recompute), handoff or "direct",
-            int(cost or partition.ACTIVATION_COST))
+            int(cost or partition.ACTIVATION_COST), at.replace("/", ","))
 
 
 def pipeline_rate(base: TrainConfig, p: int, m: int, schedule: str, batch: int, steps: int
                   ) -> tuple[float, dict]:
     """images/s of one partitioned run (started, warmed up, measured, closed) and its last
     training record's pipeline metrics."""
-    name, ahead, recompute, handoff, cost = parse_schedule(schedule)
+    name, ahead, recompute, handoff, cost, at = parse_schedule(schedule)
     partition.ACTIVATION_COST, default = cost, partition.ACTIVATION_COST  # the driver cuts
     trainer = PipelineTrainer(base.replace(partitions=p, micro_batches=m, pipeline_schedule=name,
                                            pipeline_ahead=ahead, batch_size=batch,
-                                           recompute=recompute, pipeline_handoff=handoff))
+                                           recompute=recompute, pipeline_handoff=handoff,
+                                           partition_at=at))
     trainer.start()
     partition.ACTIVATION_COST = default
     try:
@@ -113,8 +117,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--schedules", default="gpipe,1f1b:0,1f1b:1,1f1b:1+recompute",
-                        help="NAME[:AHEAD][+recompute][@HANDOFF], comma-separated (HANDOFF: "
-                             "direct, the default, or driver)")
+                        help="NAME[:AHEAD][+recompute][@HANDOFF][~W][#UNIT/...], comma-separated "
+                             "(HANDOFF: direct, the default, collective or driver)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure the single process and every run this many times, "
                              "alternating; report the medians")

@@ -82,7 +82,8 @@ def _run(rank: int, store: str, folder: str, schedule: str, ahead: int) -> None:
 
 
 @pytest.mark.subprocess
-@pytest.mark.parametrize("schedule,ahead", [("1f1b", 1), ("gpipe", 0)])
+@pytest.mark.parametrize("schedule,ahead", [("1f1b", 1),
+                                            pytest.param("gpipe", 0, marks=pytest.mark.slow)])
 def test_stages_in_processes_equal_the_drivers_schedule(tmp_path, schedule, ahead):
     mp.spawn(_run, args=(str(tmp_path / "store"), str(tmp_path), schedule, ahead),
              nprocs=PARTS)
