@@ -7,8 +7,8 @@ A `Link` stands where a stage's `relay.Mailbox` stands for `relay.relay_step`: `
 receives what a neighbour hands this stage, `send(where, key, tensor)` hands a tensor on. A
 message goes from one stage's process to its neighbour's over the group's own connection
 (TCP on the CPU), without Ray's object store, its raylet, or a Ray call per hand-off: on two
-cores a 1 MiB hand-off costs ~0.25 ms this way, against ~4 ms as a Ray call
-(docs/benchmarks.md).
+cores a 1 MiB hand-off between actors costs ~0.8 ms this way, against ~3.5 ms as a Ray call,
+and a sixth of the sender's CPU time (docs/benchmarks.md).
 
 Each hand-off is two messages with the same tag pair: a header (dtype and shape, so the
 receiver can allocate) and the tensor's bytes. Messages between two ranks under one tag
