@@ -98,7 +98,3 @@ class Link:
         value = allocate(head)
         dist.recv(on_wire(value), src, tag=first + 1)  # the same storage, seen as it travels
         return value
-
-    def abort(self, step: int) -> None:
-        """Nothing to do here: a failed step's waits end when the failed stage's connection
-        closes (module doc)."""
